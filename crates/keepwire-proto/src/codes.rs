@@ -22,6 +22,8 @@ pub enum ErrorCode {
     UnexpectedHello,
     /// The user is not a member of the conversation.
     NotMember,
+    /// The user may not do this (e.g. remove another member without being the creator).
+    Forbidden,
     /// The conversation does not exist.
     NoSuchConv,
     /// A named user does not exist.
@@ -51,6 +53,7 @@ impl ErrorCode {
             ErrorCode::Invalid => "invalid",
             ErrorCode::UnexpectedHello => "unexpected_hello",
             ErrorCode::NotMember => "not_member",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::NoSuchConv => "no_such_conv",
             ErrorCode::UnknownUser => "unknown_user",
             ErrorCode::CidConflict => "cid_conflict",
@@ -264,6 +267,7 @@ mod tests {
             ErrorCode::Invalid,
             ErrorCode::UnexpectedHello,
             ErrorCode::NotMember,
+            ErrorCode::Forbidden,
             ErrorCode::NoSuchConv,
             ErrorCode::UnknownUser,
             ErrorCode::CidConflict,

@@ -1,1 +1,255 @@
-//! x
+//! The keepwire relay server.
+//!
+//! A relay accepts WebSocket connections speaking keepwire protocol v1 (see
+//! `PROTOCOL.md`), authenticates them with bearer tokens, stores every message
+//! durably before confirming or delivering it, and delivers each member's
+//! inbox in sequence order. Start one with [`RelayServer::start`].
+//!
+//! Crate layout: [`store`] (storage contract and SQLite), `hub` (live
+//! connections and head signals), `conn` (one connection's protocol loop),
+//! [`metrics`], [`Config`].
+#![forbid(unsafe_code)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt as _;
+use keepwire_proto::SUBPROTOCOL;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod config;
+mod conn;
+mod hub;
+pub mod metrics;
+mod ratelimit;
+pub mod store;
+
+pub use config::Config;
+pub use hub::Hub;
+pub use metrics::Metrics;
+pub use store::{SqliteOptions, SqliteStore, Store, StoreError};
+
+/// State shared by every connection of one relay.
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) config: Config,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+/// A running relay.
+pub struct RelayServer {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+    hub: Arc<Hub>,
+}
+
+impl RelayServer {
+    /// Binds `config.listen` and starts serving. The store's head listener is
+    /// set to this relay's hub.
+    pub async fn start(
+        config: Config,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<RelayServer> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let hub = Arc::new(Hub::new(config.user_sends_per_sec, config.user_send_burst));
+        store.set_head_listener(hub.clone());
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            hub: hub.clone(),
+            config,
+            metrics,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
+        tracker.spawn(revocation_poller(shared.clone()));
+        tracker.spawn(trimmer(shared.clone()));
+
+        let app = Router::new()
+            .route("/", get(ws_handler))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/metrics", get(metrics_handler))
+            .with_state(shared.clone());
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+            if let Err(e) = served {
+                tracing::error!(target: "keepwire::server", error = %e, "server failed");
+            }
+            // Connections saw the cancellation and are sending "going away".
+            tracker.close();
+            if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait()).await.is_err() {
+                tracing::warn!(target: "keepwire::server", "connections still open after the shutdown grace");
+            }
+            shared.store.close().await;
+            tracing::info!(target: "keepwire::server", "stopped");
+        });
+        tracing::info!(target: "keepwire::server", %addr, epoch = %store.epoch(), "listening");
+        Ok(RelayServer { addr, shutdown, task, hub })
+    }
+
+    /// The address the relay listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The relay's WebSocket URL.
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Live connections.
+    pub fn connection_count(&self) -> usize {
+        self.hub.connection_count()
+    }
+
+    /// Starts a graceful shutdown: stop accepting, close every connection with
+    /// 1001 (going away), flush the store.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the relay has stopped (after [`RelayServer::shutdown`]).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+fn bad_request(msg: &str) -> Response {
+    (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response()
+}
+
+async fn ws_handler(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    // Tokens must never travel in URLs (they end up in logs and proxies).
+    if let Some(q) = query
+        && q.split('&').any(|kv| {
+            let k = kv.split('=').next().unwrap_or("");
+            k.eq_ignore_ascii_case("token") || k.eq_ignore_ascii_case("access_token")
+        })
+    {
+        return bad_request("tokens are not accepted in URLs; send the token in the hello frame");
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(_) => {
+            return (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::UPGRADE, "websocket")],
+                format!("keepwire relay: connect with a WebSocket and subprotocol {SUBPROTOCOL}\n"),
+            )
+                .into_response();
+        }
+    };
+    let offered = ws.requested_protocols().any(|p| {
+        p.to_str().is_ok_and(|s| s.split(',').any(|v| v.trim() == SUBPROTOCOL))
+    });
+    if !offered {
+        return bad_request(&format!("offer the WebSocket subprotocol {SUBPROTOCOL}"));
+    }
+    if shared.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let max = shared.config.limits.max_frame_bytes;
+    let tracker = shared.tracker.clone();
+    ws.protocols([SUBPROTOCOL])
+        // Small buffers: a relay holds many mostly idle connections.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max * 4 + 64 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| tracker.track_future(conn::run(socket, shared, peer)))
+}
+
+async fn revocation_poller(shared: Arc<Shared>) {
+    let mut last = match shared.store.revocations_after(i64::MAX - 1).await {
+        Ok(_) => latest_revocation(&shared).await,
+        Err(_) => 0,
+    };
+    let mut tick = tokio::time::interval(shared.config.revocation_poll);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shared.store.revocations_after(last).await {
+            Ok(revs) => {
+                for r in revs {
+                    last = last.max(r.id);
+                    let n = shared.hub.revoke(r.user_id, r.token_id);
+                    if n > 0 {
+                        tracing::info!(target: "keepwire::server", user_id = r.user_id, closed = n, "revoked token: closing connections");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(target: "keepwire::server", error = %e, "polling revocations failed"),
+        }
+    }
+}
+
+async fn latest_revocation(shared: &Shared) -> i64 {
+    let mut last = 0;
+    while let Ok(revs) = shared.store.revocations_after(last).await {
+        match revs.last() {
+            Some(r) => last = r.id,
+            None => break,
+        }
+    }
+    last
+}
+
+async fn trimmer(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.trim_interval);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shared.store.trim().await {
+            Ok(r) if r != Default::default() => {
+                tracing::info!(target: "keepwire::server", inbox = r.inbox_entries, messages = r.messages, dedupe = r.dedupe_keys, "retention trimmed");
+            }
+            Ok(_) => {}
+            Err(StoreError::Closed) => return,
+            Err(e) => tracing::warn!(target: "keepwire::server", error = %e, "retention trim failed"),
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Relay settings.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use keepwire_proto::Limits;
+
+/// Everything a relay can be told. `Config::default()` is what `keepwire serve`
+/// runs with when given no flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Protocol limits (frame and body sizes, windows, rates, group size).
+    pub limits: Limits,
+    /// Sends a connection may make in a burst above its sustained rate.
+    pub send_burst: u32,
+    /// Sustained sends per second for one user across all their connections.
+    pub user_sends_per_sec: u32,
+    /// Burst for the per-user rate.
+    pub user_send_burst: u32,
+    /// Time a new connection has to send a valid `hello`.
+    pub handshake_timeout: Duration,
+    /// Heartbeat used when `hello` asks for none.
+    pub heartbeat_default: Duration,
+    /// Smallest heartbeat a client may ask for.
+    pub heartbeat_min: Duration,
+    /// Largest heartbeat a client may ask for.
+    pub heartbeat_max: Duration,
+    /// Least slack added to the heartbeat before a silent connection is closed
+    /// (the idle timeout is `heartbeat + max(heartbeat / 2, grace)`).
+    pub heartbeat_grace: Duration,
+    /// Most connections one user may hold at once.
+    pub max_connections_per_user: usize,
+    /// Inbox entries replayed to a device that has no cursor yet.
+    pub history_window: u64,
+    /// Most entries a device may ask to have replayed without a cursor.
+    pub max_history_window: u64,
+    /// How often age-based retention runs.
+    pub trim_interval: Duration,
+    /// How often revocations made by other processes are picked up.
+    pub revocation_poll: Duration,
+    /// A write to a socket that takes longer than this drops the connection.
+    pub write_timeout: Duration,
+    /// How long shutdown waits for connections to close.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7447)),
+            limits: Limits::default(),
+            send_burst: 100,
+            user_sends_per_sec: 100,
+            user_send_burst: 200,
+            handshake_timeout: Duration::from_secs(10),
+            heartbeat_default: Duration::from_secs(30),
+            heartbeat_min: Duration::from_secs(5),
+            heartbeat_max: Duration::from_secs(30 * 60),
+            heartbeat_grace: Duration::from_secs(10),
+            max_connections_per_user: 16,
+            history_window: 100,
+            max_history_window: 10_000,
+            trim_interval: Duration::from_secs(60),
+            revocation_poll: Duration::from_millis(250),
+            write_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// The heartbeat granted for a requested one (milliseconds), and the idle
+    /// timeout that goes with it.
+    pub fn negotiate_heartbeat(&self, requested_ms: Option<u64>) -> (Duration, Duration) {
+        let hb = requested_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.heartbeat_default)
+            .clamp(self.heartbeat_min, self.heartbeat_max.max(self.heartbeat_min));
+        (hb, hb + (hb / 2).max(self.heartbeat_grace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_is_clamped_and_timeout_has_slack() {
+        let c = Config::default();
+        let (hb, idle) = c.negotiate_heartbeat(Some(1));
+        assert_eq!(hb, c.heartbeat_min);
+        assert_eq!(idle, hb + c.heartbeat_grace);
+        let (hb, idle) = c.negotiate_heartbeat(Some(u64::MAX));
+        assert_eq!(hb, c.heartbeat_max);
+        assert_eq!(idle, hb + hb / 2);
+        assert_eq!(c.negotiate_heartbeat(None).0, c.heartbeat_default);
+    }
+}

@@ -1,0 +1,521 @@
+//! One WebSocket connection: handshake, then a loop that multiplexes client
+//! frames, inbox delivery under the credit window, send confirmations, hub
+//! control messages and timers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures_util::{SinkExt as _, StreamExt as _};
+use keepwire_proto::{
+    ClientFrame, CloseCode, Confirm, ErrorCode, ErrorFrame, Hello, InboxEntry, Rejected, Seq,
+    ServerFrame, Welcome, decode_client, encode,
+};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::Instrument as _;
+
+use crate::Shared;
+use crate::hub::{Control, RegisterError};
+use crate::store::{AuthFailure, AuthedUser, StoreError};
+
+/// Most inbox entries read from the store at once.
+const READ_BATCH: u64 = 256;
+/// How often a connection persists its device's acknowledged position.
+const ACK_FLUSH: Duration = Duration::from_secs(1);
+/// How long to wait for the peer's close reply after sending a close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+type Tx = SplitSink<WebSocket, Message>;
+type Rx = SplitStream<WebSocket>;
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Why a connection ended, for logs.
+enum End {
+    /// We closed it with this code.
+    Closed(CloseCode),
+    /// The peer closed it or the socket failed.
+    Gone,
+}
+
+/// Runs a connection to completion.
+pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
+    let span = tracing::info_span!(target: "keepwire::ws", "conn", %peer, user = tracing::field::Empty, device = tracing::field::Empty, session = tracing::field::Empty);
+    async move {
+        let (mut tx, mut rx) = socket.split();
+        let end = match handshake(&mut rx, &shared).await {
+            Ok((user, hello)) => {
+                let span = tracing::Span::current();
+                span.record("user", user.name.as_str());
+                span.record("device", hello.device.as_str());
+                session(&mut tx, &mut rx, &shared, user, hello).await
+            }
+            Err(end) => end,
+        };
+        if let End::Closed(code) = end {
+            shared.metrics.closes.get_or_create(&crate::metrics::CodeLabel { code: code.code() }).inc();
+            close(&mut tx, &mut rx, code).await;
+            tracing::debug!(target: "keepwire::ws", code = code.code(), "closed");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn close(tx: &mut Tx, rx: &mut Rx, code: CloseCode) {
+    let frame = CloseFrame { code: code.code(), reason: code.reason().into() };
+    if timeout(CLOSE_LINGER, tx.send(Message::Close(Some(frame)))).await.is_err() {
+        return;
+    }
+    // Wait briefly for the peer's close reply so the close is clean.
+    let _ = timeout(CLOSE_LINGER, async {
+        while let Some(Ok(m)) = rx.next().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn is_too_big(err: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = err.source();
+    while let Some(e) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+use tokio_tungstenite::tungstenite;
+
+async fn handshake(
+    rx: &mut Rx,
+    shared: &Shared,
+) -> Result<(AuthedUser, Hello), End> {
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let hello = loop {
+        let msg = tokio::select! {
+            _ = shared.shutdown.cancelled() => return Err(End::Closed(CloseCode::GoingAway)),
+            r = timeout_at(deadline, rx.next()) => match r {
+                None => return Err(End::Closed(CloseCode::HandshakeTimeout)),
+                Some(m) => m,
+            },
+        };
+        match msg {
+            None => return Err(End::Gone),
+            Some(Err(e)) if is_too_big(&e) => return Err(End::Closed(CloseCode::MessageTooBig)),
+            Some(Err(_)) => return Err(End::Gone),
+            Some(Ok(Message::Text(t))) => match decode_client(t.as_str(), &shared.config.limits) {
+                Ok(ClientFrame::Hello(h)) => break h,
+                Ok(_) | Err(_) => return Err(End::Closed(CloseCode::ProtocolViolation)),
+            },
+            Some(Ok(Message::Binary(_))) => return Err(End::Closed(CloseCode::UnsupportedData)),
+            Some(Ok(Message::Close(_))) => return Err(End::Gone),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+        }
+    };
+    match shared.store.authenticate(&hello.token).await {
+        Ok(user) => Ok((user, hello)),
+        Err(StoreError::Auth(f)) => Err(End::Closed(match f {
+            AuthFailure::Unknown => CloseCode::AuthFailed,
+            AuthFailure::Expired => CloseCode::TokenExpired,
+            AuthFailure::Revoked => CloseCode::TokenRevoked,
+        })),
+        Err(e) => {
+            tracing::error!(target: "keepwire::ws", error = %e, "authentication failed internally");
+            Err(End::Closed(CloseCode::InternalError))
+        }
+    }
+}
+
+/// `tokio::time::timeout_at` that yields `None` on timeout.
+async fn timeout_at<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
+    tokio::time::timeout_at(deadline, f).await.ok()
+}
+
+struct Writer<'a> {
+    tx: &'a mut Tx,
+    write_timeout: Duration,
+}
+
+impl Writer<'_> {
+    /// Queues a frame without flushing.
+    async fn feed(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        let text = encode(frame);
+        match timeout(self.write_timeout, self.tx.feed(Message::Text(text.into()))).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Gone),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        match timeout(self.write_timeout, self.tx.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Gone),
+        }
+    }
+
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        self.feed(frame).await?;
+        self.flush().await
+    }
+}
+
+fn error_frame(rid: Option<String>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::Error(ErrorFrame { rid, code, message: message.into() })
+}
+
+/// Maps a store error on a request to an error frame.
+fn request_error(shared: &Shared, rid: &str, e: StoreError) -> ServerFrame {
+    let (code, msg) = match e {
+        StoreError::Refused(code, msg) => (code, msg),
+        other => {
+            tracing::error!(target: "keepwire::ws", error = %other, "request failed");
+            (ErrorCode::Internal, "the server failed to handle the request; retry later".to_owned())
+        }
+    };
+    shared.metrics.errors.get_or_create(&crate::metrics::ResultLabel { result: code.to_string() }).inc();
+    error_frame(Some(rid.to_owned()), code, msg)
+}
+
+async fn session(
+    tx: &mut Tx,
+    rx: &mut Rx,
+    shared: &Arc<Shared>,
+    user: AuthedUser,
+    hello: Hello,
+) -> End {
+    let config = &shared.config;
+    let limits = &config.limits;
+    let store = shared.store.clone();
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(64);
+    let mut reg = match shared.hub.register(
+        user.id,
+        &hello.device,
+        Some(user.token_id),
+        config.max_connections_per_user,
+        control_tx,
+    ) {
+        Ok(r) => r,
+        Err(RegisterError::TooManyConnections) => {
+            return End::Closed(CloseCode::TooManyConnections);
+        }
+    };
+    if let Err(e) = store.touch_device(user.id, &hello.device).await {
+        tracing::error!(target: "keepwire::ws", error = %e, "recording the device failed");
+        return End::Closed(CloseCode::InternalError);
+    }
+    let window = hello.history.unwrap_or(config.history_window).min(config.max_history_window);
+    let plan = match store.resume(user.id, hello.cursor.as_ref(), window).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(target: "keepwire::ws", error = %e, "planning the resume failed");
+            return End::Closed(CloseCode::InternalError);
+        }
+    };
+    let (mut heartbeat, mut idle_timeout) = config.negotiate_heartbeat(hello.heartbeat_ms);
+    let session_id = format!("{:016x}", rand::random::<u64>());
+    tracing::Span::current().record("session", session_id.as_str());
+    let mut w = Writer { tx, write_timeout: config.write_timeout };
+    let welcome = ServerFrame::Welcome(Welcome {
+        session: session_id,
+        user: user.name.clone(),
+        device: hello.device.clone(),
+        heartbeat_ms: heartbeat.as_millis() as u64,
+        idle_timeout_ms: idle_timeout.as_millis() as u64,
+        epoch: store.epoch(),
+        head: plan.head,
+        resume: plan.resume.clone(),
+        limits: limits.wire(),
+    });
+    if let Err(e) = w.send(&welcome).await {
+        return e;
+    }
+    shared.metrics.connections_opened.inc();
+    shared.metrics.connections_open.inc();
+    let _open = scopeguard(|| {
+        shared.metrics.connections_open.dec();
+    });
+    tracing::info!(target: "keepwire::ws", status = ?plan.resume.status, from = plan.resume.from, head = plan.head, "connected");
+
+    // Delivery state: `next` is the next inbox sequence to send; the client
+    // may hold at most `window` entries beyond its last ack.
+    let mut next: Seq = plan.resume.from;
+    let mut acked: Seq = next.saturating_sub(1);
+    let mut ack_dirty = true;
+    let mut want_read = true;
+    let mut read: Option<(u64, BoxFut<Result<Vec<InboxEntry>, StoreError>>)> = None;
+    let mut pending: FuturesOrdered<BoxFut<(String, Result<Confirm, StoreError>)>> =
+        FuturesOrdered::new();
+    let mut bucket =
+        crate::ratelimit::TokenBucket::new(limits.sends_per_sec, config.send_burst, Instant::now());
+    let mut penalty_until: Option<Instant> = None;
+    let mut penalty_sends: usize = 0;
+    let mut protocol_errors: u32 = 0;
+    let mut idle_deadline = Instant::now() + idle_timeout;
+    let token_deadline = deadline_from_unix_ms(user.expires_at_ms);
+    let mut ack_tick = tokio::time::interval(ACK_FLUSH);
+    ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let end = loop {
+        let credit = (acked + limits.window + 1).saturating_sub(next);
+        if read.is_none() && want_read && credit > 0 {
+            reg.head.borrow_and_update();
+            let limit = credit.min(READ_BATCH);
+            let store = store.clone();
+            let uid = user.id;
+            read = Some((
+                limit,
+                Box::pin(async move { store.read_inbox(uid, next, limit as usize).await }),
+            ));
+        }
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => break End::Closed(CloseCode::GoingAway),
+            ctl = control_rx.recv() => match ctl {
+                Some(Control::Close(code)) => break End::Closed(code),
+                Some(Control::Frame(f)) => {
+                    if let Err(e) = w.send(&f).await { break e; }
+                }
+                None => {}
+            },
+            res = async { (&mut read.as_mut().expect("guarded").1).await }, if read.is_some() => {
+                let limit = read.take().map(|r| r.0).unwrap_or(0);
+                match res {
+                    Ok(entries) => {
+                        want_read = entries.len() as u64 == limit && limit > 0;
+                        let n = entries.len() as u64;
+                        let mut failed = None;
+                        for e in &entries {
+                            if e.seq != next {
+                                tracing::error!(target: "keepwire::ws", expected = next, got = e.seq, "inbox gap");
+                                failed = Some(End::Closed(CloseCode::InternalError));
+                                break;
+                            }
+                            if let Err(err) = w.feed(&ServerFrame::Entry(e.clone())).await {
+                                failed = Some(err);
+                                break;
+                            }
+                            next += 1;
+                        }
+                        if let Some(f) = failed { break f; }
+                        if let Err(e) = w.flush().await { break e; }
+                        shared.metrics.deliveries.inc_by(n);
+                    }
+                    Err(e) => {
+                        tracing::error!(target: "keepwire::ws", error = %e, "reading the inbox failed");
+                        break End::Closed(CloseCode::InternalError);
+                    }
+                }
+            }
+            Some((cid, res)) = pending.next(), if !pending.is_empty() => {
+                let frame = match res {
+                    Ok(c) => {
+                        shared.metrics.send_result(if c.duplicate { "duplicate" } else { "confirmed" });
+                        ServerFrame::Confirm(c)
+                    }
+                    Err(StoreError::Refused(code, message)) => {
+                        shared.metrics.send_result(code.as_str());
+                        ServerFrame::Rejected(Rejected { cid, code, message, retry_after_ms: None })
+                    }
+                    Err(e) => {
+                        tracing::error!(target: "keepwire::ws", error = %e, "send failed");
+                        shared.metrics.send_result("internal");
+                        ServerFrame::Rejected(Rejected {
+                            cid,
+                            code: ErrorCode::Internal,
+                            message: "the server could not store the message; retry later".into(),
+                            retry_after_ms: Some(1000),
+                        })
+                    }
+                };
+                if let Err(e) = w.send(&frame).await { break e; }
+            }
+            changed = reg.head.changed(), if !want_read => {
+                if changed.is_err() { break End::Closed(CloseCode::InternalError); }
+                want_read = true;
+            }
+            msg = rx.next(), if pending.len() < limits.max_unconfirmed => {
+                idle_deadline = Instant::now() + idle_timeout;
+                let text = match msg {
+                    None => break End::Gone,
+                    Some(Err(e)) if is_too_big(&e) => break End::Closed(CloseCode::MessageTooBig),
+                    Some(Err(_)) => break End::Gone,
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => break End::Closed(CloseCode::UnsupportedData),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the close reply; push it out.
+                        let _ = w.flush().await;
+                        break End::Gone;
+                    }
+                };
+                let frame = match decode_client(text.as_str(), limits) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        protocol_errors += 1;
+                        if protocol_errors > limits.max_protocol_errors {
+                            break End::Closed(CloseCode::ProtocolViolation);
+                        }
+                        shared.metrics.errors.get_or_create(&crate::metrics::ResultLabel { result: e.code.to_string() }).inc();
+                        if let Err(e) = w.send(&error_frame(e.rid, e.code, e.message)).await { break e; }
+                        continue;
+                    }
+                };
+                let reply: Option<ServerFrame> = match frame {
+                    ClientFrame::Hello(_) => {
+                        protocol_errors += 1;
+                        Some(error_frame(None, ErrorCode::UnexpectedHello, "hello was already received on this connection"))
+                    }
+                    ClientFrame::Send(s) => {
+                        let now = Instant::now();
+                        let limited = bucket.take(now).and_then(|()| shared.hub.take_user_send(user.id));
+                        match limited {
+                            Ok(()) => {
+                                let store = store.clone();
+                                let device = hello.device.clone();
+                                let uid = user.id;
+                                pending.push_back(Box::pin(async move {
+                                    let cid = s.cid.clone();
+                                    (cid, store.send(uid, &device, s).await)
+                                }));
+                                None
+                            }
+                            Err(wait) => {
+                                if penalty_until.is_some_and(|t| now < t) {
+                                    penalty_sends += 1;
+                                    if penalty_sends > limits.max_unconfirmed {
+                                        break End::Closed(CloseCode::RateLimited);
+                                    }
+                                } else {
+                                    penalty_sends = 0;
+                                }
+                                penalty_until = Some(now + wait);
+                                shared.metrics.send_result("rate_limited");
+                                Some(ServerFrame::Rejected(Rejected {
+                                    cid: s.cid,
+                                    code: ErrorCode::RateLimited,
+                                    message: "too many sends; wait retry_after_ms before sending again".into(),
+                                    retry_after_ms: Some((wait.as_millis() as u64).max(1)),
+                                }))
+                            }
+                        }
+                    }
+                    ClientFrame::Ack { seq } => {
+                        if seq >= next {
+                            protocol_errors += 1;
+                            Some(error_frame(None, ErrorCode::BadAck, format!("ack {seq} is beyond the last entry sent ({})", next.saturating_sub(1))))
+                        } else {
+                            if seq > acked {
+                                acked = seq;
+                                ack_dirty = true;
+                            }
+                            None
+                        }
+                    }
+                    ClientFrame::Ping {} => Some(ServerFrame::Pong {}),
+                    ClientFrame::SetHeartbeat { heartbeat_ms } => {
+                        (heartbeat, idle_timeout) = config.negotiate_heartbeat(Some(heartbeat_ms));
+                        idle_deadline = Instant::now() + idle_timeout;
+                        Some(ServerFrame::HeartbeatSet {
+                            heartbeat_ms: heartbeat.as_millis() as u64,
+                            idle_timeout_ms: idle_timeout.as_millis() as u64,
+                        })
+                    }
+                    ClientFrame::History(h) => {
+                        let limit = h.limit.unwrap_or(50).min(limits.max_history_page);
+                        Some(match store.history(user.id, h.conv, h.before, limit).await {
+                            Ok(mut page) => { page.rid = h.rid; ServerFrame::History(page) }
+                            Err(e) => request_error(shared, &h.rid, e),
+                        })
+                    }
+                    ClientFrame::ConvCreate(c) => {
+                        let rid = c.rid.clone();
+                        Some(match store.conv_create(user.id, c, limits.max_group_size).await {
+                            Ok((conv, changed)) => ServerFrame::Conv { rid, conv, changed },
+                            Err(e) => request_error(shared, &rid, e),
+                        })
+                    }
+                    ClientFrame::ConvAdd(m) => Some(match store.conv_member(user.id, m.conv, &m.user, true, limits.max_group_size).await {
+                        Ok((conv, changed)) => ServerFrame::Conv { rid: m.rid, conv, changed },
+                        Err(e) => request_error(shared, &m.rid, e),
+                    }),
+                    ClientFrame::ConvRemove(m) => Some(match store.conv_member(user.id, m.conv, &m.user, false, limits.max_group_size).await {
+                        Ok((conv, changed)) => ServerFrame::Conv { rid: m.rid, conv, changed },
+                        Err(e) => request_error(shared, &m.rid, e),
+                    }),
+                    ClientFrame::ConvList { rid } => Some(match store.conv_list(user.id).await {
+                        Ok(convs) => ServerFrame::Convs { rid, convs },
+                        Err(e) => request_error(shared, &rid, e),
+                    }),
+                    ClientFrame::Signal { conv, data } => match store.conv_member_ids(user.id, conv).await {
+                        Ok(members) => {
+                            let frame = ServerFrame::Signal { conv, from: user.name.clone(), data };
+                            shared.hub.signal(&members, reg.id, &frame);
+                            None
+                        }
+                        Err(e) => Some(request_error(shared, "signal", e)),
+                    },
+                    _ => Some(error_frame(None, ErrorCode::UnknownType, "frame type not supported")),
+                };
+                if protocol_errors > limits.max_protocol_errors {
+                    break End::Closed(CloseCode::ProtocolViolation);
+                }
+                if let Some(f) = reply
+                    && let Err(e) = w.send(&f).await
+                {
+                    break e;
+                }
+            }
+            _ = sleep_until(idle_deadline) => break End::Closed(CloseCode::HeartbeatTimeout),
+            _ = sleep_until(token_deadline) => break End::Closed(CloseCode::TokenExpired),
+            _ = ack_tick.tick() => {
+                if ack_dirty {
+                    ack_dirty = false;
+                    let store = store.clone();
+                    let device = hello.device.clone();
+                    let uid = user.id;
+                    tokio::spawn(async move { let _ = store.record_ack(uid, &device, acked).await; });
+                }
+            }
+        }
+    };
+    if ack_dirty {
+        let _ = store.record_ack(user.id, &hello.device, acked).await;
+    }
+    tracing::info!(target: "keepwire::ws", delivered_to = next.saturating_sub(1), acked, "disconnected");
+    drop(reg);
+    end
+}
+
+/// A tokio deadline for a wall-clock expiry in ms since the Unix epoch.
+fn deadline_from_unix_ms(ms: i64) -> Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let left = ms.saturating_sub(now_ms).max(0) as u64;
+    // Far-future expiries would overflow Instant; a year is "never" for a connection.
+    Instant::now() + Duration::from_millis(left.min(365 * 24 * 3600 * 1000))
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,189 @@
+//! Live connections: per-user head signals and the registry used to replace,
+//! revoke and shut down connections.
+//!
+//! Fanout only *signals* that a user's inbox head advanced; each connection
+//! then reads the entries from the store in sequence order. So a device can
+//! never get entry N+1 before N, whether entries come from a backlog replay or
+//! live.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use keepwire_proto::{CloseCode, Seq, ServerFrame};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::ratelimit::TokenBucket;
+use crate::store::{HeadListener, UserId};
+
+/// Something the hub asks a connection to do.
+#[derive(Debug)]
+pub enum Control {
+    /// Close with this code.
+    Close(CloseCode),
+    /// Deliver an ephemeral frame (a signal).
+    Frame(ServerFrame),
+}
+
+struct ConnEntry {
+    id: u64,
+    device: String,
+    token_id: Option<i64>,
+    control: mpsc::Sender<Control>,
+}
+
+struct UserSlot {
+    head: watch::Sender<Seq>,
+    conns: Vec<ConnEntry>,
+    sends: TokenBucket,
+}
+
+/// Why a connection could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterError {
+    /// The user already holds the maximum number of connections.
+    TooManyConnections,
+}
+
+/// The registry of live connections.
+pub struct Hub {
+    users: Mutex<HashMap<UserId, UserSlot>>,
+    next_id: AtomicU64,
+    user_rate: (u32, u32),
+}
+
+/// A registered connection; unregisters itself when dropped.
+pub struct Registration<'a> {
+    hub: &'a Hub,
+    user: UserId,
+    /// This connection's id.
+    pub id: u64,
+    /// Changes whenever the user's inbox head advances.
+    pub head: watch::Receiver<Seq>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.hub.unregister(self.user, self.id);
+    }
+}
+
+impl Hub {
+    /// A hub with a per-user send rate (sustained per second, burst).
+    pub fn new(user_sends_per_sec: u32, user_send_burst: u32) -> Self {
+        Hub {
+            users: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            user_rate: (user_sends_per_sec, user_send_burst),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, UserSlot>> {
+        self.users.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connection. An older connection of the same device is told
+    /// to close with [`CloseCode::Replaced`].
+    pub fn register(
+        &self,
+        user: UserId,
+        device: &str,
+        token_id: Option<i64>,
+        max_per_user: usize,
+        control: mpsc::Sender<Control>,
+    ) -> Result<Registration<'_>, RegisterError> {
+        let mut users = self.lock();
+        let (rate, burst) = self.user_rate;
+        let slot = users.entry(user).or_insert_with(|| UserSlot {
+            head: watch::Sender::new(0),
+            conns: Vec::new(),
+            sends: TokenBucket::new(rate, burst, Instant::now()),
+        });
+        let others = slot.conns.iter().filter(|c| c.device != device).count();
+        if others >= max_per_user {
+            return Err(RegisterError::TooManyConnections);
+        }
+        slot.conns.retain(|c| {
+            if c.device == device {
+                let _ = c.control.try_send(Control::Close(CloseCode::Replaced));
+                false
+            } else {
+                true
+            }
+        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        slot.conns.push(ConnEntry { id, device: device.to_owned(), token_id, control });
+        let head = slot.head.subscribe();
+        Ok(Registration { hub: self, user, id, head })
+    }
+
+    fn unregister(&self, user: UserId, id: u64) {
+        let mut users = self.lock();
+        if let Some(slot) = users.get_mut(&user) {
+            slot.conns.retain(|c| c.id != id);
+            if slot.conns.is_empty() {
+                users.remove(&user);
+            }
+        }
+    }
+
+    /// Takes one send from the user's shared budget.
+    pub fn take_user_send(&self, user: UserId) -> Result<(), Duration> {
+        match self.lock().get_mut(&user) {
+            Some(slot) => slot.sends.take(Instant::now()),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes the user's connections that use `token_id` (or all of them).
+    pub fn revoke(&self, user: UserId, token_id: Option<i64>) -> usize {
+        let users = self.lock();
+        let Some(slot) = users.get(&user) else { return 0 };
+        let mut n = 0;
+        for c in &slot.conns {
+            if token_id.is_none() || c.token_id == token_id {
+                let _ = c.control.try_send(Control::Close(CloseCode::TokenRevoked));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Delivers an ephemeral frame to the users' connections, except `skip`.
+    /// Best effort: a connection with a full control queue misses it.
+    pub fn signal(&self, users: &[UserId], skip: u64, frame: &ServerFrame) {
+        let map = self.lock();
+        for u in users {
+            if let Some(slot) = map.get(u) {
+                for c in slot.conns.iter().filter(|c| c.id != skip) {
+                    let _ = c.control.try_send(Control::Frame(frame.clone()));
+                }
+            }
+        }
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.lock().values().map(|s| s.conns.len()).sum()
+    }
+}
+
+impl HeadListener for Hub {
+    fn heads_advanced(&self, heads: &[(UserId, Seq)]) {
+        let users = self.lock();
+        for &(user, seq) in heads {
+            if let Some(slot) = users.get(&user) {
+                slot.head.send_if_modified(|h| {
+                    if seq > *h {
+                        *h = seq;
+                        true
+                    } else {
+                        false
+                    }
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The relay's storage contract and its embedded SQLite implementation.
+//!
+//! Everything the relay persists goes through [`Store`], so that a distributed
+//! engine can replace SQLite later. Implementations must uphold:
+//! - a write is durable (against power loss) before its future resolves;
+//! - inbox sequences are per user, gap-free and increasing, assigned in commit
+//!   order;
+//! - [`HeadListener::heads_advanced`] is called after the commit that made the
+//!   new entries visible to readers, never before;
+//! - a repeated `(user, device, cid)` stores nothing and returns the original
+//!   confirmation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keepwire_proto::{
+    Confirm, ConvCreate, ConvId, ConvInfo, Cursor, ErrorCode, HistoryPage, InboxEntry, Resume,
+    Send as SendMsg, Seq,
+};
+
+mod sqlite;
+
+pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// Internal user id.
+pub type UserId = i64;
+
+/// A user authenticated by a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthedUser {
+    /// Internal id.
+    pub id: UserId,
+    /// User name (the id other users see).
+    pub name: String,
+    /// The token's id (for revocation).
+    pub token_id: i64,
+    /// When the token expires, in ms since the Unix epoch.
+    pub expires_at_ms: i64,
+}
+
+/// Why a token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Unknown, forged or malformed.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// Revoked.
+    Revoked,
+}
+
+/// Store errors. `Refused` carries a protocol error code for the client; the
+/// others are the server's problem.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The request is not allowed or not valid; answer the client with the code.
+    #[error("{1}")]
+    Refused(ErrorCode, String),
+    /// Authentication failed.
+    #[error("authentication failed: {0:?}")]
+    Auth(AuthFailure),
+    /// An admin request named something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// An admin request conflicts with existing data.
+    #[error("{0}")]
+    Conflict(String),
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// The database is not a keepwire database, or is newer than this binary.
+    #[error("{0}")]
+    Incompatible(String),
+    /// A commit failed; nothing of the request was stored.
+    #[error("commit failed: {0}")]
+    Commit(String),
+    /// The store was closed.
+    #[error("the store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    pub(crate) fn refused(code: ErrorCode, msg: impl Into<String>) -> Self {
+        StoreError::Refused(code, msg.into())
+    }
+}
+
+/// What the relay will replay on a new connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumePlan {
+    /// The user's inbox head when the plan was made.
+    pub head: Seq,
+    /// The resume answer for `welcome`.
+    pub resume: Resume,
+}
+
+/// A freshly issued token. The secret is shown once and never stored.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// The bearer token.
+    pub token: String,
+    /// Its id.
+    pub id: i64,
+    /// Expiry, ms since the Unix epoch.
+    pub expires_at_ms: i64,
+}
+
+/// A token's metadata (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    /// Token id.
+    pub id: i64,
+    /// Owner.
+    pub user: String,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: i64,
+    /// Expiry, ms since the Unix epoch.
+    pub expires_at_ms: i64,
+    /// Revocation time, if revoked.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// What to revoke.
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    /// The token with this secret.
+    Token(String),
+    /// The token with this id.
+    Id(i64),
+    /// Every token of this user.
+    User(String),
+}
+
+/// One entry of the revocation log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    /// Log position.
+    pub id: i64,
+    /// The user concerned.
+    pub user_id: UserId,
+    /// The token revoked; `None` = every token of the user.
+    pub token_id: Option<i64>,
+}
+
+/// Retention policy for inboxes and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    /// Trim messages and inbox entries older than this.
+    pub max_age: Option<Duration>,
+    /// Keep at most this many inbox entries per user (oldest trimmed first).
+    pub max_entries: Option<u64>,
+    /// Keep send dedupe keys at least this long (default 30 days, and never
+    /// shorter than `max_age`).
+    pub dedupe_age: Option<Duration>,
+}
+
+/// What a trim pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrimReport {
+    /// Inbox entries removed.
+    pub inbox_entries: u64,
+    /// Messages removed.
+    pub messages: u64,
+    /// Dedupe keys removed.
+    pub dedupe_keys: u64,
+}
+
+/// Told when users' inbox heads advance (after the commit).
+pub trait HeadListener: Send + Sync {
+    /// `heads` holds (user, new head) pairs; a user may appear more than once.
+    fn heads_advanced(&self, heads: &[(UserId, Seq)]);
+}
+
+/// The relay's storage.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The log's epoch: changes whenever the log is replaced or restored.
+    fn epoch(&self) -> String;
+    /// Registers the listener told of inbox head advances.
+    fn set_head_listener(&self, listener: Arc<dyn HeadListener>);
+
+    /// Checks a bearer token.
+    async fn authenticate(&self, token: &str) -> Result<AuthedUser, StoreError>;
+    /// Records that a device connected.
+    async fn touch_device(&self, user: UserId, device: &str) -> Result<(), StoreError>;
+    /// Plans a resume from `cursor` (or a new device's start, `new_window`
+    /// entries before the head).
+    async fn resume(
+        &self,
+        user: UserId,
+        cursor: Option<&Cursor>,
+        new_window: u64,
+    ) -> Result<ResumePlan, StoreError>;
+    /// Inbox entries with `seq >= from`, in order, at most `limit`.
+    async fn read_inbox(
+        &self,
+        user: UserId,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError>;
+    /// Stores a message (or finds the original for a repeated cid).
+    async fn send(&self, user: UserId, device: &str, send: SendMsg) -> Result<Confirm, StoreError>;
+    /// Records a device's acknowledged position.
+    async fn record_ack(&self, user: UserId, device: &str, seq: Seq) -> Result<(), StoreError>;
+    /// A page of a conversation's history (members only).
+    async fn history(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError>;
+    /// Creates a conversation, or returns the one a previous identical request made.
+    async fn conv_create(
+        &self,
+        user: UserId,
+        req: ConvCreate,
+        max_group_size: usize,
+    ) -> Result<(ConvInfo, bool), StoreError>;
+    /// Adds or removes a member (idempotent).
+    async fn conv_member(
+        &self,
+        user: UserId,
+        conv: ConvId,
+        target: &str,
+        add: bool,
+        max_group_size: usize,
+    ) -> Result<(ConvInfo, bool), StoreError>;
+    /// The user's conversations.
+    async fn conv_list(&self, user: UserId) -> Result<Vec<ConvInfo>, StoreError>;
+    /// The members of a conversation the user belongs to.
+    async fn conv_member_ids(&self, user: UserId, conv: ConvId)
+    -> Result<Vec<UserId>, StoreError>;
+
+    /// Creates a user.
+    async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;
+    /// Issues a token for a user.
+    async fn issue_token(&self, user: &str, ttl: Duration) -> Result<IssuedToken, StoreError>;
+    /// Revokes tokens; returns how many were revoked.
+    async fn revoke(&self, target: RevokeTarget) -> Result<u64, StoreError>;
+    /// A user's tokens.
+    async fn list_tokens(&self, user: &str) -> Result<Vec<TokenInfo>, StoreError>;
+    /// The revocation log after `after`.
+    async fn revocations_after(&self, after: i64) -> Result<Vec<Revocation>, StoreError>;
+    /// Applies the age-based retention policy (count-based retention is
+    /// applied as entries are appended).
+    async fn trim(&self) -> Result<TrimReport, StoreError>;
+    /// Flushes pending writes and stops the writer. Later calls fail with `Closed`.
+    async fn close(&self);
+}
