@@ -195,7 +195,13 @@ mod tests {
         .unwrap();
         match f {
             ClientFrame::Hello(h) => {
-                assert_eq!(h.cursor, Some(Cursor { epoch: "e1".into(), seq: 41 }));
+                assert_eq!(
+                    h.cursor,
+                    Some(Cursor {
+                        epoch: "e1".into(),
+                        seq: 41
+                    })
+                );
                 assert_eq!(h.heartbeat_ms, Some(30000));
             }
             other => panic!("unexpected {other:?}"),
@@ -226,8 +232,11 @@ mod tests {
         let e = decode_client(r#"{"type":"history","rid":"r2","conv":"x"}"#, &lim()).unwrap_err();
         assert_eq!(e.code, ErrorCode::Malformed);
         assert_eq!(e.rid.as_deref(), Some("r2"));
-        let e = decode_client(r#"{"type":"send","cid":"short","conv":1,"body":""}"#, &lim())
-            .unwrap_err();
+        let e = decode_client(
+            r#"{"type":"send","cid":"short","conv":1,"body":""}"#,
+            &lim(),
+        )
+        .unwrap_err();
         assert_eq!(e.code, ErrorCode::Invalid);
         let body = "x".repeat(lim().max_body_bytes + 1);
         let e = decode_client(

@@ -87,6 +87,8 @@ pub enum ClientAction {
     /// Reconnect soon: the server is going away; wait a random 0–5 s (spreads a
     /// restart's reconnect storm) without growing the backoff.
     ReconnectSoon,
+    /// Reconnect at once, without waiting for a backoff delay.
+    ReconnectNow,
     /// Ask the token provider for a new token once, then reconnect; if the new
     /// token is rejected too, stop.
     RefreshTokenOnce,
@@ -132,11 +134,15 @@ pub enum CloseCode {
     TooManyConnections,
     /// 4010: this device was revoked. Terminal.
     DeviceRevoked,
+    /// 4011: the server cannot continue this connection's replay (entries
+    /// after the last one sent were trimmed by retention meanwhile).
+    /// Reconnect at once with the stored cursor: `welcome` will carry the gap.
+    Resync,
 }
 
 impl CloseCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [CloseCode; 15] = [
+    pub const ALL: [CloseCode; 16] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::UnsupportedData,
@@ -152,6 +158,7 @@ impl CloseCode {
         CloseCode::RateLimited,
         CloseCode::TooManyConnections,
         CloseCode::DeviceRevoked,
+        CloseCode::Resync,
     ];
 
     /// The numeric code.
@@ -172,6 +179,7 @@ impl CloseCode {
             CloseCode::RateLimited => 4008,
             CloseCode::TooManyConnections => 4009,
             CloseCode::DeviceRevoked => 4010,
+            CloseCode::Resync => 4011,
         }
     }
 
@@ -198,6 +206,7 @@ impl CloseCode {
             CloseCode::RateLimited => "rate limit exceeded",
             CloseCode::TooManyConnections => "too many connections for this user",
             CloseCode::DeviceRevoked => "device revoked",
+            CloseCode::Resync => "history trimmed under this connection; reconnect to resync",
         }
     }
 
@@ -205,6 +214,7 @@ impl CloseCode {
     pub fn client_action(self) -> ClientAction {
         match self {
             CloseCode::GoingAway => ClientAction::ReconnectSoon,
+            CloseCode::Resync => ClientAction::ReconnectNow,
             CloseCode::TokenExpired => ClientAction::RefreshTokenOnce,
             CloseCode::AuthFailed
             | CloseCode::TokenRevoked
@@ -239,14 +249,21 @@ mod tests {
         for c in CloseCode::ALL {
             assert!(seen.insert(c.code()), "duplicate code {}", c.code());
             assert_eq!(CloseCode::from_code(c.code()), Some(c));
-            assert!(c.reason().len() <= 123, "close reasons must fit a control frame");
+            assert!(
+                c.reason().len() <= 123,
+                "close reasons must fit a control frame"
+            );
         }
         assert_eq!(CloseCode::from_code(4999), None);
     }
 
     #[test]
     fn terminal_codes_stop() {
-        for c in [CloseCode::AuthFailed, CloseCode::TokenRevoked, CloseCode::Replaced] {
+        for c in [
+            CloseCode::AuthFailed,
+            CloseCode::TokenRevoked,
+            CloseCode::Replaced,
+        ] {
             assert_eq!(c.client_action(), ClientAction::Stop);
         }
         assert_eq!(

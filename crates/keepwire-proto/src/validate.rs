@@ -1,8 +1,8 @@
 //! Field validation beyond what JSON decoding checks.
 
+use crate::codes::ErrorCode;
 use crate::frames::{ClientFrame, ConvKind, MESSAGE_KIND_TEXT};
 use crate::limits::Limits;
-use crate::codes::ErrorCode;
 
 /// A field with a value outside its allowed form.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,7 +16,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     fn invalid(message: impl Into<String>) -> Self {
-        ValidationError { code: ErrorCode::Invalid, message: message.into() }
+        ValidationError {
+            code: ErrorCode::Invalid,
+            message: message.into(),
+        }
     }
 }
 
@@ -51,7 +54,9 @@ fn check_rid(rid: &str) -> Result<(), ValidationError> {
     if is_valid_request_id(rid) {
         Ok(())
     } else {
-        Err(ValidationError::invalid("rid must be 1-64 characters of [A-Za-z0-9_-]"))
+        Err(ValidationError::invalid(
+            "rid must be 1-64 characters of [A-Za-z0-9_-]",
+        ))
     }
 }
 
@@ -81,7 +86,9 @@ impl ClientFrame {
                 if let Some(c) = &h.cursor
                     && (c.epoch.is_empty() || c.epoch.len() > 64)
                 {
-                    return Err(ValidationError::invalid("cursor.epoch must be 1-64 characters"));
+                    return Err(ValidationError::invalid(
+                        "cursor.epoch must be 1-64 characters",
+                    ));
                 }
                 if h.agent.as_ref().is_some_and(|a| a.len() > 128) {
                     return Err(ValidationError::invalid("agent is longer than 128 bytes"));
@@ -117,7 +124,9 @@ impl ClientFrame {
             }
             ClientFrame::History(h) => {
                 check_rid(&h.rid)?;
-                if h.limit.is_some_and(|l| l == 0 || l > limits.max_history_page) {
+                if h.limit
+                    .is_some_and(|l| l == 0 || l > limits.max_history_page)
+                {
                     return Err(ValidationError::invalid(format!(
                         "limit must be 1-{}",
                         limits.max_history_page
@@ -132,7 +141,10 @@ impl ClientFrame {
                         "key must be 1-64 characters of [A-Za-z0-9_-]",
                     ));
                 }
-                if c.name.as_ref().is_some_and(|n| n.len() > limits.max_name_bytes) {
+                if c.name
+                    .as_ref()
+                    .is_some_and(|n| n.len() > limits.max_name_bytes)
+                {
                     return Err(ValidationError::invalid(format!(
                         "name is longer than {} bytes",
                         limits.max_name_bytes
@@ -164,7 +176,9 @@ impl ClientFrame {
             ClientFrame::ConvList { rid } => check_rid(rid),
             ClientFrame::Signal { data, .. } => {
                 // Encoding a Value cannot fail; measure the bytes it would take.
-                let len = serde_json::to_vec(data).map(|v| v.len()).unwrap_or(usize::MAX);
+                let len = serde_json::to_vec(data)
+                    .map(|v| v.len())
+                    .unwrap_or(usize::MAX);
                 if len > limits.max_signal_bytes {
                     return Err(ValidationError::invalid(format!(
                         "signal data is {len} bytes; the limit is {}",

@@ -77,7 +77,10 @@ impl Config {
         let hb = requested_ms
             .map(Duration::from_millis)
             .unwrap_or(self.heartbeat_default)
-            .clamp(self.heartbeat_min, self.heartbeat_max.max(self.heartbeat_min));
+            .clamp(
+                self.heartbeat_min,
+                self.heartbeat_max.max(self.heartbeat_min),
+            );
         (hb, hb + (hb / 2).max(self.heartbeat_grace))
     }
 }

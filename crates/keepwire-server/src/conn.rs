@@ -33,6 +33,8 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 type Tx = SplitSink<WebSocket, Message>;
 type Rx = SplitStream<WebSocket>;
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// An inbox read in flight: the limit it was started with, and the read.
+type InboxRead = (u64, BoxFut<Result<Vec<InboxEntry>, StoreError>>);
 
 /// Why a connection ended, for logs.
 enum End {
@@ -57,7 +59,11 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr
             Err(end) => end,
         };
         if let End::Closed(code) = end {
-            shared.metrics.closes.get_or_create(&crate::metrics::CodeLabel { code: code.code() }).inc();
+            shared
+                .metrics
+                .closes
+                .get_or_create(&crate::metrics::CodeLabel { code: code.code() })
+                .inc();
             close(&mut tx, &mut rx, code).await;
             tracing::debug!(target: "keepwire::ws", code = code.code(), "closed");
         }
@@ -67,8 +73,14 @@ pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr
 }
 
 async fn close(tx: &mut Tx, rx: &mut Rx, code: CloseCode) {
-    let frame = CloseFrame { code: code.code(), reason: code.reason().into() };
-    if timeout(CLOSE_LINGER, tx.send(Message::Close(Some(frame)))).await.is_err() {
+    let frame = CloseFrame {
+        code: code.code(),
+        reason: code.reason().into(),
+    };
+    if timeout(CLOSE_LINGER, tx.send(Message::Close(Some(frame))))
+        .await
+        .is_err()
+    {
         return;
     }
     // Wait briefly for the peer's close reply so the close is clean.
@@ -96,10 +108,7 @@ fn is_too_big(err: &axum::Error) -> bool {
 
 use tokio_tungstenite::tungstenite;
 
-async fn handshake(
-    rx: &mut Rx,
-    shared: &Shared,
-) -> Result<(AuthedUser, Hello), End> {
+async fn handshake(rx: &mut Rx, shared: &Shared) -> Result<(AuthedUser, Hello), End> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let hello = loop {
         let msg = tokio::select! {
@@ -170,7 +179,11 @@ impl Writer<'_> {
 }
 
 fn error_frame(rid: Option<String>, code: ErrorCode, message: impl Into<String>) -> ServerFrame {
-    ServerFrame::Error(ErrorFrame { rid, code, message: message.into() })
+    ServerFrame::Error(ErrorFrame {
+        rid,
+        code,
+        message: message.into(),
+    })
 }
 
 /// Maps a store error on a request to an error frame.
@@ -179,10 +192,19 @@ fn request_error(shared: &Shared, rid: &str, e: StoreError) -> ServerFrame {
         StoreError::Refused(code, msg) => (code, msg),
         other => {
             tracing::error!(target: "keepwire::ws", error = %other, "request failed");
-            (ErrorCode::Internal, "the server failed to handle the request; retry later".to_owned())
+            (
+                ErrorCode::Internal,
+                "the server failed to handle the request; retry later".to_owned(),
+            )
         }
     };
-    shared.metrics.errors.get_or_create(&crate::metrics::ResultLabel { result: code.to_string() }).inc();
+    shared
+        .metrics
+        .errors
+        .get_or_create(&crate::metrics::ResultLabel {
+            result: code.to_string(),
+        })
+        .inc();
     error_frame(Some(rid.to_owned()), code, msg)
 }
 
@@ -213,7 +235,10 @@ async fn session(
         tracing::error!(target: "keepwire::ws", error = %e, "recording the device failed");
         return End::Closed(CloseCode::InternalError);
     }
-    let window = hello.history.unwrap_or(config.history_window).min(config.max_history_window);
+    let window = hello
+        .history
+        .unwrap_or(config.history_window)
+        .min(config.max_history_window);
     let plan = match store.resume(user.id, hello.cursor.as_ref(), window).await {
         Ok(p) => p,
         Err(e) => {
@@ -224,7 +249,10 @@ async fn session(
     let (mut heartbeat, mut idle_timeout) = config.negotiate_heartbeat(hello.heartbeat_ms);
     let session_id = format!("{:016x}", rand::random::<u64>());
     tracing::Span::current().record("session", session_id.as_str());
-    let mut w = Writer { tx, write_timeout: config.write_timeout };
+    let mut w = Writer {
+        tx,
+        write_timeout: config.write_timeout,
+    };
     let welcome = ServerFrame::Welcome(Welcome {
         session: session_id,
         user: user.name.clone(),
@@ -252,7 +280,7 @@ async fn session(
     let mut acked: Seq = next.saturating_sub(1);
     let mut ack_dirty = true;
     let mut want_read = true;
-    let mut read: Option<(u64, BoxFut<Result<Vec<InboxEntry>, StoreError>>)> = None;
+    let mut read: Option<InboxRead> = None;
     let mut pending: FuturesOrdered<BoxFut<(String, Result<Confirm, StoreError>)>> =
         FuturesOrdered::new();
     let mut bucket =
@@ -296,8 +324,11 @@ async fn session(
                         let mut failed = None;
                         for e in &entries {
                             if e.seq != next {
-                                tracing::error!(target: "keepwire::ws", expected = next, got = e.seq, "inbox gap");
-                                failed = Some(End::Closed(CloseCode::InternalError));
+                                // Retention trimmed entries this connection had
+                                // not sent yet: the client must reconnect and get
+                                // the gap answer in `welcome`.
+                                tracing::warn!(target: "keepwire::ws", expected = next, got = e.seq, "entries trimmed under a live connection");
+                                failed = Some(End::Closed(CloseCode::Resync));
                                 break;
                             }
                             if let Err(err) = w.feed(&ServerFrame::Entry(e.clone())).await {

@@ -24,7 +24,7 @@ pub enum Control {
     /// Close with this code.
     Close(CloseCode),
     /// Deliver an ephemeral frame (a signal).
-    Frame(ServerFrame),
+    Frame(Box<ServerFrame>),
 }
 
 struct ConnEntry {
@@ -114,9 +114,19 @@ impl Hub {
             }
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        slot.conns.push(ConnEntry { id, device: device.to_owned(), token_id, control });
+        slot.conns.push(ConnEntry {
+            id,
+            device: device.to_owned(),
+            token_id,
+            control,
+        });
         let head = slot.head.subscribe();
-        Ok(Registration { hub: self, user, id, head })
+        Ok(Registration {
+            hub: self,
+            user,
+            id,
+            head,
+        })
     }
 
     fn unregister(&self, user: UserId, id: u64) {
@@ -140,7 +150,9 @@ impl Hub {
     /// Closes the user's connections that use `token_id` (or all of them).
     pub fn revoke(&self, user: UserId, token_id: Option<i64>) -> usize {
         let users = self.lock();
-        let Some(slot) = users.get(&user) else { return 0 };
+        let Some(slot) = users.get(&user) else {
+            return 0;
+        };
         let mut n = 0;
         for c in &slot.conns {
             if token_id.is_none() || c.token_id == token_id {
@@ -158,7 +170,7 @@ impl Hub {
         for u in users {
             if let Some(slot) = map.get(u) {
                 for c in slot.conns.iter().filter(|c| c.id != skip) {
-                    let _ = c.control.try_send(Control::Frame(frame.clone()));
+                    let _ = c.control.try_send(Control::Frame(Box::new(frame.clone())));
                 }
             }
         }

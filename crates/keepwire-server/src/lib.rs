@@ -103,14 +103,22 @@ impl RelayServer {
             }
             // Connections saw the cancellation and are sending "going away".
             tracker.close();
-            if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait()).await.is_err() {
+            if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
+                .await
+                .is_err()
+            {
                 tracing::warn!(target: "keepwire::server", "connections still open after the shutdown grace");
             }
             shared.store.close().await;
             tracing::info!(target: "keepwire::server", "stopped");
         });
         tracing::info!(target: "keepwire::server", %addr, epoch = %store.epoch(), "listening");
-        Ok(RelayServer { addr, shutdown, task, hub })
+        Ok(RelayServer {
+            addr,
+            shutdown,
+            task,
+            hub,
+        })
     }
 
     /// The address the relay listens on.
@@ -142,7 +150,10 @@ impl RelayServer {
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         shared.metrics.render(),
     )
         .into_response()
@@ -179,7 +190,8 @@ async fn ws_handler(
         }
     };
     let offered = ws.requested_protocols().any(|p| {
-        p.to_str().is_ok_and(|s| s.split(',').any(|v| v.trim() == SUBPROTOCOL))
+        p.to_str()
+            .is_ok_and(|s| s.split(',').any(|v| v.trim() == SUBPROTOCOL))
     });
     if !offered {
         return bad_request(&format!("offer the WebSocket subprotocol {SUBPROTOCOL}"));
@@ -220,7 +232,9 @@ async fn revocation_poller(shared: Arc<Shared>) {
                     }
                 }
             }
-            Err(e) => tracing::warn!(target: "keepwire::server", error = %e, "polling revocations failed"),
+            Err(e) => {
+                tracing::warn!(target: "keepwire::server", error = %e, "polling revocations failed")
+            }
         }
     }
 }
@@ -249,7 +263,9 @@ async fn trimmer(shared: Arc<Shared>) {
             }
             Ok(_) => {}
             Err(StoreError::Closed) => return,
-            Err(e) => tracing::warn!(target: "keepwire::server", error = %e, "retention trim failed"),
+            Err(e) => {
+                tracing::warn!(target: "keepwire::server", error = %e, "retention trim failed")
+            }
         }
     }
 }

@@ -46,7 +46,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("keepwire");
         let commits = Counter::default();
-        registry.register("commits", "Group commits of the storage writer", commits.clone());
+        registry.register(
+            "commits",
+            "Group commits of the storage writer",
+            commits.clone(),
+        );
         let committed_jobs = Counter::default();
         registry.register(
             "committed_jobs",
@@ -56,7 +60,11 @@ impl Default for Metrics {
         let sends = Family::<ResultLabel, Counter>::default();
         registry.register("sends", "Sends answered, by result", sends.clone());
         let deliveries = Counter::default();
-        registry.register("deliveries", "Inbox entries written to sockets", deliveries.clone());
+        registry.register(
+            "deliveries",
+            "Inbox entries written to sockets",
+            deliveries.clone(),
+        );
         let connections_opened = Counter::default();
         registry.register(
             "connections_opened",
@@ -64,9 +72,17 @@ impl Default for Metrics {
             connections_opened.clone(),
         );
         let connections_open = Gauge::default();
-        registry.register("connections_open", "Connections open now", connections_open.clone());
+        registry.register(
+            "connections_open",
+            "Connections open now",
+            connections_open.clone(),
+        );
         let closes = Family::<CodeLabel, Counter>::default();
-        registry.register("closes", "Connections closed by the server, by close code", closes.clone());
+        registry.register(
+            "closes",
+            "Connections closed by the server, by close code",
+            closes.clone(),
+        );
         let errors = Family::<ResultLabel, Counter>::default();
         registry.register("errors", "Error frames sent, by code", errors.clone());
         Metrics {
@@ -95,6 +111,10 @@ impl Metrics {
 
     /// Counts one send outcome.
     pub fn send_result(&self, result: &str) {
-        self.sends.get_or_create(&ResultLabel { result: result.to_owned() }).inc();
+        self.sends
+            .get_or_create(&ResultLabel {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 }

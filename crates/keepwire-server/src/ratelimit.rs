@@ -17,7 +17,12 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
-        TokenBucket { rate: f64::from(rate_per_sec.max(1)), burst, tokens: burst, last: now }
+        TokenBucket {
+            rate: f64::from(rate_per_sec.max(1)),
+            burst,
+            tokens: burst,
+            last: now,
+        }
     }
 
     fn refill(&mut self, now: Instant) {

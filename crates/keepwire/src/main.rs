@@ -42,9 +42,8 @@ impl DbArg {
         if let Some(p) = &self.db {
             return Ok(p.clone());
         }
-        let dir = dirs::data_dir().context(
-            "cannot find a data directory for the default database; pass --db PATH",
-        )?;
+        let dir = dirs::data_dir()
+            .context("cannot find a data directory for the default database; pass --db PATH")?;
         Ok(dir.join("keepwire").join("relay.db"))
     }
 }
@@ -171,7 +170,10 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -193,6 +195,7 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -204,12 +207,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn open_store(path: &std::path::Path, opts: SqliteOptions) -> anyhow::Result<Arc<SqliteStore>> {
-    SqliteStore::open(path, opts).with_context(|| format!("cannot open the database {}", path.display()))
+    SqliteStore::open(path, opts)
+        .with_context(|| format!("cannot open the database {}", path.display()))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging();
-    let mut config = Config { listen: args.listen, ..Config::default() };
+    let mut config = Config {
+        listen: args.listen,
+        ..Config::default()
+    };
     let l = &mut config.limits;
     if let Some(v) = args.max_frame_bytes {
         l.max_frame_bytes = v;
@@ -262,7 +269,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_entries: args.retention_entries,
         dedupe_age: None,
     };
-    let store = open_store(&path, SqliteOptions { retention, metrics: Some(metrics.clone()) })?;
+    let store = open_store(
+        &path,
+        SqliteOptions {
+            retention,
+            metrics: Some(metrics.clone()),
+        },
+    )?;
     let server = RelayServer::start(config, store, metrics)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -302,7 +315,11 @@ async fn admin(args: AdminArgs) -> anyhow::Result<()> {
                 bail!("there is no backup at {}", src.display());
             }
             let epoch = SqliteStore::restore(&src, &path)?;
-            println!("restored {} into {} (new epoch {epoch})", src.display(), path.display());
+            println!(
+                "restored {} into {} (new epoch {epoch})",
+                src.display(),
+                path.display()
+            );
             return Ok(());
         }
         _ => {}
@@ -329,7 +346,9 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
                 (Some(t), None, None) => {
                     let t = if t == "-" {
                         let mut line = String::new();
-                        std::io::stdin().read_line(&mut line).context("reading the token from stdin")?;
+                        std::io::stdin()
+                            .read_line(&mut line)
+                            .context("reading the token from stdin")?;
                         line.trim().to_owned()
                     } else {
                         t
@@ -347,7 +366,8 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             println!("{:>6}  {:<24}  {:<24}  status", "id", "created", "expires");
             let now = std::time::SystemTime::now();
             for t in store.list_tokens(&name).await? {
-                let expires = std::time::UNIX_EPOCH + Duration::from_millis(t.expires_at_ms.max(0) as u64);
+                let expires =
+                    std::time::UNIX_EPOCH + Duration::from_millis(t.expires_at_ms.max(0) as u64);
                 let status = if t.revoked_at_ms.is_some() {
                     "revoked"
                 } else if expires <= now {

@@ -229,8 +229,7 @@ pub trait Store: Send + Sync + 'static {
     /// The user's conversations.
     async fn conv_list(&self, user: UserId) -> Result<Vec<ConvInfo>, StoreError>;
     /// The members of a conversation the user belongs to.
-    async fn conv_member_ids(&self, user: UserId, conv: ConvId)
-    -> Result<Vec<UserId>, StoreError>;
+    async fn conv_member_ids(&self, user: UserId, conv: ConvId) -> Result<Vec<UserId>, StoreError>;
 
     /// Creates a user.
     async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;

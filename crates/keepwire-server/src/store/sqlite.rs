@@ -110,8 +110,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version == 0 {
         // A non-empty database without our version is someone else's file.
-        let tables: i64 =
-            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+        let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
         if tables > 0 {
             return Err(StoreError::Incompatible(
                 "the file is an SQLite database but not a keepwire one".into(),
@@ -120,9 +119,8 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version) {
         let tx = conn.transaction()?;
-        tx.execute_batch(sql).map_err(|e| {
-            StoreError::Incompatible(format!("migration {name} failed: {e}"))
-        })?;
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::Incompatible(format!("migration {name} failed: {e}")))?;
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }
@@ -153,7 +151,9 @@ impl SqliteStore {
             [new_epoch()],
         )?;
         let epoch: String =
-            conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| r.get(0))?;
+            conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+                r.get(0)
+            })?;
 
         let metrics = opts.metrics.unwrap_or_default();
         let listener: Arc<OnceLock<Arc<dyn HeadListener>>> = Arc::new(OnceLock::new());
@@ -168,7 +168,10 @@ impl SqliteStore {
             epoch,
             retention: opts.retention,
             writer: tx,
-            readers: Arc::new(ReadPool { path: path.to_owned(), idle: Mutex::new(Vec::new()) }),
+            readers: Arc::new(ReadPool {
+                path: path.to_owned(),
+                idle: Mutex::new(Vec::new()),
+            }),
             listener,
             writer_thread: Mutex::new(Some(handle)),
         }))
@@ -182,7 +185,10 @@ impl SqliteStore {
     /// Writes a consistent copy of the database to `dest` (which must not exist).
     pub fn backup(db: &Path, dest: &Path) -> Result<(), StoreError> {
         if dest.exists() {
-            return Err(StoreError::Conflict(format!("{} already exists", dest.display())));
+            return Err(StoreError::Conflict(format!(
+                "{} already exists",
+                dest.display()
+            )));
         }
         let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
@@ -219,8 +225,9 @@ impl SqliteStore {
         let shm = PathBuf::from(format!("{}-shm", db.display()));
         let _ = std::fs::remove_file(wal);
         let _ = std::fs::remove_file(shm);
-        std::fs::rename(&tmp, db)
-            .map_err(|e| StoreError::Incompatible(format!("cannot replace {}: {e}", db.display())))?;
+        std::fs::rename(&tmp, db).map_err(|e| {
+            StoreError::Incompatible(format!("cannot replace {}: {e}", db.display()))
+        })?;
         Ok(epoch)
     }
 
@@ -252,7 +259,10 @@ impl SqliteStore {
                 let _ = tx.send(out);
             })
         });
-        self.writer.send(WriterMsg::Job(job)).await.map_err(|_| StoreError::Closed)?;
+        self.writer
+            .send(WriterMsg::Job(job))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -352,7 +362,10 @@ fn run_batch(
     let jobs = batch.len() as u64;
     let begun = conn.execute_batch("BEGIN IMMEDIATE");
     let completions: Vec<Completion> = match &begun {
-        Ok(()) => batch.into_iter().map(|job| job(Some(conn), &mut heads)).collect(),
+        Ok(()) => batch
+            .into_iter()
+            .map(|job| job(Some(conn), &mut heads))
+            .collect(),
         Err(e) => {
             tracing::error!(target: "keepwire::store", error = %e, "cannot begin a transaction");
             batch.into_iter().map(|job| job(None, &mut heads)).collect()
@@ -421,7 +434,9 @@ fn user_id_by_name(conn: &Connection, name: &str) -> Result<Option<UserId>, Stor
 }
 
 fn user_name(conn: &Connection, id: UserId) -> Result<String, StoreError> {
-    Ok(conn.prepare_cached("SELECT name FROM users WHERE id = ?1")?.query_row([id], |r| r.get(0))?)
+    Ok(conn
+        .prepare_cached("SELECT name FROM users WHERE id = ?1")?
+        .query_row([id], |r| r.get(0))?)
 }
 
 fn is_member(conn: &Connection, conv: ConvId, user: UserId) -> Result<bool, StoreError> {
@@ -443,14 +458,24 @@ fn require_member(conn: &Connection, conv: ConvId, user: UserId) -> Result<(), S
         .optional()?
         .is_some();
     Err(if exists {
-        StoreError::refused(ErrorCode::NotMember, format!("you are not a member of conversation {conv}"))
+        StoreError::refused(
+            ErrorCode::NotMember,
+            format!("you are not a member of conversation {conv}"),
+        )
     } else {
-        StoreError::refused(ErrorCode::NoSuchConv, format!("conversation {conv} does not exist"))
+        StoreError::refused(
+            ErrorCode::NoSuchConv,
+            format!("conversation {conv} does not exist"),
+        )
     })
 }
 
 fn parse_kind(s: &str) -> ConvKind {
-    if s == "direct" { ConvKind::Direct } else { ConvKind::Group }
+    if s == "direct" {
+        ConvKind::Direct
+    } else {
+        ConvKind::Group
+    }
 }
 
 fn kind_str(k: ConvKind) -> &'static str {
@@ -464,10 +489,16 @@ fn conv_info(conn: &Connection, conv: ConvId) -> Result<Option<ConvInfo>, StoreE
     let head = conn
         .prepare_cached("SELECT kind, name, last_seq FROM convs WHERE id = ?1")?
         .query_row([conv as i64], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })
         .optional()?;
-    let Some((kind, name, last_seq)) = head else { return Ok(None) };
+    let Some((kind, name, last_seq)) = head else {
+        return Ok(None);
+    };
     let mut stmt = conn.prepare_cached(
         "SELECT u.name FROM members m JOIN users u ON u.id = m.user_id
          WHERE m.conv_id = ?1 ORDER BY u.name",
@@ -475,17 +506,24 @@ fn conv_info(conn: &Connection, conv: ConvId) -> Result<Option<ConvInfo>, StoreE
     let members = stmt
         .query_map([conv as i64], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(ConvInfo { id: conv, kind: parse_kind(&kind), name, members, last_seq: last_seq as u64 }))
+    Ok(Some(ConvInfo {
+        id: conv,
+        kind: parse_kind(&kind),
+        name,
+        members,
+        last_seq: last_seq as u64,
+    }))
 }
 
 fn member_ids(conn: &Connection, conv: ConvId) -> Result<Vec<UserId>, StoreError> {
     let mut stmt = conn.prepare_cached("SELECT user_id FROM members WHERE conv_id = ?1")?;
-    let ids = stmt.query_map([conv as i64], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+    let ids = stmt
+        .query_map([conv as i64], |r| r.get(0))?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(ids)
 }
 
-const MESSAGE_COLUMNS: &str =
-    "m.id, m.conv_id, m.conv_seq, (SELECT name FROM users WHERE id = m.sender_id), m.cid, m.kind, m.body, m.ts";
+const MESSAGE_COLUMNS: &str = "m.id, m.conv_id, m.conv_seq, (SELECT name FROM users WHERE id = m.sender_id), m.cid, m.kind, m.body, m.ts";
 
 fn message_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Message> {
     Ok(Message {
@@ -567,15 +605,21 @@ fn plan_resume(
         Some(c) if c.epoch != epoch => {
             (ResumeStatus::Gap, fresh_from, Some(GapReason::Epoch), None)
         }
-        Some(c) if c.seq > head => {
-            (ResumeStatus::Gap, fresh_from, Some(GapReason::CursorAhead), None)
-        }
+        Some(c) if c.seq > head => (
+            ResumeStatus::Gap,
+            fresh_from,
+            Some(GapReason::CursorAhead),
+            None,
+        ),
         Some(c) if c.seq + 1 >= floor => (ResumeStatus::Complete, c.seq + 1, None, None),
         Some(c) => (
             ResumeStatus::Gap,
             floor,
             Some(GapReason::Retention),
-            Some(SeqRange { first: c.seq + 1, last: floor - 1 }),
+            Some(SeqRange {
+                first: c.seq + 1,
+                last: floor - 1,
+            }),
         ),
     };
     let fetch = if status == ResumeStatus::Complete {
@@ -604,14 +648,26 @@ fn plan_resume(
             .into_iter()
             .map(|(conv, last)| {
                 let before = first_replayed.get(&conv).copied().unwrap_or(last + 1);
-                FetchHint { conv: conv as u64, before: before as u64 }
+                FetchHint {
+                    conv: conv as u64,
+                    before: before as u64,
+                }
             })
             .filter(|h| h.before > 1)
             .take(MAX_FETCH_HINTS)
             .collect()
     };
     tx.commit()?;
-    Ok(ResumePlan { head, resume: Resume { status, from, reason, missed, fetch } })
+    Ok(ResumePlan {
+        head,
+        resume: Resume {
+            status,
+            from,
+            reason,
+            missed,
+            fetch,
+        },
+    })
 }
 
 fn read_inbox(
@@ -634,7 +690,9 @@ fn read_inbox(
             match serde_json::from_str::<MemberEvent>(&ev) {
                 Ok(e) => EntryItem::Member(e),
                 Err(e) => {
-                    return Err(StoreError::Commit(format!("corrupt inbox event {user}/{seq}: {e}")));
+                    return Err(StoreError::Commit(format!(
+                        "corrupt inbox event {user}/{seq}: {e}"
+                    )));
                 }
             }
         } else if r.get::<_, Option<i64>>(2)?.is_some() {
@@ -642,7 +700,9 @@ fn read_inbox(
         } else {
             // Retention removes an entry and its message together; a dangling
             // entry means the store was damaged. Stop rather than skip silently.
-            return Err(StoreError::Commit(format!("inbox entry {user}/{seq} lost its message")));
+            return Err(StoreError::Commit(format!(
+                "inbox entry {user}/{seq} lost its message"
+            )));
         };
         out.push(InboxEntry { seq, item });
     }
@@ -652,7 +712,10 @@ fn read_inbox(
 fn new_token() -> String {
     let mut b = [0u8; 32];
     rand::rng().fill_bytes(&mut b);
-    format!("kw_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+    format!(
+        "kw_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    )
 }
 
 #[async_trait::async_trait]
@@ -696,9 +759,12 @@ impl Store for SqliteStore {
             Some((_, _, _, exp, None)) if exp <= now_ms() => {
                 Err(StoreError::Auth(AuthFailure::Expired))
             }
-            Some((token_id, id, name, exp, None)) => {
-                Ok(AuthedUser { id, name, token_id, expires_at_ms: exp })
-            }
+            Some((token_id, id, name, exp, None)) => Ok(AuthedUser {
+                id,
+                name,
+                token_id,
+                expires_at_ms: exp,
+            }),
         }
     }
 
@@ -724,7 +790,8 @@ impl Store for SqliteStore {
     ) -> Result<ResumePlan, StoreError> {
         let epoch = self.epoch.clone();
         let cursor = cursor.cloned();
-        self.read(move |c| plan_resume(c, &epoch, user, cursor.as_ref(), new_window)).await
+        self.read(move |c| plan_resume(c, &epoch, user, cursor.as_ref(), new_window))
+            .await
     }
 
     async fn read_inbox(
@@ -775,13 +842,23 @@ impl Store for SqliteStore {
             require_member(c, send.conv, user)?;
             let ts = now_ms();
             let conv_seq: i64 = c
-                .prepare_cached("UPDATE convs SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq")?
+                .prepare_cached(
+                    "UPDATE convs SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
+                )?
                 .query_row([send.conv as i64], |r| r.get(0))?;
             c.prepare_cached(
                 "INSERT INTO messages (conv_id, conv_seq, sender_id, cid, kind, body, ts)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
-            .execute(params![send.conv as i64, conv_seq, user, send.cid, send.kind, send.body, ts])?;
+            .execute(params![
+                send.conv as i64,
+                conv_seq,
+                user,
+                send.cid,
+                send.kind,
+                send.body,
+                ts
+            ])?;
             let id = c.last_insert_rowid();
             for member in member_ids(c, send.conv)? {
                 append_inbox(c, member, Some(id), None, ts, max_entries, heads)?;
@@ -839,7 +916,12 @@ impl Store for SqliteStore {
             let more = messages.len() > limit as usize;
             messages.truncate(limit as usize);
             messages.reverse();
-            Ok(HistoryPage { rid: String::new(), conv, messages, more })
+            Ok(HistoryPage {
+                rid: String::new(),
+                conv,
+                messages,
+                more,
+            })
         })
         .await
     }
@@ -873,7 +955,9 @@ impl Store for SqliteStore {
                         .optional()?
                 }
                 ConvKind::Group => c
-                    .prepare_cached("SELECT id FROM convs WHERE created_by = ?1 AND create_key = ?2")?
+                    .prepare_cached(
+                        "SELECT id FROM convs WHERE created_by = ?1 AND create_key = ?2",
+                    )?
                     .query_row(params![user, req.key], |r| r.get(0))
                     .optional()?,
             };
@@ -895,13 +979,23 @@ impl Store for SqliteStore {
                 "INSERT INTO convs (kind, name, created_by, create_key, direct_key, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![kind_str(req.kind), req.name, user, req.key, direct_key, now])?;
+            .execute(params![
+                kind_str(req.kind),
+                req.name,
+                user,
+                req.key,
+                direct_key,
+                now
+            ])?;
             let conv = c.last_insert_rowid() as u64;
             for &id in &ids {
-                c.prepare_cached("INSERT INTO members (conv_id, user_id, joined_at) VALUES (?1, ?2, ?3)")?
-                    .execute(params![conv as i64, id, now])?;
+                c.prepare_cached(
+                    "INSERT INTO members (conv_id, user_id, joined_at) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![conv as i64, id, now])?;
             }
-            let info = conv_info(c, conv)?.ok_or_else(|| StoreError::Commit("conversation vanished".into()))?;
+            let info = conv_info(c, conv)?
+                .ok_or_else(|| StoreError::Commit("conversation vanished".into()))?;
             let by = user_name(c, user)?;
             // Each member learns of the conversation through its own inbox.
             for &id in &ids {
@@ -932,7 +1026,10 @@ impl Store for SqliteStore {
         self.write(move |c, heads| {
             require_member(c, conv, user)?;
             let info = conv_info(c, conv)?.ok_or_else(|| {
-                StoreError::refused(ErrorCode::NoSuchConv, format!("conversation {conv} does not exist"))
+                StoreError::refused(
+                    ErrorCode::NoSuchConv,
+                    format!("conversation {conv} does not exist"),
+                )
             })?;
             if info.kind == ConvKind::Direct {
                 return Err(StoreError::refused(
@@ -955,8 +1052,10 @@ impl Store for SqliteStore {
                         format!("a group has at most {max_group_size} members"),
                     ));
                 }
-                c.prepare_cached("INSERT INTO members (conv_id, user_id, joined_at) VALUES (?1, ?2, ?3)")?
-                    .execute(params![conv as i64, target_id, now])?;
+                c.prepare_cached(
+                    "INSERT INTO members (conv_id, user_id, joined_at) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![conv as i64, target_id, now])?;
                 member_ids(c, conv)?
             } else {
                 let creator: i64 = c
@@ -975,11 +1074,16 @@ impl Store for SqliteStore {
                 r.sort_unstable();
                 r
             };
-            let info = conv_info(c, conv)?.ok_or_else(|| StoreError::Commit("conversation vanished".into()))?;
+            let info = conv_info(c, conv)?
+                .ok_or_else(|| StoreError::Commit("conversation vanished".into()))?;
             let event = MemberEvent {
                 conv: info.clone(),
                 user: target.clone(),
-                change: if add { MemberChange::Added } else { MemberChange::Removed },
+                change: if add {
+                    MemberChange::Added
+                } else {
+                    MemberChange::Removed
+                },
                 by: user_name(c, user)?,
                 ts: now,
             };
@@ -1006,11 +1110,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn conv_member_ids(
-        &self,
-        user: UserId,
-        conv: ConvId,
-    ) -> Result<Vec<UserId>, StoreError> {
+    async fn conv_member_ids(&self, user: UserId, conv: ConvId) -> Result<Vec<UserId>, StoreError> {
         self.read(move |c| {
             require_member(c, conv, user)?;
             member_ids(c, conv)
@@ -1022,15 +1122,22 @@ impl Store for SqliteStore {
         if !is_valid_user_name(name) {
             return Err(StoreError::refused(
                 ErrorCode::Invalid,
-                format!("{name:?} is not a valid user name: use 1-64 characters of [A-Za-z0-9_.@-]"),
+                format!(
+                    "{name:?} is not a valid user name: use 1-64 characters of [A-Za-z0-9_.@-]"
+                ),
             ));
         }
         let name = name.to_owned();
         self.write(move |c, _| {
             if user_id_by_name(c, &name)?.is_some() {
-                return Err(StoreError::Conflict(format!("user {name:?} already exists")));
+                return Err(StoreError::Conflict(format!(
+                    "user {name:?} already exists"
+                )));
             }
-            c.execute("INSERT INTO users (name, created_at) VALUES (?1, ?2)", params![name, now_ms()])?;
+            c.execute(
+                "INSERT INTO users (name, created_at) VALUES (?1, ?2)",
+                params![name, now_ms()],
+            )?;
             Ok(c.last_insert_rowid())
         })
         .await
@@ -1180,7 +1287,11 @@ impl Store for SqliteStore {
         if self.writer.send(WriterMsg::Close(tx)).await.is_ok() {
             let _ = rx.await;
         }
-        let handle = self.writer_thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self
+            .writer_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
@@ -1238,7 +1349,9 @@ mod tests {
             .unwrap();
         assert_eq!(sync, 2, "synchronous must be FULL (2)");
         assert_eq!(mode, "wal");
-        let m: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+        let m: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
         assert_eq!(m, "wal", "WAL is persistent in the file");
         store.close().await;
     }
@@ -1259,7 +1372,10 @@ mod tests {
         assert_ne!(new, epoch);
         let store = SqliteStore::open(&p, SqliteOptions::default()).unwrap();
         assert_eq!(store.epoch(), new);
-        assert!(matches!(store.create_user("alice").await, Err(StoreError::Conflict(_))));
+        assert!(matches!(
+            store.create_user("alice").await,
+            Err(StoreError::Conflict(_))
+        ));
         store.close().await;
     }
 
@@ -1280,19 +1396,31 @@ mod tests {
         let (_d, p) = tmp_db();
         let store = SqliteStore::open(&p, SqliteOptions::default()).unwrap();
         store.create_user("alice").await.unwrap();
-        let t = store.issue_token("alice", Duration::from_secs(60)).await.unwrap();
+        let t = store
+            .issue_token("alice", Duration::from_secs(60))
+            .await
+            .unwrap();
         let u = store.authenticate(&t.token).await.unwrap();
         assert_eq!(u.name, "alice");
         assert!(matches!(
             store.authenticate("kw_forged").await,
             Err(StoreError::Auth(AuthFailure::Unknown))
         ));
-        let short = store.issue_token("alice", Duration::from_millis(0)).await.unwrap();
+        let short = store
+            .issue_token("alice", Duration::from_millis(0))
+            .await
+            .unwrap();
         assert!(matches!(
             store.authenticate(&short.token).await,
             Err(StoreError::Auth(AuthFailure::Expired))
         ));
-        assert_eq!(store.revoke(RevokeTarget::Token(t.token.clone())).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .revoke(RevokeTarget::Token(t.token.clone()))
+                .await
+                .unwrap(),
+            1
+        );
         assert!(matches!(
             store.authenticate(&t.token).await,
             Err(StoreError::Auth(AuthFailure::Revoked))
@@ -1330,8 +1458,14 @@ mod tests {
             kind: "text".into(),
             body: body.into(),
         };
-        let c1 = store.send(a, "d1", send("0000000000000001", "hi")).await.unwrap();
-        let again = store.send(a, "d1", send("0000000000000001", "hi")).await.unwrap();
+        let c1 = store
+            .send(a, "d1", send("0000000000000001", "hi"))
+            .await
+            .unwrap();
+        let again = store
+            .send(a, "d1", send("0000000000000001", "hi"))
+            .await
+            .unwrap();
         assert!(again.duplicate);
         assert_eq!((again.id, again.conv_seq), (c1.id, c1.conv_seq));
         assert!(matches!(
@@ -1339,7 +1473,10 @@ mod tests {
             Err(StoreError::Refused(ErrorCode::CidConflict, _))
         ));
         // Same cid from another device is a different send.
-        let c2 = store.send(a, "d2", send("0000000000000001", "hi")).await.unwrap();
+        let c2 = store
+            .send(a, "d2", send("0000000000000001", "hi"))
+            .await
+            .unwrap();
         assert_ne!(c2.id, c1.id);
         let entries = store.read_inbox(b, 1, 100).await.unwrap();
         let seqs: Vec<_> = entries.iter().map(|e| e.seq).collect();

@@ -1,0 +1,12 @@
+//! Integration tests of the relay over real sockets on 127.0.0.1 (one test
+//! binary, modules by topic).
+
+mod support;
+
+mod bad_input;
+mod conversations;
+mod dedupe;
+mod delivery;
+mod group_commit;
+mod lifecycle;
+mod resume;

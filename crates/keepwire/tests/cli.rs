@@ -1,0 +1,127 @@
+//! Command-line mistakes get one clear line, never a panic.
+
+use crate::{add_user, keepwire};
+use keepwire_testkit::TempDir;
+
+fn assert_human_error(out: &std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "should fail");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "no panic: {err}"
+    );
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+}
+
+#[test]
+fn admin_mistakes_are_explained() {
+    let dir = TempDir::new("cli");
+    let db = dir.join("relay.db");
+    let db = db.to_str().unwrap();
+    add_user(std::path::Path::new(db), "alice");
+    assert_human_error(
+        &keepwire(&["admin", "--db", db, "user", "add", "alice"]),
+        "error: user \"alice\" already exists",
+    );
+    assert_human_error(
+        &keepwire(&["admin", "--db", db, "user", "add", "bad name"]),
+        "not a valid user name",
+    );
+    assert_human_error(
+        &keepwire(&["admin", "--db", db, "token", "issue", "nobody"]),
+        "no user named \"nobody\"",
+    );
+    assert_human_error(
+        &keepwire(&["admin", "--db", db, "token", "revoke", "kw_nope"]),
+        "no such token",
+    );
+    assert_human_error(
+        &keepwire(&["admin", "--db", db, "token", "revoke"]),
+        "name what to revoke",
+    );
+    assert_human_error(
+        &keepwire(&["admin", "--db", db, "user", "add", "bob", "--ttl", "soon"]),
+        "invalid value 'soon'",
+    );
+    assert_human_error(
+        &keepwire(&["serve", "--listen", "nowhere"]),
+        "invalid value 'nowhere'",
+    );
+    assert_human_error(&keepwire(&["frobnicate"]), "unrecognized subcommand");
+    // A file that is not a keepwire database.
+    let junk = dir.join("junk.db");
+    std::fs::write(&junk, b"this is not sqlite").unwrap();
+    assert_human_error(
+        &keepwire(&[
+            "admin",
+            "--db",
+            junk.to_str().unwrap(),
+            "token",
+            "list",
+            "x",
+        ]),
+        "cannot open the database",
+    );
+    // Token listing never shows secrets.
+    let out = keepwire(&["admin", "--db", db, "token", "list", "alice"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("active") && !text.contains("kw_"));
+}
+
+#[test]
+fn serve_reports_a_busy_port() {
+    let dir = TempDir::new("busy");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let out = keepwire(&[
+        "serve",
+        "--listen",
+        &addr,
+        "--db",
+        dir.join("r.db").to_str().unwrap(),
+    ]);
+    assert_human_error(&out, "cannot listen on");
+}
+
+#[test]
+fn backup_and_restore_change_the_epoch() {
+    let dir = TempDir::new("backup");
+    let db = dir.join("relay.db");
+    add_user(&db, "alice");
+    let backup = dir.join("b.db");
+    let out = keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "backup",
+        backup.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "restore",
+        backup.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("new epoch"));
+    let out = keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "token",
+        "list",
+        "alice",
+    ]);
+    assert!(out.status.success());
+}

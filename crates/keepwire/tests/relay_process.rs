@@ -1,0 +1,178 @@
+//! The relay as a child process: durability across `kill -9`, graceful
+//! shutdown on SIGTERM, revocation from another process.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use keepwire_proto::{ClientFrame, CloseCode, ConvCreate, ConvKind, EntryItem, ServerFrame};
+use keepwire_testkit::{RelayProcess, TempDir, WsClient, http_get, new_cid};
+
+use crate::{add_user, bin, keepwire};
+
+/// Rate limits out of the way of tests that send in bulk.
+const FAST: &[&str] = &[
+    "--sends-per-sec",
+    "100000",
+    "--send-burst",
+    "100000",
+    "--user-sends-per-sec",
+    "100000",
+];
+
+async fn direct_conv(c: &mut WsClient, other: &str) -> u64 {
+    c.send(&ClientFrame::ConvCreate(ConvCreate {
+        rid: "c".into(),
+        key: "c".into(),
+        kind: ConvKind::Direct,
+        members: vec![other.into()],
+        name: None,
+    }))
+    .await;
+    c.recv_where(|f| match f {
+        ServerFrame::Conv { conv, .. } => Some(conv.id),
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_messages_survive_kill_9() {
+    let dir = TempDir::new("kill9");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let mut relay = RelayProcess::start(&bin(), &db, FAST);
+    let (status, body) = http_get(relay.host_port(), "/healthz").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+
+    let mut a = WsClient::connect(&relay.url, &ta, "a", None).await.unwrap();
+    let conv = direct_conv(&mut a, "bob").await;
+    // 300 confirmed sends, then 100 more in flight when the relay dies.
+    let mut confirmed = HashSet::new();
+    let mut cids = Vec::new();
+    for i in 0..300 {
+        cids.push(a.send_message(conv, &format!("c{i}")).await);
+    }
+    for cid in &cids {
+        a.confirm(cid).await;
+        confirmed.insert(cid.clone());
+    }
+    let mut in_flight = Vec::new();
+    for i in 0..100 {
+        in_flight.push((
+            a.send_message(conv, &format!("f{i}")).await,
+            format!("f{i}"),
+        ));
+    }
+    // Whatever was confirmed before the kill must survive it.
+    let mut confirmed_in_flight = HashSet::new();
+    while let Some(keepwire_testkit::Incoming::Frame(f)) =
+        a.recv_wire(Duration::from_millis(2)).await
+    {
+        if let ServerFrame::Confirm(c) = f {
+            confirmed_in_flight.insert(c.cid);
+        }
+    }
+    relay.kill9();
+    assert_eq!(
+        a.expect_close().await,
+        None,
+        "no close frame from a killed process"
+    );
+    confirmed.extend(confirmed_in_flight.iter().cloned());
+
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    // Alice's outbox retry after the crash: stored once whatever happened.
+    let mut a = WsClient::connect(&relay.url, &ta, "a", None).await.unwrap();
+    for (cid, body) in &in_flight {
+        a.send_with_cid(conv, body, cid).await;
+    }
+    for (cid, _) in &in_flight {
+        let c = a.confirm(cid).await;
+        if confirmed_in_flight.contains(cid) {
+            assert!(
+                c.duplicate,
+                "a confirmed send must be found again after the crash"
+            );
+        }
+    }
+    // Bob's new device gets everything: every message exactly once, in order.
+    let mut b = WsClient::connect(&relay.url, &tb, "b", None).await.unwrap();
+    let head = b.welcome().head;
+    assert_eq!(head, 401, "membership entry + 400 messages");
+    let entries = b.entries(head as usize, true).await;
+    let mut seen = HashSet::new();
+    for e in &entries {
+        if let EntryItem::Message(m) = &e.item {
+            assert!(seen.insert(m.cid.clone()), "duplicate {}", m.cid);
+        }
+    }
+    for cid in &confirmed {
+        assert!(seen.contains(cid), "confirmed message {cid} lost");
+    }
+    assert_eq!(seen.len(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_connections_with_going_away_and_exits_zero() {
+    let dir = TempDir::new("sigterm");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let mut relay = RelayProcess::start(&bin(), &db, &[]);
+    let mut a = WsClient::connect(&relay.url, &ta, "a", None).await.unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(relay.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(a.expect_close().await, Some(CloseCode::GoingAway.code()));
+    let exit = tokio::task::spawn_blocking(move || relay.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+    // The database is intact and usable.
+    let out = keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "token",
+        "list",
+        "alice",
+    ]);
+    assert!(out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_from_the_cli_closes_live_connections() {
+    let dir = TempDir::new("revoke");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let relay = RelayProcess::start(&bin(), &db, &[]);
+    let mut a = WsClient::connect(&relay.url, &ta, "a", None).await.unwrap();
+    let started = std::time::Instant::now();
+    let out = keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "token",
+        "revoke",
+        &ta,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "revoked 1 token"
+    );
+    assert_eq!(a.expect_close().await, Some(CloseCode::TokenRevoked.code()));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let r = WsClient::connect(&relay.url, &ta, "a", None).await;
+    assert_eq!(r.err(), Some(Some(CloseCode::TokenRevoked.code())));
+    let _ = new_cid();
+}

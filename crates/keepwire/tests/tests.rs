@@ -1,0 +1,38 @@
+//! End-to-end tests of the `keepwire` binary: real processes, `kill -9`,
+//! signals, and the command line's error messages.
+
+mod cli;
+mod relay_process;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keepwire"))
+}
+
+/// Runs `keepwire ARGS...` to completion.
+pub fn keepwire(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("KEEPWIRE_LOG", "warn")
+        .output()
+        .expect("run keepwire")
+}
+
+/// `keepwire admin --db DB user add NAME`: the token it prints.
+pub fn add_user(db: &std::path::Path, name: &str) -> String {
+    let out = keepwire(&["admin", "--db", db.to_str().unwrap(), "user", "add", name]);
+    assert!(
+        out.status.success(),
+        "user add failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(
+        token.starts_with("kw_") && !token.contains('\n'),
+        "one line with the token: {token:?}"
+    );
+    token
+}
