@@ -31,7 +31,10 @@ pub const RECV_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What the client saw next.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant, reason = "test support; frames are moved, not stored in bulk")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "test support; frames are moved, not stored in bulk"
+)]
 pub enum Incoming {
     Frame(ServerFrame),
     /// The server closed the connection with this code (`None`: no close frame).
