@@ -287,6 +287,7 @@ async fn session(
         crate::ratelimit::TokenBucket::new(limits.sends_per_sec, config.send_burst, Instant::now());
     let mut penalty_until: Option<Instant> = None;
     let mut penalty_sends: usize = 0;
+    let mut paused_on: Option<String> = None;
     let mut protocol_errors: u32 = 0;
     let mut idle_deadline = Instant::now() + idle_timeout;
     let token_deadline = deadline_from_unix_ms(user.expires_at_ms);
@@ -408,9 +409,19 @@ async fn session(
                     }
                     ClientFrame::Send(s) => {
                         let now = Instant::now();
-                        let limited = bucket.take(now).and_then(|()| shared.hub.take_user_send(user.id));
+                        // After a rate-limited send, nothing behind it is accepted until
+                        // the client resends that one: a client's sends are stored in
+                        // the order it sent them, whatever the pipelining.
+                        let sticky = paused_on.as_ref().is_some_and(|first| *first != s.cid);
+                        let limited = if sticky {
+                            Err(Duration::ZERO)
+                        } else {
+                            bucket.take(now).and_then(|()| shared.hub.take_user_send(user.id))
+                        };
                         match limited {
                             Ok(()) => {
+                                paused_on = None;
+                                penalty_sends = 0;
                                 let store = store.clone();
                                 let device = hello.device.clone();
                                 let uid = user.id;
@@ -421,21 +432,26 @@ async fn session(
                                 None
                             }
                             Err(wait) => {
-                                if penalty_until.is_some_and(|t| now < t) {
+                                // Sends that arrive while the client should be
+                                // waiting are tolerated up to the unconfirmed
+                                // window (they were already in flight); more is abuse.
+                                if sticky || penalty_until.is_some_and(|t| now < t) {
                                     penalty_sends += 1;
                                     if penalty_sends > limits.max_unconfirmed {
                                         break End::Closed(CloseCode::RateLimited);
                                     }
-                                } else {
-                                    penalty_sends = 0;
                                 }
-                                penalty_until = Some(now + wait);
+                                if !sticky {
+                                    paused_on = Some(s.cid.clone());
+                                    penalty_until = Some(now + wait);
+                                }
+                                let retry = penalty_until.map(|t| t.saturating_duration_since(now)).unwrap_or_default();
                                 shared.metrics.send_result("rate_limited");
                                 Some(ServerFrame::Rejected(Rejected {
                                     cid: s.cid,
                                     code: ErrorCode::RateLimited,
-                                    message: "too many sends; wait retry_after_ms before sending again".into(),
-                                    retry_after_ms: Some((wait.as_millis() as u64).max(1)),
+                                    message: "too many sends; wait retry_after_ms, then resend from the first rejected send".into(),
+                                    retry_after_ms: Some((retry.as_millis() as u64).max(1)),
                                 }))
                             }
                         }

@@ -242,11 +242,17 @@ async fn floods_are_slowed_per_send_and_only_abuse_is_disconnected() {
     let mut polite = relay.connect(&ta, "polite").await;
     let mut confirmed = 0;
     let mut i = 0;
+    let mut attempts = 0;
     while confirmed < 30 {
-        let cid = polite.send_message(conv.id, &format!("p{i}")).await;
-        i += 1;
+        // Like an outbox: resend the same message (same cid) until confirmed.
+        let cid = format!("polite-{i:012}");
+        polite.send_with_cid(conv.id, &format!("p{i}"), &cid).await;
+        attempts += 1;
         match polite.answer(&cid).await {
-            Ok(_) => confirmed += 1,
+            Ok(_) => {
+                confirmed += 1;
+                i += 1;
+            }
             Err(r) => {
                 assert_eq!(r.code, ErrorCode::RateLimited);
                 let wait = r.retry_after_ms.expect("rate limits say when to retry");
@@ -255,7 +261,7 @@ async fn floods_are_slowed_per_send_and_only_abuse_is_disconnected() {
             }
         }
     }
-    assert!(i > 30, "the limit was hit at least once");
+    assert!(attempts > 30, "the limit was hit at least once");
 
     // A flooder that ignores retry_after is disconnected with 4008.
     let mut flood = relay.connect(&ta, "flood").await;
@@ -275,6 +281,52 @@ async fn floods_are_slowed_per_send_and_only_abuse_is_disconnected() {
     };
     assert_eq!(closed, code(CloseCode::RateLimited));
     still_serving(&relay, &ta, conv.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_keep_their_order_through_rate_limits() {
+    let mut config = test_config();
+    config.limits.sends_per_sec = 50;
+    config.send_burst = 3;
+    let relay = TestRelay::start_with(config, Default::default()).await;
+    let ta = relay.user("alice").await;
+    let _tb = relay.user("bob").await;
+    let mut a = relay.connect(&ta, "a").await;
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await;
+    // An outbox of 40 pipelined sends (within the unconfirmed window), resent
+    // from the first rejected one after each retry_after.
+    let outbox: Vec<(String, String)> = (0..40)
+        .map(|i| (format!("order-{i:012}"), format!("{i}")))
+        .collect();
+    let mut next = 0;
+    let mut stored: Vec<u64> = Vec::new();
+    while next < outbox.len() {
+        for (cid, body) in &outbox[next..] {
+            a.send_with_cid(conv.id, body, cid).await;
+        }
+        let mut wait = None;
+        for (cid, _) in &outbox[next..] {
+            match a.answer(cid).await {
+                Ok(c) if wait.is_none() => {
+                    stored.push(c.conv_seq);
+                    next += 1;
+                }
+                Ok(c) => panic!("send {} accepted after an earlier one was rejected", c.cid),
+                Err(r) => {
+                    assert_eq!(r.code, ErrorCode::RateLimited);
+                    wait.get_or_insert(r.retry_after_ms.unwrap());
+                }
+            }
+        }
+        if let Some(ms) = wait {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+    assert_eq!(
+        stored,
+        (1..=40).collect::<Vec<u64>>(),
+        "stored in send order, none twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
