@@ -21,6 +21,31 @@ const CLIENT_TYPES: &[&str] = &[
     "signal",
 ];
 
+/// Frame types a v1 relay sends.
+const SERVER_TYPES: &[&str] = &[
+    "welcome",
+    "entry",
+    "confirm",
+    "rejected",
+    "pong",
+    "heartbeat_set",
+    "history",
+    "conv",
+    "convs",
+    "signal",
+    "error",
+];
+
+/// True if `text` is a JSON object whose `type` is not a v1 server frame
+/// type: a client skips such frames (sent by a newer relay) instead of
+/// treating them as a protocol violation.
+pub fn is_unknown_server_type(text: &str) -> bool {
+    serde_json::from_str::<Probe>(text)
+        .ok()
+        .and_then(|p| p.frame_type)
+        .is_some_and(|t| !SERVER_TYPES.contains(&t.as_str()))
+}
+
 /// Why a frame could not be decoded; maps to an `error` frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]

@@ -20,7 +20,7 @@ mod frames;
 mod limits;
 mod validate;
 
-pub use codec::{DecodeError, decode_client, decode_server, encode};
+pub use codec::{DecodeError, decode_client, decode_server, encode, is_unknown_server_type};
 pub use codes::{ClientAction, CloseCode, ErrorCode};
 pub use frames::*;
 pub use limits::Limits;

@@ -1,0 +1,1038 @@
+//! The client connection state machine.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use keepwire_proto::{
+    ClientAction, ClientFrame, CloseCode, Confirm, Cursor, ErrorCode, GapReason, Hello, InboxEntry,
+    Send, Seq, ServerFrame, Welcome, decode_server, encode,
+};
+
+use crate::backoff::Backoff;
+use crate::rng::SeededRng;
+use crate::time::Instant;
+
+/// Settings of a [`Connection`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Relay URLs (`ws://` or `wss://`). The client starts at a random one and
+    /// moves to the next after a failure; each keeps its own backoff.
+    pub urls: Vec<String>,
+    /// This device's stable id.
+    pub device: String,
+    /// Backoff while the app is in the foreground (default 0.5 s base, 30 s cap).
+    pub backoff_foreground: Backoff,
+    /// Backoff while in the background (default 0.5 s base, 5 min cap).
+    pub backoff_background: Backoff,
+    /// A connection up this long resets the backoff.
+    pub stable_after: Duration,
+    /// Opening plus handshake must finish within this.
+    pub connect_timeout: Duration,
+    /// Heartbeat asked for in the foreground.
+    pub heartbeat_foreground: Duration,
+    /// Heartbeat asked for in the background.
+    pub heartbeat_background: Duration,
+    /// A ping without a pong for this long means the connection is dead.
+    pub pong_timeout: Duration,
+    /// A send unconfirmed for this long triggers a ping probe.
+    pub send_probe_after: Duration,
+    /// After "going away" (1001), reconnect within a random delay up to this.
+    pub going_away_jitter: Duration,
+    /// Entries to replay for a device without a cursor.
+    pub history: u64,
+    /// Client name for the relay's logs.
+    pub agent: String,
+}
+
+impl Config {
+    /// Defaults for a device id and relay URLs.
+    pub fn new(device: impl Into<String>, urls: Vec<String>) -> Config {
+        Config {
+            urls,
+            device: device.into(),
+            backoff_foreground: Backoff {
+                base: Duration::from_millis(500),
+                cap: Duration::from_secs(30),
+            },
+            backoff_background: Backoff {
+                base: Duration::from_millis(500),
+                cap: Duration::from_secs(300),
+            },
+            stable_after: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(15),
+            heartbeat_foreground: Duration::from_secs(30),
+            heartbeat_background: Duration::from_secs(270),
+            pong_timeout: Duration::from_secs(10),
+            send_probe_after: Duration::from_secs(3),
+            going_away_jitter: Duration::from_secs(5),
+            history: 100,
+            agent: concat!("keepwire-core/", env!("CARGO_PKG_VERSION")).to_owned(),
+        }
+    }
+}
+
+/// What the app is doing, as the OS reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppState {
+    /// Visible to the user.
+    Foreground,
+    /// Not visible; the process may be suspended or killed at any time.
+    Background,
+}
+
+/// What the OS says about the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// A network is up; the string identifies it (e.g. `wifi:<ssid-hash>`, `cellular`).
+    Online(String),
+    /// No network. The core makes no connection attempt.
+    Offline,
+}
+
+/// How opening a transport failed, as classified by the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// Name resolution failed: almost always no usable network ("Failed host lookup").
+    Dns,
+    /// The relay refused the TCP connection.
+    Refused,
+    /// TLS handshake or certificate failure.
+    Tls,
+    /// The relay did not answer in time.
+    Timeout,
+    /// The HTTP upgrade got this status instead of 101.
+    HttpStatus(u16),
+    /// Any other I/O error.
+    Io,
+}
+
+/// Input from the driver about the transport it opened for [`Transmit::Open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransportEvent {
+    /// The WebSocket is open (upgrade done).
+    Opened,
+    /// A text frame arrived.
+    Frame(String),
+    /// The connection closed; the close code if a close frame arrived.
+    Closed(Option<u16>),
+    /// Opening failed.
+    Failed(FailureKind),
+}
+
+/// Output for the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// Open a WebSocket to `url` (subprotocol `keepwire.v1`); report its events with `id`.
+    Open {
+        /// Transport id: events about it must carry it.
+        id: u64,
+        /// Relay URL.
+        url: String,
+    },
+    /// Send a text frame on transport `id`.
+    Frame {
+        /// Transport id.
+        id: u64,
+        /// JSON text.
+        text: String,
+    },
+    /// Close transport `id` with `code` and forget it. The core ignores later
+    /// events about it.
+    Close {
+        /// Transport id.
+        id: u64,
+        /// WebSocket close code.
+        code: u16,
+    },
+}
+
+/// Why the connection stopped for good (until the app acts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// The app closed the client.
+    ClosedByApp,
+    /// The token was rejected, also after one refresh.
+    AuthRejected,
+    /// The token was revoked.
+    TokenRevoked,
+    /// The device was revoked.
+    DeviceRevoked,
+    /// A newer connection of this device took over; reconnecting would kick it off.
+    Replaced,
+}
+
+/// Connection states.
+///
+/// ```text
+///            start()                  no network
+///  Idle ─────────────► (decide) ───────────────────► WaitingForNetwork
+///                         │  ▲                             │ network up
+///                         │  └─────────────────────────────┘
+///                         ▼
+///                    Connecting ──Opened──► Handshaking ──welcome──► Connected
+///                         │                      │                      │
+///               failure / timeout         close / timeout      close / dead (no pong)
+///                         ▼                      ▼                      ▼
+///                    BackingOff ◄───────────────────────────────────────┘
+///                         │ retry time, network up, foreground: (decide)
+///  auth close ──► RefreshingToken ──new token──► (decide) ; no token / second failure ──► Stopped
+///  replaced / revoked / closed by app ──► Stopped
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// The app does not want a connection (not started).
+    Idle,
+    /// The OS reports no network: no attempts until it comes back.
+    WaitingForNetwork,
+    /// Transport opening (DNS, TCP, TLS, upgrade).
+    Connecting,
+    /// `hello` sent, waiting for `welcome`.
+    Handshaking,
+    /// Session open.
+    Connected,
+    /// Waiting before the next attempt.
+    BackingOff,
+    /// Waiting for the app's token provider.
+    RefreshingToken,
+    /// Stopped until the app acts.
+    Stopped(StopReason),
+}
+
+/// The last connection problem, classified for the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// Name resolution failed: reported as "no network", not as a relay fault.
+    NoNetwork,
+    /// Connection refused.
+    Refused,
+    /// TLS failure.
+    Tls,
+    /// Opening or the handshake timed out.
+    Timeout,
+    /// The upgrade got an HTTP status.
+    HttpStatus(u16),
+    /// Other I/O failure, or the connection dropped without a close frame.
+    Io,
+    /// The relay closed with this code.
+    Closed(u16),
+    /// No pong in time: the connection was dead.
+    HeartbeatTimeout,
+    /// The relay sent something this client cannot accept.
+    Protocol(String),
+}
+
+/// A send waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    /// Client id (128 random bits, hex), kept with the item across restarts.
+    pub cid: String,
+    /// Conversation.
+    pub conv: u64,
+    /// Message kind.
+    pub kind: String,
+    /// Body.
+    pub body: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendStatus {
+    NotSent,
+    InFlight(Instant),
+}
+
+#[derive(Debug)]
+struct Pending {
+    item: OutboxItem,
+    status: SendStatus,
+}
+
+/// Output events for the driver and the app.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The state changed.
+    StateChanged(State),
+    /// A session opened. On a gap the driver pages history per `resume.fetch`;
+    /// on `epoch`/`cursor_ahead` it first drops data of the old epoch.
+    Welcome(Box<Welcome>),
+    /// Inbox entries, contiguous and in order. Persist them (with the cursor,
+    /// in one transaction), then call [`Connection::handle_persisted`].
+    Entries(Vec<InboxEntry>),
+    /// A send was confirmed by the relay.
+    SendConfirmed(Confirm),
+    /// A send was refused for good; it left the outbox.
+    SendFailed {
+        /// Its client id.
+        cid: String,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// An answer to an app request (history, conversations), a signal, or an
+    /// error frame.
+    Reply(Box<ServerFrame>),
+    /// The token was rejected or expired: call [`Connection::handle_token`] with
+    /// a fresh one from the app (once), or `None`.
+    TokenNeeded,
+    /// A connection attempt or connection failed.
+    Error(ConnectionError),
+}
+
+/// The request could not be sent: not connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotConnected;
+
+#[derive(Debug)]
+struct Transport {
+    id: u64,
+    url_index: usize,
+    started: Instant,
+    session: Option<Session>,
+}
+
+#[derive(Debug)]
+struct Session {
+    epoch: String,
+    since: Instant,
+    heartbeat: Duration,
+    max_unconfirmed: usize,
+    /// Next inbox sequence expected.
+    expected: Seq,
+    /// Highest sequence acknowledged to the relay.
+    acked: Seq,
+    next_ping: Instant,
+    pong_deadline: Option<Instant>,
+    /// The heartbeat we asked for last (to renegotiate on app state changes).
+    requested_heartbeat: Duration,
+}
+
+/// The sans-IO client connection (quinn-proto style).
+///
+/// Inputs are `handle_*` methods and [`Connection::queue_send`]; outputs are
+/// drained with [`poll_transmit`](Connection::poll_transmit),
+/// [`poll_event`](Connection::poll_event), and the driver re-arms one timer
+/// from [`poll_timeout`](Connection::poll_timeout), calling
+/// [`handle_timeout`](Connection::handle_timeout) when it fires (spurious
+/// calls are harmless). After every input, drain transmits and events.
+///
+/// Invariants: at most one transport is open; no attempt while the OS reports
+/// no network; the delay between attempts never exceeds the backoff cap; the
+/// cursor only moves over entries the driver reported persisted.
+#[derive(Debug)]
+pub struct Connection {
+    cfg: Config,
+    rng: SeededRng,
+    state: State,
+    token: String,
+    /// A token refresh was used since the last successful welcome.
+    refreshed: bool,
+    wanted: bool,
+    app: AppState,
+    network: Network,
+    cursor: Option<Cursor>,
+    transport: Option<Transport>,
+    next_transport_id: u64,
+    url_index: usize,
+    attempts: Vec<u32>,
+    retry_at: Option<Instant>,
+    send_pause_until: Option<Instant>,
+    outbox: VecDeque<Pending>,
+    entries: Vec<InboxEntry>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    last_error: Option<ConnectionError>,
+}
+
+impl Connection {
+    /// A new, idle connection. `cursor` is the stored resume position (if any),
+    /// `seed` feeds the jitter.
+    pub fn new(
+        cfg: Config,
+        token: String,
+        cursor: Option<Cursor>,
+        seed: u64,
+        _now: Instant,
+    ) -> Self {
+        let mut rng = SeededRng::new(seed);
+        let n = cfg.urls.len().max(1);
+        let url_index = rng.below(n as u64) as usize;
+        Connection {
+            attempts: vec![0; n],
+            cfg,
+            rng,
+            state: State::Idle,
+            token,
+            refreshed: false,
+            wanted: false,
+            app: AppState::Foreground,
+            network: Network::Online("unknown".into()),
+            cursor,
+            transport: None,
+            next_transport_id: 1,
+            url_index,
+            retry_at: None,
+            send_pause_until: None,
+            outbox: VecDeque::new(),
+            entries: Vec::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            last_error: None,
+        }
+    }
+
+    // ----- accessors -------------------------------------------------------
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The last connection problem, if any since the last session opened.
+    pub fn last_error(&self) -> Option<&ConnectionError> {
+        self.last_error.as_ref()
+    }
+
+    /// The resume cursor (moves when the driver reports entries persisted).
+    pub fn cursor(&self) -> Option<&Cursor> {
+        self.cursor.as_ref()
+    }
+
+    /// Sends not yet confirmed.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Whether `cid` is in the outbox.
+    pub fn has_pending(&self, cid: &str) -> bool {
+        self.outbox.iter().any(|p| p.item.cid == cid)
+    }
+
+    /// The current app state.
+    pub fn app_state(&self) -> AppState {
+        self.app
+    }
+
+    /// The current network.
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// Whether a transport is open or opening (for invariant checks).
+    pub fn transport_open(&self) -> bool {
+        self.transport.is_some()
+    }
+
+    /// The scheduled retry time while backing off.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// The backoff in force for the current app state.
+    pub fn backoff(&self) -> Backoff {
+        match self.app {
+            AppState::Foreground => self.cfg.backoff_foreground,
+            AppState::Background => self.cfg.backoff_background,
+        }
+    }
+
+    // ----- inputs ----------------------------------------------------------
+
+    /// The app wants to be connected.
+    pub fn start(&mut self, now: Instant) {
+        if matches!(self.state, State::Stopped(_)) {
+            self.refreshed = false;
+        }
+        self.wanted = true;
+        self.retry_at = None;
+        self.set_state(State::Idle);
+        self.drive(now);
+    }
+
+    /// The app closes the client: close the transport, stop.
+    pub fn close(&mut self, now: Instant) {
+        self.wanted = false;
+        self.drop_transport(CloseCode::Normal.code());
+        self.set_state(State::Stopped(StopReason::ClosedByApp));
+        self.drive(now);
+    }
+
+    /// The app moved to the foreground or background.
+    pub fn handle_app_state(&mut self, app: AppState, now: Instant) {
+        if app == self.app {
+            return;
+        }
+        self.app = app;
+        if app == AppState::Foreground {
+            // The user is looking: skip any backoff wait and probe the socket.
+            self.retry_at = None;
+            self.probe(now);
+        }
+        self.renegotiate_heartbeat(now);
+        self.drive(now);
+    }
+
+    /// The OS reported a network change.
+    pub fn handle_network(&mut self, network: Network, now: Instant) {
+        if network == self.network {
+            return;
+        }
+        let was_online = self.network != Network::Offline;
+        self.network = network;
+        match &self.network {
+            Network::Offline => {
+                // The OS is authoritative about "no network": drop the socket
+                // rather than wait for heartbeats to find it dead.
+                self.drop_transport(CloseCode::GoingAway.code());
+                self.retry_at = None;
+            }
+            Network::Online(_) => {
+                // Back, or a different network: try at once. An open socket
+                // may be on the old interface: probe it.
+                self.retry_at = None;
+                if was_online {
+                    self.probe(now);
+                }
+            }
+        }
+        self.drive(now);
+    }
+
+    /// The app's token provider answered a [`Event::TokenNeeded`].
+    pub fn handle_token(&mut self, token: Option<String>, now: Instant) {
+        match token {
+            Some(t) if self.state == State::RefreshingToken => {
+                self.token = t;
+                self.refreshed = true;
+                self.retry_at = None;
+                self.set_state(State::Idle);
+                self.drive(now);
+            }
+            Some(t) => self.token = t,
+            None if self.state == State::RefreshingToken => {
+                self.set_state(State::Stopped(StopReason::AuthRejected));
+            }
+            None => {}
+        }
+    }
+
+    /// The driver persisted every entry up to `seq` (and the cursor with them).
+    pub fn handle_persisted(&mut self, seq: Seq, _now: Instant) {
+        let Some(t) = &mut self.transport else { return };
+        let id = t.id;
+        let Some(s) = &mut t.session else { return };
+        if seq <= s.acked || seq >= s.expected {
+            return;
+        }
+        s.acked = seq;
+        self.cursor = Some(Cursor {
+            epoch: s.epoch.clone(),
+            seq,
+        });
+        self.transmits.push_back(Transmit::Frame {
+            id,
+            text: encode(&ClientFrame::Ack { seq }),
+        });
+    }
+
+    /// Adds a send (already durable in the driver's outbox) to the queue.
+    pub fn queue_send(&mut self, item: OutboxItem, now: Instant) {
+        if self.has_pending(&item.cid) {
+            return;
+        }
+        self.outbox.push_back(Pending {
+            item,
+            status: SendStatus::NotSent,
+        });
+        self.pump_outbox(now);
+    }
+
+    /// Sends an app request (history, conversation operations, signals).
+    pub fn send_request(&mut self, frame: &ClientFrame, _now: Instant) -> Result<(), NotConnected> {
+        match &self.transport {
+            Some(Transport {
+                id,
+                session: Some(_),
+                ..
+            }) => {
+                self.transmits.push_back(Transmit::Frame {
+                    id: *id,
+                    text: encode(frame),
+                });
+                Ok(())
+            }
+            _ => Err(NotConnected),
+        }
+    }
+
+    /// An event about transport `id`. Events about older transports are ignored.
+    pub fn handle_transport(&mut self, id: u64, event: TransportEvent, now: Instant) {
+        if self.transport.as_ref().map(|t| t.id) != Some(id) {
+            return;
+        }
+        match event {
+            TransportEvent::Opened => {
+                if self.state == State::Connecting {
+                    let hello = ClientFrame::Hello(Hello {
+                        token: self.token.clone(),
+                        device: self.cfg.device.clone(),
+                        cursor: self.cursor.clone(),
+                        heartbeat_ms: Some(self.wanted_heartbeat().as_millis() as u64),
+                        history: Some(self.cfg.history),
+                        agent: Some(self.cfg.agent.clone()),
+                    });
+                    self.transmits.push_back(Transmit::Frame {
+                        id,
+                        text: encode(&hello),
+                    });
+                    self.set_state(State::Handshaking);
+                }
+            }
+            TransportEvent::Frame(text) => self.handle_frame(&text, now),
+            TransportEvent::Closed(code) => {
+                let error = match code {
+                    Some(c) => ConnectionError::Closed(c),
+                    None => ConnectionError::Io,
+                };
+                self.transport_lost(code, error, now);
+            }
+            TransportEvent::Failed(kind) => {
+                let error = match kind {
+                    FailureKind::Dns => ConnectionError::NoNetwork,
+                    FailureKind::Refused => ConnectionError::Refused,
+                    FailureKind::Tls => ConnectionError::Tls,
+                    FailureKind::Timeout => ConnectionError::Timeout,
+                    FailureKind::HttpStatus(s) => ConnectionError::HttpStatus(s),
+                    FailureKind::Io => ConnectionError::Io,
+                };
+                self.transport_lost(None, error, now);
+            }
+        }
+    }
+
+    /// A timer fired. Spurious calls are no-ops.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(t) = &self.transport {
+            match &t.session {
+                None if now >= t.started + self.cfg.connect_timeout => {
+                    let id = t.id;
+                    self.transmits.push_back(Transmit::Close {
+                        id,
+                        code: CloseCode::Normal.code(),
+                    });
+                    self.transport_lost(None, ConnectionError::Timeout, now);
+                }
+                None => {}
+                Some(s) => {
+                    if s.pong_deadline.is_some_and(|d| now >= d) {
+                        let id = t.id;
+                        self.transmits.push_back(Transmit::Close {
+                            id,
+                            code: CloseCode::Normal.code(),
+                        });
+                        self.transport_lost(None, ConnectionError::HeartbeatTimeout, now);
+                    } else if now >= s.next_ping || self.send_probe_due(now) {
+                        self.ping(now);
+                    }
+                }
+            }
+        }
+        if self.send_pause_until.is_some_and(|t| now >= t) {
+            self.send_pause_until = None;
+            self.pump_outbox(now);
+        }
+        self.drive(now);
+    }
+
+    // ----- outputs ---------------------------------------------------------
+
+    /// The next thing to send or do on the network.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event. Entries received since the last call come as one batch.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        if let Some(e) = self.events.pop_front() {
+            return Some(e);
+        }
+        if !self.entries.is_empty() {
+            return Some(Event::Entries(std::mem::take(&mut self.entries)));
+        }
+        None
+    }
+
+    /// When [`Connection::handle_timeout`] should next be called.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut consider = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        if self.transport.is_none() {
+            consider(self.retry_at);
+        }
+        if let Some(tr) = &self.transport {
+            match &tr.session {
+                None => consider(Some(tr.started + self.cfg.connect_timeout)),
+                Some(s) => {
+                    consider(Some(s.next_ping));
+                    consider(s.pong_deadline);
+                    if s.pong_deadline.is_none() {
+                        consider(
+                            self.oldest_in_flight()
+                                .map(|t| t + self.cfg.send_probe_after),
+                        );
+                    }
+                }
+            }
+        }
+        consider(self.send_pause_until);
+        t
+    }
+
+    // ----- internals -------------------------------------------------------
+
+    fn set_state(&mut self, s: State) {
+        if self.state != s {
+            self.state = s;
+            self.events.push_back(Event::StateChanged(s));
+        }
+    }
+
+    fn wanted_heartbeat(&self) -> Duration {
+        match self.app {
+            AppState::Foreground => self.cfg.heartbeat_foreground,
+            AppState::Background => self.cfg.heartbeat_background,
+        }
+    }
+
+    /// Opens a transport if the app wants one, the network allows it and no
+    /// backoff is pending; otherwise settles the state.
+    fn drive(&mut self, now: Instant) {
+        if matches!(self.state, State::Stopped(_) | State::RefreshingToken) {
+            return;
+        }
+        if !self.wanted {
+            self.drop_transport(CloseCode::Normal.code());
+            self.set_state(State::Idle);
+            return;
+        }
+        if self.network == Network::Offline {
+            self.set_state(State::WaitingForNetwork);
+            return;
+        }
+        if self.transport.is_some() {
+            return;
+        }
+        if let Some(at) = self.retry_at {
+            if now < at {
+                self.set_state(State::BackingOff);
+                return;
+            }
+            self.retry_at = None;
+        }
+        let id = self.next_transport_id;
+        self.next_transport_id += 1;
+        let url = self
+            .cfg
+            .urls
+            .get(self.url_index)
+            .cloned()
+            .unwrap_or_default();
+        self.transport = Some(Transport {
+            id,
+            url_index: self.url_index,
+            started: now,
+            session: None,
+        });
+        self.transmits.push_back(Transmit::Open { id, url });
+        self.set_state(State::Connecting);
+    }
+
+    fn drop_transport(&mut self, code: u16) {
+        if let Some(t) = self.transport.take() {
+            self.transmits.push_back(Transmit::Close { id: t.id, code });
+            self.requeue_in_flight();
+        }
+    }
+
+    fn requeue_in_flight(&mut self) {
+        for p in &mut self.outbox {
+            p.status = SendStatus::NotSent;
+        }
+        // Entries received but not yet handed out are still valid data; keep them.
+    }
+
+    /// The transport is gone: decide what next from the close code.
+    fn transport_lost(&mut self, code: Option<u16>, error: ConnectionError, now: Instant) {
+        let Some(t) = self.transport.take() else {
+            return;
+        };
+        self.requeue_in_flight();
+        self.last_error = Some(error.clone());
+        self.events.push_back(Event::Error(error));
+        let n = self.cfg.urls.len().max(1);
+        let idx = t.url_index;
+        if let Some(s) = &t.session
+            && now.saturating_duration_since(s.since) >= self.cfg.stable_after
+        {
+            self.attempts[idx] = 0;
+        }
+        let action = code.and_then(CloseCode::from_code);
+        let auth_close = matches!(
+            action,
+            Some(CloseCode::AuthFailed | CloseCode::TokenExpired | CloseCode::TokenRevoked)
+        );
+        if auth_close {
+            if self.refreshed {
+                let reason = if action == Some(CloseCode::TokenRevoked) {
+                    StopReason::TokenRevoked
+                } else {
+                    StopReason::AuthRejected
+                };
+                self.set_state(State::Stopped(reason));
+            } else {
+                self.set_state(State::RefreshingToken);
+                self.events.push_back(Event::TokenNeeded);
+            }
+            return;
+        }
+        match action.map(CloseCode::client_action) {
+            Some(ClientAction::Stop) => {
+                let reason = match action {
+                    Some(CloseCode::Replaced) => StopReason::Replaced,
+                    Some(CloseCode::DeviceRevoked) => StopReason::DeviceRevoked,
+                    _ => StopReason::AuthRejected,
+                };
+                self.set_state(State::Stopped(reason));
+                return;
+            }
+            Some(ClientAction::ReconnectNow) => self.retry_at = None,
+            Some(ClientAction::ReconnectSoon) => {
+                let d = self.rng.duration_up_to(self.cfg.going_away_jitter);
+                self.retry_at = Some(now + d);
+            }
+            _ => {
+                let mut backoff = self.backoff();
+                if action == Some(CloseCode::TooManyConnections) {
+                    backoff = self.cfg.backoff_background;
+                }
+                self.attempts[idx] = self.attempts[idx].saturating_add(1);
+                // Move to the next relay; wait according to its own failures.
+                self.url_index = (idx + 1) % n;
+                let attempt = self.attempts[self.url_index].saturating_sub(1);
+                let d = backoff.delay(attempt, &mut self.rng);
+                self.retry_at = Some(now + d);
+            }
+        }
+        self.set_state(State::BackingOff);
+        self.drive(now);
+    }
+
+    fn handle_frame(&mut self, text: &str, now: Instant) {
+        let frame = match decode_server(text) {
+            Ok(f) => f,
+            Err(e) => {
+                // Frame types from a newer relay are skipped.
+                if keepwire_proto::is_unknown_server_type(text) {
+                    return;
+                }
+                self.protocol_error(format!("undecodable frame: {e}"), now);
+                return;
+            }
+        };
+        let wanted_heartbeat = self.wanted_heartbeat();
+        let Some(t) = &mut self.transport else { return };
+        match frame {
+            ServerFrame::Welcome(w) => {
+                if t.session.is_some() {
+                    self.protocol_error("second welcome".into(), now);
+                    return;
+                }
+                let from = w.resume.from;
+                let heartbeat = Duration::from_millis(w.heartbeat_ms.max(1));
+                t.session = Some(Session {
+                    epoch: w.epoch.clone(),
+                    since: now,
+                    heartbeat,
+                    max_unconfirmed: usize::try_from(w.limits.max_unconfirmed)
+                        .unwrap_or(64)
+                        .max(1),
+                    expected: from,
+                    acked: from.saturating_sub(1),
+                    next_ping: now + heartbeat,
+                    pong_deadline: None,
+                    requested_heartbeat: wanted_heartbeat,
+                });
+                if matches!(
+                    w.resume.reason,
+                    Some(GapReason::Epoch | GapReason::CursorAhead)
+                ) {
+                    self.cursor = None;
+                }
+                self.refreshed = false;
+                self.last_error = None;
+                self.set_state(State::Connected);
+                self.events.push_back(Event::Welcome(Box::new(w)));
+                self.pump_outbox(now);
+            }
+            ServerFrame::Entry(e) => {
+                let Some(s) = &mut t.session else {
+                    self.protocol_error("entry before welcome".into(), now);
+                    return;
+                };
+                if e.seq != s.expected {
+                    let msg = format!("entry {} out of sequence (expected {})", e.seq, s.expected);
+                    self.protocol_error(msg, now);
+                    return;
+                }
+                s.expected += 1;
+                self.entries.push(e);
+            }
+            ServerFrame::Confirm(c) => {
+                if let Some(i) = self.outbox.iter().position(|p| p.item.cid == c.cid) {
+                    self.outbox.remove(i);
+                }
+                self.events.push_back(Event::SendConfirmed(c));
+                self.pump_outbox(now);
+            }
+            ServerFrame::Rejected(r) => {
+                let Some(i) = self.outbox.iter().position(|p| p.item.cid == r.cid) else {
+                    return;
+                };
+                if r.code.is_temporary() {
+                    // Resend from this one, in order, after the wait (the relay
+                    // holds back everything behind it until then).
+                    let wait = Duration::from_millis(r.retry_after_ms.unwrap_or(1000));
+                    for p in self.outbox.iter_mut().skip(i) {
+                        p.status = SendStatus::NotSent;
+                    }
+                    let until = now + wait;
+                    self.send_pause_until =
+                        Some(self.send_pause_until.map_or(until, |u| u.max(until)));
+                } else {
+                    self.outbox.remove(i);
+                    self.events.push_back(Event::SendFailed {
+                        cid: r.cid,
+                        code: r.code,
+                        message: r.message,
+                    });
+                    self.pump_outbox(now);
+                }
+            }
+            ServerFrame::Pong {} => {
+                if let Some(s) = &mut t.session {
+                    s.pong_deadline = None;
+                }
+            }
+            ServerFrame::HeartbeatSet { heartbeat_ms, .. } => {
+                if let Some(s) = &mut t.session {
+                    s.heartbeat = Duration::from_millis(heartbeat_ms.max(1));
+                    s.next_ping = now + s.heartbeat;
+                }
+            }
+            other => self.events.push_back(Event::Reply(Box::new(other))),
+        }
+    }
+
+    fn protocol_error(&mut self, msg: String, now: Instant) {
+        if let Some(t) = &self.transport {
+            let id = t.id;
+            self.transmits.push_back(Transmit::Close { id, code: 1002 });
+            self.transport_lost(None, ConnectionError::Protocol(msg), now);
+        }
+    }
+
+    fn oldest_in_flight(&self) -> Option<Instant> {
+        self.outbox
+            .iter()
+            .filter_map(|p| match p.status {
+                SendStatus::InFlight(t) => Some(t),
+                SendStatus::NotSent => None,
+            })
+            .min()
+    }
+
+    fn send_probe_due(&self, now: Instant) -> bool {
+        self.oldest_in_flight()
+            .is_some_and(|t| now >= t + self.cfg.send_probe_after)
+    }
+
+    /// Sends a ping now unless one is outstanding.
+    fn ping(&mut self, now: Instant) {
+        let pong_timeout = self.cfg.pong_timeout;
+        let Some(t) = &mut self.transport else { return };
+        let Some(s) = &mut t.session else { return };
+        if s.pong_deadline.is_none() {
+            s.pong_deadline = Some(now + pong_timeout);
+            self.transmits.push_back(Transmit::Frame {
+                id: t.id,
+                text: encode(&ClientFrame::Ping {}),
+            });
+        }
+        s.next_ping = now + s.heartbeat;
+    }
+
+    /// Checks an open session is alive (after a network change or foreground).
+    fn probe(&mut self, now: Instant) {
+        self.ping(now);
+    }
+
+    fn renegotiate_heartbeat(&mut self, _now: Instant) {
+        let want = self.wanted_heartbeat();
+        let Some(t) = &mut self.transport else { return };
+        let Some(s) = &mut t.session else { return };
+        if s.requested_heartbeat != want {
+            s.requested_heartbeat = want;
+            let frame = ClientFrame::SetHeartbeat {
+                heartbeat_ms: want.as_millis() as u64,
+            };
+            self.transmits.push_back(Transmit::Frame {
+                id: t.id,
+                text: encode(&frame),
+            });
+        }
+    }
+
+    /// Transmits queued sends, in order, within the unconfirmed window.
+    fn pump_outbox(&mut self, now: Instant) {
+        if self.send_pause_until.is_some_and(|t| now < t) {
+            return;
+        }
+        let Some(t) = &self.transport else { return };
+        let Some(s) = &t.session else { return };
+        let id = t.id;
+        let mut in_flight = self
+            .outbox
+            .iter()
+            .filter(|p| matches!(p.status, SendStatus::InFlight(_)))
+            .count();
+        for p in self.outbox.iter_mut() {
+            if in_flight >= s.max_unconfirmed {
+                break;
+            }
+            if p.status == SendStatus::NotSent {
+                let frame = ClientFrame::Send(Send {
+                    cid: p.item.cid.clone(),
+                    conv: p.item.conv,
+                    kind: p.item.kind.clone(),
+                    body: p.item.body.clone(),
+                });
+                self.transmits.push_back(Transmit::Frame {
+                    id,
+                    text: encode(&frame),
+                });
+                p.status = SendStatus::InFlight(now);
+                in_flight += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! keepwire's client engine core: a sans-IO state machine.
+//!
+//! [`Connection`] holds everything a keepwire client decides: when to
+//! connect, how long to back off, what to send after a handshake, when a
+//! connection is dead, what to acknowledge. It performs no I/O, reads no
+//! clock and uses no global RNG: the driver (`keepwire-client`) feeds it
+//! events with the current [`Instant`] and carries out its [`Transmit`]s.
+//! That makes it testable by deterministic simulation (see `tests/sim.rs`).
+#![forbid(unsafe_code)]
+
+mod backoff;
+mod connection;
+mod rng;
+mod time;
+
+pub use backoff::Backoff;
+pub use connection::{
+    AppState, Config, Connection, ConnectionError, Event, FailureKind, Network, NotConnected,
+    OutboxItem, State, StopReason, Transmit, TransportEvent,
+};
+pub use rng::SeededRng;
+pub use time::Instant;

@@ -1,0 +1,3 @@
+//! Tests of the sans-IO client core.
+
+mod sim;
