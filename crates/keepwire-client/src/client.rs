@@ -1,0 +1,1104 @@
+//! The public client API and the tokio driver behind it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keepwire_core::{
+    AppState, Config, Connection, ConnectionError, Event, Instant, Network, State, Transmit,
+    TransportEvent,
+};
+use keepwire_proto::{
+    ClientFrame, Confirm, ConvCreate, ConvInfo, ConvKind, ConvMember, ErrorCode, GapReason,
+    HistoryRequest, MemberEvent, Message, Resume, ResumeStatus, ServerFrame, Welcome,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::store::{Store, StoreError};
+use crate::transport::{self, BoxFuture, CachingResolver, Outgoing, Resolver, SystemResolver};
+
+/// Errors of the client API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The client store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No relay URL or token: log in first.
+    #[error("not logged in: no relay URL or token in {0} (run `keepwire login`)")]
+    NotLoggedIn(PathBuf),
+    /// A relay URL is not a `ws://` or `wss://` URL.
+    #[error("invalid relay URL {0:?}: use ws://HOST:PORT or wss://HOST:PORT")]
+    BadUrl(String),
+    /// TLS could not be configured.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// Not connected (or another process on this home holds the connection).
+    #[error("not connected to the relay")]
+    NotConnected,
+    /// The client stopped for good (see the reason).
+    #[error("the client stopped: {0:?}")]
+    Stopped(keepwire_core::StopReason),
+    /// The relay refused the request.
+    #[error("{code}: {message}")]
+    Refused {
+        /// The error code.
+        code: ErrorCode,
+        /// The relay's message.
+        message: String,
+    },
+    /// The operation did not finish in time.
+    #[error("timed out")]
+    Timeout,
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+/// Why a send did not go through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct SendError {
+    /// The relay's code.
+    pub code: ErrorCode,
+    /// Detail.
+    pub message: String,
+}
+
+/// Events for the app.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ClientEvent {
+    /// The connection state changed.
+    State(State),
+    /// A new message was stored (from the socket).
+    Message(Message),
+    /// A membership change was stored.
+    Member(MemberEvent),
+    /// A send was confirmed.
+    SendConfirmed(Confirm),
+    /// A send failed for good and left the outbox.
+    SendFailed {
+        /// Its client id.
+        cid: String,
+        /// Why.
+        error: SendError,
+    },
+    /// The resume had a gap (history paging fills what it can).
+    Gap(Resume),
+    /// A connection problem (the client keeps retrying unless it stopped).
+    Error(ConnectionError),
+    /// An ephemeral signal.
+    Signal {
+        /// Conversation.
+        conv: u64,
+        /// Sender.
+        from: String,
+        /// Data.
+        data: serde_json::Value,
+    },
+    /// This receiver fell behind and missed this many events (the store has everything).
+    Lagged(u64),
+}
+
+/// A snapshot of the client's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// Connection state (of this process's driver; `Idle` if another process holds it).
+    pub state: State,
+    /// Last connection problem.
+    pub last_error: Option<ConnectionError>,
+    /// The stored cursor.
+    pub cursor: Option<u64>,
+    /// The inbox head announced at the last handshake.
+    pub head: Option<u64>,
+    /// Pending sends.
+    pub outbox: u64,
+    /// Whether this process holds the home's connection.
+    pub holder: bool,
+    /// The user, once known.
+    pub user: Option<String>,
+}
+
+impl Status {
+    /// Connected, with everything up to the handshake's head stored and no pending send.
+    pub fn caught_up(&self) -> bool {
+        self.state == State::Connected
+            && self.outbox == 0
+            && self.head.is_some_and(|h| self.cursor.unwrap_or(0) >= h)
+    }
+}
+
+/// Asked for a new token when the relay rejects or expires the current one.
+pub trait TokenProvider: Send + Sync + 'static {
+    /// A fresh token, or `None` if there is none (the client then stops).
+    fn refresh(&self) -> BoxFuture<'_, Option<String>>;
+}
+
+/// The default provider: the token saved in the home, if it changed (another
+/// process logged in again).
+struct StoredToken {
+    home: PathBuf,
+    current: Mutex<String>,
+}
+
+impl TokenProvider for StoredToken {
+    fn refresh(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            let saved = Store::open(&self.home).ok()?.token().ok()??;
+            let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+            if *cur == saved {
+                None
+            } else {
+                *cur = saved.clone();
+                Some(saved)
+            }
+        })
+    }
+}
+
+/// A function adjusting the connection settings.
+type Configure = Box<dyn FnOnce(&mut Config) + Send>;
+
+/// Builds a [`Client`] for one home directory.
+pub struct ClientBuilder {
+    home: PathBuf,
+    urls: Option<Vec<String>>,
+    token: Option<String>,
+    resolver: Arc<dyn Resolver>,
+    resolve_timeout: Duration,
+    token_provider: Option<Arc<dyn TokenProvider>>,
+    extra_roots: Vec<Vec<u8>>,
+    configure: Option<Configure>,
+    app_state: AppState,
+    start: bool,
+}
+
+impl ClientBuilder {
+    /// Relay URLs to use instead of the saved ones.
+    pub fn servers(mut self, urls: Vec<String>) -> Self {
+        self.urls = Some(urls);
+        self
+    }
+
+    /// A token to use instead of the saved one.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Name resolution (default: the OS resolver).
+    pub fn resolver(mut self, r: Arc<dyn Resolver>) -> Self {
+        self.resolver = r;
+        self
+    }
+
+    /// How long one name resolution may take (default 5 s).
+    pub fn resolve_timeout(mut self, t: Duration) -> Self {
+        self.resolve_timeout = t;
+        self
+    }
+
+    /// Where fresh tokens come from (default: the token saved in the home).
+    pub fn token_provider(mut self, p: Arc<dyn TokenProvider>) -> Self {
+        self.token_provider = Some(p);
+        self
+    }
+
+    /// Trusts an extra root certificate (DER) for `wss://`, besides the system's.
+    pub fn add_root_certificate(mut self, der: Vec<u8>) -> Self {
+        self.extra_roots.push(der);
+        self
+    }
+
+    /// Adjusts the connection settings (backoff, heartbeat, timeouts).
+    pub fn configure(mut self, f: impl FnOnce(&mut Config) + Send + 'static) -> Self {
+        self.configure = Some(Box::new(f));
+        self
+    }
+
+    /// The app state at start (default foreground).
+    pub fn app_state(mut self, s: AppState) -> Self {
+        self.app_state = s;
+        self
+    }
+
+    /// Do not connect until [`Client::start`] (default: connect at once).
+    pub fn manual_start(mut self) -> Self {
+        self.start = false;
+        self
+    }
+
+    /// Opens the home and starts the client (inside a tokio runtime).
+    pub async fn build(self) -> Result<Client, ClientError> {
+        let store = Store::open(&self.home)?;
+        let urls = match self.urls {
+            Some(u) => u,
+            None => store.urls()?,
+        };
+        let token = match self.token {
+            Some(t) => Some(t),
+            None => store.token()?,
+        };
+        let (Some(token), false) = (token, urls.is_empty()) else {
+            return Err(ClientError::NotLoggedIn(self.home.clone()));
+        };
+        for u in &urls {
+            if !(u.starts_with("ws://") || u.starts_with("wss://")) {
+                return Err(ClientError::BadUrl(u.clone()));
+            }
+        }
+        let device = store.device_id()?;
+        let mut config = Config::new(device, urls);
+        if let Some(f) = self.configure {
+            f(&mut config);
+        }
+        let tls = transport::tls_config(&self.extra_roots)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let (counts_pending, _) = store.outbox_counts()?;
+        let status = Arc::new(Mutex::new(Status {
+            state: State::Idle,
+            last_error: None,
+            cursor: store.cursor()?.map(|c| c.seq),
+            head: None,
+            outbox: counts_pending,
+            holder: false,
+            user: store.meta("user")?,
+        }));
+        let (status_tx, _) = watch::channel(());
+        let inner = Arc::new(Inner {
+            home: self.home.clone(),
+            store: Mutex::new(store),
+            cmd: cmd_tx,
+            events: events.clone(),
+            status: status.clone(),
+            status_changed: status_tx,
+            waiters: Arc::new(Mutex::new(HashMap::new())),
+            holder: Arc::new(AtomicBool::new(false)),
+        });
+        let provider = self.token_provider.unwrap_or_else(|| {
+            Arc::new(StoredToken {
+                home: self.home.clone(),
+                current: Mutex::new(token.clone()),
+            })
+        });
+        let supervisor = Supervisor {
+            inner: inner.clone(),
+            config,
+            token,
+            resolver: Arc::new(CachingResolver::new(self.resolver, self.resolve_timeout)),
+            tls,
+            provider,
+            app_state: self.app_state,
+            network: Network::Online("default".into()),
+            started: self.start,
+        };
+        tokio::spawn(supervisor.run(cmd_rx));
+        Ok(Client { inner })
+    }
+}
+
+struct Inner {
+    home: PathBuf,
+    store: Mutex<Store>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    events: broadcast::Sender<ClientEvent>,
+    status: Arc<Mutex<Status>>,
+    status_changed: watch::Sender<()>,
+    waiters: Arc<Mutex<Waiters>>,
+    holder: Arc<AtomicBool>,
+}
+
+type Waiters = HashMap<String, Vec<oneshot::Sender<Result<(), SendError>>>>;
+
+enum Cmd {
+    OutboxChanged,
+    AppState(AppState),
+    Network(Network),
+    Start,
+    Request(
+        ClientFrame,
+        oneshot::Sender<Result<ServerFrame, ClientError>>,
+    ),
+    Stop(oneshot::Sender<()>),
+}
+
+/// A keepwire client for one device home. Cheap to clone: every part of the
+/// app shares one connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// A send durably queued in the outbox.
+pub struct SendHandle {
+    /// The send's client id.
+    pub cid: String,
+    rx: Option<oneshot::Receiver<Result<(), SendError>>>,
+    inner: Arc<Inner>,
+}
+
+impl SendHandle {
+    /// Waits until the relay confirmed the send (or refused it for good).
+    /// Works whichever process on this home holds the connection.
+    pub async fn confirmed(mut self) -> Result<(), SendError> {
+        let mut rx = self.rx.take();
+        let mut poll = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                r = async { rx.as_mut().expect("guarded").await }, if rx.is_some() => match r {
+                    Ok(r) => return r,
+                    Err(_) => rx = None,
+                },
+                _ = poll.tick() => {
+                    let status = self.inner.store.lock().unwrap_or_else(|p| p.into_inner()).outbox_status(&self.cid);
+                    match status {
+                        Ok(None) => return Ok(()),
+                        Ok(Some((s, err))) if s == "failed" => {
+                            let err = err.unwrap_or_default();
+                            let (code, message) = err.split_once(": ").unwrap_or(("internal", err.as_str()));
+                            let code = serde_json::from_value(serde_json::Value::String(code.into())).unwrap_or(ErrorCode::Internal);
+                            return Err(SendError { code, message: message.to_owned() });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Client {
+    /// A builder for the client of the device whose store is in `home`.
+    pub fn builder(home: impl AsRef<Path>) -> ClientBuilder {
+        ClientBuilder {
+            home: home.as_ref().to_owned(),
+            urls: None,
+            token: None,
+            resolver: Arc::new(SystemResolver),
+            resolve_timeout: Duration::from_secs(5),
+            token_provider: None,
+            extra_roots: Vec::new(),
+            configure: None,
+            app_state: AppState::Foreground,
+            start: true,
+        }
+    }
+
+    /// Queues a text message. Returns once it is durably in the outbox; the
+    /// handle tells when the relay confirmed it.
+    pub async fn send(&self, conv: u64, body: &str) -> Result<SendHandle, ClientError> {
+        let row = self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enqueue(conv, "text", body)?;
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(row.item.cid.clone())
+            .or_default()
+            .push(tx);
+        let _ = self.inner.cmd.send(Cmd::OutboxChanged);
+        Ok(SendHandle {
+            cid: row.item.cid,
+            rx: Some(rx),
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// Events (state changes, messages, confirmations, ...). Each call gives
+    /// an independent stream starting now.
+    pub fn events(&self) -> impl futures_util::Stream<Item = ClientEvent> + Send + 'static {
+        use futures_util::StreamExt as _;
+        tokio_stream::wrappers::BroadcastStream::new(self.inner.events.subscribe()).map(|r| match r
+        {
+            Ok(e) => e,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                ClientEvent::Lagged(n)
+            }
+        })
+    }
+
+    /// Tells the client the app moved to the foreground or background.
+    pub fn set_app_state(&self, s: AppState) {
+        let _ = self.inner.cmd.send(Cmd::AppState(s));
+    }
+
+    /// Tells the client what the OS says about the network.
+    pub fn set_network(&self, n: Network) {
+        let _ = self.inner.cmd.send(Cmd::Network(n));
+    }
+
+    /// Starts connecting (after [`ClientBuilder::manual_start`], or after a stop).
+    pub fn start(&self) {
+        let _ = self.inner.cmd.send(Cmd::Start);
+    }
+
+    /// Closes the connection and stops; pending sends stay in the outbox.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.cmd.send(Cmd::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits until `pred(status)` holds, or `timeout` passes.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Status) -> bool,
+    ) -> Result<Status, ClientError> {
+        let mut rx = self.inner.status_changed.subscribe();
+        let wait = async {
+            loop {
+                let s = self.status();
+                if pred(&s) {
+                    return Ok(s);
+                }
+                if let State::Stopped(r) = s.state
+                    && r != keepwire_core::StopReason::ClosedByApp
+                {
+                    return Err(ClientError::Stopped(r));
+                }
+                if rx.changed().await.is_err() {
+                    return Err(ClientError::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+
+    /// Waits until connected.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), ClientError> {
+        self.wait_for(timeout, |s| s.state == State::Connected)
+            .await
+            .map(|_| ())
+    }
+
+    async fn request(&self, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Cmd::Request(frame, tx))
+            .map_err(|_| ClientError::Closed)?;
+        let reply = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(|_| ClientError::Closed)??;
+        match reply {
+            ServerFrame::Error(e) => Err(ClientError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Creates a conversation with these users (direct for exactly one other
+    /// user unless `group`). Idempotent per `key`.
+    pub async fn create_conversation(
+        &self,
+        members: Vec<String>,
+        name: Option<String>,
+        group: bool,
+    ) -> Result<ConvInfo, ClientError> {
+        let kind = if group || members.len() != 1 {
+            ConvKind::Group
+        } else {
+            ConvKind::Direct
+        };
+        let frame = ClientFrame::ConvCreate(ConvCreate {
+            rid: new_rid(),
+            key: format!("{:032x}", rand::random::<u128>()),
+            kind,
+            members,
+            name,
+        });
+        match self.request(frame).await? {
+            ServerFrame::Conv { conv, .. } => {
+                self.inner
+                    .store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .store_convs(std::slice::from_ref(&conv))?;
+                Ok(conv)
+            }
+            other => Err(ClientError::Refused {
+                code: ErrorCode::Internal,
+                message: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// Adds (or removes) a member.
+    pub async fn change_member(
+        &self,
+        conv: u64,
+        user: &str,
+        add: bool,
+    ) -> Result<ConvInfo, ClientError> {
+        let m = ConvMember {
+            rid: new_rid(),
+            conv,
+            user: user.into(),
+        };
+        let frame = if add {
+            ClientFrame::ConvAdd(m)
+        } else {
+            ClientFrame::ConvRemove(m)
+        };
+        match self.request(frame).await? {
+            ServerFrame::Conv { conv, .. } => Ok(conv),
+            other => Err(ClientError::Refused {
+                code: ErrorCode::Internal,
+                message: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// The user's conversations, from the relay (and saved locally).
+    pub async fn list_conversations(&self) -> Result<Vec<ConvInfo>, ClientError> {
+        match self
+            .request(ClientFrame::ConvList { rid: new_rid() })
+            .await?
+        {
+            ServerFrame::Convs { convs, .. } => {
+                self.inner
+                    .store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .store_convs(&convs)?;
+                Ok(convs)
+            }
+            other => Err(ClientError::Refused {
+                code: ErrorCode::Internal,
+                message: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// Stored messages (of one conversation, or all), oldest first.
+    pub fn messages(&self, conv: Option<u64>, limit: usize) -> Result<Vec<Message>, ClientError> {
+        Ok(self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .messages(conv, limit)?)
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &Path {
+        &self.inner.home
+    }
+}
+
+fn new_rid() -> String {
+    format!("r{:016x}", rand::random::<u64>())
+}
+
+// ---------------------------------------------------------------------------
+// Supervisor: holds the home's lock while it runs the connection.
+
+struct Supervisor {
+    inner: Arc<Inner>,
+    config: Config,
+    token: String,
+    resolver: Arc<CachingResolver>,
+    tls: Arc<rustls::ClientConfig>,
+    provider: Arc<dyn TokenProvider>,
+    app_state: AppState,
+    network: Network,
+    started: bool,
+}
+
+fn try_lock(home: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(home.join("lock"))
+        .ok()?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+}
+
+impl Supervisor {
+    async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
+        // Wait for the home's lock; meanwhile answer what can be answered.
+        let lock = loop {
+            if let Some(l) = try_lock(&self.inner.home) {
+                break l;
+            }
+            tokio::select! {
+                cmd = cmd_rx.recv() => match cmd {
+                    None => return,
+                    Some(Cmd::Stop(done)) => { let _ = done.send(()); return; }
+                    Some(Cmd::Request(_, reply)) => { let _ = reply.send(Err(ClientError::NotConnected)); }
+                    Some(Cmd::AppState(s)) => self.app_state = s,
+                    Some(Cmd::Network(n)) => self.network = n,
+                    Some(Cmd::Start) => self.started = true,
+                    Some(Cmd::OutboxChanged) => {}
+                },
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        };
+        self.inner.holder.store(true, Ordering::SeqCst);
+        let driver = match Driver::new(&self) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(target: "keepwire::client", error = %e, "cannot open the client store");
+                return;
+            }
+        };
+        driver.run(cmd_rx).await;
+        self.inner.holder.store(false, Ordering::SeqCst);
+        drop(lock);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Driver
+
+/// The clock the core runs on: keeps counting while the device is suspended.
+pub fn boot_clock() -> Instant {
+    use nix::time::{ClockId, clock_gettime};
+    match clock_gettime(ClockId::CLOCK_BOOTTIME) {
+        Ok(ts) => Instant::from_duration(Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32)),
+        Err(_) => Instant::from_duration(monotonic_fallback()),
+    }
+}
+
+fn monotonic_fallback() -> Duration {
+    use std::sync::OnceLock;
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed()
+}
+
+struct Driver {
+    core: Connection,
+    store: Store,
+    inner: Arc<Inner>,
+    resolver: Arc<CachingResolver>,
+    tls: Arc<rustls::ClientConfig>,
+    provider: Arc<dyn TokenProvider>,
+    transport_tx: mpsc::Sender<(u64, TransportEvent)>,
+    transport_rx: mpsc::Receiver<(u64, TransportEvent)>,
+    outgoing: Option<(u64, mpsc::Sender<Outgoing>)>,
+    token_tx: mpsc::Sender<Option<String>>,
+    token_rx: mpsc::Receiver<Option<String>>,
+    requests: HashMap<String, oneshot::Sender<Result<ServerFrame, ClientError>>>,
+    /// History fetches after a gap: rid -> (conversation, highest conv_seq we hold).
+    fetches: HashMap<String, (u64, u64)>,
+    outbox_seen: i64,
+    data_version: i64,
+    epoch: Option<String>,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Driver {
+    fn new(sup: &Supervisor) -> Result<Driver, StoreError> {
+        let store = Store::open(&sup.inner.home)?;
+        let now = boot_clock();
+        let cursor = store.cursor()?;
+        let seed = rand::random::<u64>();
+        let mut core = Connection::new(
+            sup.config.clone(),
+            sup.token.clone(),
+            cursor.clone(),
+            seed,
+            now,
+        );
+        core.handle_network(sup.network.clone(), now);
+        core.handle_app_state(sup.app_state, now);
+        let (transport_tx, transport_rx) = mpsc::channel(1024);
+        let (token_tx, token_rx) = mpsc::channel(1);
+        let data_version = store.data_version()?;
+        let mut d = Driver {
+            core,
+            store,
+            inner: sup.inner.clone(),
+            resolver: sup.resolver.clone(),
+            tls: sup.tls.clone(),
+            provider: sup.provider.clone(),
+            transport_tx,
+            transport_rx,
+            outgoing: None,
+            token_tx,
+            token_rx,
+            requests: HashMap::new(),
+            fetches: HashMap::new(),
+            outbox_seen: 0,
+            data_version,
+            epoch: cursor.map(|c| c.epoch),
+            stop_waiters: Vec::new(),
+        };
+        d.pick_up_outbox(now)?;
+        if sup.started {
+            d.core.start(now);
+        }
+        Ok(d)
+    }
+
+    fn pick_up_outbox(&mut self, now: Instant) -> Result<(), StoreError> {
+        for row in self.store.pending_after(self.outbox_seen)? {
+            self.outbox_seen = self.outbox_seen.max(row.seq);
+            self.core.queue_send(row.item, now);
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut poll_outbox = tokio::time::interval(Duration::from_millis(100));
+        poll_outbox.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.flush();
+            if !self.stop_waiters.is_empty() {
+                break;
+            }
+            let now = boot_clock();
+            let sleep = self
+                .core
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(now));
+            let deadline = tokio::time::Instant::now() + sleep.unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                cmd = cmd_rx.recv() => match cmd {
+                    None => {
+                        // Every handle was dropped.
+                        self.core.close(boot_clock());
+                        self.flush();
+                        break;
+                    }
+                    Some(cmd) => self.handle_cmd(cmd),
+                },
+                Some((id, ev)) = self.transport_rx.recv() => {
+                    // Take everything already received, so a backlog is
+                    // persisted in a few large transactions, not one per entry.
+                    let now = boot_clock();
+                    self.core.handle_transport(id, ev, now);
+                    for _ in 0..1024 {
+                        match self.transport_rx.try_recv() {
+                            Ok((id, ev)) => self.core.handle_transport(id, ev, now),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(token) = self.token_rx.recv() => {
+                    if let Some(t) = &token {
+                        let _ = self.store.set_meta("token", t);
+                    }
+                    self.core.handle_token(token, boot_clock());
+                }
+                _ = tokio::time::sleep_until(deadline), if sleep.is_some() => self.core.handle_timeout(boot_clock()),
+                _ = poll_outbox.tick() => {
+                    // Sends queued by other processes on this home.
+                    if let Ok(v) = self.store.data_version()
+                        && v != self.data_version
+                    {
+                        self.data_version = v;
+                        if let Err(e) = self.pick_up_outbox(boot_clock()) {
+                            tracing::warn!(target: "keepwire::client", error = %e, "reading the outbox failed");
+                        }
+                    }
+                }
+            }
+        }
+        let _ = self.store.save_status("stopped", None);
+        for w in self.stop_waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+
+    fn handle_cmd(&mut self, cmd: Cmd) {
+        let now = boot_clock();
+        match cmd {
+            Cmd::OutboxChanged => {
+                if let Err(e) = self.pick_up_outbox(now) {
+                    tracing::warn!(target: "keepwire::client", error = %e, "reading the outbox failed");
+                }
+            }
+            Cmd::AppState(s) => self.core.handle_app_state(s, now),
+            Cmd::Network(n) => self.core.handle_network(n, now),
+            Cmd::Start => self.core.start(now),
+            Cmd::Request(frame, reply) => {
+                let rid = frame.rid().unwrap_or_default().to_owned();
+                match self.core.send_request(&frame, now) {
+                    Ok(()) => {
+                        self.requests.insert(rid, reply);
+                    }
+                    Err(_) => {
+                        let _ = reply.send(Err(ClientError::NotConnected));
+                    }
+                }
+            }
+            Cmd::Stop(done) => {
+                self.core.close(now);
+                self.stop_waiters.push(done);
+            }
+        }
+    }
+
+    /// Carries out the core's transmits and events until it has none.
+    fn flush(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(t) = self.core.poll_transmit() {
+                progressed = true;
+                self.transmit(t);
+            }
+            while let Some(e) = self.core.poll_event() {
+                progressed = true;
+                self.event(e);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.publish_status();
+    }
+
+    fn transmit(&mut self, t: Transmit) {
+        match t {
+            Transmit::Open { id, url } => {
+                let (tx, rx) = mpsc::channel(1024);
+                self.outgoing = Some((id, tx));
+                tracing::debug!(target: "keepwire::ws", id, %url, "opening");
+                tokio::spawn(transport::run(
+                    id,
+                    url,
+                    self.resolver.clone(),
+                    self.tls.clone(),
+                    self.transport_tx.clone(),
+                    rx,
+                ));
+            }
+            Transmit::Frame { id, text } => {
+                if let Some((cur, tx)) = &self.outgoing
+                    && *cur == id
+                    && tx.try_send(Outgoing::Frame(text)).is_err()
+                {
+                    // The writer is hopelessly behind: treat the socket as dead.
+                    self.core
+                        .handle_transport(id, TransportEvent::Closed(None), boot_clock());
+                }
+            }
+            Transmit::Close { id, code } => {
+                if let Some((cur, tx)) = self.outgoing.take() {
+                    if cur == id {
+                        let _ = tx.try_send(Outgoing::Close(code));
+                    } else {
+                        self.outgoing = Some((cur, tx));
+                    }
+                }
+            }
+        }
+    }
+
+    fn emit(&self, e: ClientEvent) {
+        let _ = self.inner.events.send(e);
+    }
+
+    fn event(&mut self, e: Event) {
+        let now = boot_clock();
+        match e {
+            Event::StateChanged(s) => {
+                tracing::debug!(target: "keepwire::client", state = ?s, "state");
+                let err = self.core.last_error().map(|e| format!("{e:?}"));
+                let _ = self.store.save_status(&format!("{s:?}"), err.as_deref());
+                if !matches!(s, State::Connected | State::Handshaking) {
+                    for (_, r) in self.requests.drain() {
+                        let _ = r.send(Err(ClientError::NotConnected));
+                    }
+                }
+                self.emit(ClientEvent::State(s));
+            }
+            Event::Welcome(w) => self.on_welcome(*w, now),
+            Event::Entries(entries) => {
+                let Some(epoch) = self.epoch.clone() else {
+                    return;
+                };
+                match self.store.persist_entries(&epoch, &entries) {
+                    Ok(p) => {
+                        if let Some(last) = entries.last() {
+                            self.core.handle_persisted(last.seq, now);
+                        }
+                        for m in p.messages {
+                            self.emit(ClientEvent::Message(m));
+                        }
+                        for m in p.members {
+                            self.emit(ClientEvent::Member(m));
+                        }
+                    }
+                    Err(e) => {
+                        // Not acknowledged: the relay will send them again.
+                        tracing::error!(target: "keepwire::client", error = %e, "storing inbox entries failed");
+                    }
+                }
+            }
+            Event::SendConfirmed(c) => {
+                if let Err(e) = self.store.confirm(&c.cid) {
+                    tracing::error!(target: "keepwire::client", error = %e, "recording a confirmation failed");
+                }
+                self.finish_waiters(&c.cid, Ok(()));
+                self.emit(ClientEvent::SendConfirmed(c));
+            }
+            Event::SendFailed { cid, code, message } => {
+                let _ = self.store.fail(&cid, &format!("{code}: {message}"));
+                let error = SendError { code, message };
+                self.finish_waiters(&cid, Err(error.clone()));
+                self.emit(ClientEvent::SendFailed { cid, error });
+            }
+            Event::Reply(frame) => self.on_reply(*frame, now),
+            Event::TokenNeeded => {
+                let provider = self.provider.clone();
+                let tx = self.token_tx.clone();
+                tokio::spawn(async move {
+                    let t = tokio::time::timeout(Duration::from_secs(30), provider.refresh())
+                        .await
+                        .ok()
+                        .flatten();
+                    let _ = tx.send(t).await;
+                });
+            }
+            Event::Error(e) => {
+                tracing::info!(target: "keepwire::client", error = ?e, "connection problem");
+                self.emit(ClientEvent::Error(e));
+            }
+            _ => {}
+        }
+    }
+
+    fn finish_waiters(&self, cid: &str, r: Result<(), SendError>) {
+        if let Some(ws) = self
+            .inner
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(cid)
+        {
+            for w in ws {
+                let _ = w.send(r.clone());
+            }
+        }
+    }
+
+    fn on_welcome(&mut self, w: Welcome, now: Instant) {
+        let _ = self.store.set_meta("user", &w.user);
+        let gap = w.resume.status == ResumeStatus::Gap;
+        let result = match w.resume.reason {
+            Some(GapReason::Epoch | GapReason::CursorAhead) => self.store.reset_epoch(&w.epoch),
+            Some(GapReason::Retention) => self
+                .store
+                .set_meta("cursor", &w.resume.from.saturating_sub(1).to_string())
+                .and_then(|()| self.store.set_meta("epoch", &w.epoch)),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::error!(target: "keepwire::client", error = %e, "recording the resume failed");
+        }
+        self.epoch = Some(w.epoch.clone());
+        {
+            let mut s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.head = Some(w.head);
+            s.user = Some(w.user.clone());
+        }
+        // Fill what the replay will not bring.
+        for hint in &w.resume.fetch {
+            let known = self.store.max_conv_seq(hint.conv).unwrap_or(0);
+            if hint.before > known + 1 {
+                self.fetch_history(hint.conv, hint.before, known, now);
+            }
+        }
+        if gap {
+            self.emit(ClientEvent::Gap(w.resume.clone()));
+        }
+    }
+
+    fn fetch_history(&mut self, conv: u64, before: u64, known: u64, now: Instant) {
+        let rid = new_rid();
+        let frame = ClientFrame::History(HistoryRequest {
+            rid: rid.clone(),
+            conv,
+            before: Some(before),
+            limit: Some(200),
+        });
+        if self.core.send_request(&frame, now).is_ok() {
+            self.fetches.insert(rid, (conv, known));
+        }
+    }
+
+    fn on_reply(&mut self, frame: ServerFrame, now: Instant) {
+        if let ServerFrame::History(page) = &frame
+            && let Some((conv, known)) = self.fetches.remove(&page.rid)
+        {
+            let fresh: Vec<Message> = page
+                .messages
+                .iter()
+                .filter(|m| m.conv_seq > known)
+                .cloned()
+                .collect();
+            if let Err(e) = self.store.store_history(&fresh) {
+                tracing::error!(target: "keepwire::client", error = %e, "storing history failed");
+            }
+            if page.more
+                && let Some(first) = page.messages.first()
+                && first.conv_seq > known + 1
+            {
+                self.fetch_history(conv, first.conv_seq, known, now);
+            }
+            return;
+        }
+        if let ServerFrame::Signal { conv, from, data } = frame {
+            self.emit(ClientEvent::Signal { conv, from, data });
+            return;
+        }
+        let rid = match &frame {
+            ServerFrame::History(p) => Some(p.rid.clone()),
+            ServerFrame::Conv { rid, .. } | ServerFrame::Convs { rid, .. } => Some(rid.clone()),
+            ServerFrame::Error(e) => e.rid.clone(),
+            _ => None,
+        };
+        match rid.and_then(|r| self.requests.remove(&r)) {
+            Some(reply) => {
+                let _ = reply.send(Ok(frame));
+            }
+            None => tracing::debug!(target: "keepwire::client", ?frame, "unsolicited frame"),
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let (pending, _) = self
+            .store
+            .outbox_counts()
+            .unwrap_or((self.core.outbox_len() as u64, 0));
+        let cursor = self.store.cursor().ok().flatten().map(|c| c.seq);
+        {
+            let mut s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.state = self.core.state();
+            s.last_error = self.core.last_error().cloned();
+            s.cursor = cursor;
+            s.outbox = pending;
+            s.holder = true;
+        }
+        self.inner.status_changed.send_replace(());
+    }
+}

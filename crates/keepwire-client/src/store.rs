@@ -1,0 +1,605 @@
+//! The client store: one SQLite database per device ("home").
+//!
+//! Holds the device id, relay URLs, the token, the durable outbox, the
+//! messages and conversations received, and the resume cursor. The cursor
+//! advances in the same transaction as the entries it covers, so a crash at
+//! any point resumes without loss or duplicates. WAL with `synchronous=FULL`:
+//! what was acknowledged to the relay survives power loss.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keepwire_core::OutboxItem;
+use keepwire_proto::{
+    ConvInfo, ConvKind, Cursor, EntryItem, InboxEntry, MemberChange, MemberEvent, Message,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+
+const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("migrations/0001_init.sql"))];
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("client store: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// The home directory could not be prepared.
+    #[error("client home {path}: {error}")]
+    Home {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        error: std::io::Error,
+    },
+    /// The database is newer than this binary or not a keepwire store.
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+/// The outcome of persisting a batch of inbox entries.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Persisted {
+    /// The cursor after the batch (`None` if nothing new was stored).
+    pub cursor: Option<u64>,
+    /// Messages stored by this batch (not seen before).
+    pub messages: Vec<Message>,
+    /// Membership changes in this batch.
+    pub members: Vec<MemberEvent>,
+}
+
+/// A row of the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Insertion order.
+    pub seq: i64,
+    /// The send.
+    pub item: OutboxItem,
+    /// `pending` or `failed`.
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A connection to a home's database. Each process (and each handle that
+/// needs its own) opens one; SQLite serializes writers.
+pub struct Store {
+    conn: Connection,
+    home: PathBuf,
+}
+
+/// The database file inside a home.
+pub fn db_path(home: &Path) -> PathBuf {
+    home.join("client.db")
+}
+
+impl Store {
+    /// Opens (creating if needed, with owner-only permissions) the store in `home`.
+    pub fn open(home: &Path) -> Result<Store, StoreError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let home_err = |error| StoreError::Home {
+            path: home.to_owned(),
+            error,
+        };
+        std::fs::create_dir_all(home).map_err(home_err)?;
+        std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(home_err)?;
+        let path = db_path(home);
+        let fresh = !path.exists();
+        let mut conn = Connection::open(&path)?;
+        if fresh {
+            // The token lives in here: owner-only.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(home_err)?;
+        }
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        migrate(&mut conn)?;
+        Ok(Store {
+            conn,
+            home: home.to_owned(),
+        })
+    }
+
+    /// The home directory.
+    pub fn home(&self) -> &Path {
+        &self.home
+    }
+
+    /// A meta value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Sets a meta value.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+            .execute(params![key, value])?;
+        Ok(())
+    }
+
+    fn delete_meta(&self, key: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM meta WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
+    /// This device's id, created (random) on first use.
+    pub fn device_id(&self) -> Result<String, StoreError> {
+        if let Some(d) = self.meta("device")? {
+            return Ok(d);
+        }
+        let id = format!("dev-{:016x}", rand::random::<u64>());
+        self.conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('device', ?1)",
+            [&id],
+        )?;
+        Ok(self.meta("device")?.unwrap_or(id))
+    }
+
+    /// Saves the relay URLs and token (`keepwire login`).
+    pub fn save_login(&self, urls: &[String], token: &str) -> Result<(), StoreError> {
+        self.set_meta(
+            "urls",
+            &serde_json::to_string(urls).unwrap_or_else(|_| "[]".into()),
+        )?;
+        self.set_meta("token", token)
+    }
+
+    /// The saved relay URLs.
+    pub fn urls(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .meta("urls")?
+            .and_then(|u| serde_json::from_str(&u).ok())
+            .unwrap_or_default())
+    }
+
+    /// The saved token.
+    pub fn token(&self) -> Result<Option<String>, StoreError> {
+        self.meta("token")
+    }
+
+    /// The resume cursor.
+    pub fn cursor(&self) -> Result<Option<Cursor>, StoreError> {
+        let epoch = self.meta("epoch")?;
+        let seq = self.meta("cursor")?.and_then(|s| s.parse().ok());
+        Ok(match (epoch, seq) {
+            (Some(epoch), Some(seq)) => Some(Cursor { epoch, seq }),
+            _ => None,
+        })
+    }
+
+    /// Forgets everything learnt in a previous epoch of the relay's log
+    /// (message and conversation ids mean other things now).
+    pub fn reset_epoch(&mut self, epoch: &str) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM messages", [])?;
+        tx.execute("DELETE FROM convs", [])?;
+        tx.execute("DELETE FROM meta WHERE key IN ('cursor')", [])?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('epoch', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [epoch],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Adds a send to the durable outbox; returns it with its new client id.
+    pub fn enqueue(&self, conv: u64, kind: &str, body: &str) -> Result<OutboxRow, StoreError> {
+        let cid = format!("{:032x}", rand::random::<u128>());
+        self.conn
+            .prepare_cached("INSERT INTO outbox (cid, conv, kind, body, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![cid, conv as i64, kind, body, now_ms()])?;
+        Ok(OutboxRow {
+            seq: self.conn.last_insert_rowid(),
+            item: OutboxItem {
+                cid,
+                conv,
+                kind: kind.into(),
+                body: body.into(),
+            },
+            status: "pending".into(),
+            error: None,
+        })
+    }
+
+    /// Pending sends with `seq > after`, in order.
+    pub fn pending_after(&self, after: i64) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, cid, conv, kind, body, status, error FROM outbox
+             WHERE seq > ?1 AND status = 'pending' ORDER BY seq",
+        )?;
+        let rows = stmt
+            .query_map([after], |r| {
+                Ok(OutboxRow {
+                    seq: r.get(0)?,
+                    item: OutboxItem {
+                        cid: r.get(1)?,
+                        conv: r.get::<_, i64>(2)? as u64,
+                        kind: r.get(3)?,
+                        body: r.get(4)?,
+                    },
+                    status: r.get(5)?,
+                    error: r.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// The status of a send: `None` once confirmed (it left the outbox).
+    pub fn outbox_status(&self, cid: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT status, error FROM outbox WHERE cid = ?1")?
+            .query_row([cid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?)
+    }
+
+    /// Counts (pending, failed) sends.
+    pub fn outbox_counts(&self) -> Result<(u64, u64), StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(SUM(status = 'pending'), 0), COALESCE(SUM(status = 'failed'), 0) FROM outbox",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    /// A send was confirmed: it leaves the outbox.
+    pub fn confirm(&self, cid: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM outbox WHERE cid = ?1")?
+            .execute([cid])?;
+        Ok(())
+    }
+
+    /// A send failed for good: it stays visible as failed.
+    pub fn fail(&self, cid: &str, error: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("UPDATE outbox SET status = 'failed', error = ?2 WHERE cid = ?1")?
+            .execute(params![cid, error])?;
+        Ok(())
+    }
+
+    /// Persists inbox entries and moves the cursor over them, in one
+    /// transaction. Entries at or below the stored cursor (a replay after a
+    /// crash before the ack) are skipped; the batch must continue the cursor.
+    pub fn persist_entries(
+        &mut self,
+        epoch: &str,
+        entries: &[InboxEntry],
+    ) -> Result<Persisted, StoreError> {
+        let cursor = self.cursor()?.filter(|c| c.epoch == epoch).map(|c| c.seq);
+        let tx = self.conn.transaction()?;
+        let mut out = Persisted::default();
+        let mut last = cursor;
+        for e in entries {
+            if last.is_some_and(|l| e.seq <= l) {
+                continue;
+            }
+            if let Some(l) = last
+                && e.seq != l + 1
+            {
+                return Err(StoreError::Incompatible(format!(
+                    "inbox entry {} does not follow the cursor {l}",
+                    e.seq
+                )));
+            }
+            match &e.item {
+                EntryItem::Message(m) => {
+                    let n = tx
+                        .prepare_cached(
+                            "INSERT INTO messages (id, conv, conv_seq, sender, cid, kind, body, ts, inbox_seq)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                             ON CONFLICT (conv, conv_seq) DO UPDATE SET inbox_seq = excluded.inbox_seq
+                             WHERE messages.inbox_seq IS NULL",
+                        )?
+                        .execute(params![
+                            m.id as i64, m.conv as i64, m.conv_seq as i64, m.from, m.cid, m.kind, m.body, m.ts, e.seq as i64
+                        ])?;
+                    if n > 0 {
+                        out.messages.push(m.clone());
+                    }
+                }
+                EntryItem::Member(ev) => {
+                    upsert_conv(&tx, &ev.conv, true)?;
+                    out.members.push(ev.clone());
+                }
+                _ => {}
+            }
+            last = Some(e.seq);
+        }
+        if last != cursor
+            && let Some(seq) = last
+        {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('cursor', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [seq.to_string()],
+            )?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [epoch],
+            )?;
+            out.cursor = Some(seq);
+        }
+        tx.commit()?;
+        // Mark conversations this user left.
+        for ev in &out.members {
+            if ev.change == MemberChange::Removed && !ev.conv.members.contains(&ev.user) {
+                let me = self.meta("user")?;
+                if me.as_deref() == Some(ev.user.as_str()) {
+                    self.conn.execute(
+                        "UPDATE convs SET active = 0 WHERE id = ?1",
+                        [ev.conv.id as i64],
+                    )?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores messages from history paging (no cursor change). Returns how many were new.
+    pub fn store_history(&mut self, messages: &[Message]) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        for m in messages {
+            n += tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO messages (id, conv, conv_seq, sender, cid, kind, body, ts, inbox_seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
+                )?
+                .execute(params![m.id as i64, m.conv as i64, m.conv_seq as i64, m.from, m.cid, m.kind, m.body, m.ts])?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Records conversations (from a list answer or a create).
+    pub fn store_convs(&mut self, convs: &[ConvInfo]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        for c in convs {
+            upsert_conv(&tx, c, true)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The highest `conv_seq` stored for a conversation (0 = none).
+    pub fn max_conv_seq(&self, conv: u64) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(conv_seq), 0) FROM messages WHERE conv = ?1")?
+            .query_row([conv as i64], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Stored messages, oldest first (of one conversation, or all by arrival).
+    pub fn messages(&self, conv: Option<u64>, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let (sql, arg) = match conv {
+            Some(c) => (
+                "SELECT id, conv, conv_seq, sender, cid, kind, body, ts FROM
+                   (SELECT * FROM messages WHERE conv = ?1 ORDER BY conv_seq DESC LIMIT ?2)
+                 ORDER BY conv_seq",
+                c as i64,
+            ),
+            None => (
+                "SELECT id, conv, conv_seq, sender, cid, kind, body, ts FROM
+                   (SELECT * FROM messages WHERE ?1 >= 0 ORDER BY COALESCE(inbox_seq, 0) DESC, conv, conv_seq DESC LIMIT ?2)
+                 ORDER BY COALESCE(inbox_seq, 0), conv, conv_seq",
+                0,
+            ),
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt
+            .query_map(params![arg, limit as i64], message_row)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Messages that arrived through the inbox after `inbox_seq`, in order.
+    pub fn messages_after(
+        &self,
+        inbox_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Message)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, conv, conv_seq, sender, cid, kind, body, ts, inbox_seq FROM messages
+             WHERE inbox_seq > ?1 ORDER BY inbox_seq LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![inbox_seq as i64, limit as i64], |r| {
+                Ok((r.get::<_, i64>(8)? as u64, message_row(r)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Known conversations.
+    pub fn convs(&self) -> Result<Vec<ConvInfo>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.id, c.kind, c.name, c.members, COALESCE((SELECT MAX(conv_seq) FROM messages m WHERE m.conv = c.id), 0)
+             FROM convs c WHERE active = 1 ORDER BY c.id",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                let members: String = r.get(3)?;
+                Ok(ConvInfo {
+                    id: r.get::<_, i64>(0)? as u64,
+                    kind: if r.get::<_, String>(1)? == "direct" {
+                        ConvKind::Direct
+                    } else {
+                        ConvKind::Group
+                    },
+                    name: r.get(2)?,
+                    members: serde_json::from_str(&members).unwrap_or_default(),
+                    last_seq: r.get::<_, i64>(4)? as u64,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Counts stored messages.
+    pub fn message_count(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get::<_, i64>(0))?
+            as u64)
+    }
+
+    /// Changes whenever another connection commits (cheap change detection).
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "data_version", |r| r.get(0))?)
+    }
+
+    /// Records the connection status for other processes (`keepwire status`).
+    pub fn save_status(&self, state: &str, last_error: Option<&str>) -> Result<(), StoreError> {
+        self.set_meta("state", state)?;
+        match last_error {
+            Some(e) => self.set_meta("last_error", e),
+            None => self.delete_meta("last_error"),
+        }
+    }
+}
+
+fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        id: r.get::<_, i64>(0)? as u64,
+        conv: r.get::<_, i64>(1)? as u64,
+        conv_seq: r.get::<_, i64>(2)? as u64,
+        from: r.get(3)?,
+        cid: r.get(4)?,
+        kind: r.get(5)?,
+        body: r.get(6)?,
+        ts: r.get(7)?,
+    })
+}
+
+fn upsert_conv(tx: &Connection, c: &ConvInfo, active: bool) -> Result<(), StoreError> {
+    let kind = match c.kind {
+        ConvKind::Direct => "direct",
+        ConvKind::Group => "group",
+    };
+    tx.prepare_cached(
+        "INSERT INTO convs (id, kind, name, members, active) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
+           members = excluded.members, active = excluded.active",
+    )?
+    .execute(params![
+        c.id as i64,
+        kind,
+        c.name,
+        serde_json::to_string(&c.members).unwrap_or_else(|_| "[]".into()),
+        active
+    ])?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Incompatible(format!(
+            "the client store is at schema version {version}, newer than this keepwire; upgrade keepwire"
+        )));
+    }
+    for (i, (name, sql)) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql).map_err(|e| {
+            StoreError::Incompatible(format!("client store migration {name} failed: {e}"))
+        })?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn home() -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "kw-client-store-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn msg(seq: u64, conv_seq: u64) -> InboxEntry {
+        InboxEntry {
+            seq,
+            item: EntryItem::Message(Message {
+                id: conv_seq,
+                conv: 1,
+                conv_seq,
+                from: "a".into(),
+                cid: format!("c{conv_seq}"),
+                kind: "text".into(),
+                body: format!("m{conv_seq}"),
+                ts: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn cursor_moves_with_entries_and_replays_are_skipped() {
+        let h = home();
+        let mut s = Store::open(&h).unwrap();
+        assert_eq!(s.cursor().unwrap(), None);
+        let p = s.persist_entries("e1", &[msg(1, 1), msg(2, 2)]).unwrap();
+        assert_eq!(p.cursor, Some(2));
+        assert_eq!(p.messages.len(), 2);
+        // A replay overlapping the cursor stores only the new entry.
+        let p = s.persist_entries("e1", &[msg(2, 2), msg(3, 3)]).unwrap();
+        assert_eq!(p.cursor, Some(3));
+        assert_eq!(p.messages.len(), 1);
+        assert_eq!(s.message_count().unwrap(), 3);
+        // A gap is refused and changes nothing.
+        assert!(s.persist_entries("e1", &[msg(5, 5)]).is_err());
+        assert_eq!(s.cursor().unwrap().unwrap().seq, 3);
+        let sync: i64 = s
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2);
+        let _ = std::fs::remove_dir_all(h);
+    }
+
+    #[test]
+    fn outbox_is_ordered_and_the_db_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let h = home();
+        let s = Store::open(&h).unwrap();
+        let a = s.enqueue(1, "text", "one").unwrap();
+        let b = s.enqueue(1, "text", "two").unwrap();
+        assert_eq!(a.item.cid.len(), 32);
+        let rows = s.pending_after(0).unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| r.item.body.as_str())
+                .collect::<Vec<_>>(),
+            vec!["one", "two"]
+        );
+        s.confirm(&a.item.cid).unwrap();
+        s.fail(&b.item.cid, "not_member").unwrap();
+        assert_eq!(s.outbox_status(&a.item.cid).unwrap(), None);
+        assert_eq!(s.outbox_counts().unwrap(), (0, 1));
+        let mode = std::fs::metadata(db_path(&h)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let _ = std::fs::remove_dir_all(h);
+    }
+}

@@ -1,0 +1,245 @@
+//! Opening WebSocket transports: name resolution (pluggable), TCP, TLS
+//! (rustls, certificates verified), the upgrade, and error classification.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use keepwire_core::{FailureKind, TransportEvent};
+use keepwire_proto::SUBPROTOCOL;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+/// A boxed future, for object-safe async traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Name resolution, pluggable so tests (and apps with their own DNS) can
+/// make it fail or hang.
+pub trait Resolver: Send + Sync + 'static {
+    /// Resolves `host` to socket addresses for `port`.
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>>;
+}
+
+/// The operating system's resolver (`getaddrinfo` through tokio).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+/// Wraps a resolver with a timeout and a cache of the last good answer per
+/// name: a phone waking in Doze often fails its first lookups ("Failed host
+/// lookup") although the relay's address has not changed.
+pub(crate) struct CachingResolver {
+    inner: Arc<dyn Resolver>,
+    timeout: Duration,
+    cache: Mutex<HashMap<(String, u16), Vec<SocketAddr>>>,
+}
+
+impl CachingResolver {
+    pub(crate) fn new(inner: Arc<dyn Resolver>, timeout: Duration) -> Self {
+        CachingResolver {
+            inner,
+            timeout,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Addresses for `host`, or `None` when resolution failed and nothing is cached.
+    pub(crate) async fn resolve(&self, host: &str, port: u16) -> Option<Vec<SocketAddr>> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Some(vec![SocketAddr::new(ip, port)]);
+        }
+        let key = (host.to_owned(), port);
+        match tokio::time::timeout(self.timeout, self.inner.resolve(host, port)).await {
+            Ok(Ok(addrs)) if !addrs.is_empty() => {
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, addrs.clone());
+                Some(addrs)
+            }
+            outcome => {
+                tracing::debug!(target: "keepwire::ws", host, ?outcome, "name resolution failed");
+                self.cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&key)
+                    .cloned()
+            }
+        }
+    }
+}
+
+/// What the driver tells a transport task.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    Frame(String),
+    Close(u16),
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// TLS settings for `wss://` relays.
+pub(crate) fn tls_config(
+    extra_roots: &[Vec<u8>],
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        let _ = roots.add(cert);
+    }
+    for der in extra_roots {
+        let _ = roots.add(rustls::pki_types::CertificateDer::from(der.clone()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+async fn open(
+    url: &str,
+    resolver: &CachingResolver,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<Ws, FailureKind> {
+    let mut req = url.into_client_request().map_err(|_| FailureKind::Io)?;
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    let uri = req.uri().clone();
+    let secure = uri.scheme_str() == Some("wss");
+    let host = uri.host().ok_or(FailureKind::Io)?;
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let addrs = resolver.resolve(host, port).await.ok_or(FailureKind::Dns)?;
+    let mut last = FailureKind::Io;
+    let mut tcp = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => last = FailureKind::Refused,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => last = FailureKind::Timeout,
+            Err(_) => last = FailureKind::Io,
+        }
+    }
+    let tcp = tcp.ok_or(last)?;
+    let _ = tcp.set_nodelay(true);
+    let connector = if secure {
+        Connector::Rustls(tls)
+    } else {
+        Connector::Plain
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(16 * 1024 * 1024));
+    let (ws, resp) =
+        tokio_tungstenite::client_async_tls_with_config(req, tcp, Some(config), Some(connector))
+            .await
+            .map_err(|e| match e {
+                tungstenite::Error::Http(resp) => FailureKind::HttpStatus(resp.status().as_u16()),
+                tungstenite::Error::Tls(_) => FailureKind::Tls,
+                tungstenite::Error::Io(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    FailureKind::Tls
+                }
+                _ => FailureKind::Io,
+            })?;
+    let selected = resp
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .and_then(|v| v.to_str().ok());
+    if selected != Some(SUBPROTOCOL) {
+        return Err(FailureKind::HttpStatus(resp.status().as_u16()));
+    }
+    Ok(ws)
+}
+
+/// Runs one transport: opens it, then pumps frames both ways until either
+/// side closes. Reports to the driver with `(id, event)`.
+pub(crate) async fn run(
+    id: u64,
+    url: String,
+    resolver: Arc<CachingResolver>,
+    tls: Arc<rustls::ClientConfig>,
+    events: mpsc::Sender<(u64, TransportEvent)>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+) {
+    let ws = match open(&url, &resolver, tls).await {
+        Ok(ws) => ws,
+        Err(kind) => {
+            let _ = events.send((id, TransportEvent::Failed(kind))).await;
+            return;
+        }
+    };
+    if events.send((id, TransportEvent::Opened)).await.is_err() {
+        return;
+    }
+    let (mut sink, mut stream) = ws.split();
+    loop {
+        tokio::select! {
+            out = outgoing.recv() => match out {
+                Some(Outgoing::Frame(text)) => {
+                    if sink.send(Message::Text(text.into())).await.is_err() {
+                        let _ = events.send((id, TransportEvent::Closed(None))).await;
+                        return;
+                    }
+                }
+                Some(Outgoing::Close(code)) => {
+                    let frame = CloseFrame { code: WsCloseCode::from(code), reason: "".into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+                    return;
+                }
+                // The driver forgot this transport.
+                None => return,
+            },
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    if events.send((id, TransportEvent::Frame(t.as_str().to_owned()))).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map(|f| u16::from(f.code));
+                    let _ = sink.flush().await;
+                    let _ = events.send((id, TransportEvent::Closed(code))).await;
+                    return;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    let _ = events.send((id, TransportEvent::Closed(None))).await;
+                    return;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Messages both ways, catch-up, DNS failures, two clients on one home.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use keepwire_client::{BoxFuture, Client, ClientEvent, ConnectionError, Resolver, State};
+use keepwire_proto::Send;
+use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
+use keepwire_testkit::TempDir;
+
+struct Relay {
+    server: RelayServer,
+    store: Arc<SqliteStore>,
+    _dir: TempDir,
+}
+
+async fn relay() -> Relay {
+    let dir = TempDir::new("client-relay");
+    let metrics = Arc::new(Metrics::default());
+    let store = SqliteStore::open(
+        &dir.join("relay.db"),
+        SqliteOptions {
+            metrics: Some(metrics.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    config.limits.sends_per_sec = 100_000;
+    config.send_burst = 100_000;
+    config.user_sends_per_sec = 100_000;
+    config.user_send_burst = 100_000;
+    let server = RelayServer::start(config, store.clone(), metrics)
+        .await
+        .unwrap();
+    Relay {
+        server,
+        store,
+        _dir: dir,
+    }
+}
+
+impl Relay {
+    async fn user(&self, name: &str) -> String {
+        self.store.create_user(name).await.unwrap();
+        self.store
+            .issue_token(name, Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .token
+    }
+}
+
+async fn client(home: &std::path::Path, url: &str, token: &str) -> Client {
+    Client::builder(home)
+        .servers(vec![url.to_owned()])
+        .token(token)
+        .build()
+        .await
+        .unwrap()
+}
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_flow_both_ways_and_land_in_the_store() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let (ha, hb) = (TempDir::new("alice"), TempDir::new("bob"));
+    let a = client(ha.path(), &r.server.url(), &ta).await;
+    let b = client(hb.path(), &r.server.url(), &tb).await;
+    a.wait_connected(T).await.unwrap();
+    b.wait_connected(T).await.unwrap();
+    let conv = a
+        .create_conversation(vec!["bob".into()], None, false)
+        .await
+        .unwrap();
+    let mut b_events = b.events();
+    for i in 0..20 {
+        a.send(conv.id, &format!("a{i}"))
+            .await
+            .unwrap()
+            .confirmed()
+            .await
+            .unwrap();
+        b.send(conv.id, &format!("b{i}"))
+            .await
+            .unwrap()
+            .confirmed()
+            .await
+            .unwrap();
+    }
+    // Bob's app hears of alice's messages as events.
+    let mut heard = 0;
+    while heard < 20 {
+        if let Some(ClientEvent::Message(m)) = b_events.next().await
+            && m.from == "alice"
+        {
+            heard += 1;
+        }
+    }
+    for c in [&a, &b] {
+        c.wait_for(T, |s| s.caught_up() && s.cursor >= Some(41))
+            .await
+            .unwrap();
+        let msgs = c.messages(Some(conv.id), 100).unwrap();
+        let bodies: Vec<_> = msgs.iter().map(|m| m.body.clone()).collect();
+        let want: Vec<_> = (0..20)
+            .flat_map(|i| [format!("a{i}"), format!("b{i}")])
+            .collect();
+        assert_eq!(bodies, want);
+    }
+    a.stop().await;
+    assert_eq!(
+        a.status().state,
+        State::Stopped(keepwire_client::StopReason::ClosedByApp)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_device_catches_up_on_10k_messages_in_order() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let hb = TempDir::new("bob");
+    // Bob logs in once, then goes away.
+    let ha = TempDir::new("alice");
+    let a = client(ha.path(), &r.server.url(), &ta).await;
+    a.wait_connected(T).await.unwrap();
+    let conv = a
+        .create_conversation(vec!["bob".into()], None, false)
+        .await
+        .unwrap();
+    a.stop().await;
+    let b = client(hb.path(), &r.server.url(), &tb).await;
+    b.wait_for(T, |s| s.caught_up() && s.cursor == Some(1))
+        .await
+        .unwrap();
+    b.stop().await;
+    drop(b);
+    let alice = r.store.authenticate(&ta).await.unwrap().id;
+    let mut tasks = Vec::new();
+    for i in 0..10_000u32 {
+        let store = r.store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .send(
+                    alice,
+                    "seed",
+                    Send {
+                        cid: format!("seed-{i:012}"),
+                        conv: conv.id,
+                        kind: "text".into(),
+                        body: format!("{i}"),
+                    },
+                )
+                .await
+                .unwrap();
+        }));
+        if tasks.len() == 2000 {
+            for t in tasks.drain(..) {
+                t.await.unwrap();
+            }
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let b = client(hb.path(), &r.server.url(), &tb).await;
+    let s = b
+        .wait_for(Duration::from_secs(120), |s| {
+            s.caught_up() && s.cursor >= Some(10_001)
+        })
+        .await
+        .unwrap();
+    println!("caught up on 10,000 messages in {:?}", started.elapsed());
+    assert_eq!(s.cursor, Some(10_001));
+    let msgs = b.messages(Some(conv.id), 20_000).unwrap();
+    assert_eq!(msgs.len(), 10_000);
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m.conv_seq, i as u64 + 1, "in conversation order, no gaps");
+    }
+    let bodies: HashSet<String> = msgs.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(
+        bodies,
+        (0..10_000).map(|i| i.to_string()).collect::<HashSet<_>>(),
+        "each once"
+    );
+}
+
+/// A resolver tests can break: 0 = works, 1 = fails, 2 = hangs.
+struct FlakyResolver {
+    mode: AtomicU8,
+    target: SocketAddr,
+}
+
+impl Resolver for FlakyResolver {
+    fn resolve<'a>(
+        &'a self,
+        _host: &'a str,
+        _port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+        Box::pin(async move {
+            match self.mode.load(Ordering::SeqCst) {
+                0 => Ok(vec![self.target]),
+                1 => Err(io::Error::other(
+                    "Failed host lookup: 'relay.test' (OS Error: No address associated with hostname, errno = 7)",
+                )),
+                _ => std::future::pending().await,
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_failures_are_no_network_back_off_and_recover() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let ha = TempDir::new("alice");
+    let resolver = Arc::new(FlakyResolver {
+        mode: AtomicU8::new(1),
+        target: r.server.local_addr(),
+    });
+    let url = format!("ws://relay.test:{}", r.server.local_addr().port());
+    let a = Client::builder(ha.path())
+        .servers(vec![url])
+        .token(&ta)
+        .resolver(resolver.clone())
+        .resolve_timeout(Duration::from_millis(300))
+        .configure(|c| {
+            c.backoff_foreground.base = Duration::from_millis(100);
+            c.backoff_foreground.cap = Duration::from_millis(800);
+        })
+        .build()
+        .await
+        .unwrap();
+    let s = a
+        .wait_for(T, |s| {
+            s.last_error == Some(ConnectionError::NoNetwork) && s.state == State::BackingOff
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        s.last_error,
+        Some(ConnectionError::NoNetwork),
+        "reported as no network, not a relay fault"
+    );
+    // A hanging resolver does not hang the client: it times out and retries.
+    resolver.mode.store(2, Ordering::SeqCst);
+    let mut events = a.events();
+    let mut failures = 0;
+    while failures < 2 {
+        if let Some(ClientEvent::Error(ConnectionError::NoNetwork)) =
+            tokio::time::timeout(T, events.next()).await.unwrap()
+        {
+            failures += 1;
+        }
+    }
+    // The name resolves again: connected without any app action.
+    resolver.mode.store(0, Ordering::SeqCst);
+    a.wait_connected(T).await.unwrap();
+    // Stop is prompt even with a hanging resolver.
+    resolver.mode.store(2, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), a.stop())
+        .await
+        .expect("stop returns promptly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_on_one_home_share_one_connection() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let (ha, hb) = (TempDir::new("alice"), TempDir::new("bob"));
+    let holder = client(ha.path(), &r.server.url(), &ta).await;
+    holder.wait_connected(T).await.unwrap();
+    // An "extension" on the same home: it may not connect, but its sends go through.
+    let ext = client(ha.path(), &r.server.url(), &ta).await;
+    assert!(
+        holder.status().holder && !ext.status().holder,
+        "only one holds the connection"
+    );
+    assert_eq!(r.server.connection_count(), 1);
+    let conv = holder
+        .create_conversation(vec!["bob".into()], None, false)
+        .await
+        .unwrap();
+    let mut handles = Vec::new();
+    for i in 0..25 {
+        handles.push(ext.send(conv.id, &format!("from-ext-{i}")).await.unwrap());
+    }
+    for h in handles {
+        tokio::time::timeout(T, h.confirmed())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let b = client(hb.path(), &r.server.url(), &tb).await;
+    b.wait_for(T, |s| s.caught_up() && s.cursor >= Some(26))
+        .await
+        .unwrap();
+    let msgs = b.messages(Some(conv.id), 100).unwrap();
+    let bodies: Vec<_> = msgs.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(
+        bodies,
+        (0..25).map(|i| format!("from-ext-{i}")).collect::<Vec<_>>()
+    );
+    let unique: HashSet<_> = msgs.iter().map(|m| m.cid.clone()).collect();
+    assert_eq!(unique.len(), 25);
+    // When the holder goes away, the other takes over the connection.
+    holder.stop().await;
+    drop(holder);
+    ext.wait_connected(T).await.unwrap();
+    assert!(ext.status().holder);
+}
