@@ -120,6 +120,8 @@ pub struct Status {
     pub holder: bool,
     /// The user, once known.
     pub user: Option<String>,
+    /// History pages still being fetched to fill a resume gap.
+    pub backfilling: usize,
 }
 
 impl Status {
@@ -127,6 +129,7 @@ impl Status {
     pub fn caught_up(&self) -> bool {
         self.state == State::Connected
             && self.outbox == 0
+            && self.backfilling == 0
             && self.head.is_some_and(|h| self.cursor.unwrap_or(0) >= h)
     }
 }
@@ -268,6 +271,7 @@ impl ClientBuilder {
             outbox: counts_pending,
             holder: false,
             user: store.meta("user")?,
+            backfilling: 0,
         }));
         let (status_tx, _) = watch::channel(());
         let inner = Arc::new(Inner {
@@ -928,6 +932,8 @@ impl Driver {
                     for (_, r) in self.requests.drain() {
                         let _ = r.send(Err(ClientError::NotConnected));
                     }
+                    // The next welcome brings fresh fetch hints.
+                    self.fetches.clear();
                 }
                 self.emit(ClientEvent::State(s));
             }
@@ -1098,6 +1104,7 @@ impl Driver {
             s.cursor = cursor;
             s.outbox = pending;
             s.holder = true;
+            s.backfilling = self.fetches.len();
         }
         self.inner.status_changed.send_replace(());
     }

@@ -366,10 +366,15 @@ impl RelayProcess {
     /// Starts `bin serve --listen 127.0.0.1:0 --db DB ARGS...` and reads the URL
     /// from its first stdout line.
     pub fn start(bin: &Path, db: &Path, args: &[&str]) -> RelayProcess {
+        Self::start_at(bin, db, "127.0.0.1:0", args)
+    }
+
+    /// Like [`RelayProcess::start`] on a given address (to restart a relay where it was).
+    pub fn start_at(bin: &Path, db: &Path, addr: &str, args: &[&str]) -> RelayProcess {
         let mut child = Command::new(bin)
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(addr)
             .arg("--db")
             .arg(db)
             .args(args)

@@ -1,18 +1,17 @@
-//! The `keepwire` command: runs the relay and administers it.
+//! The `keepwire` command: the relay (`serve`, `admin`) and a client for one
+//! device home (`login`, `conv`, `send`, `sync`, `log`, `tail`, `status`).
 //!
 //! Every mistake a user can make on the command line ends in a one-line
 //! `error: ...` message and a non-zero exit, never a panic or a backtrace.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::fmt;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
-use keepwire_server::store::{Retention, RevokeTarget};
-use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+mod client_cmds;
+mod relay_cmds;
 
 /// keepwire: keeps a chat app's users reachable.
 #[derive(Parser)]
@@ -25,148 +24,39 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay server.
-    Serve(ServeArgs),
+    Serve(relay_cmds::ServeArgs),
     /// Manage users, tokens and the relay database.
-    Admin(AdminArgs),
+    Admin(relay_cmds::AdminArgs),
+    /// Save the relay URL and token for this device home.
+    Login(client_cmds::LoginArgs),
+    /// Create and list conversations.
+    Conv(client_cmds::ConvArgs),
+    /// Send a message (durably queued first).
+    Send(client_cmds::SendArgs),
+    /// Connect, send queued messages, fetch new ones, disconnect.
+    Sync(client_cmds::SyncArgs),
+    /// Print stored messages.
+    Log(client_cmds::LogArgs),
+    /// Stay connected and print messages as they arrive.
+    Tail(client_cmds::TailArgs),
+    /// Show the connection state, cursor and outbox.
+    Status(client_cmds::StatusArgs),
 }
 
-#[derive(Args)]
-struct DbArg {
-    /// The relay database [default: <data dir>/keepwire/relay.db].
-    #[arg(long, env = "KEEPWIRE_DB", global = true)]
-    db: Option<PathBuf>,
+/// An error that ends the command with a specific exit code.
+#[derive(Debug)]
+pub(crate) struct Exit {
+    pub(crate) code: u8,
+    pub(crate) message: String,
 }
 
-impl DbArg {
-    fn path(&self) -> anyhow::Result<PathBuf> {
-        if let Some(p) = &self.db {
-            return Ok(p.clone());
-        }
-        let dir = dirs::data_dir()
-            .context("cannot find a data directory for the default database; pass --db PATH")?;
-        Ok(dir.join("keepwire").join("relay.db"))
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
     }
 }
 
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on; port 0 picks a free port.
-    #[arg(long, default_value = "127.0.0.1:7447")]
-    listen: SocketAddr,
-    #[command(flatten)]
-    db: DbArg,
-    /// Largest frame accepted, in bytes.
-    #[arg(long, value_name = "BYTES")]
-    max_frame_bytes: Option<usize>,
-    /// Largest message body, in bytes.
-    #[arg(long, value_name = "BYTES")]
-    max_body_bytes: Option<usize>,
-    /// Sustained sends per second per connection.
-    #[arg(long, value_name = "N")]
-    sends_per_sec: Option<u32>,
-    /// Burst of sends per connection above the sustained rate.
-    #[arg(long, value_name = "N")]
-    send_burst: Option<u32>,
-    /// Sustained sends per second per user (all connections together).
-    #[arg(long, value_name = "N")]
-    user_sends_per_sec: Option<u32>,
-    /// Time a connection has to send its hello (e.g. 10s).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    handshake_timeout: Option<Duration>,
-    /// Smallest heartbeat a client may negotiate (e.g. 5s).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    min_heartbeat: Option<Duration>,
-    /// Least slack before a silent connection is closed (e.g. 10s).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    heartbeat_grace: Option<Duration>,
-    /// Most connections per user.
-    #[arg(long, value_name = "N")]
-    max_connections_per_user: Option<usize>,
-    /// Largest group.
-    #[arg(long, value_name = "N")]
-    max_group_size: Option<usize>,
-    /// Inbox entries replayed to a new device.
-    #[arg(long, value_name = "N")]
-    history_window: Option<u64>,
-    /// Trim messages older than this (e.g. 90d). Default: keep forever.
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    retention_age: Option<Duration>,
-    /// Keep at most this many inbox entries per user. Default: unlimited.
-    #[arg(long, value_name = "N")]
-    retention_entries: Option<u64>,
-    /// How often age retention runs (e.g. 1m).
-    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    trim_interval: Option<Duration>,
-}
-
-#[derive(Args)]
-struct AdminArgs {
-    #[command(flatten)]
-    db: DbArg,
-    #[command(subcommand)]
-    command: AdminCommand,
-}
-
-#[derive(Subcommand)]
-enum AdminCommand {
-    /// Manage users.
-    #[command(subcommand)]
-    User(UserCommand),
-    /// Manage tokens.
-    #[command(subcommand)]
-    Token(TokenCommand),
-    /// Write a consistent copy of the database (safe while the relay runs).
-    Backup {
-        /// Destination file (must not exist).
-        dest: PathBuf,
-    },
-    /// Replace the database with a backup and start a new epoch (stop the relay first).
-    Restore {
-        /// The backup file.
-        src: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum UserCommand {
-    /// Create a user and print a token for it on one line.
-    Add {
-        /// User name: 1-64 characters of [A-Za-z0-9_.@-].
-        name: String,
-        /// Token lifetime.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "90d")]
-        ttl: Duration,
-    },
-}
-
-#[derive(Subcommand)]
-enum TokenCommand {
-    /// Issue another token for a user and print it on one line.
-    Issue {
-        /// The user.
-        name: String,
-        /// Token lifetime.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "90d")]
-        ttl: Duration,
-    },
-    /// Revoke a token (by its value, or `--id`), or every token of `--user`.
-    /// Live connections using it are closed at once.
-    Revoke {
-        /// The token itself; `-` reads it from standard input.
-        token: Option<String>,
-        /// Token id (from `token list`).
-        #[arg(long, conflicts_with_all = ["token", "user"])]
-        id: Option<i64>,
-        /// Revoke every token of this user.
-        #[arg(long, conflicts_with = "token")]
-        user: Option<String>,
-    },
-    /// List a user's tokens (ids and dates, never the secrets).
-    List {
-        /// The user.
-        name: String,
-    },
-}
+impl std::error::Error for Exit {}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -180,18 +70,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Do not wait for background tasks (a hanging resolver, say) at exit.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<Exit>() {
+            Some(exit) => {
+                if !exit.message.is_empty() {
+                    eprintln!("error: {}", exit.message);
+                }
+                ExitCode::from(exit.code)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
-fn init_logging() {
+pub(crate) fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KEEPWIRE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -201,95 +102,20 @@ fn init_logging() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
-        Command::Admin(args) => admin(args).await,
+        Command::Serve(args) => relay_cmds::serve(args).await,
+        Command::Admin(args) => relay_cmds::admin(args).await,
+        Command::Login(args) => client_cmds::login(args).await,
+        Command::Conv(args) => client_cmds::conv(args).await,
+        Command::Send(args) => client_cmds::send(args).await,
+        Command::Sync(args) => client_cmds::sync(args).await,
+        Command::Log(args) => client_cmds::log(args),
+        Command::Tail(args) => client_cmds::tail(args).await,
+        Command::Status(args) => client_cmds::status(args),
     }
 }
 
-fn open_store(path: &std::path::Path, opts: SqliteOptions) -> anyhow::Result<Arc<SqliteStore>> {
-    SqliteStore::open(path, opts)
-        .with_context(|| format!("cannot open the database {}", path.display()))
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging();
-    let mut config = Config {
-        listen: args.listen,
-        ..Config::default()
-    };
-    let l = &mut config.limits;
-    if let Some(v) = args.max_frame_bytes {
-        l.max_frame_bytes = v;
-    }
-    if let Some(v) = args.max_body_bytes {
-        l.max_body_bytes = v;
-    }
-    if l.max_body_bytes + 512 > l.max_frame_bytes {
-        bail!(
-            "--max-body-bytes ({}) must be at least 512 bytes below --max-frame-bytes ({})",
-            l.max_body_bytes,
-            l.max_frame_bytes
-        );
-    }
-    if let Some(v) = args.sends_per_sec {
-        l.sends_per_sec = v;
-    }
-    if let Some(v) = args.max_group_size {
-        l.max_group_size = v.max(2);
-    }
-    if let Some(v) = args.send_burst {
-        config.send_burst = v;
-    }
-    if let Some(v) = args.user_sends_per_sec {
-        config.user_sends_per_sec = v;
-        config.user_send_burst = v.saturating_mul(2);
-    }
-    if let Some(v) = args.handshake_timeout {
-        config.handshake_timeout = v;
-    }
-    if let Some(v) = args.min_heartbeat {
-        config.heartbeat_min = v;
-    }
-    if let Some(v) = args.heartbeat_grace {
-        config.heartbeat_grace = v;
-    }
-    if let Some(v) = args.max_connections_per_user {
-        config.max_connections_per_user = v.max(1);
-    }
-    if let Some(v) = args.history_window {
-        config.history_window = v;
-    }
-    if let Some(v) = args.trim_interval {
-        config.trim_interval = v.max(Duration::from_millis(10));
-    }
-    let path = args.db.path()?;
-    let metrics = Arc::new(Metrics::default());
-    let retention = Retention {
-        max_age: args.retention_age,
-        max_entries: args.retention_entries,
-        dedupe_age: None,
-    };
-    let store = open_store(
-        &path,
-        SqliteOptions {
-            retention,
-            metrics: Some(metrics.clone()),
-        },
-    )?;
-    let server = RelayServer::start(config, store, metrics)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    // Scripts read the first line of stdout to find the relay.
-    println!("{}", server.url());
-    tracing::info!(target: "keepwire::server", db = %path.display(), "serving");
-    wait_for_signal().await?;
-    tracing::info!(target: "keepwire::server", "shutting down");
-    server.shutdown();
-    server.wait().await;
-    Ok(())
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT.
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     tokio::select! {
@@ -297,98 +123,4 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
     }
     Ok(())
-}
-
-async fn admin(args: AdminArgs) -> anyhow::Result<()> {
-    let path = args.db.path()?;
-    match args.command {
-        AdminCommand::Backup { dest } => {
-            if !path.exists() {
-                bail!("there is no database at {}", path.display());
-            }
-            SqliteStore::backup(&path, &dest)?;
-            println!("{}", dest.display());
-            return Ok(());
-        }
-        AdminCommand::Restore { src } => {
-            if !src.exists() {
-                bail!("there is no backup at {}", src.display());
-            }
-            let epoch = SqliteStore::restore(&src, &path)?;
-            println!(
-                "restored {} into {} (new epoch {epoch})",
-                src.display(),
-                path.display()
-            );
-            return Ok(());
-        }
-        _ => {}
-    }
-    let store = open_store(&path, SqliteOptions::default())?;
-    let result = admin_store(&*store, args.command).await;
-    store.close().await;
-    result
-}
-
-async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result<()> {
-    match command {
-        AdminCommand::User(UserCommand::Add { name, ttl }) => {
-            store.create_user(&name).await?;
-            let t = store.issue_token(&name, ttl).await?;
-            println!("{}", t.token);
-        }
-        AdminCommand::Token(TokenCommand::Issue { name, ttl }) => {
-            let t = store.issue_token(&name, ttl).await?;
-            println!("{}", t.token);
-        }
-        AdminCommand::Token(TokenCommand::Revoke { token, id, user }) => {
-            let target = match (token, id, user) {
-                (Some(t), None, None) => {
-                    let t = if t == "-" {
-                        let mut line = String::new();
-                        std::io::stdin()
-                            .read_line(&mut line)
-                            .context("reading the token from stdin")?;
-                        line.trim().to_owned()
-                    } else {
-                        t
-                    };
-                    RevokeTarget::Token(t)
-                }
-                (None, Some(id), None) => RevokeTarget::Id(id),
-                (None, None, Some(u)) => RevokeTarget::User(u),
-                _ => bail!("name what to revoke: a TOKEN, --id ID or --user NAME"),
-            };
-            let n = store.revoke(target).await?;
-            println!("revoked {n} token{}", if n == 1 { "" } else { "s" });
-        }
-        AdminCommand::Token(TokenCommand::List { name }) => {
-            println!("{:>6}  {:<24}  {:<24}  status", "id", "created", "expires");
-            let now = std::time::SystemTime::now();
-            for t in store.list_tokens(&name).await? {
-                let expires =
-                    std::time::UNIX_EPOCH + Duration::from_millis(t.expires_at_ms.max(0) as u64);
-                let status = if t.revoked_at_ms.is_some() {
-                    "revoked"
-                } else if expires <= now {
-                    "expired"
-                } else {
-                    "active"
-                };
-                println!(
-                    "{:>6}  {:<24}  {:<24}  {status}",
-                    t.id,
-                    fmt_ms(t.created_at_ms),
-                    fmt_ms(t.expires_at_ms)
-                );
-            }
-        }
-        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => unreachable!("handled above"),
-    }
-    Ok(())
-}
-
-fn fmt_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -2,6 +2,7 @@
 //! signals, and the command line's error messages.
 
 mod cli;
+mod client_process;
 mod relay_process;
 
 use std::path::PathBuf;
@@ -35,4 +36,27 @@ pub fn add_user(db: &std::path::Path, name: &str) -> String {
         "one line with the token: {token:?}"
     );
     token
+}
+
+/// Runs `keepwire ARGS...` for the device home `home`.
+pub fn kw(home: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env("KEEPWIRE_HOME", home)
+        .env("KEEPWIRE_LOG", "warn")
+        .output()
+        .expect("run keepwire")
+}
+
+/// Like [`kw`], asserting success; returns stdout.
+pub fn kw_ok(home: &std::path::Path, args: &[&str]) -> String {
+    let out = kw(home, args);
+    assert!(
+        out.status.success(),
+        "keepwire {args:?} failed ({:?}): {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }

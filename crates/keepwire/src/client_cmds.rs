@@ -1,0 +1,599 @@
+//! Client commands: one device "home" directory each (`--home` or `KEEPWIRE_HOME`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Subcommand};
+use futures_util::StreamExt as _;
+use keepwire_client::store::Store;
+use keepwire_client::{
+    BoxFuture, Client, ClientError, ClientEvent, ConnectionError, State, StopReason, TokenProvider,
+};
+use keepwire_proto::Message;
+
+use crate::{Exit, init_logging, wait_for_signal};
+
+/// `keepwire sync` exit codes (also in the README). 0: caught up; 1: other
+/// errors; 2: usage errors.
+pub(crate) mod exit {
+    /// The deadline passed before everything was done; what was done stays done.
+    pub const PARTIAL: u8 = 3;
+    /// The relay could not be reached (no network, DNS, refused, timeout).
+    pub const UNREACHABLE: u8 = 4;
+    /// The token was rejected or revoked: log in again.
+    pub const AUTH_REJECTED: u8 = 5;
+}
+
+#[derive(Args, Clone)]
+pub(crate) struct HomeArg {
+    /// The device home directory [default: <data dir>/keepwire/home].
+    #[arg(long, env = "KEEPWIRE_HOME", global = true)]
+    home: Option<PathBuf>,
+}
+
+impl HomeArg {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(h) = &self.home {
+            return Ok(h.clone());
+        }
+        let dir = dirs::data_dir()
+            .context("cannot find a data directory for the default home; pass --home DIR")?;
+        Ok(dir.join("keepwire").join("home"))
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct LoginArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Relay URL (ws://HOST:PORT or wss://HOST:PORT); repeat for several relays.
+    #[arg(long = "server", required = true, value_name = "URL")]
+    servers: Vec<String>,
+    /// The token (from `keepwire admin user add` or your app's backend).
+    #[arg(long)]
+    token: String,
+    /// How long to try to verify the token with the relay.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    timeout: Duration,
+}
+
+#[derive(Args)]
+pub(crate) struct ConvArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    #[command(subcommand)]
+    command: ConvCommand,
+}
+
+#[derive(Subcommand)]
+enum ConvCommand {
+    /// Create a conversation with these users and print its id.
+    Create {
+        /// Other members.
+        #[arg(required = true)]
+        users: Vec<String>,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// A group even with one other user (default: direct for one user).
+        #[arg(long)]
+        group: bool,
+        /// How long to wait for the relay.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        timeout: Duration,
+    },
+    /// List your conversations.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Only what the local store knows (no connection).
+        #[arg(long)]
+        offline: bool,
+        /// How long to wait for the relay.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        timeout: Duration,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct SendArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Conversation id.
+    conv: u64,
+    /// The message.
+    text: String,
+    /// How long to wait for the relay's confirmation (0 = do not wait).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    timeout: Duration,
+}
+
+#[derive(Args)]
+pub(crate) struct SyncArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Give up (keeping what was done) after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    deadline: Duration,
+}
+
+#[derive(Args)]
+pub(crate) struct LogArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Only this conversation.
+    conv: Option<u64>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// At most this many (the most recent).
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+}
+
+#[derive(Args)]
+pub(crate) struct TailArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// As one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
+    if !keepwire_client::store::db_path(home).exists() {
+        bail!(
+            "{} is not a keepwire home yet; run `keepwire login --server URL --token TOKEN` first",
+            home.display()
+        );
+    }
+    Ok(Store::open(home)?)
+}
+
+async fn open_client(home: &std::path::Path, start: bool) -> anyhow::Result<Client> {
+    init_logging("warn");
+    open_existing(home)?;
+    let mut b = Client::builder(home);
+    if !start {
+        b = b.manual_start();
+    }
+    b.build().await.map_err(|e| match e {
+        ClientError::NotLoggedIn(_) => anyhow::anyhow!(
+            "{} has no relay URL or token; run `keepwire login --server URL --token TOKEN`",
+            home.display()
+        ),
+        other => other.into(),
+    })
+}
+
+fn describe(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::NoNetwork => "no network (the relay's name did not resolve)".into(),
+        ConnectionError::Refused => "connection refused (is the relay running?)".into(),
+        ConnectionError::Tls => "TLS failure (certificate not trusted?)".into(),
+        ConnectionError::Timeout => "the relay did not answer in time".into(),
+        ConnectionError::HttpStatus(s) => {
+            format!("the relay answered HTTP {s} instead of a WebSocket upgrade")
+        }
+        ConnectionError::Io => "the connection failed or dropped".into(),
+        ConnectionError::Closed(c) => match keepwire_proto::CloseCode::from_code(*c) {
+            Some(code) => format!("the relay closed the connection: {code}"),
+            None => format!("the relay closed the connection with code {c}"),
+        },
+        ConnectionError::HeartbeatTimeout => "the connection went silent".into(),
+        ConnectionError::Protocol(m) => format!("protocol error: {m}"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn stopped_message(r: StopReason) -> String {
+    match r {
+        StopReason::AuthRejected => {
+            "the relay rejected the token; run `keepwire login` with a valid token".into()
+        }
+        StopReason::TokenRevoked => {
+            "the token was revoked; run `keepwire login` with a new token".into()
+        }
+        StopReason::DeviceRevoked => "this device was revoked".into(),
+        StopReason::Replaced => "another connection of this device took over".into(),
+        other => format!("stopped: {other:?}"),
+    }
+}
+
+/// Turns a failed wait into a human error with the right exit code.
+fn connect_failure(client: &Client, e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Stopped(r) => Exit {
+            code: exit::AUTH_REJECTED,
+            message: stopped_message(r),
+        }
+        .into(),
+        ClientError::Timeout => {
+            let s = client.status();
+            if !s.holder {
+                return anyhow::anyhow!(
+                    "another keepwire process holds this home's connection; stop it or use that process"
+                );
+            }
+            let why = s
+                .last_error
+                .as_ref()
+                .map(describe)
+                .unwrap_or_else(|| "no answer".into());
+            Exit {
+                code: exit::UNREACHABLE,
+                message: format!("cannot reach the relay: {why}"),
+            }
+            .into()
+        }
+        other => other.into(),
+    }
+}
+
+/// A token provider that never has a new token (for verifying a login).
+struct NoRefresh;
+
+impl TokenProvider for NoRefresh {
+    fn refresh(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { None })
+    }
+}
+
+pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
+    init_logging("warn");
+    let home = args.home.path()?;
+    for u in &args.servers {
+        if !(u.starts_with("ws://") || u.starts_with("wss://")) {
+            bail!("invalid relay URL {u:?}: use ws://HOST:PORT or wss://HOST:PORT");
+        }
+    }
+    let token = args.token.trim().to_owned();
+    if token.is_empty() {
+        bail!("the token is empty");
+    }
+    let store = Store::open(&home)?;
+    let device = store.device_id()?;
+    let client = Client::builder(&home)
+        .servers(args.servers.clone())
+        .token(token.clone())
+        .token_provider(Arc::new(NoRefresh))
+        .build()
+        .await?;
+    match client.wait_connected(args.timeout).await {
+        Ok(()) => {
+            store.save_login(&args.servers, &token)?;
+            // Store what is waiting (up to a moment), so the cursor starts here.
+            let _ = client
+                .wait_for(Duration::from_secs(2), |s| s.caught_up())
+                .await;
+            let user = client.status().user.unwrap_or_default();
+            client.stop().await;
+            println!(
+                "logged in as {user} (device {device}) at {}",
+                args.servers.join(", ")
+            );
+            Ok(())
+        }
+        Err(ClientError::Stopped(r)) => Err(Exit {
+            code: exit::AUTH_REJECTED,
+            message: stopped_message(r),
+        }
+        .into()),
+        Err(ClientError::Timeout) => {
+            store.save_login(&args.servers, &token)?;
+            let why = client
+                .status()
+                .last_error
+                .as_ref()
+                .map(describe)
+                .unwrap_or_else(|| "no answer".into());
+            client.stop().await;
+            println!(
+                "saved (device {device}); the relay could not be reached to check the token: {why}"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(crate) async fn conv(args: ConvArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    match args.command {
+        ConvCommand::Create {
+            users,
+            name,
+            group,
+            timeout,
+        } => {
+            let client = open_client(&home, true).await?;
+            client
+                .wait_connected(timeout)
+                .await
+                .map_err(|e| connect_failure(&client, e))?;
+            let conv = client.create_conversation(users, name, group).await?;
+            client.stop().await;
+            println!("{}", conv.id);
+        }
+        ConvCommand::List {
+            json,
+            offline,
+            timeout,
+        } => {
+            let convs = if offline {
+                open_existing(&home)?.convs()?
+            } else {
+                let client = open_client(&home, true).await?;
+                client
+                    .wait_connected(timeout)
+                    .await
+                    .map_err(|e| connect_failure(&client, e))?;
+                let convs = client.list_conversations().await?;
+                client.stop().await;
+                convs
+            };
+            for c in convs {
+                if json {
+                    println!("{}", serde_json::to_string(&c)?);
+                } else {
+                    let kind = match c.kind {
+                        keepwire_proto::ConvKind::Direct => "direct",
+                        keepwire_proto::ConvKind::Group => "group",
+                    };
+                    let name = c.name.map(|n| format!(" {n:?}")).unwrap_or_default();
+                    println!(
+                        "{}\t{kind}{name}\t{}\t{} messages",
+                        c.id,
+                        c.members.join(","),
+                        c.last_seq
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let client = open_client(&home, true).await?;
+    let handle = client.send(args.conv, &args.text).await?;
+    if args.timeout.is_zero() {
+        println!("queued");
+        return Ok(());
+    }
+    let result = tokio::time::timeout(args.timeout, handle.confirmed()).await;
+    client.stop().await;
+    match result {
+        Ok(Ok(())) => println!("sent"),
+        Ok(Err(e)) => bail!("the relay refused the message: {e}"),
+        Err(_) => {
+            let why = client.status().last_error.as_ref().map(describe);
+            match why {
+                Some(w) => {
+                    println!("queued (not confirmed yet: {w}); it will be sent by the next sync")
+                }
+                None => println!("queued (not confirmed yet); it will be sent by the next sync"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let started = std::time::Instant::now();
+    let client = open_client(&home, false).await?;
+    let mut events = client.events();
+    // Count what this sync did, from the client's events.
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let confirmed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counter = tokio::spawn({
+        let (received, confirmed, connected) =
+            (received.clone(), confirmed.clone(), connected.clone());
+        async move {
+            use std::sync::atomic::Ordering::Relaxed;
+            while let Some(ev) = events.next().await {
+                match ev {
+                    ClientEvent::Message(_) => _ = received.fetch_add(1, Relaxed),
+                    ClientEvent::SendConfirmed(_) => _ = confirmed.fetch_add(1, Relaxed),
+                    ClientEvent::State(State::Connected) => connected.store(true, Relaxed),
+                    _ => {}
+                }
+            }
+        }
+    });
+    client.start();
+    let outcome = match client.wait_for(args.deadline, |s| s.caught_up()).await {
+        Ok(_) => Ok(()),
+        Err(ClientError::Stopped(r)) => Err(Exit {
+            code: exit::AUTH_REJECTED,
+            message: stopped_message(r),
+        }),
+        Err(_) => {
+            let s = client.status();
+            Err(if connected.load(std::sync::atomic::Ordering::Relaxed) {
+                Exit {
+                    code: exit::PARTIAL,
+                    message: format!(
+                        "deadline of {:?} reached before everything was synced; run sync again to continue",
+                        args.deadline
+                    ),
+                }
+            } else if !s.holder {
+                Exit {
+                    code: exit::PARTIAL,
+                    message:
+                        "another keepwire process holds this home's connection; it syncs the store"
+                            .into(),
+                }
+            } else {
+                let why = s
+                    .last_error
+                    .as_ref()
+                    .map(describe)
+                    .unwrap_or_else(|| "no answer".into());
+                Exit {
+                    code: exit::UNREACHABLE,
+                    message: format!("cannot reach the relay: {why}"),
+                }
+            })
+        }
+    };
+    client.stop().await;
+    counter.abort();
+    let (received, confirmed) = (
+        received.load(std::sync::atomic::Ordering::Relaxed),
+        confirmed.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let s = client.status();
+    let (pending, failed) = open_existing(&home)?.outbox_counts()?;
+    let summary = format!(
+        "synced in {:.1}s: {received} messages received, {confirmed} sends confirmed, {pending} pending, {failed} failed, cursor {}",
+        started.elapsed().as_secs_f64(),
+        s.cursor.unwrap_or(0)
+    );
+    match outcome {
+        Ok(()) => {
+            println!("{summary}");
+            Ok(())
+        }
+        Err(e) => {
+            println!("{summary}");
+            Err(e.into())
+        }
+    }
+}
+
+fn print_message(m: &Message, json: bool) -> anyhow::Result<()> {
+    let time = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(m.ts.max(0) as u64),
+    );
+    if json {
+        let v = serde_json::json!({
+            "seq": m.conv_seq, "id": m.id, "conv": m.conv, "from": m.from, "body": m.body,
+            "time": time.to_string(), "ts": m.ts, "cid": m.cid, "kind": m.kind,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{time} conv {} #{} {}: {}",
+            m.conv, m.conv_seq, m.from, m.body
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn log(args: LogArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let store = open_existing(&home)?;
+    for m in store.messages(args.conv, args.limit)? {
+        print_message(&m, args.json)?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let client = open_client(&home, true).await?;
+    // Print from the store (works whichever process holds the connection):
+    // everything after the cursor at start, as it lands.
+    let store = open_existing(&home)?;
+    let mut last = store.cursor()?.map(|c| c.seq).unwrap_or(0);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => { r?; break; }
+            _ = tick.tick() => {
+                for (seq, m) in store.messages_after(last, 1000)? {
+                    last = seq;
+                    print_message(&m, args.json)?;
+                }
+                if let State::Stopped(r) = client.status().state {
+                    return Err(Exit { code: exit::AUTH_REJECTED, message: stopped_message(r) }.into());
+                }
+            }
+        }
+    }
+    client.stop().await;
+    Ok(())
+}
+
+fn lock_held(home: &std::path::Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(home.join("lock"))
+    else {
+        return false;
+    };
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+}
+
+pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let store = open_existing(&home)?;
+    let running = lock_held(&home);
+    let state = if running {
+        store.meta("state")?.unwrap_or_else(|| "Starting".into())
+    } else {
+        "not running".into()
+    };
+    let last_error = store.meta("last_error")?;
+    let cursor = store.cursor()?;
+    let (pending, failed) = store.outbox_counts()?;
+    let v = serde_json::json!({
+        "home": home.display().to_string(),
+        "user": store.meta("user")?,
+        "device": store.device_id()?,
+        "servers": store.urls()?,
+        "running": running,
+        "state": state,
+        "last_error": last_error,
+        "cursor": cursor.as_ref().map(|c| c.seq),
+        "epoch": cursor.as_ref().map(|c| c.epoch.clone()),
+        "outbox_pending": pending,
+        "outbox_failed": failed,
+        "messages": store.message_count()?,
+    });
+    if args.json {
+        println!("{v}");
+    } else {
+        println!("home:     {}", home.display());
+        println!(
+            "user:     {}",
+            v["user"].as_str().unwrap_or("(not connected yet)")
+        );
+        println!("device:   {}", v["device"].as_str().unwrap_or(""));
+        println!("servers:  {}", store.urls()?.join(", "));
+        println!("state:    {state}");
+        if let Some(e) = last_error {
+            println!("last error: {e}");
+        }
+        println!(
+            "cursor:   {}",
+            cursor
+                .map(|c| c.seq.to_string())
+                .unwrap_or_else(|| "none".into())
+        );
+        println!("outbox:   {pending} pending, {failed} failed");
+        println!("messages: {}", v["messages"]);
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The client as separate processes: `kill -9` of the relay and of the
+//! client, several processes on one home, sync exit codes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keepwire_testkit::{RelayProcess, TempDir};
+
+use crate::{add_user, bin, kw, kw_ok};
+
+const FAST: &[&str] = &[
+    "--sends-per-sec",
+    "100000",
+    "--send-burst",
+    "100000",
+    "--user-sends-per-sec",
+    "100000",
+];
+
+/// A long-running `keepwire tail` for a home (the connection holder). Killed on drop.
+struct Tail(Child);
+
+impl Tail {
+    fn start(home: &Path) -> Tail {
+        let child = Command::new(bin())
+            .args(["tail", "--json"])
+            .env("KEEPWIRE_HOME", home)
+            .env("KEEPWIRE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tail");
+        Tail(child)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn status(home: &Path) -> serde_json::Value {
+    serde_json::from_str(&kw_ok(home, &["status", "--json"])).unwrap()
+}
+
+/// Polls `cond` (every 50 ms) until it holds or `within` passes.
+fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Logs in a device home and returns it.
+fn device(dir: &TempDir, name: &str, url: &str, token: &str) -> std::path::PathBuf {
+    let home = dir.join(name);
+    let out = kw_ok(&home, &["login", "--server", url, "--token", token]);
+    assert!(out.contains("logged in as"), "{out}");
+    home
+}
+
+/// The messages of a home's store, by body, with how often each appears.
+fn stored(home: &Path) -> (Vec<String>, HashMap<String, usize>) {
+    let out = kw_ok(home, &["log", "--json", "--limit", "100000"]);
+    let mut order = Vec::new();
+    let mut counts = HashMap::new();
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let body = v["body"].as_str().unwrap().to_owned();
+        *counts.entry(body.clone()).or_default() += 1;
+        order.push(body);
+    }
+    (order, counts)
+}
+
+fn assert_exactly_once_in_order(home: &Path, want: &[String]) {
+    let (order, counts) = stored(home);
+    for w in want {
+        assert_eq!(
+            counts.get(w).copied().unwrap_or(0),
+            1,
+            "{w} must be stored exactly once"
+        );
+    }
+    let mine: Vec<&String> = order.iter().filter(|b| want.contains(b)).collect();
+    assert_eq!(mine, want.iter().collect::<Vec<_>>(), "in send order");
+}
+
+#[test]
+fn relay_killed_and_restarted_while_sends_are_queued() {
+    let dir = TempDir::new("relay-kill");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let mut relay = RelayProcess::start(&bin(), &db, FAST);
+    let url = relay.url.clone();
+    let alice = device(&dir, "alice", &url, &ta);
+    let bob = device(&dir, "bob", &url, &tb);
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let _holder = Tail::start(&alice);
+    let mut want = Vec::new();
+    for i in 0..30 {
+        want.push(format!("before-{i}"));
+        kw_ok(&alice, &["send", &conv, &want[i], "--timeout", "0"]);
+    }
+    relay.kill9();
+    // Queued while the relay is dead.
+    for i in 0..30 {
+        let body = format!("during-{i}");
+        kw_ok(&alice, &["send", &conv, &body, "--timeout", "0"]);
+        want.push(body);
+    }
+    // Back on the same address and database.
+    let addr = url.trim_start_matches("ws://").to_owned();
+    let _relay = RelayProcess::start_at(&bin(), &db, &addr, FAST);
+    wait_until(Duration::from_secs(60), "alice's outbox to drain", || {
+        status(&alice)["outbox_pending"] == 0
+    });
+    let out = kw_ok(&bob, &["sync"]);
+    assert!(out.contains("synced"), "{out}");
+    assert_exactly_once_in_order(&bob, &want);
+}
+
+#[test]
+fn client_killed_with_a_full_outbox_delivers_it_exactly_once() {
+    let dir = TempDir::new("client-kill");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    let alice = device(&dir, "alice", &relay.url, &ta);
+    let bob = device(&dir, "bob", &relay.url, &tb);
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    // Queue 200 sends without letting anyone flush them: a tail holds the
+    // home while the queue fills, then is killed mid-flush.
+    let mut want = Vec::new();
+    for i in 0..200 {
+        want.push(format!("m{i:03}"));
+    }
+    {
+        let store = keepwire_client::store::Store::open(&alice).unwrap();
+        for w in &want {
+            store.enqueue(conv.parse().unwrap(), "text", w).unwrap();
+        }
+    }
+    let mut tail = Tail::start(&alice);
+    wait_until(
+        Duration::from_secs(30),
+        "some sends to be confirmed",
+        || status(&alice)["outbox_pending"].as_u64().unwrap() < 200,
+    );
+    tail.kill9();
+    let left = status(&alice)["outbox_pending"].as_u64().unwrap();
+    println!("client killed with {left} of 200 sends still in the outbox");
+    // Restarted: the rest goes out, nothing twice.
+    let out = kw(&alice, &["sync"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status(&alice)["outbox_pending"], 0);
+    let out = kw_ok(&bob, &["sync"]);
+    println!("bob: {out} {}", status(&bob));
+    assert_exactly_once_in_order(&bob, &want);
+    assert_exactly_once_in_order(&alice, &want);
+}
+
+#[test]
+fn a_send_from_a_second_process_goes_through_the_holder() {
+    let dir = TempDir::new("two-procs");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    let alice = device(&dir, "alice", &relay.url, &ta);
+    let bob = device(&dir, "bob", &relay.url, &tb);
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let _holder = Tail::start(&alice);
+    wait_until(Duration::from_secs(10), "the tail to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    let out = kw_ok(&alice, &["send", &conv, "via the holder"]);
+    assert_eq!(
+        out.trim(),
+        "sent",
+        "confirmed through the other process's connection"
+    );
+    assert_eq!(status(&alice)["running"], true);
+    kw_ok(&bob, &["sync"]);
+    assert_exactly_once_in_order(&bob, &["via the holder".to_owned()]);
+}
+
+#[test]
+fn sync_exit_codes_say_what_happened() {
+    let dir = TempDir::new("sync-codes");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let mut relay = RelayProcess::start(&bin(), &db, FAST);
+    let alice = device(&dir, "alice", &relay.url, &ta);
+    assert_eq!(kw(&alice, &["sync"]).status.code(), Some(0));
+    relay.kill9();
+    let out = kw(&alice, &["sync", "--deadline", "2s"]);
+    assert_eq!(out.status.code(), Some(4), "unreachable");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the relay"));
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    let out = kw(
+        &alice,
+        &["login", "--server", &relay.url, "--token", "kw_forged"],
+    );
+    assert_eq!(out.status.code(), Some(5), "auth rejected");
+    // Commands on a home that never logged in say what to do.
+    let nobody = dir.join("nobody");
+    let out = kw(&nobody, &["sync"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keepwire login"));
+}
