@@ -1,3 +1,4 @@
 //! Tests of the sans-IO client core.
 
+mod scenarios;
 mod sim;

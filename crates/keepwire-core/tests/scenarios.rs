@@ -1,0 +1,407 @@
+//! Scripted scenarios: one behaviour each, stepped by hand.
+
+use std::time::Duration;
+
+use keepwire_core::{
+    AppState, Config, Connection, ConnectionError, Event, FailureKind, Instant, Network,
+    OutboxItem, State, StopReason, Transmit, TransportEvent,
+};
+use keepwire_proto::{
+    ClientFrame, CloseCode, Confirm, EntryItem, InboxEntry, Limits, Message, Rejected, Resume,
+    ResumeStatus, ServerFrame, Welcome, decode_client, encode,
+};
+
+fn t(ms: u64) -> Instant {
+    Instant::from_duration(Duration::from_millis(ms))
+}
+
+struct Harness {
+    c: Connection,
+    sent: Vec<ClientFrame>,
+    events: Vec<Event>,
+    open: Option<u64>,
+    opens: usize,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let cfg = Config::new("phone", vec!["ws://relay".into()]);
+        let mut h = Harness {
+            c: Connection::new(cfg, "tok".into(), None, 42, t(0)),
+            sent: vec![],
+            events: vec![],
+            open: None,
+            opens: 0,
+        };
+        h.c.start(t(0));
+        h.drain();
+        h
+    }
+
+    fn drain(&mut self) {
+        while let Some(x) = self.c.poll_transmit() {
+            match x {
+                Transmit::Open { id, .. } => {
+                    self.open = Some(id);
+                    self.opens += 1;
+                }
+                Transmit::Frame { text, .. } => self
+                    .sent
+                    .push(decode_client(&text, &Limits::default()).unwrap()),
+                Transmit::Close { .. } => self.open = None,
+            }
+        }
+        while let Some(e) = self.c.poll_event() {
+            self.events.push(e);
+        }
+    }
+
+    fn transport(&mut self, ev: TransportEvent, now: Instant) {
+        let id = self.open.expect("a transport is open");
+        if matches!(ev, TransportEvent::Closed(_) | TransportEvent::Failed(_)) {
+            self.open = None;
+        }
+        self.c.handle_transport(id, ev, now);
+        self.drain();
+    }
+
+    fn frame(&mut self, f: ServerFrame, now: Instant) {
+        self.transport(TransportEvent::Frame(encode(&f)), now);
+    }
+
+    /// Opens and handshakes at `now`.
+    fn connect(&mut self, now: Instant) {
+        self.transport(TransportEvent::Opened, now);
+        assert!(matches!(self.sent.last(), Some(ClientFrame::Hello(_))));
+        self.frame(welcome(0), now);
+        assert_eq!(self.c.state(), State::Connected);
+    }
+
+    fn timeout(&mut self, now: Instant) {
+        self.c.handle_timeout(now);
+        self.drain();
+    }
+}
+
+fn welcome(head: u64) -> ServerFrame {
+    ServerFrame::Welcome(Welcome {
+        session: "s".into(),
+        user: "alice".into(),
+        device: "phone".into(),
+        heartbeat_ms: 30_000,
+        idle_timeout_ms: 45_000,
+        epoch: "e".into(),
+        head,
+        resume: Resume {
+            status: ResumeStatus::New,
+            from: 1,
+            reason: None,
+            missed: None,
+            fetch: vec![],
+        },
+        limits: Limits::default().wire(),
+    })
+}
+
+#[test]
+fn backoff_has_full_jitter_under_the_cap_and_resets_after_a_stable_connection() {
+    let mut h = Harness::new();
+    let mut now = t(0);
+    let cap = Duration::from_secs(30);
+    for _ in 0..12 {
+        h.transport(TransportEvent::Failed(FailureKind::Refused), now);
+        assert_eq!(h.c.state(), State::BackingOff);
+        let at = h.c.retry_at().unwrap();
+        assert!(at - now <= cap);
+        now = at;
+        h.timeout(now);
+        assert_eq!(h.c.state(), State::Connecting);
+    }
+    // After 12 failures the ceiling is the cap; a long stable connection resets it.
+    h.connect(now);
+    now = now + Duration::from_secs(25);
+    h.transport(TransportEvent::Closed(None), now);
+    assert!(
+        h.c.retry_at().unwrap() - now <= Duration::from_millis(500),
+        "back to the base delay"
+    );
+}
+
+#[test]
+fn no_attempt_while_offline_and_an_immediate_one_when_the_network_returns() {
+    let mut h = Harness::new();
+    h.c.handle_network(Network::Offline, t(1));
+    h.drain();
+    assert_eq!(h.c.state(), State::WaitingForNetwork);
+    assert!(h.open.is_none());
+    let opens = h.opens;
+    h.timeout(t(600_000));
+    assert_eq!(
+        h.opens, opens,
+        "no attempt while offline, whatever the timers"
+    );
+    h.c.handle_network(Network::Online("wifi".into()), t(600_001));
+    h.drain();
+    assert_eq!(h.c.state(), State::Connecting);
+    assert_eq!(h.opens, opens + 1);
+}
+
+#[test]
+fn dns_failure_is_no_network_and_retried_while_the_os_says_online() {
+    let mut h = Harness::new();
+    h.transport(TransportEvent::Failed(FailureKind::Dns), t(10));
+    assert_eq!(h.c.last_error(), Some(&ConnectionError::NoNetwork));
+    assert_eq!(h.c.state(), State::BackingOff);
+    let at = h.c.retry_at().unwrap();
+    h.timeout(at);
+    assert_eq!(
+        h.c.state(),
+        State::Connecting,
+        "retried although no network-up event came"
+    );
+}
+
+#[test]
+fn foreground_skips_the_backoff_wait() {
+    let mut h = Harness::new();
+    h.c.handle_app_state(AppState::Background, t(0));
+    for i in 0..8 {
+        h.transport(TransportEvent::Failed(FailureKind::Timeout), t(i));
+        let at = h.c.retry_at().unwrap();
+        h.timeout(at);
+    }
+    h.transport(TransportEvent::Failed(FailureKind::Timeout), t(100));
+    assert_eq!(h.c.state(), State::BackingOff);
+    h.c.handle_app_state(AppState::Foreground, t(101));
+    h.drain();
+    assert_eq!(
+        h.c.state(),
+        State::Connecting,
+        "the user is looking: connect now"
+    );
+}
+
+#[test]
+fn an_expired_token_is_refreshed_once_then_the_client_stops() {
+    let mut h = Harness::new();
+    h.transport(TransportEvent::Opened, t(1));
+    h.transport(
+        TransportEvent::Closed(Some(CloseCode::TokenExpired.code())),
+        t(2),
+    );
+    assert_eq!(h.c.state(), State::RefreshingToken);
+    assert!(h.events.contains(&Event::TokenNeeded));
+    h.c.handle_token(Some("tok2".into()), t(3));
+    h.drain();
+    assert_eq!(
+        h.c.state(),
+        State::Connecting,
+        "the new token is tried at once"
+    );
+    h.transport(TransportEvent::Opened, t(4));
+    match h.sent.last() {
+        Some(ClientFrame::Hello(hello)) => assert_eq!(hello.token, "tok2"),
+        other => panic!("expected hello, got {other:?}"),
+    }
+    h.transport(
+        TransportEvent::Closed(Some(CloseCode::AuthFailed.code())),
+        t(5),
+    );
+    assert_eq!(h.c.state(), State::Stopped(StopReason::AuthRejected));
+    let opens = h.opens;
+    h.timeout(t(1_000_000));
+    h.c.handle_network(Network::Online("cell".into()), t(1_000_001));
+    h.drain();
+    assert_eq!(h.opens, opens, "never loops on a bad token");
+}
+
+#[test]
+fn replaced_stops_for_good() {
+    let mut h = Harness::new();
+    h.connect(t(1));
+    h.transport(
+        TransportEvent::Closed(Some(CloseCode::Replaced.code())),
+        t(2),
+    );
+    assert_eq!(h.c.state(), State::Stopped(StopReason::Replaced));
+    let opens = h.opens;
+    h.c.handle_app_state(AppState::Background, t(3));
+    h.c.handle_app_state(AppState::Foreground, t(4));
+    h.timeout(t(10_000_000));
+    h.drain();
+    assert_eq!(
+        h.opens, opens,
+        "reconnecting would kick the newer connection off"
+    );
+}
+
+#[test]
+fn an_unconfirmed_send_probes_the_connection_and_a_missing_pong_reconnects() {
+    let mut h = Harness::new();
+    h.connect(t(0));
+    h.c.queue_send(
+        OutboxItem {
+            cid: "0123456789abcdef0123".into(),
+            conv: 1,
+            kind: "text".into(),
+            body: "hi".into(),
+        },
+        t(100),
+    );
+    h.drain();
+    assert!(matches!(h.sent.last(), Some(ClientFrame::Send(_))));
+    // Nothing comes back: within seconds a ping goes out, not at the next heartbeat.
+    let probe = h.c.poll_timeout().unwrap();
+    assert!(probe <= t(100) + Duration::from_secs(3));
+    h.timeout(probe);
+    assert!(matches!(h.sent.last(), Some(ClientFrame::Ping {})));
+    let dead = h.c.poll_timeout().unwrap();
+    h.timeout(dead);
+    assert_eq!(h.c.last_error(), Some(&ConnectionError::HeartbeatTimeout));
+    assert!(h.open.is_none());
+    // The send is retransmitted on the next session with the same cid.
+    let at = h.c.retry_at().unwrap();
+    h.timeout(at);
+    h.sent.clear();
+    h.connect(at);
+    assert!(
+        h.sent
+            .iter()
+            .any(|f| matches!(f, ClientFrame::Send(s) if s.cid == "0123456789abcdef0123"))
+    );
+    assert_eq!(h.c.outbox_len(), 1);
+    h.frame(
+        ServerFrame::Confirm(Confirm {
+            cid: "0123456789abcdef0123".into(),
+            id: 1,
+            conv: 1,
+            conv_seq: 1,
+            ts: 0,
+            duplicate: false,
+        }),
+        at,
+    );
+    assert_eq!(h.c.outbox_len(), 0);
+}
+
+#[test]
+fn rate_limited_sends_are_resent_in_order_after_the_wait() {
+    let mut h = Harness::new();
+    h.connect(t(0));
+    let cids: Vec<String> = (0..3).map(|i| format!("cid-{i:016}")).collect();
+    for c in &cids {
+        h.c.queue_send(
+            OutboxItem {
+                cid: c.clone(),
+                conv: 1,
+                kind: "text".into(),
+                body: c.clone(),
+            },
+            t(1),
+        );
+    }
+    h.drain();
+    h.frame(
+        ServerFrame::Confirm(Confirm {
+            cid: cids[0].clone(),
+            id: 1,
+            conv: 1,
+            conv_seq: 1,
+            ts: 0,
+            duplicate: false,
+        }),
+        t(2),
+    );
+    h.frame(
+        ServerFrame::Rejected(Rejected {
+            cid: cids[1].clone(),
+            code: keepwire_proto::ErrorCode::RateLimited,
+            message: String::new(),
+            retry_after_ms: Some(200),
+        }),
+        t(3),
+    );
+    h.sent.clear();
+    h.timeout(t(100));
+    assert!(
+        h.sent.iter().all(|f| !matches!(f, ClientFrame::Send(_))),
+        "waits retry_after"
+    );
+    h.timeout(t(203));
+    let resent: Vec<String> = h
+        .sent
+        .iter()
+        .filter_map(|f| match f {
+            ClientFrame::Send(s) => Some(s.cid.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        resent,
+        vec![cids[1].clone(), cids[2].clone()],
+        "from the first rejected one, in order"
+    );
+}
+
+#[test]
+fn the_cursor_moves_only_when_entries_are_persisted() {
+    let mut h = Harness::new();
+    h.connect(t(0));
+    let entry = |seq: u64| {
+        ServerFrame::Entry(InboxEntry {
+            seq,
+            item: EntryItem::Message(Message {
+                id: seq,
+                conv: 1,
+                conv_seq: seq,
+                from: "b".into(),
+                cid: "x".into(),
+                kind: "text".into(),
+                body: "m".into(),
+                ts: 0,
+            }),
+        })
+    };
+    h.frame(entry(1), t(1));
+    h.frame(entry(2), t(1));
+    let handed: usize = h
+        .events
+        .iter()
+        .map(|e| {
+            if let Event::Entries(v) = e {
+                v.len()
+            } else {
+                0
+            }
+        })
+        .sum();
+    assert_eq!(handed, 2, "entries are handed to the driver to persist");
+    assert_eq!(h.c.cursor(), None);
+    assert!(
+        !h.sent.iter().any(|f| matches!(f, ClientFrame::Ack { .. })),
+        "no ack before persisting"
+    );
+    h.c.handle_persisted(2, t(2));
+    h.drain();
+    assert_eq!(h.c.cursor().map(|c| c.seq), Some(2));
+    assert!(matches!(h.sent.last(), Some(ClientFrame::Ack { seq: 2 })));
+    // An entry out of sequence is a protocol error: reconnect and resume.
+    h.frame(entry(4), t(3));
+    assert!(matches!(
+        h.c.last_error(),
+        Some(ConnectionError::Protocol(_))
+    ));
+    assert_eq!(h.c.state(), State::BackingOff);
+}
+
+#[test]
+fn going_away_reconnects_within_the_jitter_window_without_growing_backoff() {
+    let mut h = Harness::new();
+    h.connect(t(0));
+    h.transport(
+        TransportEvent::Closed(Some(CloseCode::GoingAway.code())),
+        t(1000),
+    );
+    let at = h.c.retry_at().unwrap();
+    assert!(at - t(1000) <= Duration::from_secs(5));
+}
