@@ -9,54 +9,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use keepwire_client::{BoxFuture, Client, ClientEvent, ConnectionError, Resolver, State};
-use keepwire_proto::Send;
-use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
 use keepwire_testkit::TempDir;
+use keepwire_testkit::relay::TestRelay;
 
-struct Relay {
-    server: RelayServer,
-    store: Arc<SqliteStore>,
-    _dir: TempDir,
-}
-
-async fn relay() -> Relay {
-    let dir = TempDir::new("client-relay");
-    let metrics = Arc::new(Metrics::default());
-    let store = SqliteStore::open(
-        &dir.join("relay.db"),
-        SqliteOptions {
-            metrics: Some(metrics.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
-    config.limits.sends_per_sec = 100_000;
-    config.send_burst = 100_000;
-    config.user_sends_per_sec = 100_000;
-    config.user_send_burst = 100_000;
-    let server = RelayServer::start(config, store.clone(), metrics)
-        .await
-        .unwrap();
-    Relay {
-        server,
-        store,
-        _dir: dir,
-    }
-}
-
-impl Relay {
-    async fn user(&self, name: &str) -> String {
-        self.store.create_user(name).await.unwrap();
-        self.store
-            .issue_token(name, Duration::from_secs(3600))
-            .await
-            .unwrap()
-            .token
-    }
+async fn relay() -> TestRelay {
+    TestRelay::start().await
 }
 
 async fn client(home: &std::path::Path, url: &str, token: &str) -> Client {
@@ -76,8 +33,8 @@ async fn messages_flow_both_ways_and_land_in_the_store() {
     let ta = r.user("alice").await;
     let tb = r.user("bob").await;
     let (ha, hb) = (TempDir::new("alice"), TempDir::new("bob"));
-    let a = client(ha.path(), &r.server.url(), &ta).await;
-    let b = client(hb.path(), &r.server.url(), &tb).await;
+    let a = client(ha.path(), &r.url, &ta).await;
+    let b = client(hb.path(), &r.url, &tb).await;
     a.wait_connected(T).await.unwrap();
     b.wait_connected(T).await.unwrap();
     let conv = a
@@ -134,49 +91,23 @@ async fn an_offline_device_catches_up_on_10k_messages_in_order() {
     let hb = TempDir::new("bob");
     // Bob logs in once, then goes away.
     let ha = TempDir::new("alice");
-    let a = client(ha.path(), &r.server.url(), &ta).await;
+    let a = client(ha.path(), &r.url, &ta).await;
     a.wait_connected(T).await.unwrap();
     let conv = a
         .create_conversation(vec!["bob".into()], None, false)
         .await
         .unwrap();
     a.stop().await;
-    let b = client(hb.path(), &r.server.url(), &tb).await;
+    let b = client(hb.path(), &r.url, &tb).await;
     b.wait_for(T, |s| s.caught_up() && s.cursor == Some(1))
         .await
         .unwrap();
     b.stop().await;
     drop(b);
-    let alice = r.store.authenticate(&ta).await.unwrap().id;
-    let mut tasks = Vec::new();
-    for i in 0..10_000u32 {
-        let store = r.store.clone();
-        tasks.push(tokio::spawn(async move {
-            store
-                .send(
-                    alice,
-                    "seed",
-                    Send {
-                        cid: format!("seed-{i:012}"),
-                        conv: conv.id,
-                        kind: "text".into(),
-                        body: format!("{i}"),
-                    },
-                )
-                .await
-                .unwrap();
-        }));
-        if tasks.len() == 2000 {
-            for t in tasks.drain(..) {
-                t.await.unwrap();
-            }
-        }
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let alice = r.user_id(&ta).await;
+    r.seed(alice, conv.id, 10_000, "").await;
     let started = std::time::Instant::now();
-    let b = client(hb.path(), &r.server.url(), &tb).await;
+    let b = client(hb.path(), &r.url, &tb).await;
     let s = b
         .wait_for(Duration::from_secs(120), |s| {
             s.caught_up() && s.cursor >= Some(10_001)
@@ -229,9 +160,12 @@ async fn dns_failures_are_no_network_back_off_and_recover() {
     let ha = TempDir::new("alice");
     let resolver = Arc::new(FlakyResolver {
         mode: AtomicU8::new(1),
-        target: r.server.local_addr(),
+        target: r.server.as_ref().unwrap().local_addr(),
     });
-    let url = format!("ws://relay.test:{}", r.server.local_addr().port());
+    let url = format!(
+        "ws://relay.test:{}",
+        r.server.as_ref().unwrap().local_addr().port()
+    );
     let a = Client::builder(ha.path())
         .servers(vec![url])
         .token(&ta)
@@ -282,15 +216,15 @@ async fn two_clients_on_one_home_share_one_connection() {
     let ta = r.user("alice").await;
     let tb = r.user("bob").await;
     let (ha, hb) = (TempDir::new("alice"), TempDir::new("bob"));
-    let holder = client(ha.path(), &r.server.url(), &ta).await;
+    let holder = client(ha.path(), &r.url, &ta).await;
     holder.wait_connected(T).await.unwrap();
     // An "extension" on the same home: it may not connect, but its sends go through.
-    let ext = client(ha.path(), &r.server.url(), &ta).await;
+    let ext = client(ha.path(), &r.url, &ta).await;
     assert!(
         holder.status().holder && !ext.status().holder,
         "only one holds the connection"
     );
-    assert_eq!(r.server.connection_count(), 1);
+    assert_eq!(r.server.as_ref().unwrap().connection_count(), 1);
     let conv = holder
         .create_conversation(vec!["bob".into()], None, false)
         .await
@@ -305,7 +239,7 @@ async fn two_clients_on_one_home_share_one_connection() {
             .unwrap()
             .unwrap();
     }
-    let b = client(hb.path(), &r.server.url(), &tb).await;
+    let b = client(hb.path(), &r.url, &tb).await;
     b.wait_for(T, |s| s.caught_up() && s.cursor >= Some(26))
         .await
         .unwrap();

@@ -61,37 +61,10 @@ async fn replay_of_100k_entries_stays_in_order_while_others_send() {
     let tc = relay.user("carol").await;
     let mut a = relay.connect(&ta, "a").await;
     let conv = create_conv(&mut a, ConvKind::Group, &["bob", "carol"]).await;
-    let alice = relay.store.authenticate(&ta).await.unwrap().id;
+    let alice = relay.user_id(&ta).await;
 
     // Seed the backlog through the store, many sends per group commit.
-    let store = relay.store.clone();
-    let mut seeded = 0;
-    while seeded < BACKLOG {
-        let chunk = (BACKLOG - seeded).min(2000);
-        let mut tasks = Vec::with_capacity(chunk);
-        for i in seeded..seeded + chunk {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                store
-                    .send(
-                        alice,
-                        "seed",
-                        Send {
-                            cid: format!("seed-{i:012}"),
-                            conv: conv.id,
-                            kind: "text".into(),
-                            body: format!("{i}"),
-                        },
-                    )
-                    .await
-                    .unwrap()
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        seeded += chunk;
-    }
+    relay.seed(alice, conv.id, BACKLOG, "").await;
 
     // Carol resumes from just after the membership entry while alice keeps sending.
     let cursor = Cursor {
@@ -171,7 +144,7 @@ async fn retention_by_count_gives_a_gap_answer_that_history_fills() {
     // 110 more: bob's inbox keeps only the last 50 of its 121 entries. (They
     // go through the store: alice's own connection may be told to resync as
     // her inbox is trimmed under it.)
-    let alice = relay.store.authenticate(&ta).await.unwrap().id;
+    let alice = relay.user_id(&ta).await;
     for i in 10..120 {
         let send = Send {
             cid: format!("bulk-{i:012}"),

@@ -6,6 +6,7 @@
 //! - [`TempDir`]: a directory removed on drop.
 //! - [`RelayProcess`]: a `keepwire serve` child process, killed on drop.
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
+//! - [`relay`]: an in-process relay on a temp database, and seeding helpers.
 #![allow(missing_docs, reason = "test support")]
 
 use std::collections::VecDeque;
@@ -492,3 +493,5 @@ pub fn assert_contiguous(entries: &[InboxEntry], first: u64) {
 }
 
 pub use serde_json;
+
+pub mod relay;

@@ -212,6 +212,19 @@ fn stopped_message(r: StopReason) -> String {
     }
 }
 
+/// "Cannot reach the relay", with the last connection problem.
+fn unreachable_exit(s: &keepwire_client::Status) -> Exit {
+    let why = s
+        .last_error
+        .as_ref()
+        .map(describe)
+        .unwrap_or_else(|| "no answer".into());
+    Exit {
+        code: exit::UNREACHABLE,
+        message: format!("cannot reach the relay: {why}"),
+    }
+}
+
 /// Turns a failed wait into a human error with the right exit code.
 fn connect_failure(client: &Client, e: ClientError) -> anyhow::Error {
     match e {
@@ -227,16 +240,7 @@ fn connect_failure(client: &Client, e: ClientError) -> anyhow::Error {
                     "another keepwire process holds this home's connection; stop it or use that process"
                 );
             }
-            let why = s
-                .last_error
-                .as_ref()
-                .map(describe)
-                .unwrap_or_else(|| "no answer".into());
-            Exit {
-                code: exit::UNREACHABLE,
-                message: format!("cannot reach the relay: {why}"),
-            }
-            .into()
+            unreachable_exit(&s).into()
         }
         other => other.into(),
     }
@@ -441,15 +445,7 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
                             .into(),
                 }
             } else {
-                let why = s
-                    .last_error
-                    .as_ref()
-                    .map(describe)
-                    .unwrap_or_else(|| "no answer".into());
-                Exit {
-                    code: exit::UNREACHABLE,
-                    message: format!("cannot reach the relay: {why}"),
-                }
+                unreachable_exit(&s)
             })
         }
     };

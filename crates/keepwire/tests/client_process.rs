@@ -8,16 +8,7 @@ use std::time::{Duration, Instant};
 
 use keepwire_testkit::{RelayProcess, TempDir};
 
-use crate::{add_user, bin, kw, kw_ok};
-
-const FAST: &[&str] = &[
-    "--sends-per-sec",
-    "100000",
-    "--send-burst",
-    "100000",
-    "--user-sends-per-sec",
-    "100000",
-];
+use crate::{FAST, add_user, bin, kw, kw_ok};
 
 /// A long-running `keepwire tail` for a home (the connection holder). Killed on drop.
 struct Tail(Child);

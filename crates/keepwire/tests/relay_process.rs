@@ -8,17 +8,7 @@ use std::time::Duration;
 use keepwire_proto::{ClientFrame, CloseCode, ConvCreate, ConvKind, EntryItem, ServerFrame};
 use keepwire_testkit::{RelayProcess, TempDir, WsClient, http_get, new_cid};
 
-use crate::{add_user, bin, keepwire};
-
-/// Rate limits out of the way of tests that send in bulk.
-const FAST: &[&str] = &[
-    "--sends-per-sec",
-    "100000",
-    "--send-burst",
-    "100000",
-    "--user-sends-per-sec",
-    "100000",
-];
+use crate::{FAST, add_user, bin, keepwire};
 
 async fn direct_conv(c: &mut WsClient, other: &str) -> u64 {
     c.send(&ClientFrame::ConvCreate(ConvCreate {

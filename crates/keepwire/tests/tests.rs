@@ -8,6 +8,16 @@ mod relay_process;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+/// `keepwire serve` flags that keep rate limits out of the way of bulk tests.
+pub const FAST: &[&str] = &[
+    "--sends-per-sec",
+    "100000",
+    "--send-burst",
+    "100000",
+    "--user-sends-per-sec",
+    "100000",
+];
+
 /// The binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_keepwire"))
