@@ -22,9 +22,10 @@ async fn heartbeat_is_negotiated_and_silence_closes_the_connection() {
         .unwrap();
     assert_eq!(c.welcome().heartbeat_ms, 200);
     assert_eq!(c.welcome().idle_timeout_ms, 300);
-    // Pinging keeps it open well past the idle timeout.
+    // Pinging at the heartbeat cadence keeps it open well past the idle timeout.
+    let mut cadence = tokio::time::interval(Duration::from_millis(100));
     for _ in 0..8 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        cadence.tick().await;
         c.barrier().await;
     }
     // Renegotiate, then fall silent.
