@@ -257,3 +257,93 @@ async fn two_clients_on_one_home_share_one_connection() {
     ext.wait_connected(T).await.unwrap();
     assert!(ext.status().holder);
 }
+
+/// A token provider that counts its calls and hands out long-lived JWTs.
+struct CountingProvider {
+    calls: std::sync::atomic::AtomicUsize,
+    user: String,
+}
+
+const JWT_SECRET: &[u8] = b"integration-test-secret-of-enough-length";
+
+fn jwt(user: &str, exp_in_secs: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = serde_json::json!({"sub": user, "iat": now, "exp": now + exp_in_secs});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET),
+    )
+    .unwrap()
+}
+
+impl keepwire_client::TokenProvider for CountingProvider {
+    fn refresh(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Some(jwt(&self.user, 3600))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_token_expiring_mid_connection_is_refreshed_once_without_loss() {
+    let mut config = keepwire_testkit::relay::test_config();
+    config.jwt = Some(keepwire_server::auth::JwtConfig {
+        hs256_secret: Some(JWT_SECRET.to_vec()),
+        leeway: Duration::ZERO,
+        ..Default::default()
+    });
+    let r = TestRelay::start_with(config, Default::default()).await;
+    let hb = TempDir::new("bob");
+    let provider = Arc::new(CountingProvider {
+        calls: Default::default(),
+        user: "bob".into(),
+    });
+    // Bob's first token expires in 2 s, while he is connected.
+    let b = Client::builder(hb.path())
+        .servers(vec![r.url.clone()])
+        .token(jwt("bob", 2))
+        .token_provider(provider.clone())
+        .build()
+        .await
+        .unwrap();
+    b.wait_connected(T).await.unwrap();
+    let mut alice = keepwire_testkit::WsClient::connect(&r.url, &jwt("alice", 3600), "alice", None)
+        .await
+        .unwrap();
+    let conv = keepwire_testkit::relay::create_conv(
+        &mut alice,
+        keepwire_proto::ConvKind::Direct,
+        &["bob"],
+    )
+    .await;
+    // Alice keeps sending across bob's token expiry.
+    let mut cadence = tokio::time::interval(Duration::from_millis(100));
+    let mut cids = Vec::new();
+    for i in 0..40 {
+        cadence.tick().await;
+        cids.push(alice.send_message(conv.id, &format!("m{i}")).await);
+    }
+    for cid in &cids {
+        alice.confirm(cid).await;
+    }
+    let s = b
+        .wait_for(T, |s| s.caught_up() && s.cursor >= Some(41))
+        .await
+        .unwrap();
+    assert_eq!(s.state, State::Connected);
+    assert_eq!(
+        provider.calls.load(Ordering::SeqCst),
+        1,
+        "exactly one refresh"
+    );
+    let msgs = b.messages(Some(conv.id), 100).unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| m.body.clone()).collect::<Vec<_>>(),
+        (0..40).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+}

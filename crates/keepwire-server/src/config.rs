@@ -44,6 +44,12 @@ pub struct Config {
     pub write_timeout: Duration,
     /// How long shutdown waits for connections to close.
     pub shutdown_grace: Duration,
+    /// App-issued JWTs, when accepted besides keepwire's own tokens.
+    pub jwt: Option<crate::auth::JwtConfig>,
+    /// Requests per second per API key on the HTTP API (burst: twice that).
+    pub api_requests_per_sec: u32,
+    /// Largest HTTP API request body, in bytes.
+    pub api_max_body_bytes: usize,
 }
 
 impl Default for Config {
@@ -66,6 +72,9 @@ impl Default for Config {
             revocation_poll: Duration::from_millis(250),
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            jwt: None,
+            api_requests_per_sec: 200,
+            api_max_body_bytes: 64 * 1024,
         }
     }
 }

@@ -21,7 +21,7 @@ use tracing::Instrument as _;
 
 use crate::Shared;
 use crate::hub::{Control, RegisterError};
-use crate::store::{AuthFailure, AuthedUser, StoreError};
+use crate::store::{Actor, AuthFailure, AuthedUser, StoreError};
 
 /// Most inbox entries read from the store at once.
 const READ_BATCH: u64 = 256;
@@ -131,12 +131,13 @@ async fn handshake(rx: &mut Rx, shared: &Shared) -> Result<(AuthedUser, Hello), 
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
         }
     };
-    match shared.store.authenticate(&hello.token).await {
+    match shared.auth.authenticate(&hello.token, &hello.device).await {
         Ok(user) => Ok((user, hello)),
         Err(StoreError::Auth(f)) => Err(End::Closed(match f {
             AuthFailure::Unknown => CloseCode::AuthFailed,
             AuthFailure::Expired => CloseCode::TokenExpired,
             AuthFailure::Revoked => CloseCode::TokenRevoked,
+            AuthFailure::DeviceRevoked => CloseCode::DeviceRevoked,
         })),
         Err(e) => {
             tracing::error!(target: "keepwire::ws", error = %e, "authentication failed internally");
@@ -222,7 +223,7 @@ async fn session(
     let mut reg = match shared.hub.register(
         user.id,
         &hello.device,
-        Some(user.token_id),
+        user.token_id,
         config.max_connections_per_user,
         control_tx,
     ) {
@@ -427,7 +428,7 @@ async fn session(
                                 let uid = user.id;
                                 pending.push_back(Box::pin(async move {
                                     let cid = s.cid.clone();
-                                    (cid, store.send(uid, &device, s).await)
+                                    (cid, store.send(Actor::User(uid), &device, s).await)
                                 }));
                                 None
                             }
@@ -479,23 +480,23 @@ async fn session(
                     }
                     ClientFrame::History(h) => {
                         let limit = h.limit.unwrap_or(50).min(limits.max_history_page);
-                        Some(match store.history(user.id, h.conv, h.before, limit).await {
+                        Some(match store.history(Actor::User(user.id), h.conv, h.before, limit).await {
                             Ok(mut page) => { page.rid = h.rid; ServerFrame::History(page) }
                             Err(e) => request_error(shared, &h.rid, e),
                         })
                     }
                     ClientFrame::ConvCreate(c) => {
                         let rid = c.rid.clone();
-                        Some(match store.conv_create(user.id, c, limits.max_group_size).await {
+                        Some(match store.conv_create(Actor::User(user.id), c, limits.max_group_size).await {
                             Ok((conv, changed)) => ServerFrame::Conv { rid, conv, changed },
                             Err(e) => request_error(shared, &rid, e),
                         })
                     }
-                    ClientFrame::ConvAdd(m) => Some(match store.conv_member(user.id, m.conv, &m.user, true, limits.max_group_size).await {
+                    ClientFrame::ConvAdd(m) => Some(match store.conv_member(Actor::User(user.id), m.conv, &m.user, true, limits.max_group_size).await {
                         Ok((conv, changed)) => ServerFrame::Conv { rid: m.rid, conv, changed },
                         Err(e) => request_error(shared, &m.rid, e),
                     }),
-                    ClientFrame::ConvRemove(m) => Some(match store.conv_member(user.id, m.conv, &m.user, false, limits.max_group_size).await {
+                    ClientFrame::ConvRemove(m) => Some(match store.conv_member(Actor::User(user.id), m.conv, &m.user, false, limits.max_group_size).await {
                         Ok((conv, changed)) => ServerFrame::Conv { rid: m.rid, conv, changed },
                         Err(e) => request_error(shared, &m.rid, e),
                     }),

@@ -147,16 +147,22 @@ impl Hub {
         }
     }
 
-    /// Closes the user's connections that use `token_id` (or all of them).
-    pub fn revoke(&self, user: UserId, token_id: Option<i64>) -> usize {
+    /// Closes the user's connections that use `token_id`, or those of
+    /// `device` (with [`CloseCode::DeviceRevoked`]), or all of them.
+    pub fn revoke(&self, user: UserId, token_id: Option<i64>, device: Option<&str>) -> usize {
         let users = self.lock();
         let Some(slot) = users.get(&user) else {
             return 0;
         };
         let mut n = 0;
         for c in &slot.conns {
-            if token_id.is_none() || c.token_id == token_id {
-                let _ = c.control.try_send(Control::Close(CloseCode::TokenRevoked));
+            let (hit, code) = match (device, token_id) {
+                (Some(d), _) => (c.device == d, CloseCode::DeviceRevoked),
+                (None, Some(t)) => (c.token_id == Some(t), CloseCode::TokenRevoked),
+                (None, None) => (true, CloseCode::TokenRevoked),
+            };
+            if hit {
+                let _ = c.control.try_send(Control::Close(code));
                 n += 1;
             }
         }

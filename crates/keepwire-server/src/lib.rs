@@ -27,10 +27,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod api;
+pub mod auth;
 mod config;
 mod conn;
 mod hub;
 pub mod metrics;
+mod openapi;
 mod ratelimit;
 pub mod store;
 
@@ -42,11 +45,13 @@ pub use store::{SqliteOptions, SqliteStore, Store, StoreError};
 /// State shared by every connection of one relay.
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) auth: auth::Authenticator,
     pub(crate) hub: Arc<Hub>,
     pub(crate) config: Config,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    pub(crate) api_limits: api::ApiLimits,
 }
 
 /// A running relay.
@@ -72,12 +77,14 @@ impl RelayServer {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let shared = Arc::new(Shared {
+            auth: auth::Authenticator::new(store.clone(), config.jwt.clone()),
             store: store.clone(),
             hub: hub.clone(),
             config,
             metrics,
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
+            api_limits: api::ApiLimits::default(),
         });
         tracker.spawn(revocation_poller(shared.clone()));
         tracker.spawn(trimmer(shared.clone()));
@@ -86,6 +93,7 @@ impl RelayServer {
             .route("/", get(ws_handler))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/metrics", get(metrics_handler))
+            .merge(api::routes(shared.config.api_max_body_bytes))
             .with_state(shared.clone());
         let listener = listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
@@ -226,7 +234,9 @@ async fn revocation_poller(shared: Arc<Shared>) {
             Ok(revs) => {
                 for r in revs {
                     last = last.max(r.id);
-                    let n = shared.hub.revoke(r.user_id, r.token_id);
+                    let n = shared
+                        .hub
+                        .revoke(r.user_id, r.token_id, r.device.as_deref());
                     if n > 0 {
                         tracing::info!(target: "keepwire::server", user_id = r.user_id, closed = n, "revoked token: closing connections");
                     }

@@ -152,7 +152,11 @@ async fn retention_by_count_gives_a_gap_answer_that_history_fills() {
             kind: "text".into(),
             body: format!("m{i}"),
         };
-        relay.store.send(alice, "a", send).await.unwrap();
+        relay
+            .store
+            .send(keepwire_server::store::Actor::User(alice), "a", send)
+            .await
+            .unwrap();
     }
     let mut b = WsClient::connect(
         &relay.url,

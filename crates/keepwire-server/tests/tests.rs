@@ -8,5 +8,6 @@ mod conversations;
 mod dedupe;
 mod delivery;
 mod group_commit;
+mod integration;
 mod lifecycle;
 mod resume;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keepwire_proto::{ClientFrame, ConvCreate, ConvInfo, ConvKind, Send, ServerFrame};
-use keepwire_server::store::{Retention, UserId};
+use keepwire_server::store::{Actor, Retention, UserId};
 use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
 
 use crate::{TempDir, WsClient};
@@ -105,7 +105,10 @@ impl TestRelay {
                     body: format!("{prefix}{i}"),
                 };
                 tasks.push(tokio::spawn(async move {
-                    store.send(user, "seed", send).await.expect("seed send")
+                    store
+                        .send(Actor::User(user), "seed", send)
+                        .await
+                        .expect("seed send")
                 }));
             }
             for t in tasks {

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay server.
-    Serve(relay_cmds::ServeArgs),
+    Serve(Box<relay_cmds::ServeArgs>),
     /// Manage users, tokens and the relay database.
     Admin(relay_cmds::AdminArgs),
     /// Save the relay URL and token for this device home.
@@ -102,7 +102,7 @@ pub(crate) fn init_logging(default: &str) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => relay_cmds::serve(args).await,
+        Command::Serve(args) => relay_cmds::serve(*args).await,
         Command::Admin(args) => relay_cmds::admin(args).await,
         Command::Login(args) => client_cmds::login(args).await,
         Command::Conv(args) => client_cmds::conv(args).await,

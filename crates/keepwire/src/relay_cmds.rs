@@ -76,6 +76,33 @@ pub(crate) struct ServeArgs {
     /// Keep at most this many inbox entries per user. Default: unlimited.
     #[arg(long, value_name = "N")]
     retention_entries: Option<u64>,
+    /// Accept app-issued HS256 JWTs signed with the secret in this file.
+    #[arg(long, value_name = "PATH")]
+    jwt_secret_file: Option<PathBuf>,
+    /// Accept RS256/ES256 JWTs with keys from this JWKS URL (cached, refreshed on an unknown kid).
+    #[arg(long, value_name = "URL", conflicts_with = "jwks_file")]
+    jwks_url: Option<String>,
+    /// Accept RS256/ES256 JWTs with keys from this JWKS file.
+    #[arg(long, value_name = "PATH")]
+    jwks_file: Option<PathBuf>,
+    /// Required JWT audience (`aud`).
+    #[arg(long)]
+    jwt_audience: Option<String>,
+    /// Required JWT issuer (`iss`).
+    #[arg(long)]
+    jwt_issuer: Option<String>,
+    /// Clock skew allowed on JWT exp/nbf/iat.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    jwt_leeway: Duration,
+    /// JWT claim naming the device (if present, it must match the hello's device).
+    #[arg(long, default_value = "device")]
+    jwt_device_claim: String,
+    /// Least time between two JWKS fetches.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    jwks_refresh_floor: Duration,
+    /// HTTP API requests per second per API key.
+    #[arg(long, value_name = "N")]
+    api_rate: Option<u32>,
     /// How often age retention runs (e.g. 1m).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     trim_interval: Option<Duration>,
@@ -97,6 +124,12 @@ enum AdminCommand {
     /// Manage tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Manage API keys of the HTTP API.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
+    /// Manage devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Write a consistent copy of the database (safe while the relay runs).
     Backup {
         /// Destination file (must not exist).
@@ -106,6 +139,38 @@ enum AdminCommand {
     Restore {
         /// The backup file.
         src: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Create an API key and print it on one line (shown once).
+    Create {
+        /// A name to recognise it by.
+        name: String,
+    },
+    /// List API keys (ids and names, never the keys).
+    List,
+    /// Revoke an API key by id.
+    Revoke {
+        /// Key id (from `api-key list`).
+        id: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// List a user's devices and their delivery positions.
+    List {
+        /// The user.
+        user: String,
+    },
+    /// Revoke a device: its live connections close at once and it cannot reconnect.
+    Revoke {
+        /// The user.
+        user: String,
+        /// The device id.
+        device: String,
     },
 }
 
@@ -205,6 +270,43 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.trim_interval {
         config.trim_interval = v.max(Duration::from_millis(10));
+    }
+    if let Some(v) = args.api_rate {
+        config.api_requests_per_sec = v.max(1);
+    }
+    let hs256_secret = match &args.jwt_secret_file {
+        Some(p) => {
+            let s = std::fs::read(p)
+                .with_context(|| format!("cannot read the JWT secret file {}", p.display()))?;
+            let s = String::from_utf8_lossy(&s).trim().as_bytes().to_vec();
+            if s.len() < 32 {
+                bail!("the JWT secret in {} is shorter than 32 bytes", p.display());
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    let jwks = match (&args.jwks_url, &args.jwks_file) {
+        (Some(u), _) => {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                bail!("--jwks-url must be an http(s) URL");
+            }
+            Some(keepwire_server::auth::JwksSource::Url(u.clone()))
+        }
+        (None, Some(p)) => Some(keepwire_server::auth::JwksSource::File(p.clone())),
+        (None, None) => None,
+    };
+    if hs256_secret.is_some() || jwks.is_some() {
+        config.jwt = Some(keepwire_server::auth::JwtConfig {
+            hs256_secret,
+            jwks,
+            audience: args.jwt_audience.clone(),
+            issuer: args.jwt_issuer.clone(),
+            leeway: args.jwt_leeway,
+            device_claim: args.jwt_device_claim.clone(),
+            jwks_refresh_floor: args.jwks_refresh_floor,
+            ..Default::default()
+        });
     }
     let path = args.db.path()?;
     let metrics = Arc::new(Metrics::default());
@@ -317,7 +419,58 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
                 );
             }
         }
-        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => unreachable!("handled above"),
+        AdminCommand::ApiKey(ApiKeyCommand::Create { name }) => {
+            let (_, key) = store.create_api_key(&name).await?;
+            println!("{key}");
+        }
+        AdminCommand::ApiKey(ApiKeyCommand::List) => {
+            println!("{:>6}  {:<24}  {:<8}  name", "id", "created", "status");
+            for k in store.list_api_keys().await? {
+                let status = if k.revoked_at_ms.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:>6}  {:<24}  {status:<8}  {}",
+                    k.id,
+                    fmt_ms(k.created_at_ms),
+                    k.name
+                );
+            }
+        }
+        AdminCommand::ApiKey(ApiKeyCommand::Revoke { id }) => {
+            if !store.revoke_api_key(id).await? {
+                bail!("no active API key with id {id}");
+            }
+            println!("revoked API key {id}");
+        }
+        AdminCommand::Device(DeviceCommand::List { user }) => {
+            println!(
+                "{:<24}  {:<24}  {:>10}  status",
+                "device", "last seen", "acked"
+            );
+            for d in store.list_devices(&user).await? {
+                let status = if d.revoked_at_ms.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<24}  {:<24}  {:>10}  {status}",
+                    d.device,
+                    fmt_ms(d.last_seen_ms),
+                    d.acked_seq
+                );
+            }
+        }
+        AdminCommand::Device(DeviceCommand::Revoke { user, device }) => {
+            let done = store.revoke_device(&user, &device).await?;
+            println!("{}", if done { "revoked" } else { "already revoked" });
+        }
+        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => {
+            bail!("backup and restore do not open the store")
+        }
     }
     Ok(())
 }

@@ -125,3 +125,47 @@ fn backup_and_restore_change_the_epoch() {
     ]);
     assert!(out.status.success());
 }
+
+#[test]
+fn api_keys_and_devices_are_managed_from_the_cli() {
+    let dir = TempDir::new("apikeys");
+    let db = dir.join("relay.db");
+    let db = db.to_str().unwrap();
+    add_user(std::path::Path::new(db), "alice");
+    let out = keepwire(&["admin", "--db", db, "api-key", "create", "backend"]);
+    assert!(out.status.success());
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(key.starts_with("kwk_") && !key.contains('\n'));
+    let list = keepwire(&["admin", "--db", db, "api-key", "list"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("backend") && text.contains("active") && !text.contains("kwk_"));
+    assert!(
+        keepwire(&["admin", "--db", db, "api-key", "revoke", "1"])
+            .status
+            .success()
+    );
+    assert_human_error(
+        &keepwire(&["admin", "--db", db, "api-key", "revoke", "1"]),
+        "no active API key with id 1",
+    );
+    let out = keepwire(&[
+        "admin",
+        "--db",
+        db,
+        "device",
+        "revoke",
+        "alice",
+        "old-phone",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "revoked");
+    let out = keepwire(&["admin", "--db", db, "device", "list", "alice"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("old-phone"));
+    assert_human_error(
+        &keepwire(&["admin", "--db", db, "device", "list", "nobody"]),
+        "no user named",
+    );
+    assert_human_error(
+        &keepwire(&["serve", "--db", db, "--jwt-secret-file", "/nonexistent"]),
+        "cannot read the JWT secret file",
+    );
+}

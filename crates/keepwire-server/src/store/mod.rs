@@ -25,6 +25,20 @@ pub use sqlite::{SqliteOptions, SqliteStore};
 /// Internal user id.
 pub type UserId = i64;
 
+/// The name under which the app's backend posts system messages and makes
+/// membership changes. Not a valid user name, so no user can take it.
+pub const SYSTEM_USER: &str = "~system";
+
+/// Who asks for a change: a user (bound by membership rules) or the app's
+/// backend through the HTTP API (trusted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Actor {
+    /// A user, through a connection.
+    User(UserId),
+    /// The app's backend (as [`SYSTEM_USER`]).
+    System,
+}
+
 /// A user authenticated by a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthedUser {
@@ -32,8 +46,8 @@ pub struct AuthedUser {
     pub id: UserId,
     /// User name (the id other users see).
     pub name: String,
-    /// The token's id (for revocation).
-    pub token_id: i64,
+    /// The token's id (for revocation); `None` for app-issued tokens.
+    pub token_id: Option<i64>,
     /// When the token expires, in ms since the Unix epoch.
     pub expires_at_ms: i64,
 }
@@ -47,6 +61,8 @@ pub enum AuthFailure {
     Expired,
     /// Revoked.
     Revoked,
+    /// The device was revoked.
+    DeviceRevoked,
 }
 
 /// Store errors. `Refused` carries a protocol error code for the client; the
@@ -138,8 +154,60 @@ pub struct Revocation {
     pub id: i64,
     /// The user concerned.
     pub user_id: UserId,
-    /// The token revoked; `None` = every token of the user.
+    /// The token revoked; `None` = every token of the user (or a device).
     pub token_id: Option<i64>,
+    /// The device revoked, if this revokes a device.
+    pub device: Option<String>,
+}
+
+/// A device of a user.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// Device id.
+    pub device: String,
+    /// First connection, ms since the Unix epoch.
+    pub first_seen_ms: i64,
+    /// Last activity, ms since the Unix epoch.
+    pub last_seen_ms: i64,
+    /// Highest inbox sequence the device acknowledged as stored.
+    pub acked_seq: u64,
+    /// Revocation time, if revoked.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// Delivery positions of a user's devices (for "delivered" ticks).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Positions {
+    /// The user's inbox head.
+    pub head: u64,
+    /// Per device.
+    pub devices: Vec<DevicePosition>,
+}
+
+/// One device's delivery position.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DevicePosition {
+    /// Device id.
+    pub device: String,
+    /// Highest inbox sequence acknowledged.
+    pub acked_seq: u64,
+    /// With a conversation asked for: the highest `conv_seq` of it the device
+    /// has acknowledged (every message up to it is delivered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conv_delivered_seq: Option<u64>,
+}
+
+/// An API key's metadata (never the key).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ApiKeyInfo {
+    /// Key id.
+    pub id: i64,
+    /// Name given at creation.
+    pub name: String,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: i64,
+    /// Revocation time, if revoked.
+    pub revoked_at_ms: Option<i64>,
 }
 
 /// Retention policy for inboxes and messages.
@@ -199,13 +267,13 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<InboxEntry>, StoreError>;
     /// Stores a message (or finds the original for a repeated cid).
-    async fn send(&self, user: UserId, device: &str, send: SendMsg) -> Result<Confirm, StoreError>;
+    async fn send(&self, actor: Actor, device: &str, send: SendMsg) -> Result<Confirm, StoreError>;
     /// Records a device's acknowledged position.
     async fn record_ack(&self, user: UserId, device: &str, seq: Seq) -> Result<(), StoreError>;
     /// A page of a conversation's history (members only).
     async fn history(
         &self,
-        user: UserId,
+        actor: Actor,
         conv: ConvId,
         before: Option<u64>,
         limit: u32,
@@ -213,14 +281,14 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a conversation, or returns the one a previous identical request made.
     async fn conv_create(
         &self,
-        user: UserId,
+        actor: Actor,
         req: ConvCreate,
         max_group_size: usize,
     ) -> Result<(ConvInfo, bool), StoreError>;
     /// Adds or removes a member (idempotent).
     async fn conv_member(
         &self,
-        user: UserId,
+        actor: Actor,
         conv: ConvId,
         target: &str,
         add: bool,
@@ -233,6 +301,33 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates a user.
     async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;
+    /// A user's id by name.
+    async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError>;
+    /// Finds or creates the user named by a valid app-issued token (no
+    /// sign-up needed); refuses with `Auth(Revoked)` when the user's tokens
+    /// were revoked at or after `issued_at_ms` (or the token has no issue time).
+    async fn authenticate_external(
+        &self,
+        name: &str,
+        issued_at_ms: Option<i64>,
+    ) -> Result<UserId, StoreError>;
+    /// Whether a device was revoked.
+    async fn device_revoked(&self, user: UserId, device: &str) -> Result<bool, StoreError>;
+    /// Revokes a device: its connections close and it cannot reconnect.
+    /// Returns false if it was already revoked.
+    async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError>;
+    /// A user's devices.
+    async fn list_devices(&self, user: &str) -> Result<Vec<DeviceInfo>, StoreError>;
+    /// A user's delivery positions, optionally per conversation.
+    async fn positions(&self, user: &str, conv: Option<ConvId>) -> Result<Positions, StoreError>;
+    /// Creates an API key; returns its id and the key (shown once).
+    async fn create_api_key(&self, name: &str) -> Result<(i64, String), StoreError>;
+    /// The id of a valid (unrevoked) API key.
+    async fn check_api_key(&self, key: &str) -> Result<Option<i64>, StoreError>;
+    /// Every API key.
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError>;
+    /// Revokes an API key; false if unknown or already revoked.
+    async fn revoke_api_key(&self, id: i64) -> Result<bool, StoreError>;
     /// Issues a token for a user.
     async fn issue_token(&self, user: &str, ttl: Duration) -> Result<IssuedToken, StoreError>;
     /// Revokes tokens; returns how many were revoked.

@@ -24,13 +24,20 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AuthFailure, AuthedUser, HeadListener, IssuedToken, ResumePlan, Retention, Revocation,
-    RevokeTarget, Store, StoreError, TokenInfo, TrimReport, UserId,
+    Actor, ApiKeyInfo, AuthFailure, AuthedUser, DeviceInfo, DevicePosition, HeadListener,
+    IssuedToken, Positions, ResumePlan, Retention, Revocation, RevokeTarget, SYSTEM_USER, Store,
+    StoreError, TokenInfo, TrimReport, UserId,
 };
 use crate::metrics::Metrics;
 
 /// Numbered migrations, applied in order; `PRAGMA user_version` records the last one.
-const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("migrations/0001_init.sql")),
+    (
+        "0002_integration",
+        include_str!("migrations/0002_integration.sql"),
+    ),
+];
 
 /// Most jobs one group commit takes.
 const MAX_BATCH: usize = 1024;
@@ -447,6 +454,44 @@ fn is_member(conn: &Connection, conv: ConvId, user: UserId) -> Result<bool, Stor
         .is_some())
 }
 
+/// The system user's id, created on first use.
+fn system_user(conn: &Connection) -> Result<UserId, StoreError> {
+    conn.prepare_cached("INSERT OR IGNORE INTO users (name, created_at) VALUES (?1, ?2)")?
+        .execute(params![SYSTEM_USER, now_ms()])?;
+    user_id_by_name(conn, SYSTEM_USER)?
+        .ok_or_else(|| StoreError::Commit("the system user vanished".into()))
+}
+
+/// Refuses unless the actor may act in `conv` (the system may, if it exists).
+fn require_actor(conn: &Connection, conv: ConvId, actor: Actor) -> Result<(), StoreError> {
+    match actor {
+        Actor::User(u) => require_member(conn, conv, u),
+        Actor::System => {
+            let exists = conn
+                .prepare_cached("SELECT 1 FROM convs WHERE id = ?1")?
+                .query_row([conv as i64], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if exists {
+                Ok(())
+            } else {
+                Err(StoreError::refused(
+                    ErrorCode::NoSuchConv,
+                    format!("conversation {conv} does not exist"),
+                ))
+            }
+        }
+    }
+}
+
+/// The acting user's id (the system user for the system).
+fn actor_id(conn: &Connection, actor: Actor) -> Result<UserId, StoreError> {
+    match actor {
+        Actor::User(u) => Ok(u),
+        Actor::System => system_user(conn),
+    }
+}
+
 /// Refuses unless `user` is a member of `conv`.
 fn require_member(conn: &Connection, conv: ConvId, user: UserId) -> Result<(), StoreError> {
     if is_member(conn, conv, user)? {
@@ -762,7 +807,7 @@ impl Store for SqliteStore {
             Some((token_id, id, name, exp, None)) => Ok(AuthedUser {
                 id,
                 name,
-                token_id,
+                token_id: Some(token_id),
                 expires_at_ms: exp,
             }),
         }
@@ -803,10 +848,11 @@ impl Store for SqliteStore {
         self.read(move |c| read_inbox(c, user, from, limit)).await
     }
 
-    async fn send(&self, user: UserId, device: &str, send: SendMsg) -> Result<Confirm, StoreError> {
+    async fn send(&self, actor: Actor, device: &str, send: SendMsg) -> Result<Confirm, StoreError> {
         let device = device.to_owned();
         let max_entries = self.retention.max_entries;
         self.write(move |c, heads| {
+            let user = actor_id(c, actor)?;
             let digest = send_digest(&send);
             let prior = c
                 .prepare_cached(
@@ -839,7 +885,7 @@ impl Store for SqliteStore {
                     duplicate: true,
                 });
             }
-            require_member(c, send.conv, user)?;
+            require_actor(c, send.conv, actor)?;
             let ts = now_ms();
             let conv_seq: i64 = c
                 .prepare_cached(
@@ -895,13 +941,13 @@ impl Store for SqliteStore {
 
     async fn history(
         &self,
-        user: UserId,
+        actor: Actor,
         conv: ConvId,
         before: Option<u64>,
         limit: u32,
     ) -> Result<HistoryPage, StoreError> {
         self.read(move |c| {
-            require_member(c, conv, user)?;
+            require_actor(c, conv, actor)?;
             let before = before.unwrap_or(i64::MAX as u64).min(i64::MAX as u64) as i64;
             let sql = format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages m WHERE m.conv_id = ?1 AND m.conv_seq < ?2
@@ -928,13 +974,18 @@ impl Store for SqliteStore {
 
     async fn conv_create(
         &self,
-        user: UserId,
+        actor: Actor,
         req: ConvCreate,
         max_group_size: usize,
     ) -> Result<(ConvInfo, bool), StoreError> {
         let max_entries = self.retention.max_entries;
         self.write(move |c, heads| {
-            let mut ids = BTreeSet::from([user]);
+            // The creator (unless it is the system) is always a member.
+            let user = actor_id(c, actor)?;
+            let mut ids = match actor {
+                Actor::User(u) => BTreeSet::from([u]),
+                Actor::System => BTreeSet::new(),
+            };
             for name in &req.members {
                 let id = user_id_by_name(c, name)?.ok_or_else(|| {
                     StoreError::refused(ErrorCode::UnknownUser, format!("no user named {name:?}"))
@@ -1015,7 +1066,7 @@ impl Store for SqliteStore {
 
     async fn conv_member(
         &self,
-        user: UserId,
+        actor: Actor,
         conv: ConvId,
         target: &str,
         add: bool,
@@ -1024,7 +1075,8 @@ impl Store for SqliteStore {
         let target = target.to_owned();
         let max_entries = self.retention.max_entries;
         self.write(move |c, heads| {
-            require_member(c, conv, user)?;
+            require_actor(c, conv, actor)?;
+            let user = actor_id(c, actor)?;
             let info = conv_info(c, conv)?.ok_or_else(|| {
                 StoreError::refused(
                     ErrorCode::NoSuchConv,
@@ -1061,7 +1113,7 @@ impl Store for SqliteStore {
                 let creator: i64 = c
                     .prepare_cached("SELECT created_by FROM convs WHERE id = ?1")?
                     .query_row([conv as i64], |r| r.get(0))?;
-                if target_id != user && user != creator {
+                if actor != Actor::System && target_id != user && user != creator {
                     return Err(StoreError::refused(
                         ErrorCode::Forbidden,
                         "only the creator can remove other members",
@@ -1143,6 +1195,221 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |c| user_id_by_name(c, &name)).await
+    }
+
+    async fn authenticate_external(
+        &self,
+        name: &str,
+        issued_at_ms: Option<i64>,
+    ) -> Result<UserId, StoreError> {
+        if !is_valid_user_name(name) {
+            return Err(StoreError::Auth(AuthFailure::Unknown));
+        }
+        let name = name.to_owned();
+        let known = {
+            let name = name.clone();
+            self.read(move |c| {
+                Ok(
+                    c.prepare_cached("SELECT id, tokens_revoked_at FROM users WHERE name = ?1")?
+                        .query_row([name], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?))
+                        })
+                        .optional()?,
+                )
+            })
+            .await?
+        };
+        let (id, revoked_at) = match known {
+            Some(k) => k,
+            None => {
+                let id = self
+                    .write(move |c, _| {
+                        c.prepare_cached(
+                            "INSERT OR IGNORE INTO users (name, created_at) VALUES (?1, ?2)",
+                        )?
+                        .execute(params![name, now_ms()])?;
+                        user_id_by_name(c, &name)?
+                            .ok_or_else(|| StoreError::Commit("user vanished".into()))
+                    })
+                    .await?;
+                (id, None)
+            }
+        };
+        if let Some(r) = revoked_at
+            && issued_at_ms.is_none_or(|iat| iat <= r)
+        {
+            return Err(StoreError::Auth(AuthFailure::Revoked));
+        }
+        Ok(id)
+    }
+
+    async fn device_revoked(&self, user: UserId, device: &str) -> Result<bool, StoreError> {
+        let device = device.to_owned();
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT revoked_at FROM devices WHERE user_id = ?1 AND device = ?2",
+            )?
+            .query_row(params![user, device], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .flatten()
+            .is_some())
+        })
+        .await
+    }
+
+    async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
+        let (name, device) = (user.to_owned(), device.to_owned());
+        self.write(move |c, _| {
+            let user = user_id_by_name(c, &name)?
+                .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+            let now = now_ms();
+            // Revoking a device that never connected still bars it.
+            let n = c.execute(
+                "INSERT INTO devices (user_id, device, first_seen, last_seen, revoked_at) VALUES (?1, ?2, ?3, ?3, ?3)
+                 ON CONFLICT (user_id, device) DO UPDATE SET revoked_at = excluded.revoked_at
+                 WHERE devices.revoked_at IS NULL",
+                params![user, device, now],
+            )?;
+            if n > 0 {
+                c.execute(
+                    "INSERT INTO revocations (user_id, token_id, device, at) VALUES (?1, NULL, ?2, ?3)",
+                    params![user, device, now],
+                )?;
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn list_devices(&self, user: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        let name = user.to_owned();
+        self.read(move |c| {
+            let user = user_id_by_name(c, &name)?
+                .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT device, first_seen, last_seen, acked_seq, revoked_at FROM devices
+                 WHERE user_id = ?1 ORDER BY device",
+            )?;
+            let rows = stmt
+                .query_map([user], |r| {
+                    Ok(DeviceInfo {
+                        device: r.get(0)?,
+                        first_seen_ms: r.get(1)?,
+                        last_seen_ms: r.get(2)?,
+                        acked_seq: r.get::<_, i64>(3)? as u64,
+                        revoked_at_ms: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn positions(&self, user: &str, conv: Option<ConvId>) -> Result<Positions, StoreError> {
+        let name = user.to_owned();
+        self.read(move |c| {
+            let user = user_id_by_name(c, &name)?
+                .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+            let head: i64 = c
+                .prepare_cached("SELECT inbox_head FROM users WHERE id = ?1")?
+                .query_row([user], |r| r.get(0))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT device, acked_seq FROM devices WHERE user_id = ?1 AND revoked_at IS NULL ORDER BY device",
+            )?;
+            let devs = stmt
+                .query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut devices = Vec::with_capacity(devs.len());
+            for (device, acked) in devs {
+                let conv_delivered_seq = match conv {
+                    None => None,
+                    Some(conv) => Some(
+                        c.prepare_cached(
+                            "SELECT COALESCE(MAX(m.conv_seq), 0) FROM inbox i JOIN messages m ON m.id = i.message_id
+                             WHERE i.user_id = ?1 AND i.seq <= ?2 AND m.conv_id = ?3",
+                        )?
+                        .query_row(params![user, acked, conv as i64], |r| r.get::<_, i64>(0))? as u64,
+                    ),
+                };
+                devices.push(DevicePosition { device, acked_seq: acked as u64, conv_delivered_seq });
+            }
+            Ok(Positions { head: head as u64, devices })
+        })
+        .await
+    }
+
+    async fn create_api_key(&self, name: &str) -> Result<(i64, String), StoreError> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(StoreError::refused(
+                ErrorCode::Invalid,
+                "an API key name is 1-128 bytes",
+            ));
+        }
+        let name = name.to_owned();
+        self.write(move |c, _| {
+            let mut b = [0u8; 32];
+            rand::rng().fill_bytes(&mut b);
+            let key = format!(
+                "kwk_{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+            );
+            c.execute(
+                "INSERT INTO api_keys (name, hash, created_at) VALUES (?1, ?2, ?3)",
+                params![name, hash_token(&key), now_ms()],
+            )?;
+            Ok((c.last_insert_rowid(), key))
+        })
+        .await
+    }
+
+    async fn check_api_key(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        if !key.starts_with("kwk_") || key.len() > 128 {
+            return Ok(None);
+        }
+        let hash = hash_token(key);
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT id FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL")?
+                    .query_row([hash], |r| r.get(0))
+                    .optional()?,
+            )
+        })
+        .await
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare("SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY id")?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(ApiKeyInfo {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        created_at_ms: r.get(2)?,
+                        revoked_at_ms: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn revoke_api_key(&self, id: i64) -> Result<bool, StoreError> {
+        self.write(move |c, _| {
+            Ok(c.execute(
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now_ms()],
+            )? > 0)
+        })
+        .await
+    }
+
     async fn issue_token(&self, user: &str, ttl: Duration) -> Result<IssuedToken, StoreError> {
         let name = user.to_owned();
         self.write(move |c, _| {
@@ -1207,6 +1474,8 @@ impl Store for SqliteStore {
                         "INSERT INTO revocations (user_id, token_id, at) VALUES (?1, NULL, ?2)",
                         params![user, now],
                     )?;
+                    // App-issued tokens are stateless: revoke by issue time.
+                    c.execute("UPDATE users SET tokens_revoked_at = ?2 WHERE id = ?1", params![user, now])?;
                     Ok(n as u64)
                 }
             }
@@ -1241,11 +1510,11 @@ impl Store for SqliteStore {
     async fn revocations_after(&self, after: i64) -> Result<Vec<Revocation>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, user_id, token_id FROM revocations WHERE id > ?1 ORDER BY id LIMIT 1000",
+                "SELECT id, user_id, token_id, device FROM revocations WHERE id > ?1 ORDER BY id LIMIT 1000",
             )?;
             let rows = stmt
                 .query_map([after], |r| {
-                    Ok(Revocation { id: r.get(0)?, user_id: r.get(1)?, token_id: r.get(2)? })
+Ok(Revocation { id: r.get(0)?, user_id: r.get(1)?, token_id: r.get(2)?, device: r.get(3)? })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
@@ -1439,7 +1708,7 @@ mod tests {
         let b = store.create_user("b").await.unwrap();
         let (conv, created) = store
             .conv_create(
-                a,
+                Actor::User(a),
                 ConvCreate {
                     rid: "r".into(),
                     key: "k1".into(),
@@ -1459,22 +1728,24 @@ mod tests {
             body: body.into(),
         };
         let c1 = store
-            .send(a, "d1", send("0000000000000001", "hi"))
+            .send(Actor::User(a), "d1", send("0000000000000001", "hi"))
             .await
             .unwrap();
         let again = store
-            .send(a, "d1", send("0000000000000001", "hi"))
+            .send(Actor::User(a), "d1", send("0000000000000001", "hi"))
             .await
             .unwrap();
         assert!(again.duplicate);
         assert_eq!((again.id, again.conv_seq), (c1.id, c1.conv_seq));
         assert!(matches!(
-            store.send(a, "d1", send("0000000000000001", "other")).await,
+            store
+                .send(Actor::User(a), "d1", send("0000000000000001", "other"))
+                .await,
             Err(StoreError::Refused(ErrorCode::CidConflict, _))
         ));
         // Same cid from another device is a different send.
         let c2 = store
-            .send(a, "d2", send("0000000000000001", "hi"))
+            .send(Actor::User(a), "d2", send("0000000000000001", "hi"))
             .await
             .unwrap();
         assert_ne!(c2.id, c1.id);

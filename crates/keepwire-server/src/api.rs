@@ -1,0 +1,565 @@
+//! The HTTP API for the app's backend (server to server): publish messages,
+//! manage conversations and membership, list devices, revoke devices and
+//! tokens, page history, read delivery positions. Authenticated with API keys
+//! (`Authorization: Bearer kwk_…`, stored hashed); errors are
+//! `application/problem+json` (RFC 9457). The OpenAPI document is served at
+//! `GET /v1/openapi.json`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use keepwire_proto::{
+    ConvCreate, ConvKind, ErrorCode, MESSAGE_KIND_TEXT, Send as SendMsg, is_valid_request_id,
+    is_valid_user_name,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::Shared;
+use crate::ratelimit::TokenBucket;
+use crate::store::{Actor, RevokeTarget, StoreError};
+
+/// The device id under which API sends are deduplicated.
+const API_DEVICE: &str = "api";
+
+/// An RFC 9457 problem.
+pub(crate) struct Problem {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+    retry_after: Option<u64>,
+}
+
+impl Problem {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Problem {
+            status,
+            code,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    fn not_found(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::BAD_REQUEST, "invalid", detail)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("urn:keepwire:problem:{}", self.code),
+            "title": self.status.canonical_reason().unwrap_or("error"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut resp = (self.status, body.to_string()).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for Problem {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Refused(code, msg) => {
+                let status = match code {
+                    ErrorCode::NoSuchConv | ErrorCode::UnknownUser => StatusCode::NOT_FOUND,
+                    ErrorCode::NotMember | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                    ErrorCode::CidConflict => StatusCode::CONFLICT,
+                    ErrorCode::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::Internal => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                Problem::new(status, code.as_str(), msg)
+            }
+            StoreError::NotFound(m) => Problem::not_found(m),
+            StoreError::Conflict(m) => Problem::new(StatusCode::CONFLICT, "conflict", m),
+            other => {
+                tracing::error!(target: "keepwire::api", error = %other, "request failed");
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "internal",
+                    "the relay could not handle the request; retry later",
+                )
+            }
+        }
+    }
+}
+
+type ApiResult = Result<Response, Problem>;
+
+/// A JSON body whose rejections are problems.
+pub(crate) struct ApiJson<T>(T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json",
+            )),
+            Err(JsonRejection::BytesRejection(r))
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    "the request body is too large",
+                ))
+            }
+            Err(e) => Err(Problem::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// Path parameters whose rejections are problems (404: no such resource).
+pub(crate) struct ApiPath<T>(T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(Problem::not_found(e.body_text())),
+        }
+    }
+}
+
+/// A request with a valid API key within its rate. As an extractor it runs
+/// before the body is read, so a request without a key is a 401 whatever its body.
+pub(crate) struct Authorized;
+
+impl FromRequestParts<Arc<Shared>> for Authorized {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<Shared>,
+    ) -> Result<Self, Self::Rejection> {
+        authorize(state, &parts.headers).await.map(|_| Authorized)
+    }
+}
+
+/// Per-key request budgets.
+#[derive(Default)]
+pub(crate) struct ApiLimits {
+    buckets: Mutex<HashMap<i64, TokenBucket>>,
+}
+
+/// Checks the API key and its rate.
+async fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<i64, Problem> {
+    let unauthorized = || {
+        let mut p = Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send a valid API key as `Authorization: Bearer kwk_...`",
+        );
+        p.retry_after = None;
+        p
+    };
+    let key = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(unauthorized)?;
+    let id = shared
+        .store
+        .check_api_key(key)
+        .await
+        .map_err(Problem::from)?
+        .ok_or_else(unauthorized)?;
+    let rate = shared.config.api_requests_per_sec;
+    let mut buckets = shared
+        .api_limits
+        .buckets
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let bucket = buckets
+        .entry(id)
+        .or_insert_with(|| TokenBucket::new(rate, rate.saturating_mul(2), Instant::now()));
+    if let Err(wait) = bucket.take(Instant::now()) {
+        let mut p = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many requests for this API key",
+        );
+        p.retry_after = Some(wait.as_secs().max(1));
+        return Err(p);
+    }
+    Ok(id)
+}
+
+fn check_user(name: &str) -> Result<(), Problem> {
+    if is_valid_user_name(name) {
+        Ok(())
+    } else {
+        Err(Problem::not_found(format!("no user named {name:?}")))
+    }
+}
+
+fn parse_conv(s: &str) -> Result<u64, Problem> {
+    s.parse::<u64>()
+        .ok()
+        .filter(|&c| c > 0 && c <= i64::MAX as u64)
+        .ok_or_else(|| Problem::not_found(format!("conversation {s:?} does not exist")))
+}
+
+async fn actor_for(shared: &Shared, user: Option<&str>) -> Result<Actor, Problem> {
+    match user {
+        None => Ok(Actor::System),
+        Some(name) => {
+            check_user(name)?;
+            match shared.store.user_id(name).await? {
+                Some(id) => Ok(Actor::User(id)),
+                None => Err(Problem::not_found(format!("no user named {name:?}"))),
+            }
+        }
+    }
+}
+
+fn ok(status: StatusCode, v: Value) -> Response {
+    (status, axum::Json(v)).into_response()
+}
+
+/// The API routes (mounted under `/v1`).
+pub(crate) fn routes(max_body: usize) -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/conversations", post(create_conversation))
+        .route(
+            "/v1/conversations/{conv}/messages",
+            post(publish).get(history),
+        )
+        .route("/v1/conversations/{conv}/members", post(add_member))
+        .route(
+            "/v1/conversations/{conv}/members/{user}",
+            delete(remove_member),
+        )
+        .route("/v1/users/{user}/conversations", get(user_conversations))
+        .route("/v1/users/{user}/devices", get(devices))
+        .route(
+            "/v1/users/{user}/devices/{device}/revoke",
+            post(revoke_device),
+        )
+        .route("/v1/users/{user}/tokens/revoke", post(revoke_tokens))
+        .route("/v1/users/{user}/positions", get(positions))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+}
+
+async fn openapi() -> Response {
+    axum::Json(crate::openapi::document()).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateConversation {
+    #[serde(default, rename = "as")]
+    creator: Option<String>,
+    kind: ConvKind,
+    members: Vec<String>,
+    #[serde(default)]
+    name: Option<String>,
+    key: String,
+}
+
+async fn create_conversation(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiJson(b): ApiJson<CreateConversation>,
+) -> ApiResult {
+    let actor = actor_for(&s, b.creator.as_deref()).await?;
+    if !is_valid_request_id(&b.key) {
+        return Err(Problem::bad_request(
+            "key must be 1-64 characters of [A-Za-z0-9_-]",
+        ));
+    }
+    for m in &b.members {
+        if !is_valid_user_name(m) {
+            return Err(Problem::bad_request(format!(
+                "{m:?} is not a valid user name"
+            )));
+        }
+    }
+    if b.name
+        .as_ref()
+        .is_some_and(|n| n.len() > s.config.limits.max_name_bytes)
+    {
+        return Err(Problem::bad_request("name is too long"));
+    }
+    let want = if actor == Actor::System { 2 } else { 1 };
+    if b.kind == ConvKind::Direct && b.members.len() != want {
+        return Err(Problem::bad_request(format!(
+            "a direct conversation names exactly {want} member(s) besides its creator"
+        )));
+    }
+    if b.members.len() > s.config.limits.max_group_size {
+        return Err(Problem::bad_request("too many members"));
+    }
+    let req = ConvCreate {
+        rid: String::new(),
+        key: b.key,
+        kind: b.kind,
+        members: b.members,
+        name: b.name,
+    };
+    let (conv, created) = s
+        .store
+        .conv_create(actor, req, s.config.limits.max_group_size)
+        .await?;
+    Ok(ok(
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        json!(conv),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Publish {
+    #[serde(default)]
+    from: Option<String>,
+    body: String,
+    #[serde(default)]
+    kind: Option<String>,
+    idempotency_key: String,
+}
+
+async fn publish(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(conv): ApiPath<String>,
+    ApiJson(b): ApiJson<Publish>,
+) -> ApiResult {
+    let conv = parse_conv(&conv)?;
+    let actor = actor_for(&s, b.from.as_deref()).await?;
+    if !is_valid_request_id(&b.idempotency_key) {
+        return Err(Problem::bad_request(
+            "idempotency_key must be 1-64 characters of [A-Za-z0-9_-]",
+        ));
+    }
+    let kind = b.kind.unwrap_or_else(|| MESSAGE_KIND_TEXT.to_owned());
+    if kind != MESSAGE_KIND_TEXT {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "unsupported_kind",
+            format!("message kind {kind:?} is not supported"),
+        ));
+    }
+    if b.body.len() > s.config.limits.max_body_bytes {
+        return Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the message body is too large",
+        ));
+    }
+    let send = SendMsg {
+        cid: format!("api-{}", b.idempotency_key),
+        conv,
+        kind,
+        body: b.body,
+    };
+    let c = s.store.send(actor, API_DEVICE, send).await?;
+    let status = if c.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(ok(
+        status,
+        json!({"id": c.id, "conv": c.conv, "conv_seq": c.conv_seq, "ts": c.ts, "duplicate": c.duplicate}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn history(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(conv): ApiPath<String>,
+    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let conv = parse_conv(&conv)?;
+    let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
+    let max = s.config.limits.max_history_page;
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > max {
+        return Err(Problem::bad_request(format!("limit must be 1-{max}")));
+    }
+    let page = s
+        .store
+        .history(Actor::System, conv, q.before, limit)
+        .await?;
+    Ok(ok(
+        StatusCode::OK,
+        json!({"conv": page.conv, "messages": page.messages, "more": page.more}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Member {
+    user: String,
+    #[serde(default, rename = "as")]
+    actor: Option<String>,
+}
+
+async fn add_member(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(conv): ApiPath<String>,
+    ApiJson(b): ApiJson<Member>,
+) -> ApiResult {
+    let conv = parse_conv(&conv)?;
+    let actor = actor_for(&s, b.actor.as_deref()).await?;
+    if !is_valid_user_name(&b.user) {
+        return Err(Problem::not_found(format!("no user named {:?}", b.user)));
+    }
+    let (conv, changed) = s
+        .store
+        .conv_member(actor, conv, &b.user, true, s.config.limits.max_group_size)
+        .await?;
+    Ok(ok(
+        StatusCode::OK,
+        json!({"conversation": conv, "changed": changed}),
+    ))
+}
+
+async fn remove_member(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath((conv, user)): ApiPath<(String, String)>,
+) -> ApiResult {
+    let conv = parse_conv(&conv)?;
+    check_user(&user)?;
+    let (conv, changed) = s
+        .store
+        .conv_member(
+            Actor::System,
+            conv,
+            &user,
+            false,
+            s.config.limits.max_group_size,
+        )
+        .await?;
+    Ok(ok(
+        StatusCode::OK,
+        json!({"conversation": conv, "changed": changed}),
+    ))
+}
+
+async fn user_id(s: &Shared, user: &str) -> Result<crate::store::UserId, Problem> {
+    check_user(user)?;
+    s.store
+        .user_id(user)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no user named {user:?}")))
+}
+
+async fn user_conversations(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(user): ApiPath<String>,
+) -> ApiResult {
+    let id = user_id(&s, &user).await?;
+    let convs = s.store.conv_list(id).await?;
+    Ok(ok(StatusCode::OK, json!({"conversations": convs})))
+}
+
+async fn devices(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(user): ApiPath<String>,
+) -> ApiResult {
+    check_user(&user)?;
+    let devices = s.store.list_devices(&user).await?;
+    Ok(ok(StatusCode::OK, json!({"devices": devices})))
+}
+
+async fn revoke_device(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath((user, device)): ApiPath<(String, String)>,
+) -> ApiResult {
+    let id = user_id(&s, &user).await?;
+    if !keepwire_proto::is_valid_device_id(&device) {
+        return Err(Problem::not_found(format!("no device {device:?}")));
+    }
+    let revoked = s.store.revoke_device(&user, &device).await?;
+    // Close at once in this relay; others learn it from the revocation log.
+    s.hub.revoke(id, None, Some(&device));
+    Ok(ok(StatusCode::OK, json!({"revoked": revoked})))
+}
+
+async fn revoke_tokens(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(user): ApiPath<String>,
+) -> ApiResult {
+    let id = user_id(&s, &user).await?;
+    let n = s.store.revoke(RevokeTarget::User(user)).await?;
+    s.hub.revoke(id, None, None);
+    Ok(ok(StatusCode::OK, json!({"revoked_tokens": n})))
+}
+
+#[derive(Deserialize)]
+struct PositionsQuery {
+    conv: Option<u64>,
+}
+
+async fn positions(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(user): ApiPath<String>,
+    q: Result<Query<PositionsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    check_user(&user)?;
+    let Query(q) = q.map_err(|e| Problem::bad_request(e.body_text()))?;
+    let conv = q.conv.filter(|&c| c <= i64::MAX as u64);
+    let p = s.store.positions(&user, conv).await?;
+    Ok(ok(StatusCode::OK, json!(p)))
+}

@@ -1,0 +1,520 @@
+//! App-backend integration: app-issued JWTs (HS256, and ES256 from a JWKS
+//! server with key rotation), the HTTP API, device and token revocation.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use keepwire_proto::{CloseCode, EntryItem};
+use keepwire_server::Store;
+use keepwire_server::auth::{JwksSource, JwtConfig};
+use keepwire_testkit::WsClient;
+use ring::rand::SystemRandom;
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use serde_json::{Value, json};
+
+use crate::support::{TestRelay, test_config};
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef-shared";
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// An ES256 signing key and its public JWK.
+struct EcKey {
+    kid: String,
+    encoding: EncodingKey,
+    jwk: Value,
+}
+
+impl EcKey {
+    fn new(kid: &str) -> EcKey {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let public = pair.public_key().as_ref();
+        assert_eq!(public.len(), 65, "uncompressed P-256 point");
+        let jwk = json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+                         "x": b64(&public[1..33]), "y": b64(&public[33..65])});
+        EcKey {
+            kid: kid.into(),
+            encoding: EncodingKey::from_ec_der(pkcs8.as_ref()),
+            jwk,
+        }
+    }
+
+    fn sign(&self, claims: &Value) -> String {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(self.kid.clone());
+        encode(&h, claims, &self.encoding).unwrap()
+    }
+}
+
+fn hs256(claims: &Value, secret: &[u8]) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+/// A JWKS endpoint on 127.0.0.1 whose key set the test can rotate.
+struct JwksServer {
+    url: String,
+    keys: Arc<Mutex<Vec<Value>>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+async fn jwks_server(keys: Vec<Value>) -> JwksServer {
+    let keys = Arc::new(Mutex::new(keys));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (k, f) = (keys.clone(), fetches.clone());
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let (k, f) = (k.clone(), f.clone());
+            async move {
+                f.fetch_add(1, Ordering::SeqCst);
+                axum::Json(json!({"keys": k.lock().unwrap().clone()}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    JwksServer { url, keys, fetches }
+}
+
+fn jwt_config(jwks: Option<JwksSource>) -> JwtConfig {
+    JwtConfig {
+        hs256_secret: Some(SECRET.to_vec()),
+        jwks,
+        audience: Some("chat-app".into()),
+        issuer: Some("https://auth.example".into()),
+        leeway: Duration::ZERO,
+        jwks_refresh_floor: Duration::from_millis(500),
+        ..Default::default()
+    }
+}
+
+fn claims(sub: &str, exp_in: i64) -> Value {
+    json!({"sub": sub, "exp": now() + exp_in, "iat": now(), "aud": "chat-app", "iss": "https://auth.example"})
+}
+
+async fn close_code(url: &str, token: &str, device: &str) -> Option<u16> {
+    match WsClient::connect(url, token, device, None).await {
+        Ok(c) => {
+            c.close().await;
+            None
+        }
+        Err(code) => code,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_issued_tokens_with_jwks_rotation() {
+    let k1 = EcKey::new("k1");
+    let k2 = EcKey::new("k2");
+    let jwks = jwks_server(vec![k1.jwk.clone()]).await;
+    let mut config = test_config();
+    config.jwt = Some(jwt_config(Some(JwksSource::Url(jwks.url.clone()))));
+    let relay = TestRelay::start_with(config, Default::default()).await;
+
+    // A user named in a valid token exists without any sign-up.
+    let c = WsClient::connect(&relay.url, &k1.sign(&claims("zoe", 60)), "zoe-phone", None)
+        .await
+        .unwrap();
+    assert_eq!(c.welcome().user, "zoe");
+    c.close().await;
+    let fetches = jwks.fetches.load(Ordering::SeqCst);
+    assert_eq!(fetches, 1);
+
+    // Rotation: the JWKS now has k2. A token with the new kid refreshes it once.
+    *jwks.keys.lock().unwrap() = vec![k2.jwk.clone()];
+    tokio::time::sleep(Duration::from_millis(600)).await; // past the refresh floor
+    assert_eq!(
+        close_code(&relay.url, &k2.sign(&claims("zoe", 60)), "zoe-phone").await,
+        None
+    );
+    assert_eq!(
+        jwks.fetches.load(Ordering::SeqCst),
+        fetches + 1,
+        "one refresh for the unknown kid"
+    );
+    // The old key is gone from the set: its tokens fail now (after the cache ages out, they
+    // would too); a flood of unknown kids does not hammer the JWKS URL.
+    for i in 0..20 {
+        let k = EcKey::new(&format!("bogus-{i}"));
+        assert_eq!(
+            close_code(&relay.url, &k.sign(&claims("zoe", 60)), "d").await,
+            Some(CloseCode::AuthFailed.code())
+        );
+    }
+    assert!(
+        jwks.fetches.load(Ordering::SeqCst) <= fetches + 2,
+        "refresh floor holds under a flood"
+    );
+
+    // Forged: k2's kid, signed by another key.
+    let forger = EcKey {
+        kid: "k2".into(),
+        ..EcKey::new("x")
+    };
+    assert_eq!(
+        close_code(&relay.url, &forger.sign(&claims("zoe", 60)), "d").await,
+        Some(CloseCode::AuthFailed.code())
+    );
+    // Expired.
+    assert_eq!(
+        close_code(&relay.url, &k2.sign(&claims("zoe", -10)), "d").await,
+        Some(CloseCode::TokenExpired.code())
+    );
+    // Wrong audience, wrong issuer, not yet valid, issued in the future.
+    let mut wrong_aud = claims("zoe", 60);
+    wrong_aud["aud"] = json!("other-app");
+    assert_eq!(
+        close_code(&relay.url, &k2.sign(&wrong_aud), "d").await,
+        Some(CloseCode::AuthFailed.code())
+    );
+    let mut wrong_iss = claims("zoe", 60);
+    wrong_iss["iss"] = json!("https://evil.example");
+    assert_eq!(
+        close_code(&relay.url, &k2.sign(&wrong_iss), "d").await,
+        Some(CloseCode::AuthFailed.code())
+    );
+    let mut early = claims("zoe", 600);
+    early["nbf"] = json!(now() + 300);
+    assert_eq!(
+        close_code(&relay.url, &k2.sign(&early), "d").await,
+        Some(CloseCode::AuthFailed.code())
+    );
+    // HS256 with the shared secret works; with another secret it does not.
+    assert_eq!(
+        close_code(&relay.url, &hs256(&claims("yan", 60), SECRET), "d").await,
+        None
+    );
+    assert_eq!(
+        close_code(
+            &relay.url,
+            &hs256(&claims("yan", 60), b"another secret of enough length!!"),
+            "d"
+        )
+        .await,
+        Some(CloseCode::AuthFailed.code())
+    );
+    // A device claim must match the hello's device.
+    let mut bound = claims("yan", 60);
+    bound["device"] = json!("yan-phone");
+    assert_eq!(
+        close_code(&relay.url, &hs256(&bound, SECRET), "yan-phone").await,
+        None
+    );
+    assert_eq!(
+        close_code(&relay.url, &hs256(&bound, SECRET), "other").await,
+        Some(CloseCode::AuthFailed.code())
+    );
+    // keepwire's own tokens keep working alongside.
+    let own = relay.user("alice").await;
+    assert_eq!(close_code(&relay.url, &own, "d").await, None);
+}
+
+async fn api_key(relay: &TestRelay) -> String {
+    relay.store.create_api_key("backend").await.unwrap().1
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_publish_reaches_connected_devices_at_once_and_offline_ones_later_once() {
+    let relay = TestRelay::start().await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    let ta = relay.user("alice").await;
+    let tb = relay.user("bob").await;
+    let api = http();
+
+    // Without a key: 401 problem+json.
+    let r = api
+        .post(format!("{base}/v1/conversations"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+
+    // The backend creates a group as the system, idempotently.
+    let body =
+        json!({"kind": "group", "members": ["alice", "bob"], "name": "team", "key": "team-1"});
+    let r = api
+        .post(format!("{base}/v1/conversations"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let conv: Value = r.json().await.unwrap();
+    let r = api
+        .post(format!("{base}/v1/conversations"))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "a retried create returns the same conversation"
+    );
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], conv["id"]);
+    let conv_id = conv["id"].as_u64().unwrap();
+
+    // Alice is connected; bob is not.
+    let mut a = relay.connect(&ta, "alice-phone").await;
+    a.entry().await; // membership
+    let publish = |k: &str, from: Option<&str>, text: &str| {
+        let mut b = json!({"body": text, "idempotency_key": k});
+        if let Some(f) = from {
+            b["from"] = json!(f);
+        }
+        api.post(format!("{base}/v1/conversations/{conv_id}/messages"))
+            .bearer_auth(&key)
+            .json(&b)
+            .send()
+    };
+    let r = publish("welcome-1", None, "welcome to the team")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let first: Value = r.json().await.unwrap();
+    let r = publish("hello-1", Some("bob"), "hi from bob's backend")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Connected devices get it at once, in order.
+    for want in ["welcome to the team", "hi from bob's backend"] {
+        let e = a.entry().await;
+        let EntryItem::Message(m) = e.item else {
+            panic!("expected a message")
+        };
+        assert_eq!(m.body, want);
+    }
+    // A retried publish stores nothing new.
+    let r = publish("welcome-1", None, "welcome to the team")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(
+        (again["id"].clone(), again["duplicate"].clone()),
+        (first["id"].clone(), json!(true))
+    );
+    let r = publish("welcome-1", None, "something else").await.unwrap();
+    assert_eq!(r.status(), 409);
+    // A non-member cannot be impersonated into the conversation.
+    relay.user("carol").await;
+    let r = publish("carol-1", Some("carol"), "let me in")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // Bob's device comes online later: both messages, once.
+    let mut b = relay.connect(&tb, "bob-phone").await;
+    let entries = b.entries(3, true).await;
+    let bodies = keepwire_testkit::bodies(&entries);
+    assert_eq!(bodies, vec!["welcome to the team", "hi from bob's backend"]);
+    b.barrier().await;
+    assert!(b.take_queued_entries().is_empty());
+
+    // History, devices, delivery positions, conversations of a user.
+    let page: Value = api
+        .get(format!(
+            "{base}/v1/conversations/{conv_id}/messages?limit=10"
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(page["messages"][0]["from"], "~system");
+    let devices: Value = api
+        .get(format!("{base}/v1/users/bob/devices"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(devices["devices"][0]["device"], "bob-phone");
+    keepwire_testkit::wait_until(Duration::from_secs(10), "bob's ack to be recorded", || {
+        let (api, key, base) = (api.clone(), key.clone(), base.clone());
+        async move {
+            let p: Value = api
+                .get(format!("{base}/v1/users/bob/positions?conv={conv_id}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            p["devices"][0]["conv_delivered_seq"] == json!(2)
+        }
+    })
+    .await;
+    let convs: Value = api
+        .get(format!("{base}/v1/users/alice/conversations"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(convs["conversations"][0]["id"], conv["id"]);
+    // Unknown things are 404 problems; bad bodies 400; wrong media type 415.
+    let r = api
+        .get(format!("{base}/v1/users/nobody/devices"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = api
+        .post(format!("{base}/v1/conversations/999/messages"))
+        .bearer_auth(&key)
+        .json(&json!({"body": "x", "idempotency_key": "k"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = api
+        .post(format!("{base}/v1/conversations"))
+        .bearer_auth(&key)
+        .body("{")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = api
+        .post(format!("{base}/v1/conversations"))
+        .bearer_auth(&key)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    // The OpenAPI document is served.
+    let doc: Value = api
+        .get(format!("{base}/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert!(doc["paths"]["/v1/conversations/{conv}/messages"]["post"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_device_closes_it_at_once_and_bars_it() {
+    let relay = TestRelay::start().await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    let ta = relay.user("alice").await;
+    let mut phone = relay.connect(&ta, "alice-phone").await;
+    let mut laptop = relay.connect(&ta, "alice-laptop").await;
+    let started = std::time::Instant::now();
+    let r = http()
+        .post(format!("{base}/v1/users/alice/devices/alice-phone/revoke"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        phone.expect_close().await,
+        Some(CloseCode::DeviceRevoked.code())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "closed within a second"
+    );
+    assert_eq!(
+        close_code(&relay.url, &ta, "alice-phone").await,
+        Some(CloseCode::DeviceRevoked.code())
+    );
+    laptop.barrier().await;
+    // Revoking all of alice's tokens closes the rest and bars the token.
+    let r = http()
+        .post(format!("{base}/v1/users/alice/tokens/revoke"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        laptop.expect_close().await,
+        Some(CloseCode::TokenRevoked.code())
+    );
+    assert_eq!(
+        close_code(&relay.url, &ta, "alice-laptop").await,
+        Some(CloseCode::TokenRevoked.code())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_users_tokens_bars_app_issued_tokens_issued_before() {
+    let mut config = test_config();
+    config.jwt = Some(jwt_config(None));
+    let relay = TestRelay::start_with(config, Default::default()).await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    let mut old = claims("zoe", 600);
+    old["iat"] = json!(now() - 5);
+    let token = hs256(&old, SECRET);
+    let mut c = WsClient::connect(&relay.url, &token, "zoe-phone", None)
+        .await
+        .unwrap();
+    let r = http()
+        .post(format!("{base}/v1/users/zoe/tokens/revoke"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(c.expect_close().await, Some(CloseCode::TokenRevoked.code()));
+    assert_eq!(
+        close_code(&relay.url, &token, "zoe-phone").await,
+        Some(CloseCode::TokenRevoked.code())
+    );
+    // A token issued after the revocation works. `iat` has one-second
+    // resolution, so wait for the wall clock to pass the revocation's second.
+    let revoked_second = now();
+    while now() <= revoked_second {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let newer = hs256(&claims("zoe", 600), SECRET);
+    assert_eq!(close_code(&relay.url, &newer, "zoe-phone").await, None);
+}
