@@ -518,3 +518,38 @@ async fn revoking_a_users_tokens_bars_app_issued_tokens_issued_before() {
     let newer = hs256(&claims("zoe", 600), SECRET);
     assert_eq!(close_code(&relay.url, &newer, "zoe-phone").await, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_tokens_with_keys_from_a_jwks_file() {
+    let dir = keepwire_testkit::TempDir::new("jwks-file");
+    let jwk: Value = serde_json::from_str(include_str!("fixtures/rsa-test-key.jwk.json")).unwrap();
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, json!({"keys": [jwk]}).to_string()).unwrap();
+    let mut config = test_config();
+    config.jwt = Some(JwtConfig {
+        hs256_secret: None,
+        ..jwt_config(Some(JwksSource::File(file)))
+    });
+    let relay = TestRelay::start_with(config, Default::default()).await;
+    let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/rsa-test-key.pem")).unwrap();
+    let mut h = Header::new(Algorithm::RS256);
+    h.kid = Some("rsa-1".into());
+    let token = encode(&h, &claims("rita", 60), &key).unwrap();
+    assert_eq!(close_code(&relay.url, &token, "rita-phone").await, None);
+    // No algorithm confusion: an HS256 token "signed" with the public key is refused.
+    let n = jwk["n"].as_str().unwrap().as_bytes();
+    assert_eq!(
+        close_code(&relay.url, &hs256(&claims("rita", 60), n), "d").await,
+        Some(CloseCode::AuthFailed.code())
+    );
+    // An unsigned token is refused.
+    let unsigned = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims("rita", 60).to_string().as_bytes())
+    );
+    assert_eq!(
+        close_code(&relay.url, &unsigned, "d").await,
+        Some(CloseCode::AuthFailed.code())
+    );
+}
