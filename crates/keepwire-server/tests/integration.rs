@@ -238,6 +238,24 @@ fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// `POST url` with the API key and no body.
+async fn post(key: &str, url: String) -> reqwest::Response {
+    http().post(url).bearer_auth(key).send().await.unwrap()
+}
+
+/// `GET url` with the API key, as JSON.
+async fn get_json(key: &str, url: String) -> Value {
+    http()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_publish_reaches_connected_devices_at_once_and_offline_ones_later_once() {
     let relay = TestRelay::start().await;
@@ -342,54 +360,28 @@ async fn http_publish_reaches_connected_devices_at_once_and_offline_ones_later_o
     assert!(b.take_queued_entries().is_empty());
 
     // History, devices, delivery positions, conversations of a user.
-    let page: Value = api
-        .get(format!(
-            "{base}/v1/conversations/{conv_id}/messages?limit=10"
-        ))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = get_json(
+        &key,
+        format!("{base}/v1/conversations/{conv_id}/messages?limit=10"),
+    )
+    .await;
     assert_eq!(page["messages"].as_array().unwrap().len(), 2);
     assert_eq!(page["messages"][0]["from"], "~system");
-    let devices: Value = api
-        .get(format!("{base}/v1/users/bob/devices"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let devices: Value = get_json(&key, format!("{base}/v1/users/bob/devices")).await;
     assert_eq!(devices["devices"][0]["device"], "bob-phone");
     keepwire_testkit::wait_until(Duration::from_secs(10), "bob's ack to be recorded", || {
-        let (api, key, base) = (api.clone(), key.clone(), base.clone());
+        let (key, base) = (key.clone(), base.clone());
         async move {
-            let p: Value = api
-                .get(format!("{base}/v1/users/bob/positions?conv={conv_id}"))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let p: Value = get_json(
+                &key,
+                format!("{base}/v1/users/bob/positions?conv={conv_id}"),
+            )
+            .await;
             p["devices"][0]["conv_delivered_seq"] == json!(2)
         }
     })
     .await;
-    let convs: Value = api
-        .get(format!("{base}/v1/users/alice/conversations"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let convs: Value = get_json(&key, format!("{base}/v1/users/alice/conversations")).await;
     assert_eq!(convs["conversations"][0]["id"], conv["id"]);
     // Unknown things are 404 problems; bad bodies 400; wrong media type 415.
     let r = api
@@ -446,12 +438,11 @@ async fn revoking_a_device_closes_it_at_once_and_bars_it() {
     let mut phone = relay.connect(&ta, "alice-phone").await;
     let mut laptop = relay.connect(&ta, "alice-laptop").await;
     let started = std::time::Instant::now();
-    let r = http()
-        .post(format!("{base}/v1/users/alice/devices/alice-phone/revoke"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let r = post(
+        &key,
+        format!("{base}/v1/users/alice/devices/alice-phone/revoke"),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         phone.expect_close().await,
@@ -467,12 +458,7 @@ async fn revoking_a_device_closes_it_at_once_and_bars_it() {
     );
     laptop.barrier().await;
     // Revoking all of alice's tokens closes the rest and bars the token.
-    let r = http()
-        .post(format!("{base}/v1/users/alice/tokens/revoke"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&key, format!("{base}/v1/users/alice/tokens/revoke")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         laptop.expect_close().await,
@@ -497,12 +483,7 @@ async fn revoking_a_users_tokens_bars_app_issued_tokens_issued_before() {
     let mut c = WsClient::connect(&relay.url, &token, "zoe-phone", None)
         .await
         .unwrap();
-    let r = http()
-        .post(format!("{base}/v1/users/zoe/tokens/revoke"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&key, format!("{base}/v1/users/zoe/tokens/revoke")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(c.expect_close().await, Some(CloseCode::TokenRevoked.code()));
     assert_eq!(
