@@ -42,6 +42,22 @@ pub struct Config {
     pub history: u64,
     /// Client name for the relay's logs.
     pub agent: String,
+    /// What to do with the connection while the app is in the background.
+    pub background_policy: BackgroundPolicy,
+}
+
+/// What the connection does while the app is in the background (chosen by the
+/// app and the user).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackgroundPolicy {
+    /// Stay connected (an Android foreground service, a desktop agent), with
+    /// the background heartbeat.
+    KeepAlive,
+    /// Stay connected this long after going to the background, then
+    /// disconnect and rely on push and periodic sync.
+    Linger(Duration),
+    /// Disconnect at once; push wake-ups and periodic `sync_once` do the rest.
+    WakeOnly,
 }
 
 impl Config {
@@ -67,6 +83,7 @@ impl Config {
             going_away_jitter: Duration::from_secs(5),
             history: 100,
             agent: concat!("keepwire-core/", env!("CARGO_PKG_VERSION")).to_owned(),
+            background_policy: BackgroundPolicy::Linger(Duration::from_secs(60)),
         }
     }
 }
@@ -196,6 +213,9 @@ pub enum State {
     BackingOff,
     /// Waiting for the app's token provider.
     RefreshingToken,
+    /// In the background and disconnected by the background policy: waiting
+    /// for the foreground or a sync request.
+    Dormant,
     /// Stopped until the app acts.
     Stopped(StopReason),
 }
@@ -340,6 +360,12 @@ pub struct Connection {
     attempts: Vec<u32>,
     retry_at: Option<Instant>,
     send_pause_until: Option<Instant>,
+    /// The background policy has disconnected (until foreground or a sync).
+    dormant: bool,
+    /// When the background linger ends.
+    linger_until: Option<Instant>,
+    /// A sync was requested and runs until this deadline (or `end_sync`).
+    sync_until: Option<Instant>,
     outbox: VecDeque<Pending>,
     entries: Vec<InboxEntry>,
     transmits: VecDeque<Transmit>,
@@ -376,6 +402,9 @@ impl Connection {
             url_index,
             retry_at: None,
             send_pause_until: None,
+            dormant: false,
+            linger_until: None,
+            sync_until: None,
             outbox: VecDeque::new(),
             entries: Vec::new(),
             transmits: VecDeque::new(),
@@ -466,10 +495,20 @@ impl Connection {
             return;
         }
         self.app = app;
-        if app == AppState::Foreground {
-            // The user is looking: skip any backoff wait and probe the socket.
-            self.retry_at = None;
-            self.probe(now);
+        match app {
+            AppState::Foreground => {
+                // The user is looking: connect now, skip any backoff wait,
+                // probe an open socket.
+                self.dormant = false;
+                self.linger_until = None;
+                self.retry_at = None;
+                self.probe(now);
+            }
+            AppState::Background => match self.cfg.background_policy {
+                BackgroundPolicy::KeepAlive => {}
+                BackgroundPolicy::Linger(d) => self.linger_until = Some(now + d),
+                BackgroundPolicy::WakeOnly => self.dormant = true,
+            },
         }
         self.renegotiate_heartbeat(now);
         self.drive(now);
@@ -499,6 +538,26 @@ impl Connection {
             }
         }
         self.drive(now);
+    }
+
+    /// Connect for a bounded sync even while dormant (a periodic task or a
+    /// push wake-up), skipping any backoff wait, until `deadline` or
+    /// [`Connection::end_sync`].
+    pub fn request_sync(&mut self, deadline: Instant, now: Instant) {
+        self.sync_until = Some(deadline);
+        self.retry_at = None;
+        self.drive(now);
+    }
+
+    /// The sync is done (or abandoned): a dormant connection disconnects.
+    pub fn end_sync(&mut self, now: Instant) {
+        self.sync_until = None;
+        self.drive(now);
+    }
+
+    /// Whether a sync is in progress.
+    pub fn syncing(&self) -> bool {
+        self.sync_until.is_some()
     }
 
     /// The app's token provider answered a [`Event::TokenNeeded`].
@@ -644,6 +703,15 @@ impl Connection {
             self.send_pause_until = None;
             self.pump_outbox(now);
         }
+        if self.linger_until.is_some_and(|t| now >= t) {
+            self.linger_until = None;
+            if self.app == AppState::Background {
+                self.dormant = true;
+            }
+        }
+        if self.sync_until.is_some_and(|t| now >= t) {
+            self.sync_until = None;
+        }
         self.drive(now);
     }
 
@@ -695,6 +763,8 @@ impl Connection {
             }
         }
         consider(self.send_pause_until);
+        consider(self.linger_until);
+        consider(self.sync_until);
         t
     }
 
@@ -723,6 +793,12 @@ impl Connection {
         if !self.wanted {
             self.drop_transport(CloseCode::Normal.code());
             self.set_state(State::Idle);
+            return;
+        }
+        if self.dormant && self.sync_until.is_none() {
+            self.drop_transport(CloseCode::Normal.code());
+            self.retry_at = None;
+            self.set_state(State::Dormant);
             return;
         }
         if self.network == Network::Offline {

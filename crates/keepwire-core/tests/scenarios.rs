@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use keepwire_core::{
-    AppState, Config, Connection, ConnectionError, Event, FailureKind, Instant, Network,
-    OutboxItem, State, StopReason, Transmit, TransportEvent,
+    AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event, FailureKind, Instant,
+    Network, OutboxItem, State, StopReason, Transmit, TransportEvent,
 };
 use keepwire_proto::{
     ClientFrame, CloseCode, Confirm, EntryItem, InboxEntry, Limits, Message, Rejected, Resume,
@@ -404,4 +404,81 @@ fn going_away_reconnects_within_the_jitter_window_without_growing_backoff() {
     );
     let at = h.c.retry_at().unwrap();
     assert!(at - t(1000) <= Duration::from_secs(5));
+}
+
+fn harness_with(policy: BackgroundPolicy) -> Harness {
+    let mut cfg = Config::new("phone", vec!["ws://relay".into()]);
+    cfg.background_policy = policy;
+    let mut h = Harness {
+        c: Connection::new(cfg, "tok".into(), None, 7, t(0)),
+        sent: vec![],
+        events: vec![],
+        open: None,
+        opens: 0,
+    };
+    h.c.start(t(0));
+    h.drain();
+    h
+}
+
+#[test]
+fn wake_only_disconnects_in_the_background_and_sync_and_foreground_connect_at_once() {
+    let mut h = harness_with(BackgroundPolicy::WakeOnly);
+    h.connect(t(0));
+    h.c.handle_app_state(AppState::Background, t(10));
+    h.drain();
+    assert_eq!(h.c.state(), State::Dormant);
+    assert!(h.open.is_none(), "disconnected at once");
+    let opens = h.opens;
+    h.timeout(t(3_600_000));
+    h.c.handle_network(Network::Online("cell".into()), t(3_600_001));
+    h.drain();
+    assert_eq!(
+        h.opens, opens,
+        "no attempts while dormant, even on network changes"
+    );
+    // A push wake-up: connect now for a bounded sync.
+    h.c.request_sync(t(3_630_000), t(3_600_002));
+    h.drain();
+    assert_eq!(h.c.state(), State::Connecting);
+    h.connect(t(3_600_010));
+    h.c.end_sync(t(3_600_500));
+    h.drain();
+    assert_eq!(h.c.state(), State::Dormant);
+    assert!(h.open.is_none());
+    // A sync that overruns its deadline is cut.
+    h.c.request_sync(t(3_700_000), t(3_690_000));
+    h.drain();
+    h.timeout(t(3_700_000));
+    assert_eq!(h.c.state(), State::Dormant);
+    assert!(h.open.is_none());
+    // Foreground: connect at once, whatever backoff was pending.
+    h.c.handle_app_state(AppState::Foreground, t(3_700_001));
+    h.drain();
+    assert_eq!(h.c.state(), State::Connecting);
+}
+
+#[test]
+fn linger_keeps_the_connection_for_a_while_then_goes_dormant() {
+    let mut h = harness_with(BackgroundPolicy::Linger(Duration::from_secs(60)));
+    h.connect(t(0));
+    h.c.handle_app_state(AppState::Background, t(1000));
+    h.drain();
+    assert_eq!(h.c.state(), State::Connected);
+    assert!(
+        matches!(h.sent.last(), Some(ClientFrame::SetHeartbeat { .. })),
+        "background heartbeat negotiated"
+    );
+    h.timeout(t(30_000));
+    assert_eq!(h.c.state(), State::Connected);
+    h.timeout(t(61_000));
+    assert_eq!(h.c.state(), State::Dormant);
+    assert!(h.open.is_none());
+    // Keep-alive never goes dormant.
+    let mut k = harness_with(BackgroundPolicy::KeepAlive);
+    k.connect(t(0));
+    k.c.handle_app_state(AppState::Background, t(1));
+    k.drain();
+    k.timeout(t(10_000_000));
+    assert_ne!(k.c.state(), State::Dormant);
 }

@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::time::Duration;
 
 use keepwire_core::{
-    AppState, Config, Connection, Event, FailureKind, Instant, Network, OutboxItem, SeededRng,
-    State, StopReason, Transmit, TransportEvent,
+    AppState, BackgroundPolicy, Config, Connection, Event, FailureKind, Instant, Network,
+    OutboxItem, SeededRng, State, StopReason, Transmit, TransportEvent,
 };
 use keepwire_proto::{
     ClientFrame, CloseCode, Confirm, ConvInfo, ConvKind, Cursor, EntryItem, InboxEntry, Limits,
@@ -313,9 +313,14 @@ struct Sim {
     healed: bool,
 }
 
-fn config(device: &str) -> Config {
+fn config(device: &str, policy: u64) -> Config {
     let mut c = Config::new(device, vec!["ws://relay-a".into(), "ws://relay-b".into()]);
     c.history = 1_000_000;
+    c.background_policy = match policy % 3 {
+        0 => BackgroundPolicy::KeepAlive,
+        1 => BackgroundPolicy::Linger(Duration::from_secs(5)),
+        _ => BackgroundPolicy::WakeOnly,
+    };
     c
 }
 
@@ -389,7 +394,7 @@ impl Sim {
         let seed = self.rng.next_u64();
         let c = &mut self.clients[i];
         let mut core = Connection::new(
-            config(c.device),
+            config(c.device, self.seed.wrapping_add(i as u64)),
             c.token.clone(),
             c.cursor.clone(),
             seed,
@@ -710,6 +715,13 @@ impl Sim {
                     self.seed
                 );
             }
+            if core.state() == State::Dormant {
+                assert!(
+                    !core.transport_open() && !core.syncing(),
+                    "seed {}: dormant with a transport",
+                    self.seed
+                );
+            }
         }
     }
 
@@ -779,7 +791,7 @@ impl Sim {
 
     fn random_fault(&mut self) {
         let now = self.now;
-        match self.rng.below(11) {
+        match self.rng.below(12) {
             0 => {
                 self.fault("network_toggle");
                 let next = if self.network == Network::Offline {
@@ -800,7 +812,10 @@ impl Sim {
                         self.drain(i);
                         // After the network returns, the next attempt starts at once.
                         if back_online
-                            && !matches!(state, State::Stopped(_) | State::RefreshingToken)
+                            && !matches!(
+                                state,
+                                State::Stopped(_) | State::RefreshingToken | State::Dormant
+                            )
                         {
                             let core = self.clients[i].core.as_ref().unwrap();
                             assert!(
@@ -899,6 +914,15 @@ impl Sim {
                     .collect();
                 for ci in live {
                     self.server_close(ci, CloseCode::TokenExpired.code());
+                }
+            }
+            10 => {
+                self.fault("sync_request");
+                let i = self.rng.below(self.clients.len() as u64) as usize;
+                let deadline = now + Duration::from_secs(25);
+                if let Some(core) = self.clients[i].core.as_mut() {
+                    core.request_sync(deadline, now);
+                    self.drain(i);
                 }
             }
             8 => {
@@ -1082,6 +1106,8 @@ fn simulated_clients_deliver_every_accepted_send_exactly_once_in_order() {
         "token_expiry",
         "dns_toggle",
         "reset",
+        "sync_request",
+        "app_state",
     ] {
         assert!(
             totals.get(kind).copied().unwrap_or(0) > 0,
