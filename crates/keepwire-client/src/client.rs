@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keepwire_core::{
-    AppState, Config, Connection, ConnectionError, Event, Instant, Network, State, Transmit,
-    TransportEvent,
+    AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event, Instant, Network,
+    State, Transmit, TransportEvent,
 };
 use keepwire_proto::{
     ClientFrame, Confirm, ConvCreate, ConvInfo, ConvKind, ConvMember, ErrorCode, GapReason,
@@ -16,6 +16,7 @@ use keepwire_proto::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::notify::{Notifier, coalesce};
 use crate::store::{Store, StoreError};
 use crate::transport::{self, BoxFuture, CachingResolver, Outgoing, Resolver, SystemResolver};
 
@@ -122,6 +123,45 @@ pub struct Status {
     pub user: Option<String>,
     /// History pages still being fetched to fill a resume gap.
     pub backfilling: usize,
+    /// Messages received by this process (since the client was built).
+    pub received: u64,
+    /// Sends confirmed by this process.
+    pub confirmed: u64,
+    /// Notifications shown by this process.
+    pub notified: u64,
+    /// Sessions opened (welcomes) by this process.
+    pub sessions: u64,
+}
+
+/// How a [`Client::sync_once`] ended.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum SyncOutcome {
+    /// Outbox flushed and everything up to the relay's head stored.
+    CaughtUp,
+    /// The deadline came first; what was done stays done and the next call continues.
+    Partial,
+    /// The relay could not be reached (the last problem, if any).
+    Unreachable(Option<ConnectionError>),
+    /// The token was rejected or revoked, or the device was.
+    Stopped(keepwire_core::StopReason),
+    /// Another process on this home holds the connection (and syncs it).
+    Busy,
+}
+
+/// What a [`Client::sync_once`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncReport {
+    /// How it ended.
+    pub outcome: SyncOutcome,
+    /// Messages received.
+    pub received: u64,
+    /// Sends confirmed.
+    pub confirmed: u64,
+    /// Notifications raised.
+    pub notified: u64,
+    /// Time taken.
+    pub elapsed: Duration,
 }
 
 impl Status {
@@ -177,9 +217,23 @@ pub struct ClientBuilder {
     configure: Option<Configure>,
     app_state: AppState,
     start: bool,
+    notifier: Option<Arc<dyn Notifier>>,
+    background_policy: Option<BackgroundPolicy>,
 }
 
 impl ClientBuilder {
+    /// Shows notifications for messages that arrive while the app is not in
+    /// the foreground.
+    pub fn notifier(mut self, n: Arc<dyn Notifier>) -> Self {
+        self.notifier = Some(n);
+        self
+    }
+
+    /// The background policy (default: the user's preference, else linger 60 s).
+    pub fn background_policy(mut self, p: BackgroundPolicy) -> Self {
+        self.background_policy = Some(p);
+        self
+    }
     /// Relay URLs to use instead of the saved ones.
     pub fn servers(mut self, urls: Vec<String>) -> Self {
         self.urls = Some(urls);
@@ -255,6 +309,12 @@ impl ClientBuilder {
         }
         let device = store.device_id()?;
         let mut config = Config::new(device, urls);
+        if let Some(p) = self
+            .background_policy
+            .or(store.prefs()?.background_policy())
+        {
+            config.background_policy = p;
+        }
         if let Some(f) = self.configure {
             f(&mut config);
         }
@@ -272,6 +332,10 @@ impl ClientBuilder {
             holder: false,
             user: store.meta("user")?,
             backfilling: 0,
+            received: 0,
+            confirmed: 0,
+            notified: 0,
+            sessions: 0,
         }));
         let (status_tx, _) = watch::channel(());
         let inner = Arc::new(Inner {
@@ -300,6 +364,7 @@ impl ClientBuilder {
             app_state: self.app_state,
             network: Network::Online("default".into()),
             started: self.start,
+            notifier: self.notifier,
         };
         tokio::spawn(supervisor.run(cmd_rx));
         Ok(Client { inner })
@@ -328,6 +393,9 @@ enum Cmd {
         ClientFrame,
         oneshot::Sender<Result<ServerFrame, ClientError>>,
     ),
+    Sync(Duration),
+    /// Ends a sync; answered once its deferred notifications were shown.
+    EndSync(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -390,6 +458,8 @@ impl Client {
             configure: None,
             app_state: AppState::Foreground,
             start: true,
+            notifier: None,
+            background_policy: None,
         }
     }
 
@@ -610,6 +680,40 @@ impl Client {
             .messages(conv, limit)?)
     }
 
+    /// Connects (even when dormant in the background), flushes the outbox,
+    /// stores and acknowledges everything up to the relay's head, raises
+    /// notifications, and lets the connection go dormant again, all within
+    /// `deadline`: the entry point for periodic tasks and push wake-ups. What
+    /// was done stays done; the next call continues.
+    pub async fn sync_once(&self, deadline: Duration) -> SyncReport {
+        let started = std::time::Instant::now();
+        let before = self.status();
+        let _ = self.inner.cmd.send(Cmd::Sync(deadline));
+        // The session must be a new one: a head learnt earlier says nothing.
+        let waited = self
+            .wait_for(deadline, |s| s.sessions > before.sessions && s.caught_up())
+            .await;
+        let (done, shown) = oneshot::channel();
+        if self.inner.cmd.send(Cmd::EndSync(done)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), shown).await;
+        }
+        let after = self.status();
+        let outcome = match waited {
+            Ok(_) => SyncOutcome::CaughtUp,
+            Err(ClientError::Stopped(r)) => SyncOutcome::Stopped(r),
+            Err(_) if !after.holder => SyncOutcome::Busy,
+            Err(_) if after.sessions > before.sessions => SyncOutcome::Partial,
+            Err(_) => SyncOutcome::Unreachable(after.last_error.clone()),
+        };
+        SyncReport {
+            outcome,
+            received: after.received - before.received,
+            confirmed: after.confirmed - before.confirmed,
+            notified: after.notified - before.notified,
+            elapsed: started.elapsed(),
+        }
+    }
+
     /// The home directory.
     pub fn home(&self) -> &Path {
         &self.inner.home
@@ -633,6 +737,7 @@ struct Supervisor {
     app_state: AppState,
     network: Network,
     started: bool,
+    notifier: Option<Arc<dyn Notifier>>,
 }
 
 fn try_lock(home: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
@@ -659,8 +764,8 @@ impl Supervisor {
                     Some(Cmd::Request(_, reply)) => { let _ = reply.send(Err(ClientError::NotConnected)); }
                     Some(Cmd::AppState(s)) => self.app_state = s,
                     Some(Cmd::Network(n)) => self.network = n,
-                    Some(Cmd::Start) => self.started = true,
-                    Some(Cmd::OutboxChanged) => {}
+                                        Some(Cmd::Start) => self.started = true,
+                    Some(Cmd::OutboxChanged | Cmd::Sync(_) | Cmd::EndSync(_)) => {}
                 },
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
@@ -716,6 +821,10 @@ struct Driver {
     data_version: i64,
     epoch: Option<String>,
     stop_waiters: Vec<oneshot::Sender<()>>,
+    app_state: AppState,
+    notifier: Option<Arc<dyn Notifier>>,
+    /// Notifications claimed during a sync, shown (coalesced) when it ends.
+    deferred: Vec<crate::store::Claimed>,
 }
 
 impl Driver {
@@ -754,6 +863,9 @@ impl Driver {
             data_version,
             epoch: cursor.map(|c| c.epoch),
             stop_waiters: Vec::new(),
+            app_state: sup.app_state,
+            notifier: sup.notifier.clone(),
+            deferred: Vec::new(),
         };
         d.pick_up_outbox(now)?;
         if sup.started {
@@ -840,7 +952,21 @@ impl Driver {
                     tracing::warn!(target: "keepwire::client", error = %e, "reading the outbox failed");
                 }
             }
-            Cmd::AppState(s) => self.core.handle_app_state(s, now),
+            Cmd::AppState(s) => {
+                self.app_state = s;
+                if s == AppState::Foreground {
+                    // The user is looking: everything counts as seen.
+                    let _ = self.store.clear_unread();
+                }
+                self.core.handle_app_state(s, now);
+            }
+            Cmd::Sync(d) => self.core.request_sync(now + d, now),
+            Cmd::EndSync(done) => {
+                self.core.end_sync(now);
+                let deferred = std::mem::take(&mut self.deferred);
+                self.show(deferred);
+                let _ = done.send(());
+            }
             Cmd::Network(n) => self.core.handle_network(n, now),
             Cmd::Start => self.core.start(now),
             Cmd::Request(frame, reply) => {
@@ -947,6 +1073,12 @@ impl Driver {
                         if let Some(last) = entries.last() {
                             self.core.handle_persisted(last.seq, now);
                         }
+                        self.inner
+                            .status
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .received += p.messages.len() as u64;
+                        self.notify(&p.messages);
                         for m in p.messages {
                             self.emit(ClientEvent::Message(m));
                         }
@@ -961,6 +1093,11 @@ impl Driver {
                 }
             }
             Event::SendConfirmed(c) => {
+                self.inner
+                    .status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .confirmed += 1;
                 if let Err(e) = self.store.confirm(&c.cid) {
                     tracing::error!(target: "keepwire::client", error = %e, "recording a confirmation failed");
                 }
@@ -1007,7 +1144,77 @@ impl Driver {
         }
     }
 
+    /// Raises notifications for new messages while the app is not in the foreground.
+    fn notify(&mut self, messages: &[Message]) {
+        if self.notifier.is_none() || self.app_state == AppState::Foreground || messages.is_empty()
+        {
+            return;
+        }
+        let prefs = self.store.prefs().unwrap_or_default();
+        let me = self
+            .inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .user
+            .clone();
+        let quiet = prefs.quiet_hours.is_some_and(|q| q.now());
+        let claimed = match self
+            .store
+            .claim_notifications(messages, |m| prefs.may_show(m, me.as_deref(), quiet))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(target: "keepwire::notify", error = %e, "claiming notifications failed");
+                return;
+            }
+        };
+        if self.core.syncing() {
+            // One coalesced notification per conversation for the whole sync.
+            for c in claimed {
+                match self.deferred.iter_mut().find(|d| d.conv == c.conv) {
+                    Some(d) => {
+                        d.shown.extend(c.shown);
+                        d.unread = c.unread;
+                        d.last_sender = c.last_sender;
+                    }
+                    None => self.deferred.push(c),
+                }
+            }
+        } else {
+            self.show(claimed);
+        }
+    }
+
+    fn show(&mut self, claimed: Vec<crate::store::Claimed>) {
+        let Some(notifier) = self.notifier.clone() else {
+            return;
+        };
+        let previews = self.store.prefs().map(|p| p.previews).unwrap_or(true);
+        for c in claimed {
+            let name = self.store.conv_name(c.conv).ok().flatten();
+            let n = coalesce(&c, name.as_deref(), previews);
+            match notifier.notify(&n) {
+                Ok(()) => {
+                    self.inner
+                        .status
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .notified += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "keepwire::notify", error = %e, "showing a notification failed")
+                }
+            }
+        }
+    }
+
     fn on_welcome(&mut self, w: Welcome, now: Instant) {
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sessions += 1;
         let _ = self.store.set_meta("user", &w.user);
         let gap = w.resume.status == ResumeStatus::Gap;
         let result = match w.resume.reason {

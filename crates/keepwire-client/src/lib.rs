@@ -27,12 +27,13 @@
 #![forbid(unsafe_code)]
 
 mod client;
+pub mod notify;
 pub mod store;
 mod transport;
 
 pub use client::{
-    Client, ClientBuilder, ClientError, ClientEvent, SendError, SendHandle, Status, TokenProvider,
-    boot_clock,
+    Client, ClientBuilder, ClientError, ClientEvent, SendError, SendHandle, Status, SyncOutcome,
+    SyncReport, TokenProvider, boot_clock,
 };
-pub use keepwire_core::{AppState, ConnectionError, Network, State, StopReason};
+pub use keepwire_core::{AppState, BackgroundPolicy, ConnectionError, Network, State, StopReason};
 pub use transport::{BoxFuture, Resolver, SystemResolver};

@@ -15,7 +15,13 @@ use keepwire_proto::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
-const MIGRATIONS: &[(&str, &str)] = &[("0001_init", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("migrations/0001_init.sql")),
+    (
+        "0002_notifications",
+        include_str!("migrations/0002_notifications.sql"),
+    ),
+];
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -464,6 +470,22 @@ impl Store {
             .pragma_query_value(None, "data_version", |r| r.get(0))?)
     }
 
+    /// The user's preferences.
+    pub fn prefs(&self) -> Result<crate::notify::Prefs, StoreError> {
+        Ok(self
+            .meta("prefs")?
+            .and_then(|p| serde_json::from_str(&p).ok())
+            .unwrap_or_default())
+    }
+
+    /// Saves the user's preferences.
+    pub fn set_prefs(&self, p: &crate::notify::Prefs) -> Result<(), StoreError> {
+        self.set_meta(
+            "prefs",
+            &serde_json::to_string(p).unwrap_or_else(|_| "{}".into()),
+        )
+    }
+
     /// Records the connection status for other processes (`keepwire status`).
     pub fn save_status(&self, state: &str, last_error: Option<&str>) -> Result<(), StoreError> {
         self.set_meta("state", state)?;
@@ -471,6 +493,93 @@ impl Store {
             Some(e) => self.set_meta("last_error", e),
             None => self.delete_meta("last_error"),
         }
+    }
+}
+
+/// What a claim decided for one conversation's new messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// Conversation.
+    pub conv: u64,
+    /// Messages claimed for showing in this batch (oldest first).
+    pub shown: Vec<Message>,
+    /// Unread messages in the conversation, these included.
+    pub unread: u64,
+    /// Distinct senders of the unread messages known so far.
+    pub last_sender: String,
+}
+
+impl Store {
+    /// Claims notifications for `messages`: each message is claimed once, ever
+    /// (across processes), in one transaction. `show(m)` says whether a
+    /// message may be shown (not muted, not quiet hours, not our own); the
+    /// others are claimed as suppressed so they never show later. Returns, per
+    /// conversation, what to show now.
+    pub fn claim_notifications(
+        &mut self,
+        messages: &[Message],
+        show: impl Fn(&Message) -> bool,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let now = now_ms();
+        let mut out: Vec<Claimed> = Vec::new();
+        for m in messages {
+            let visible = show(m);
+            let n = tx
+                .prepare_cached("INSERT OR IGNORE INTO notified (message_id, conv, shown, at) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![m.id as i64, m.conv as i64, visible, now])?;
+            if n == 0 || !visible {
+                continue;
+            }
+            let unread: i64 = tx
+                .prepare_cached(
+                    "INSERT INTO unread (conv, count, last_sender, last_body) VALUES (?1, 1, ?2, ?3)
+                     ON CONFLICT (conv) DO UPDATE SET count = count + 1, last_sender = excluded.last_sender,
+                       last_body = excluded.last_body
+                     RETURNING count",
+                )?
+                .query_row(params![m.conv as i64, m.from, m.body], |r| r.get(0))?;
+            match out.iter_mut().find(|c| c.conv == m.conv) {
+                Some(c) => {
+                    c.shown.push(m.clone());
+                    c.unread = unread as u64;
+                    c.last_sender = m.from.clone();
+                }
+                None => out.push(Claimed {
+                    conv: m.conv,
+                    shown: vec![m.clone()],
+                    unread: unread as u64,
+                    last_sender: m.from.clone(),
+                }),
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// The user saw everything (the app came to the foreground): unread counts reset.
+    pub fn clear_unread(&self) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM unread", [])?;
+        Ok(())
+    }
+
+    /// How many notifications were shown, in all.
+    pub fn notifications_shown(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM notified WHERE shown = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    /// A conversation's display name, if known.
+    pub fn conv_name(&self, conv: u64) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT name FROM convs WHERE id = ?1")?
+            .query_row([conv as i64], |r| r.get::<_, Option<String>>(0))
+            .optional()?
+            .flatten())
     }
 }
 

@@ -347,3 +347,260 @@ async fn an_app_token_expiring_mid_connection_is_refreshed_once_without_loss() {
         (0..40).map(|i| format!("m{i}")).collect::<Vec<_>>()
     );
 }
+
+fn recorder() -> (
+    Arc<keepwire_client::notify::CallbackNotifier>,
+    Arc<std::sync::Mutex<Vec<keepwire_client::notify::Notification>>>,
+) {
+    let shown = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = shown.clone();
+    (
+        keepwire_client::notify::CallbackNotifier::new(move |n| s.lock().unwrap().push(n.clone())),
+        shown,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_messages_notify_once_coalesced_and_respect_mute_and_foreground() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let ha = TempDir::new("alice");
+    let (notifier, shown) = recorder();
+    let a = Client::builder(ha.path())
+        .servers(vec![r.url.clone()])
+        .token(&ta)
+        .notifier(notifier)
+        .background_policy(keepwire_client::BackgroundPolicy::KeepAlive)
+        .build()
+        .await
+        .unwrap();
+    a.wait_connected(T).await.unwrap();
+    let mut b = keepwire_testkit::WsClient::connect(&r.url, &tb, "bob", None)
+        .await
+        .unwrap();
+    let conv =
+        keepwire_testkit::relay::create_conv(&mut b, keepwire_proto::ConvKind::Direct, &["alice"])
+            .await;
+    a.wait_for(T, |s| s.cursor >= Some(1)).await.unwrap();
+
+    // In the background: bob's three messages raise notifications, each message once.
+    a.set_app_state(keepwire_client::AppState::Background);
+    a.wait_for(T, |s| s.state == State::Connected)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        let cid = b.send_message(conv.id, &format!("hello {i}")).await;
+        b.confirm(&cid).await;
+    }
+    a.wait_for(T, |s| s.notified >= 1 && s.cursor >= Some(4))
+        .await
+        .unwrap();
+    let got = shown.lock().unwrap().clone();
+    let ids: Vec<u64> = got.iter().flat_map(|n| n.message_ids.clone()).collect();
+    assert_eq!(ids.len(), 3, "each message notified once: {got:?}");
+    assert!(
+        got.iter()
+            .all(|n| n.tag == format!("keepwire-conv-{}", conv.id)),
+        "replaced, not stacked"
+    );
+    let last = got.last().unwrap();
+    assert_eq!(
+        (last.unread, last.title.as_str(), last.body.as_str()),
+        (3, "3 new messages from bob", "hello 2")
+    );
+    assert_eq!(
+        last.conv, conv.id,
+        "carries what the app needs to open the conversation"
+    );
+
+    // Alice's own message (from her other device) never notifies.
+    let mut a2 = keepwire_testkit::WsClient::connect(&r.url, &ta, "alice-laptop", None)
+        .await
+        .unwrap();
+    let cid = a2.send_message(conv.id, "from my laptop").await;
+    a2.confirm(&cid).await;
+    a.wait_for(T, |s| s.cursor >= Some(5)).await.unwrap();
+    // Muted conversations and previews off.
+    {
+        let store = keepwire_client::store::Store::open(ha.path()).unwrap();
+        let mut p = store.prefs().unwrap();
+        p.muted.insert(conv.id);
+        store.set_prefs(&p).unwrap();
+    }
+    let cid = b.send_message(conv.id, "muted").await;
+    b.confirm(&cid).await;
+    a.wait_for(T, |s| s.cursor >= Some(6)).await.unwrap();
+    assert_eq!(
+        shown.lock().unwrap().len(),
+        got.len(),
+        "nothing for our own or muted messages"
+    );
+    // Foreground: seen; no notifications while the user looks.
+    {
+        let store = keepwire_client::store::Store::open(ha.path()).unwrap();
+        store
+            .set_prefs(&keepwire_client::notify::Prefs {
+                previews: false,
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    a.set_app_state(keepwire_client::AppState::Foreground);
+    let cid = b.send_message(conv.id, "while looking").await;
+    b.confirm(&cid).await;
+    a.wait_for(T, |s| s.cursor >= Some(7)).await.unwrap();
+    assert_eq!(shown.lock().unwrap().len(), got.len());
+    // Back in the background: counting starts again, and no text without previews.
+    a.set_app_state(keepwire_client::AppState::Background);
+    let cid = b.send_message(conv.id, "secret").await;
+    b.confirm(&cid).await;
+    a.wait_for(T, |s| s.cursor >= Some(8) && s.notified > got.len() as u64)
+        .await
+        .unwrap();
+    let n = shown.lock().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (n.unread, n.title.as_str(), n.body.as_str()),
+        (1, "bob", "New message")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_only_in_the_background_then_foreground_connects_and_catches_up_at_once() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let ha = TempDir::new("alice");
+    let a = Client::builder(ha.path())
+        .servers(vec![r.url.clone()])
+        .token(&ta)
+        .background_policy(keepwire_client::BackgroundPolicy::WakeOnly)
+        // Any backoff wait would be obvious.
+        .configure(|c| c.backoff_foreground.base = Duration::from_secs(20))
+        .build()
+        .await
+        .unwrap();
+    a.wait_connected(T).await.unwrap();
+    a.set_app_state(keepwire_client::AppState::Background);
+    a.wait_for(T, |s| s.state == State::Dormant).await.unwrap();
+    keepwire_testkit::wait_until(T, "the relay to see alice leave", || async {
+        r.server.as_ref().unwrap().connection_count() == 0
+    })
+    .await;
+    let mut b = keepwire_testkit::WsClient::connect(&r.url, &tb, "bob", None)
+        .await
+        .unwrap();
+    let conv =
+        keepwire_testkit::relay::create_conv(&mut b, keepwire_proto::ConvKind::Direct, &["alice"])
+            .await;
+    for i in 0..5 {
+        let cid = b.send_message(conv.id, &format!("while away {i}")).await;
+        b.confirm(&cid).await;
+    }
+    let started = std::time::Instant::now();
+    a.set_app_state(keepwire_client::AppState::Foreground);
+    a.wait_for(T, |s| s.caught_up() && s.cursor >= Some(6))
+        .await
+        .unwrap();
+    println!("foreground to caught up: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no backoff wait (base is 20 s)"
+    );
+    assert_eq!(a.messages(Some(conv.id), 10).unwrap().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_once_honours_its_deadline_when_the_relay_is_a_black_hole_and_the_next_call_finishes()
+{
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let relay_addr = r.server.as_ref().unwrap().local_addr();
+    // A "relay" that accepts TCP and never answers: packets vanish.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let ha = TempDir::new("alice");
+    let build = |target: SocketAddr, resolver_mode: u8| {
+        let resolver = Arc::new(FlakyResolver {
+            mode: AtomicU8::new(resolver_mode),
+            target,
+        });
+        let url = format!("ws://relay.test:{}", target.port());
+        let (home, token) = (ha.path().to_owned(), ta.clone());
+        async move {
+            let c = Client::builder(home)
+                .servers(vec![url])
+                .token(token)
+                .resolver(resolver.clone())
+                .resolve_timeout(Duration::from_millis(200))
+                .background_policy(keepwire_client::BackgroundPolicy::WakeOnly)
+                .app_state(keepwire_client::AppState::Background)
+                .build()
+                .await
+                .unwrap();
+            (c, resolver)
+        }
+    };
+    // Alice has synced once before: she holds a cursor.
+    let mut b = keepwire_testkit::WsClient::connect(&r.url, &tb, "bob", None)
+        .await
+        .unwrap();
+    let conv =
+        keepwire_testkit::relay::create_conv(&mut b, keepwire_proto::ConvKind::Direct, &["alice"])
+            .await;
+    let (a, _) = build(relay_addr, 0).await;
+    assert_eq!(
+        a.sync_once(T).await.outcome,
+        keepwire_client::SyncOutcome::CaughtUp
+    );
+    a.stop().await;
+    drop(a);
+    // A large backlog arrives meanwhile.
+    let bob = r.user_id(&tb).await;
+    r.seed(bob, conv.id, 20_000, "m").await;
+
+    // The path to the relay is a black hole: the sync returns by its deadline.
+    let (a, resolver) = build(hole_addr, 0).await;
+    let report = a.sync_once(Duration::from_millis(800)).await;
+    assert!(
+        report.elapsed < Duration::from_secs(3),
+        "deadline honoured: {report:?}"
+    );
+    assert!(
+        matches!(report.outcome, keepwire_client::SyncOutcome::Unreachable(_)),
+        "{report:?}"
+    );
+    // A hanging resolver does not hang it either.
+    resolver.mode.store(2, Ordering::SeqCst);
+    let report = a.sync_once(Duration::from_millis(800)).await;
+    assert!(report.elapsed < Duration::from_secs(3), "{report:?}");
+    a.wait_for(T, |s| s.state == State::Dormant)
+        .await
+        .expect("back to sleep after the sync");
+    a.stop().await;
+    drop(a);
+
+    // The network heals: short syncs each do part of the work; nothing twice.
+    let (a, _) = build(relay_addr, 0).await;
+    let mut total = 0;
+    let mut rounds = 0;
+    loop {
+        let report = a.sync_once(Duration::from_millis(150)).await;
+        total += report.received;
+        rounds += 1;
+        if report.outcome == keepwire_client::SyncOutcome::CaughtUp {
+            break;
+        }
+        assert!(rounds < 200, "sync never finished: {report:?}");
+    }
+    println!("20,000 messages over {rounds} sync_once calls of 150 ms");
+    assert_eq!(total, 20_000, "every message once across calls");
+    assert_eq!(a.messages(Some(conv.id), 30_000).unwrap().len(), 20_000);
+}

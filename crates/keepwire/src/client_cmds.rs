@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use futures_util::StreamExt as _;
+use keepwire_client::notify::{CommandNotifier, Notifier};
 use keepwire_client::store::Store;
 use keepwire_client::{
-    BoxFuture, Client, ClientError, ClientEvent, ConnectionError, State, StopReason, TokenProvider,
+    AppState, BackgroundPolicy, BoxFuture, Client, ClientError, ConnectionError, State, StopReason,
+    SyncOutcome, TokenProvider,
 };
 use keepwire_proto::Message;
 
@@ -115,6 +116,10 @@ pub(crate) struct SendArgs {
 pub(crate) struct SyncArgs {
     #[command(flatten)]
     home: HomeArg,
+    /// Run this command for each notification (JSON on stdin); default: the
+    /// `notify-command` preference.
+    #[arg(long, value_name = "CMD")]
+    notify_command: Option<String>,
     /// Give up (keeping what was done) after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     deadline: Duration,
@@ -138,6 +143,10 @@ pub(crate) struct LogArgs {
 pub(crate) struct TailArgs {
     #[command(flatten)]
     home: HomeArg,
+    /// Run this command for each notification (JSON on stdin); default: the
+    /// `notify-command` preference.
+    #[arg(long, value_name = "CMD")]
+    notify_command: Option<String>,
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
@@ -396,81 +405,71 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The notifier the user asked for (flag, else preference), if any.
+fn notifier(
+    home: &std::path::Path,
+    flag: Option<&str>,
+) -> anyhow::Result<Option<Arc<dyn Notifier>>> {
+    let cmd = match flag {
+        Some(c) => Some(c.to_owned()),
+        None => open_existing(home)?.prefs()?.notify_command,
+    };
+    Ok(cmd.map(|c| Arc::new(CommandNotifier::new(c)) as Arc<dyn Notifier>))
+}
+
 pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
-    let started = std::time::Instant::now();
-    let client = open_client(&home, false).await?;
-    let mut events = client.events();
-    // Count what this sync did, from the client's events.
-    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let confirmed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let counter = tokio::spawn({
-        let (received, confirmed, connected) =
-            (received.clone(), confirmed.clone(), connected.clone());
-        async move {
-            use std::sync::atomic::Ordering::Relaxed;
-            while let Some(ev) = events.next().await {
-                match ev {
-                    ClientEvent::Message(_) => _ = received.fetch_add(1, Relaxed),
-                    ClientEvent::SendConfirmed(_) => _ = confirmed.fetch_add(1, Relaxed),
-                    ClientEvent::State(State::Connected) => connected.store(true, Relaxed),
-                    _ => {}
-                }
-            }
-        }
-    });
-    client.start();
-    let outcome = match client.wait_for(args.deadline, |s| s.caught_up()).await {
-        Ok(_) => Ok(()),
-        Err(ClientError::Stopped(r)) => Err(Exit {
-            code: exit::AUTH_REJECTED,
-            message: stopped_message(r),
-        }),
-        Err(_) => {
-            let s = client.status();
-            Err(if connected.load(std::sync::atomic::Ordering::Relaxed) {
-                Exit {
-                    code: exit::PARTIAL,
-                    message: format!(
-                        "deadline of {:?} reached before everything was synced; run sync again to continue",
-                        args.deadline
-                    ),
-                }
-            } else if !s.holder {
-                Exit {
-                    code: exit::PARTIAL,
-                    message:
-                        "another keepwire process holds this home's connection; it syncs the store"
-                            .into(),
-                }
-            } else {
-                unreachable_exit(&s)
-            })
-        }
-    };
+    init_logging("warn");
+    open_existing(&home)?;
+    // A sync is what a periodic task or a push wake-up runs: the app is not
+    // in the foreground, and the connection goes dormant once done.
+    let mut b = Client::builder(&home)
+        .app_state(AppState::Background)
+        .background_policy(BackgroundPolicy::WakeOnly);
+    if let Some(n) = notifier(&home, args.notify_command.as_deref())? {
+        b = b.notifier(n);
+    }
+    let client = b.build().await.map_err(|e| match e {
+        ClientError::NotLoggedIn(_) => anyhow::anyhow!(
+            "{} has no relay URL or token; run `keepwire login --server URL --token TOKEN`",
+            home.display()
+        ),
+        other => other.into(),
+    })?;
+    let report = client.sync_once(args.deadline).await;
     client.stop().await;
-    counter.abort();
-    let (received, confirmed) = (
-        received.load(std::sync::atomic::Ordering::Relaxed),
-        confirmed.load(std::sync::atomic::Ordering::Relaxed),
-    );
     let s = client.status();
     let (pending, failed) = open_existing(&home)?.outbox_counts()?;
-    let summary = format!(
-        "synced in {:.1}s: {received} messages received, {confirmed} sends confirmed, {pending} pending, {failed} failed, cursor {}",
-        started.elapsed().as_secs_f64(),
+    println!(
+        "synced in {:.1}s: {} messages received, {} sends confirmed, {} notifications, {pending} pending, {failed} failed, cursor {}",
+        report.elapsed.as_secs_f64(),
+        report.received,
+        report.confirmed,
+        report.notified,
         s.cursor.unwrap_or(0)
     );
-    match outcome {
-        Ok(()) => {
-            println!("{summary}");
-            Ok(())
+    match report.outcome {
+        SyncOutcome::CaughtUp => Ok(()),
+        SyncOutcome::Partial => Err(Exit {
+            code: exit::PARTIAL,
+            message: format!(
+                "deadline of {:?} reached before everything was synced; run sync again to continue",
+                args.deadline
+            ),
         }
-        Err(e) => {
-            println!("{summary}");
-            Err(e.into())
+        .into()),
+        SyncOutcome::Busy => Err(Exit {
+            code: exit::PARTIAL,
+            message: "another keepwire process holds this home's connection; it syncs the store"
+                .into(),
         }
+        .into()),
+        SyncOutcome::Stopped(r) => Err(Exit {
+            code: exit::AUTH_REJECTED,
+            message: stopped_message(r),
+        }
+        .into()),
+        _ => Err(unreachable_exit(&s).into()),
     }
 }
 
@@ -504,7 +503,16 @@ pub(crate) fn log(args: LogArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
-    let client = open_client(&home, true).await?;
+    init_logging("warn");
+    open_existing(&home)?;
+    // Like a desktop agent: stays connected while nobody looks at an app.
+    let mut b = Client::builder(&home)
+        .app_state(AppState::Background)
+        .background_policy(BackgroundPolicy::KeepAlive);
+    if let Some(n) = notifier(&home, args.notify_command.as_deref())? {
+        b = b.notifier(n);
+    }
+    let client = b.build().await?;
     // Print from the store (works whichever process holds the connection):
     // everything after the cursor at start, as it lands.
     let store = open_existing(&home)?;
@@ -591,5 +599,120 @@ pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("outbox:   {pending} pending, {failed} failed");
         println!("messages: {}", v["messages"]);
     }
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct PrefsArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    #[command(subcommand)]
+    command: Option<PrefsCommand>,
+}
+
+#[derive(Subcommand)]
+enum PrefsCommand {
+    /// Show the preferences (the default).
+    Show,
+    /// Never notify for this conversation.
+    Mute {
+        /// Conversation id.
+        conv: u64,
+    },
+    /// Notify for this conversation again.
+    Unmute {
+        /// Conversation id.
+        conv: u64,
+    },
+    /// No notifications between these local times (`22:00-07:00`; equal times
+    /// mean all day), or `off`.
+    QuietHours {
+        /// `HH:MM-HH:MM` or `off`.
+        hours: String,
+    },
+    /// Show message text in notifications (`on`) or not (`off`).
+    Previews {
+        /// `on` or `off`.
+        setting: String,
+    },
+    /// Background policy: `keep`, `linger:DURATION` (e.g. `linger:5m`) or `wake-only`.
+    Background {
+        /// The policy.
+        policy: String,
+    },
+    /// Command run for each notification (JSON on stdin), or `off`.
+    NotifyCommand {
+        /// The command (run with `sh -c`), or `off`.
+        command: String,
+    },
+}
+
+pub(crate) fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let store = open_existing(&home)?;
+    let mut p = store.prefs()?;
+    match args.command.unwrap_or(PrefsCommand::Show) {
+        PrefsCommand::Show => {}
+        PrefsCommand::Mute { conv } => {
+            p.muted.insert(conv);
+        }
+        PrefsCommand::Unmute { conv } => {
+            p.muted.remove(&conv);
+        }
+        PrefsCommand::QuietHours { hours } => {
+            p.quiet_hours = if hours == "off" {
+                None
+            } else {
+                Some(
+                    keepwire_client::notify::QuietHours::parse(&hours).with_context(|| {
+                        format!("{hours:?} is not HH:MM-HH:MM (24-hour local time) or `off`")
+                    })?,
+                )
+            };
+        }
+        PrefsCommand::Previews { setting } => {
+            p.previews = match setting.as_str() {
+                "on" => true,
+                "off" => false,
+                other => bail!("previews are `on` or `off`, not {other:?}"),
+            };
+        }
+        PrefsCommand::Background { policy } => {
+            if keepwire_client::notify::parse_policy(&policy).is_none() {
+                bail!(
+                    "{policy:?} is not a background policy: use keep, linger:DURATION (e.g. linger:5m) or wake-only"
+                );
+            }
+            p.background = Some(policy);
+        }
+        PrefsCommand::NotifyCommand { command } => {
+            p.notify_command = (command != "off").then_some(command);
+        }
+    }
+    store.set_prefs(&p)?;
+    let muted: Vec<String> = p.muted.iter().map(u64::to_string).collect();
+    println!(
+        "muted:          {}",
+        if muted.is_empty() {
+            "none".into()
+        } else {
+            muted.join(", ")
+        }
+    );
+    println!(
+        "quiet hours:    {}",
+        p.quiet_hours
+            .map(|q| q.to_string())
+            .unwrap_or_else(|| "off".into())
+    );
+    println!("previews:       {}", if p.previews { "on" } else { "off" });
+    println!(
+        "background:     {}",
+        p.background.as_deref().unwrap_or("linger:60 (default)")
+    );
+    println!(
+        "notify command: {}",
+        p.notify_command.as_deref().unwrap_or("none")
+    );
     Ok(())
 }

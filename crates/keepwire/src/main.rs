@@ -41,6 +41,8 @@ enum Command {
     Tail(client_cmds::TailArgs),
     /// Show the connection state, cursor and outbox.
     Status(client_cmds::StatusArgs),
+    /// Notification and background preferences (mute, quiet hours, previews, policy).
+    Prefs(client_cmds::PrefsArgs),
 }
 
 /// An error that ends the command with a specific exit code.
@@ -111,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Log(args) => client_cmds::log(args),
         Command::Tail(args) => client_cmds::tail(args).await,
         Command::Status(args) => client_cmds::status(args),
+        Command::Prefs(args) => client_cmds::prefs(args),
     }
 }
 

@@ -216,3 +216,123 @@ fn sync_exit_codes_say_what_happened() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("keepwire login"));
 }
+
+/// Notifications recorded by a `--notify-command` hook (one JSON per line).
+fn notifications(file: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_killed_app_catches_up_by_periodic_sync_with_one_coalesced_notification() {
+    let dir = TempDir::new("closed");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    let alice = device(&dir, "alice", &relay.url, &ta);
+    let bob = device(&dir, "bob", &relay.url, &tb);
+    let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
+    kw_ok(&alice, &["sync"]);
+    // Alice's app is killed.
+    let mut app = Tail::start(&alice);
+    wait_until(Duration::from_secs(10), "alice's app to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    app.kill9();
+    // Bob sends 20.
+    for i in 0..20 {
+        kw_ok(&bob, &["send", &conv, &format!("msg {i}")]);
+    }
+    // The periodic sync (WorkManager, BGAppRefreshTask, a systemd timer) runs.
+    let hook = dir.join("notifications.jsonl");
+    let cmd = format!("cat >> {}", hook.display());
+    let out = kw_ok(&alice, &["sync", "--notify-command", &cmd]);
+    assert!(
+        out.contains("20 messages received") && out.contains("1 notifications"),
+        "{out}"
+    );
+    let shown = notifications(&hook);
+    assert_eq!(shown.len(), 1, "one coalesced notification: {shown:?}");
+    assert_eq!(shown[0]["title"], "20 new messages from bob");
+    assert_eq!(shown[0]["body"], "msg 19");
+    assert_eq!(shown[0]["conv"].as_u64().unwrap().to_string(), conv);
+    assert_eq!(shown[0]["message_ids"].as_array().unwrap().len(), 20);
+    let want: Vec<String> = (0..20).map(|i| format!("msg {i}")).collect();
+    assert_exactly_once_in_order(&alice, &want);
+    // Running sync again raises nothing.
+    let out = kw_ok(&alice, &["sync", "--notify-command", &cmd]);
+    assert!(
+        out.contains("0 messages received") && out.contains("0 notifications"),
+        "{out}"
+    );
+    assert_eq!(notifications(&hook).len(), 1);
+}
+
+#[test]
+fn quiet_hours_and_mute_suppress_notifications_and_prefs_explain_mistakes() {
+    let dir = TempDir::new("prefs");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    let alice = device(&dir, "alice", &relay.url, &ta);
+    let bob = device(&dir, "bob", &relay.url, &tb);
+    let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
+    let hook = dir.join("n.jsonl");
+    kw_ok(
+        &alice,
+        &[
+            "prefs",
+            "notify-command",
+            &format!("cat >> {}", hook.display()),
+        ],
+    );
+    // Quiet all day (start = end).
+    kw_ok(&alice, &["prefs", "quiet-hours", "00:00-00:00"]);
+    kw_ok(&bob, &["send", &conv, "at night"]);
+    let out = kw_ok(&alice, &["sync"]);
+    assert!(
+        out.contains("1 messages received") && out.contains("0 notifications"),
+        "{out}"
+    );
+    kw_ok(&alice, &["prefs", "quiet-hours", "off"]);
+    kw_ok(&alice, &["prefs", "mute", &conv]);
+    kw_ok(&bob, &["send", &conv, "muted"]);
+    let out = kw_ok(&alice, &["sync"]);
+    assert!(out.contains("0 notifications"), "{out}");
+    kw_ok(&alice, &["prefs", "unmute", &conv]);
+    kw_ok(&alice, &["prefs", "previews", "off"]);
+    kw_ok(&bob, &["send", &conv, "private"]);
+    let out = kw_ok(&alice, &["sync"]);
+    assert!(out.contains("1 notifications"), "{out}");
+    let shown = notifications(&hook);
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0]["body"], "New message", "no text with previews off");
+    let out = kw_ok(&alice, &["prefs"]);
+    assert!(
+        out.contains("previews:       off") && out.contains("quiet hours:    off"),
+        "{out}"
+    );
+    for (args, needle) in [
+        (vec!["prefs", "quiet-hours", "late"], "is not HH:MM-HH:MM"),
+        (
+            vec!["prefs", "previews", "maybe"],
+            "previews are `on` or `off`",
+        ),
+        (
+            vec!["prefs", "background", "sometimes"],
+            "is not a background policy",
+        ),
+    ] {
+        let out = kw(&alice, &args);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}"
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! Local notifications: preferences, coalescing, and the ways to show them.
+//!
+//! A message is notified at most once, whichever process receives it: the
+//! claim is written in the store's transaction before it is shown
+//! ([`crate::store::Store::claim_notifications`]). Notifications are raised
+//! only while the app is not in the foreground, never for the user's own
+//! messages, and are coalesced per conversation ("3 new messages from bob"),
+//! replacing the previous one for that conversation (same `tag`).
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use chrono::Timelike as _;
+use keepwire_proto::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::store::Claimed;
+
+/// A notification to show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Notification {
+    /// The conversation to open when it is tapped.
+    pub conv: u64,
+    /// Replaces the previous notification with the same tag (one per conversation).
+    pub tag: String,
+    /// Title, e.g. "bob" or "3 new messages from bob".
+    pub title: String,
+    /// The last message's text, or "New message" when previews are off.
+    pub body: String,
+    /// Unread messages in the conversation.
+    pub unread: u64,
+    /// Messages newly covered by this notification.
+    pub message_ids: Vec<u64>,
+    /// The last sender.
+    pub sender: String,
+}
+
+/// Shows notifications: desktop (D-Bus), a command hook, or an app callback.
+pub trait Notifier: Send + Sync + 'static {
+    /// Shows (or replaces) a notification. Errors are logged, not retried:
+    /// the message stays in the store either way.
+    fn notify(&self, n: &Notification) -> Result<(), String>;
+}
+
+/// Runs a shell command for each notification, with the notification as JSON
+/// on its standard input (`keepwire ... --notify-command CMD`).
+pub struct CommandNotifier {
+    command: String,
+}
+
+impl CommandNotifier {
+    /// A notifier running `command` with `sh -c`.
+    pub fn new(command: impl Into<String>) -> Self {
+        CommandNotifier {
+            command: command.into(),
+        }
+    }
+}
+
+impl Notifier for CommandNotifier {
+    fn notify(&self, n: &Notification) -> Result<(), String> {
+        let json = serde_json::to_string(n).map_err(|e| e.to_string())?;
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&self.command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run {:?}: {e}", self.command))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(json.as_bytes());
+            let _ = stdin.write_all(b"\n");
+        }
+        // Wait so the hook sees notifications in order, and reap it.
+        child.wait().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// Calls a function for each notification (for bindings and tests).
+pub struct CallbackNotifier(Box<dyn Fn(&Notification) + Send + Sync>);
+
+impl CallbackNotifier {
+    /// A notifier calling `f`.
+    pub fn new(f: impl Fn(&Notification) + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(CallbackNotifier(Box::new(f)))
+    }
+}
+
+impl Notifier for CallbackNotifier {
+    fn notify(&self, n: &Notification) -> Result<(), String> {
+        (self.0)(n);
+        Ok(())
+    }
+}
+
+/// Quiet hours in local time, `start..end` minutes of the day (may wrap midnight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuietHours {
+    /// Start, minutes after midnight.
+    pub start: u16,
+    /// End, minutes after midnight.
+    pub end: u16,
+}
+
+impl QuietHours {
+    /// Parses `HH:MM-HH:MM`.
+    pub fn parse(s: &str) -> Option<QuietHours> {
+        let (a, b) = s.split_once('-')?;
+        let min = |t: &str| -> Option<u16> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        Some(QuietHours {
+            start: min(a)?,
+            end: min(b)?,
+        })
+    }
+
+    /// Whether minute-of-day `m` is quiet. `start == end` means all day.
+    pub fn contains(&self, m: u16) -> bool {
+        if self.start == self.end {
+            true
+        } else if self.start < self.end {
+            (self.start..self.end).contains(&m)
+        } else {
+            m >= self.start || m < self.end
+        }
+    }
+
+    /// Whether it is quiet now, in local time.
+    pub fn now(&self) -> bool {
+        let t = chrono::Local::now();
+        self.contains((t.hour() * 60 + t.minute()) as u16)
+    }
+}
+
+impl std::fmt::Display for QuietHours {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02}",
+            self.start / 60,
+            self.start % 60,
+            self.end / 60,
+            self.end % 60
+        )
+    }
+}
+
+/// The user's preferences, kept in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prefs {
+    /// Conversations that never notify.
+    #[serde(default)]
+    pub muted: BTreeSet<u64>,
+    /// No notifications during these hours.
+    #[serde(default)]
+    pub quiet_hours: Option<QuietHours>,
+    /// Show message text in notifications.
+    #[serde(default = "yes")]
+    pub previews: bool,
+    /// Background policy: `keep`, `linger:SECONDS` or `wake-only`.
+    #[serde(default)]
+    pub background: Option<String>,
+    /// Command run for each notification (JSON on stdin).
+    #[serde(default)]
+    pub notify_command: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Prefs {
+    fn default() -> Self {
+        Prefs {
+            muted: BTreeSet::new(),
+            quiet_hours: None,
+            previews: true,
+            background: None,
+            notify_command: None,
+        }
+    }
+}
+
+impl Prefs {
+    /// The background policy these preferences ask for, if valid.
+    pub fn background_policy(&self) -> Option<keepwire_core::BackgroundPolicy> {
+        parse_policy(self.background.as_deref()?)
+    }
+
+    /// Whether a message may be shown now (not muted, not quiet, not `me`).
+    pub fn may_show(&self, m: &Message, me: Option<&str>, quiet_now: bool) -> bool {
+        me != Some(m.from.as_str()) && !self.muted.contains(&m.conv) && !quiet_now
+    }
+}
+
+/// Parses `keep`, `linger:SECONDS` (or `linger:5m`) and `wake-only`.
+pub fn parse_policy(s: &str) -> Option<keepwire_core::BackgroundPolicy> {
+    use keepwire_core::BackgroundPolicy as P;
+    match s {
+        "keep" | "keep-alive" => Some(P::KeepAlive),
+        "wake-only" => Some(P::WakeOnly),
+        other => {
+            let d = other.strip_prefix("linger:")?;
+            let secs = d.strip_suffix('s').unwrap_or(d);
+            if let Some(m) = d.strip_suffix('m') {
+                return m
+                    .parse::<u64>()
+                    .ok()
+                    .map(|m| P::Linger(std::time::Duration::from_secs(m * 60)));
+            }
+            secs.parse::<u64>()
+                .ok()
+                .map(|s| P::Linger(std::time::Duration::from_secs(s)))
+        }
+    }
+}
+
+/// Builds the coalesced notification for one conversation's claimed messages.
+pub fn coalesce(c: &Claimed, conv_name: Option<&str>, previews: bool) -> Notification {
+    let title = match (c.unread, conv_name) {
+        (1, _) => c.last_sender.clone(),
+        (n, Some(name)) => format!("{n} new messages in {name}"),
+        (n, None) => format!("{n} new messages from {}", c.last_sender),
+    };
+    let body = match (previews, c.shown.last()) {
+        (true, Some(m)) => m.body.chars().take(200).collect(),
+        _ => "New message".to_owned(),
+    };
+    Notification {
+        conv: c.conv,
+        tag: format!("keepwire-conv-{}", c.conv),
+        title,
+        body,
+        unread: c.unread,
+        message_ids: c.shown.iter().map(|m| m.id).collect(),
+        sender: c.last_sender.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_hours_wrap_midnight() {
+        let q = QuietHours::parse("22:00-07:30").unwrap();
+        assert!(q.contains(23 * 60));
+        assert!(q.contains(3 * 60));
+        assert!(!q.contains(12 * 60));
+        assert!(!q.contains(7 * 60 + 30));
+        assert_eq!(q.to_string(), "22:00-07:30");
+        let day = QuietHours::parse("09:00-17:00").unwrap();
+        assert!(day.contains(12 * 60) && !day.contains(18 * 60));
+        assert!(QuietHours::parse("25:00-01:00").is_none());
+        assert!(QuietHours::parse("nonsense").is_none());
+        assert!(
+            QuietHours::parse("00:00-00:00")
+                .unwrap()
+                .contains(23 * 60 + 59),
+            "all day"
+        );
+    }
+
+    #[test]
+    fn policies_parse() {
+        use keepwire_core::BackgroundPolicy as P;
+        assert_eq!(parse_policy("keep"), Some(P::KeepAlive));
+        assert_eq!(parse_policy("wake-only"), Some(P::WakeOnly));
+        assert_eq!(
+            parse_policy("linger:90"),
+            Some(P::Linger(std::time::Duration::from_secs(90)))
+        );
+        assert_eq!(
+            parse_policy("linger:5m"),
+            Some(P::Linger(std::time::Duration::from_secs(300)))
+        );
+        assert_eq!(parse_policy("sometimes"), None);
+    }
+}
