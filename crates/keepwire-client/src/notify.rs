@@ -96,6 +96,55 @@ impl Notifier for CallbackNotifier {
     }
 }
 
+/// Desktop notifications over D-Bus (`org.freedesktop.Notifications`, as
+/// shown by GNOME, KDE, dunst, mako...). One notification per conversation,
+/// replaced in place as messages come in.
+#[cfg(feature = "desktop")]
+pub struct DesktopNotifier {
+    shown: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
+}
+
+#[cfg(feature = "desktop")]
+impl DesktopNotifier {
+    /// A notifier on the session bus (`DBUS_SESSION_BUS_ADDRESS`).
+    pub fn new() -> Self {
+        DesktopNotifier {
+            shown: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+#[cfg(feature = "desktop")]
+impl Default for DesktopNotifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "desktop")]
+impl Notifier for DesktopNotifier {
+    fn notify(&self, n: &Notification) -> Result<(), String> {
+        let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        let mut note = notify_rust::Notification::new();
+        note.appname("keepwire")
+            .summary(&n.title)
+            .body(&n.body)
+            .hint(notify_rust::Hint::Category("im.received".into()))
+            .hint(notify_rust::Hint::Custom(
+                "x-keepwire-conv".into(),
+                n.conv.to_string(),
+            ));
+        if let Some(&id) = shown.get(&n.conv) {
+            note.id(id);
+        }
+        let handle = note
+            .show()
+            .map_err(|e| format!("desktop notification failed: {e}"))?;
+        shown.insert(n.conv, handle.id());
+        Ok(())
+    }
+}
+
 /// Quiet hours in local time, `start..end` minutes of the day (may wrap midnight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuietHours {
@@ -169,6 +218,9 @@ pub struct Prefs {
     /// Command run for each notification (JSON on stdin).
     #[serde(default)]
     pub notify_command: Option<String>,
+    /// Desktop notifications over D-Bus.
+    #[serde(default)]
+    pub desktop: bool,
 }
 
 fn yes() -> bool {
@@ -183,6 +235,7 @@ impl Default for Prefs {
             previews: true,
             background: None,
             notify_command: None,
+            desktop: false,
         }
     }
 }

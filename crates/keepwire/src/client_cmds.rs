@@ -120,6 +120,9 @@ pub(crate) struct SyncArgs {
     /// `notify-command` preference.
     #[arg(long, value_name = "CMD")]
     notify_command: Option<String>,
+    /// Show desktop notifications (D-Bus); default: the `desktop` preference.
+    #[arg(long)]
+    desktop: bool,
     /// Give up (keeping what was done) after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     deadline: Duration,
@@ -147,6 +150,9 @@ pub(crate) struct TailArgs {
     /// `notify-command` preference.
     #[arg(long, value_name = "CMD")]
     notify_command: Option<String>,
+    /// Show desktop notifications (D-Bus); default: the `desktop` preference.
+    #[arg(long)]
+    desktop: bool,
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
@@ -405,16 +411,23 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The notifier the user asked for (flag, else preference), if any.
+/// The notifier the user asked for (flags, else preferences), if any: a
+/// command hook, or desktop notifications over D-Bus.
 fn notifier(
     home: &std::path::Path,
-    flag: Option<&str>,
+    command: Option<&str>,
+    desktop: bool,
 ) -> anyhow::Result<Option<Arc<dyn Notifier>>> {
-    let cmd = match flag {
-        Some(c) => Some(c.to_owned()),
-        None => open_existing(home)?.prefs()?.notify_command,
-    };
-    Ok(cmd.map(|c| Arc::new(CommandNotifier::new(c)) as Arc<dyn Notifier>))
+    let prefs = open_existing(home)?.prefs()?;
+    if let Some(c) = command.map(str::to_owned).or(prefs.notify_command) {
+        return Ok(Some(Arc::new(CommandNotifier::new(c))));
+    }
+    if desktop || prefs.desktop {
+        return Ok(Some(Arc::new(
+            keepwire_client::notify::DesktopNotifier::new(),
+        )));
+    }
+    Ok(None)
 }
 
 pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
@@ -426,7 +439,7 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let mut b = Client::builder(&home)
         .app_state(AppState::Background)
         .background_policy(BackgroundPolicy::WakeOnly);
-    if let Some(n) = notifier(&home, args.notify_command.as_deref())? {
+    if let Some(n) = notifier(&home, args.notify_command.as_deref(), args.desktop)? {
         b = b.notifier(n);
     }
     let client = b.build().await.map_err(|e| match e {
@@ -509,7 +522,7 @@ pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let mut b = Client::builder(&home)
         .app_state(AppState::Background)
         .background_policy(BackgroundPolicy::KeepAlive);
-    if let Some(n) = notifier(&home, args.notify_command.as_deref())? {
+    if let Some(n) = notifier(&home, args.notify_command.as_deref(), args.desktop)? {
         b = b.notifier(n);
     }
     let client = b.build().await?;
@@ -640,6 +653,11 @@ enum PrefsCommand {
         /// The policy.
         policy: String,
     },
+    /// Desktop notifications over D-Bus: `on` or `off`.
+    Desktop {
+        /// `on` or `off`.
+        setting: String,
+    },
     /// Command run for each notification (JSON on stdin), or `off`.
     NotifyCommand {
         /// The command (run with `sh -c`), or `off`.
@@ -685,6 +703,13 @@ pub(crate) fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
             }
             p.background = Some(policy);
         }
+        PrefsCommand::Desktop { setting } => {
+            p.desktop = match setting.as_str() {
+                "on" => true,
+                "off" => false,
+                other => bail!("desktop notifications are `on` or `off`, not {other:?}"),
+            };
+        }
         PrefsCommand::NotifyCommand { command } => {
             p.notify_command = (command != "off").then_some(command);
         }
@@ -710,6 +735,7 @@ pub(crate) fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
         "background:     {}",
         p.background.as_deref().unwrap_or("linger:60 (default)")
     );
+    println!("desktop:        {}", if p.desktop { "on" } else { "off" });
     println!(
         "notify command: {}",
         p.notify_command.as_deref().unwrap_or("none")

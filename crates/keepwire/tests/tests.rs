@@ -3,6 +3,7 @@
 
 mod cli;
 mod client_process;
+mod desktop;
 mod relay_process;
 
 use std::path::PathBuf;
