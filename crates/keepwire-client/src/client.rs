@@ -394,6 +394,7 @@ enum Cmd {
         oneshot::Sender<Result<ServerFrame, ClientError>>,
     ),
     Sync(Duration),
+    MarkRead(u64, u64, oneshot::Sender<Result<(), ClientError>>),
     /// Ends a sync; answered once its deferred notifications were shown.
     EndSync(oneshot::Sender<()>),
     Stop(oneshot::Sender<()>),
@@ -714,6 +715,19 @@ impl Client {
         }
     }
 
+    /// Marks `conv` read up to `up_to` (a `conv_seq`) on this device and, through
+    /// the relay, on the user's other devices: their notifications for it are
+    /// cleared and not raised again. `NotConnected` if the relay could not be
+    /// told now (the local mark is kept).
+    pub async fn mark_read(&self, conv: u64, up_to: u64) -> Result<(), ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Cmd::MarkRead(conv, up_to, tx))
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
     /// The home directory.
     pub fn home(&self) -> &Path {
         &self.inner.home
@@ -766,6 +780,9 @@ impl Supervisor {
                     Some(Cmd::Network(n)) => self.network = n,
                                         Some(Cmd::Start) => self.started = true,
                     Some(Cmd::OutboxChanged | Cmd::Sync(_) | Cmd::EndSync(_)) => {}
+                    Some(Cmd::MarkRead(_, _, reply)) => {
+                        let _ = reply.send(Err(ClientError::NotConnected));
+                    }
                 },
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
@@ -961,6 +978,18 @@ impl Driver {
                 self.core.handle_app_state(s, now);
             }
             Cmd::Sync(d) => self.core.request_sync(now + d, now),
+            Cmd::MarkRead(conv, up_to, reply) => {
+                let local = self.store.set_read_mark(conv, up_to);
+                self.read_elsewhere(conv, up_to);
+                let sent = self
+                    .core
+                    .send_request(&ClientFrame::Read { conv, up_to }, now);
+                let _ = reply.send(match (local, sent) {
+                    (Err(e), _) => Err(e.into()),
+                    (Ok(()), Err(_)) => Err(ClientError::NotConnected),
+                    (Ok(()), Ok(())) => Ok(()),
+                });
+            }
             Cmd::EndSync(done) => {
                 self.core.end_sync(now);
                 let deferred = std::mem::take(&mut self.deferred);
@@ -1079,6 +1108,9 @@ impl Driver {
                             .unwrap_or_else(|p| p.into_inner())
                             .received += p.messages.len() as u64;
                         self.notify(&p.messages);
+                        for mark in &p.reads {
+                            self.read_elsewhere(mark.conv, mark.up_to);
+                        }
                         for m in p.messages {
                             self.emit(ClientEvent::Message(m));
                         }
@@ -1159,10 +1191,21 @@ impl Driver {
             .user
             .clone();
         let quiet = prefs.quiet_hours.is_some_and(|q| q.now());
-        let claimed = match self
-            .store
-            .claim_notifications(messages, |m| prefs.may_show(m, me.as_deref(), quiet))
-        {
+        // Read on another device: never shown here.
+        let mut read: HashMap<u64, u64> = HashMap::new();
+        for m in messages {
+            if let std::collections::hash_map::Entry::Vacant(e) = read.entry(m.conv) {
+                e.insert(self.store.read_mark(m.conv).unwrap_or(0));
+            }
+        }
+        let claimed = match self.store.claim_notifications(messages, |m| {
+            prefs.may_show(
+                m,
+                me.as_deref(),
+                quiet,
+                read.get(&m.conv).copied().unwrap_or(0),
+            )
+        }) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(target: "keepwire::notify", error = %e, "claiming notifications failed");
@@ -1183,6 +1226,23 @@ impl Driver {
             }
         } else {
             self.show(claimed);
+        }
+    }
+
+    /// The user read `conv` up to `up_to` (here or on another device): drop
+    /// what a sync was holding back and clear the shown notification.
+    fn read_elsewhere(&mut self, conv: u64, up_to: u64) {
+        for d in &mut self.deferred {
+            if d.conv == conv {
+                d.shown.retain(|m| m.conv_seq > up_to);
+                d.unread = d.shown.len() as u64;
+            }
+        }
+        self.deferred.retain(|d| !d.shown.is_empty());
+        if let Some(n) = &self.notifier
+            && let Err(e) = n.clear(conv)
+        {
+            tracing::warn!(target: "keepwire::notify", error = %e, "clearing a notification failed");
         }
     }
 

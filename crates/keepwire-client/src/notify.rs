@@ -42,6 +42,11 @@ pub trait Notifier: Send + Sync + 'static {
     /// Shows (or replaces) a notification. Errors are logged, not retried:
     /// the message stays in the store either way.
     fn notify(&self, n: &Notification) -> Result<(), String>;
+
+    /// Removes the conversation's notification (it was read on another device).
+    fn clear(&self, _conv: u64) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Runs a shell command for each notification, with the notification as JSON
@@ -59,9 +64,8 @@ impl CommandNotifier {
     }
 }
 
-impl Notifier for CommandNotifier {
-    fn notify(&self, n: &Notification) -> Result<(), String> {
-        let json = serde_json::to_string(n).map_err(|e| e.to_string())?;
+impl CommandNotifier {
+    fn run(&self, json: &str) -> Result<(), String> {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(&self.command)
@@ -79,19 +83,46 @@ impl Notifier for CommandNotifier {
     }
 }
 
+impl Notifier for CommandNotifier {
+    fn notify(&self, n: &Notification) -> Result<(), String> {
+        let mut v = serde_json::to_value(n).map_err(|e| e.to_string())?;
+        v["action"] = "show".into();
+        self.run(&v.to_string())
+    }
+
+    fn clear(&self, conv: u64) -> Result<(), String> {
+        let v = serde_json::json!({"action": "clear", "conv": conv, "tag": format!("keepwire-conv-{conv}")});
+        self.run(&v.to_string())
+    }
+}
+
+/// What a [`CallbackNotifier`] is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotifierCall {
+    /// Show or replace this notification.
+    Show(Notification),
+    /// Remove the conversation's notification.
+    Clear(u64),
+}
+
 /// Calls a function for each notification (for bindings and tests).
-pub struct CallbackNotifier(Box<dyn Fn(&Notification) + Send + Sync>);
+pub struct CallbackNotifier(Box<dyn Fn(NotifierCall) + Send + Sync>);
 
 impl CallbackNotifier {
     /// A notifier calling `f`.
-    pub fn new(f: impl Fn(&Notification) + Send + Sync + 'static) -> Arc<Self> {
+    pub fn new(f: impl Fn(NotifierCall) + Send + Sync + 'static) -> Arc<Self> {
         Arc::new(CallbackNotifier(Box::new(f)))
     }
 }
 
 impl Notifier for CallbackNotifier {
     fn notify(&self, n: &Notification) -> Result<(), String> {
-        (self.0)(n);
+        (self.0)(NotifierCall::Show(n.clone()));
+        Ok(())
+    }
+
+    fn clear(&self, conv: u64) -> Result<(), String> {
+        (self.0)(NotifierCall::Clear(conv));
         Ok(())
     }
 }
@@ -101,7 +132,7 @@ impl Notifier for CallbackNotifier {
 /// replaced in place as messages come in.
 #[cfg(feature = "desktop")]
 pub struct DesktopNotifier {
-    shown: std::sync::Mutex<std::collections::HashMap<u64, u32>>,
+    shown: std::sync::Mutex<std::collections::HashMap<u64, notify_rust::NotificationHandle>>,
 }
 
 #[cfg(feature = "desktop")]
@@ -134,13 +165,25 @@ impl Notifier for DesktopNotifier {
                 "x-keepwire-conv".into(),
                 n.conv.to_string(),
             ));
-        if let Some(&id) = shown.get(&n.conv) {
-            note.id(id);
+        if let Some(h) = shown.get(&n.conv) {
+            note.id(h.id());
         }
         let handle = note
             .show()
             .map_err(|e| format!("desktop notification failed: {e}"))?;
-        shown.insert(n.conv, handle.id());
+        shown.insert(n.conv, handle);
+        Ok(())
+    }
+
+    fn clear(&self, conv: u64) -> Result<(), String> {
+        if let Some(h) = self
+            .shown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conv)
+        {
+            h.close();
+        }
         Ok(())
     }
 }
@@ -246,9 +289,19 @@ impl Prefs {
         parse_policy(self.background.as_deref()?)
     }
 
-    /// Whether a message may be shown now (not muted, not quiet, not `me`).
-    pub fn may_show(&self, m: &Message, me: Option<&str>, quiet_now: bool) -> bool {
-        me != Some(m.from.as_str()) && !self.muted.contains(&m.conv) && !quiet_now
+    /// Whether a message may be shown now (not muted, not quiet, not `me`,
+    /// not already read on another device: `read_up_to`).
+    pub fn may_show(
+        &self,
+        m: &Message,
+        me: Option<&str>,
+        quiet_now: bool,
+        read_up_to: u64,
+    ) -> bool {
+        me != Some(m.from.as_str())
+            && !self.muted.contains(&m.conv)
+            && !quiet_now
+            && m.conv_seq > read_up_to
     }
 }
 

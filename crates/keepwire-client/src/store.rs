@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keepwire_core::OutboxItem;
 use keepwire_proto::{
-    ConvInfo, ConvKind, Cursor, EntryItem, InboxEntry, MemberChange, MemberEvent, Message,
+    ConvInfo, ConvKind, Cursor, EntryItem, InboxEntry, MemberChange, MemberEvent, Message, ReadMark,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -20,6 +20,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0002_notifications",
         include_str!("migrations/0002_notifications.sql"),
+    ),
+    (
+        "0003_read_marks",
+        include_str!("migrations/0003_read_marks.sql"),
     ),
 ];
 
@@ -51,6 +55,8 @@ pub struct Persisted {
     pub messages: Vec<Message>,
     /// Membership changes in this batch.
     pub members: Vec<MemberEvent>,
+    /// Read markers from the user's other devices in this batch.
+    pub reads: Vec<ReadMark>,
 }
 
 /// A row of the outbox.
@@ -322,6 +328,17 @@ impl Store {
                     upsert_conv(&tx, &ev.conv, true)?;
                     out.members.push(ev.clone());
                 }
+                EntryItem::Read(mark) => {
+                    tx.prepare_cached(
+                        "INSERT INTO read_marks (conv, up_to) VALUES (?1, ?2)
+                         ON CONFLICT (conv) DO UPDATE SET up_to = MAX(up_to, excluded.up_to)",
+                    )?
+                    .execute(params![mark.conv as i64, mark.up_to as i64])?;
+                    // Read elsewhere: nothing unread here any more.
+                    tx.prepare_cached("DELETE FROM unread WHERE conv = ?1")?
+                        .execute([mark.conv as i64])?;
+                    out.reads.push(mark.clone());
+                }
                 _ => {}
             }
             last = Some(e.seq);
@@ -555,6 +572,28 @@ impl Store {
         }
         tx.commit()?;
         Ok(out)
+    }
+
+    /// The read marker of a conversation (0 = nothing read elsewhere).
+    pub fn read_mark(&self, conv: u64) -> Result<u64, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT up_to FROM read_marks WHERE conv = ?1")?
+            .query_row([conv as i64], |r| r.get::<_, i64>(0))
+            .optional()?
+            .unwrap_or(0) as u64)
+    }
+
+    /// Records a read marker set on this device (and clears its unread count).
+    pub fn set_read_mark(&self, conv: u64, up_to: u64) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO read_marks (conv, up_to) VALUES (?1, ?2)
+             ON CONFLICT (conv) DO UPDATE SET up_to = MAX(up_to, excluded.up_to)",
+            params![conv as i64, up_to as i64],
+        )?;
+        self.conn
+            .execute("DELETE FROM unread WHERE conv = ?1", [conv as i64])?;
+        Ok(())
     }
 
     /// The user saw everything (the app came to the foreground): unread counts reset.

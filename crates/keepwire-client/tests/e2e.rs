@@ -348,16 +348,24 @@ async fn an_app_token_expiring_mid_connection_is_refreshed_once_without_loss() {
     );
 }
 
+type Shown = Arc<std::sync::Mutex<Vec<keepwire_client::notify::Notification>>>;
+type Cleared = Arc<std::sync::Mutex<Vec<u64>>>;
+
+/// A notifier that records what it is asked to show and to clear.
 fn recorder() -> (
     Arc<keepwire_client::notify::CallbackNotifier>,
-    Arc<std::sync::Mutex<Vec<keepwire_client::notify::Notification>>>,
+    Shown,
+    Cleared,
 ) {
-    let shown = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let s = shown.clone();
-    (
-        keepwire_client::notify::CallbackNotifier::new(move |n| s.lock().unwrap().push(n.clone())),
-        shown,
-    )
+    use keepwire_client::notify::NotifierCall;
+    let shown: Shown = Default::default();
+    let cleared: Cleared = Default::default();
+    let (s, c) = (shown.clone(), cleared.clone());
+    let notifier = keepwire_client::notify::CallbackNotifier::new(move |call| match call {
+        NotifierCall::Show(n) => s.lock().unwrap().push(n),
+        NotifierCall::Clear(conv) => c.lock().unwrap().push(conv),
+    });
+    (notifier, shown, cleared)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,7 +374,7 @@ async fn background_messages_notify_once_coalesced_and_respect_mute_and_foregrou
     let ta = r.user("alice").await;
     let tb = r.user("bob").await;
     let ha = TempDir::new("alice");
-    let (notifier, shown) = recorder();
+    let (notifier, shown, _) = recorder();
     let a = Client::builder(ha.path())
         .servers(vec![r.url.clone()])
         .token(&ta)
@@ -603,4 +611,74 @@ async fn sync_once_honours_its_deadline_when_the_relay_is_a_black_hole_and_the_n
     println!("20,000 messages over {rounds} sync_once calls of 150 ms");
     assert_eq!(total, 20_000, "every message once across calls");
     assert_eq!(a.messages(Some(conv.id), 30_000).unwrap().len(), 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_marker_from_another_device_clears_and_suppresses_notifications() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let (hp, hl) = (TempDir::new("alice-phone"), TempDir::new("alice-laptop"));
+    let (notifier, shown, cleared) = recorder();
+    let phone = Client::builder(hp.path())
+        .servers(vec![r.url.clone()])
+        .token(&ta)
+        .notifier(notifier)
+        .background_policy(keepwire_client::BackgroundPolicy::KeepAlive)
+        .app_state(keepwire_client::AppState::Background)
+        .build()
+        .await
+        .unwrap();
+    let laptop = client(hl.path(), &r.url, &ta).await;
+    phone.wait_connected(T).await.unwrap();
+    laptop.wait_connected(T).await.unwrap();
+    let mut b = keepwire_testkit::WsClient::connect(&r.url, &tb, "bob", None)
+        .await
+        .unwrap();
+    let conv =
+        keepwire_testkit::relay::create_conv(&mut b, keepwire_proto::ConvKind::Direct, &["alice"])
+            .await;
+    for i in 0..2 {
+        let cid = b.send_message(conv.id, &format!("one {i}")).await;
+        b.confirm(&cid).await;
+    }
+    phone
+        .wait_for(T, |s| s.cursor >= Some(3) && s.notified >= 1)
+        .await
+        .unwrap();
+    laptop.wait_for(T, |s| s.cursor >= Some(3)).await.unwrap();
+    // Read on the laptop: the phone's notification goes away.
+    laptop.mark_read(conv.id, 2).await.unwrap();
+    phone.wait_for(T, |s| s.cursor >= Some(4)).await.unwrap();
+    keepwire_testkit::wait_until(T, "the phone to clear its notification", || {
+        let cleared = cleared.clone();
+        async move { cleared.lock().unwrap().contains(&conv.id) }
+    })
+    .await;
+    let shown_before = shown.lock().unwrap().len();
+    // While the phone sleeps, bob writes and alice reads on the laptop: the
+    // phone's next sync raises nothing for what was already read.
+    phone.stop().await;
+    drop(phone);
+    for i in 0..2 {
+        let cid = b.send_message(conv.id, &format!("two {i}")).await;
+        b.confirm(&cid).await;
+    }
+    laptop.wait_for(T, |s| s.cursor >= Some(6)).await.unwrap();
+    laptop.mark_read(conv.id, 4).await.unwrap();
+    let (notifier, shown2, _) = recorder();
+    let phone = Client::builder(hp.path())
+        .servers(vec![r.url.clone()])
+        .token(&ta)
+        .notifier(notifier)
+        .background_policy(keepwire_client::BackgroundPolicy::WakeOnly)
+        .app_state(keepwire_client::AppState::Background)
+        .build()
+        .await
+        .unwrap();
+    let report = phone.sync_once(T).await;
+    assert_eq!(report.outcome, keepwire_client::SyncOutcome::CaughtUp);
+    assert_eq!((report.received, report.notified), (2, 0), "{report:?}");
+    assert!(shown2.lock().unwrap().is_empty());
+    assert_eq!(shown.lock().unwrap().len(), shown_before);
 }

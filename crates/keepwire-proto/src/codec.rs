@@ -18,6 +18,7 @@ const CLIENT_TYPES: &[&str] = &[
     "conv_add",
     "conv_remove",
     "conv_list",
+    "read",
     "signal",
 ];
 
@@ -173,6 +174,7 @@ impl ClientFrame {
             ClientFrame::ConvAdd(_) => "conv_add",
             ClientFrame::ConvRemove(_) => "conv_remove",
             ClientFrame::ConvList { .. } => "conv_list",
+            ClientFrame::Read { .. } => "read",
             ClientFrame::Signal { .. } => "signal",
         }
     }
@@ -208,7 +210,7 @@ mod tests {
             let text = encode(&f);
             assert_eq!(decode_client(&text, &lim()).unwrap(), f);
         }
-        assert_eq!(CLIENT_TYPES.len(), 11);
+        assert_eq!(CLIENT_TYPES.len(), 12);
     }
 
     #[test]

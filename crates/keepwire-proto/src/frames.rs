@@ -56,6 +56,14 @@ pub enum ClientFrame {
         /// Request id echoed in the answer.
         rid: String,
     },
+    /// The user read a conversation up to `up_to` (a `conv_seq`): the relay
+    /// tells the user's other devices with a `read` inbox entry.
+    Read {
+        /// The conversation.
+        conv: ConvId,
+        /// Every message with `conv_seq <= up_to` counts as read.
+        up_to: u64,
+    },
     /// Ephemeral signal (typing indicator, ...): relayed to the connected devices
     /// of the conversation's members, never stored, no sequence number.
     Signal {
@@ -342,6 +350,19 @@ pub enum EntryItem {
     Message(Message),
     /// A membership change in one of the user's conversations.
     Member(MemberEvent),
+    /// The user read a conversation on one of their devices.
+    Read(ReadMark),
+}
+
+/// A read marker, synced across the user's devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadMark {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Messages with `conv_seq <= up_to` are read.
+    pub up_to: u64,
+    /// When it was recorded, ms since the Unix epoch.
+    pub ts: i64,
 }
 
 /// A stored message.

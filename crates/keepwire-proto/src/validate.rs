@@ -119,9 +119,10 @@ impl ClientFrame {
                 }
                 Ok(())
             }
-            ClientFrame::Ack { .. } | ClientFrame::Ping {} | ClientFrame::SetHeartbeat { .. } => {
-                Ok(())
-            }
+            ClientFrame::Ack { .. }
+            | ClientFrame::Ping {}
+            | ClientFrame::SetHeartbeat { .. }
+            | ClientFrame::Read { .. } => Ok(()),
             ClientFrame::History(h) => {
                 check_rid(&h.rid)?;
                 if h.limit

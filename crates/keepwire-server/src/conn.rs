@@ -504,6 +504,10 @@ async fn session(
                         Ok(convs) => ServerFrame::Convs { rid, convs },
                         Err(e) => request_error(shared, &rid, e),
                     }),
+                                        ClientFrame::Read { conv, up_to } => match store.mark_read(user.id, conv, up_to).await {
+                        Ok(_) => None,
+                        Err(e) => Some(request_error(shared, "read", e)),
+                    },
                     ClientFrame::Signal { conv, data } => match store.conv_member_ids(user.id, conv).await {
                         Ok(members) => {
                             let frame = ServerFrame::Signal { conv, from: user.name.clone(), data };

@@ -742,3 +742,36 @@ pub(crate) fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub(crate) struct ReadArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Conversation id.
+    conv: u64,
+    /// Read up to this conversation sequence [default: the latest stored].
+    #[arg(long)]
+    up_to: Option<u64>,
+    /// How long to wait for the relay.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    timeout: Duration,
+}
+
+/// Marks a conversation read here and, through the relay, on the user's
+/// other devices (their notifications for it are cleared).
+pub(crate) async fn read(args: ReadArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let up_to = match args.up_to {
+        Some(n) => n,
+        None => open_existing(&home)?.max_conv_seq(args.conv)?,
+    };
+    let client = open_client(&home, true).await?;
+    client
+        .wait_connected(args.timeout)
+        .await
+        .map_err(|e| connect_failure(&client, e))?;
+    client.mark_read(args.conv, up_to).await?;
+    client.stop().await;
+    println!("conversation {} read up to #{up_to}", args.conv);
+    Ok(())
+}

@@ -43,6 +43,8 @@ enum Command {
     Status(client_cmds::StatusArgs),
     /// Notification and background preferences (mute, quiet hours, previews, policy).
     Prefs(client_cmds::PrefsArgs),
+    /// Mark a conversation read (on all of the user's devices).
+    Read(client_cmds::ReadArgs),
 }
 
 /// An error that ends the command with a specific exit code.
@@ -114,6 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tail(args) => client_cmds::tail(args).await,
         Command::Status(args) => client_cmds::status(args),
         Command::Prefs(args) => client_cmds::prefs(args),
+        Command::Read(args) => client_cmds::read(args).await,
     }
 }
 

@@ -303,6 +303,10 @@ pub trait Store: Send + Sync + 'static {
     async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;
     /// A user's id by name.
     async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError>;
+    /// Records that `user` read `conv` up to `up_to` (clamped to the
+    /// conversation's last message) and, if that moved the marker, appends a
+    /// `read` entry to the user's inbox for their other devices.
+    async fn mark_read(&self, user: UserId, conv: ConvId, up_to: u64) -> Result<bool, StoreError>;
     /// Finds or creates the user named by a valid app-issued token (no
     /// sign-up needed); refuses with `Auth(Revoked)` when the user's tokens
     /// were revoked at or after `issued_at_ms` (or the token has no issue time).

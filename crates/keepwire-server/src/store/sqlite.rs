@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use keepwire_proto::{
     Confirm, ConvCreate, ConvId, ConvInfo, ConvKind, Cursor, EntryItem, ErrorCode, FetchHint,
-    GapReason, HistoryPage, InboxEntry, MemberChange, MemberEvent, Message, Resume, ResumeStatus,
-    Send as SendMsg, Seq, SeqRange, is_valid_user_name,
+    GapReason, HistoryPage, InboxEntry, MemberChange, MemberEvent, Message, ReadMark, Resume,
+    ResumeStatus, Send as SendMsg, Seq, SeqRange, is_valid_user_name,
 };
 use rand::RngCore as _;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -37,6 +37,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0002_integration",
         include_str!("migrations/0002_integration.sql"),
     ),
+    ("0003_reads", include_str!("migrations/0003_reads.sql")),
 ];
 
 /// Most jobs one group commit takes.
@@ -732,8 +733,12 @@ fn read_inbox(
         let seq = r.get::<_, i64>(0)? as Seq;
         let event: Option<String> = r.get(1)?;
         let item = if let Some(ev) = event {
-            match serde_json::from_str::<MemberEvent>(&ev) {
-                Ok(e) => EntryItem::Member(e),
+            // Events are stored as an `EntryItem` (read markers) or, from
+            // schema 1, a bare membership event.
+            match serde_json::from_str::<EntryItem>(&ev)
+                .or_else(|_| serde_json::from_str::<MemberEvent>(&ev).map(EntryItem::Member))
+            {
+                Ok(e) => e,
                 Err(e) => {
                     return Err(StoreError::Commit(format!(
                         "corrupt inbox event {user}/{seq}: {e}"
@@ -1191,6 +1196,38 @@ impl Store for SqliteStore {
                 params![name, now_ms()],
             )?;
             Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn mark_read(&self, user: UserId, conv: ConvId, up_to: u64) -> Result<bool, StoreError> {
+        let max_entries = self.retention.max_entries;
+        self.write(move |c, heads| {
+            require_member(c, conv, user)?;
+            let last: i64 = c
+                .prepare_cached("SELECT last_seq FROM convs WHERE id = ?1")?
+                .query_row([conv as i64], |r| r.get(0))?;
+            let up_to = (up_to.min(i64::MAX as u64) as i64).min(last);
+            let n = c
+                .prepare_cached(
+                    "INSERT INTO reads (user_id, conv_id, up_to) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (user_id, conv_id) DO UPDATE SET up_to = excluded.up_to
+                     WHERE excluded.up_to > reads.up_to",
+                )?
+                .execute(params![user, conv as i64, up_to])?;
+            if n == 0 || up_to <= 0 {
+                return Ok(false);
+            }
+            let ts = now_ms();
+            let mark = EntryItem::Read(ReadMark {
+                conv,
+                up_to: up_to as u64,
+                ts,
+            });
+            let json = serde_json::to_string(&mark)
+                .map_err(|e| StoreError::Commit(format!("encoding a read marker: {e}")))?;
+            append_inbox(c, user, None, Some(&json), ts, max_entries, heads)?;
+            Ok(true)
         })
         .await
     }
