@@ -44,6 +44,48 @@ pub struct Config {
     pub agent: String,
     /// What to do with the connection while the app is in the background.
     pub background_policy: BackgroundPolicy,
+    /// Learn the background heartbeat per network (`None`: use
+    /// `heartbeat_background` as is).
+    pub adaptive_heartbeat: Option<AdaptiveHeartbeat>,
+}
+
+/// Adaptive background heartbeat (WeChat-style "smart heartbeat"): start at
+/// `initial`, step up by `step` after `successes` idle intervals that the
+/// path kept alive, step back after a failure and stay just below it. Learnt
+/// per network, because each NAT or carrier forgets idle flows at its own pace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdaptiveHeartbeat {
+    /// First interval on an unknown network (default 4.5 min).
+    pub initial: Duration,
+    /// Step (default 1 min).
+    pub step: Duration,
+    /// Successes at an interval before trying a longer one (default 3).
+    pub successes: u32,
+    /// Shortest interval (default 1 min).
+    pub min: Duration,
+    /// Longest interval (default 28 min, under the relay's 30 min cap).
+    pub max: Duration,
+}
+
+impl Default for AdaptiveHeartbeat {
+    fn default() -> Self {
+        AdaptiveHeartbeat {
+            initial: Duration::from_secs(270),
+            step: Duration::from_secs(60),
+            successes: 3,
+            min: Duration::from_secs(60),
+            max: Duration::from_secs(28 * 60),
+        }
+    }
+}
+
+/// What was learnt about one network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Learner {
+    interval: Duration,
+    successes: u32,
+    /// The shortest interval that failed: never probe at or above it again.
+    ceiling: Option<Duration>,
 }
 
 /// What the connection does while the app is in the background (chosen by the
@@ -84,6 +126,7 @@ impl Config {
             history: 100,
             agent: concat!("keepwire-core/", env!("CARGO_PKG_VERSION")).to_owned(),
             background_policy: BackgroundPolicy::Linger(Duration::from_secs(60)),
+            adaptive_heartbeat: Some(AdaptiveHeartbeat::default()),
         }
     }
 }
@@ -300,6 +343,26 @@ pub enum Event {
     TokenNeeded,
     /// A connection attempt or connection failed.
     Error(ConnectionError),
+    /// The background heartbeat learnt for a network changed (persist it and
+    /// give it back with [`Connection::set_learned_heartbeat`] after a restart).
+    HeartbeatLearned {
+        /// The network (as given in [`Network::Online`]).
+        network: String,
+        /// The interval now in use there.
+        interval: Duration,
+        /// Whether it failed above this (it will not probe higher).
+        settled: bool,
+    },
+    /// A heartbeat interval was tested: kept alive (`ok`) or the path dropped
+    /// the idle connection (for analytics).
+    HeartbeatProbed {
+        /// The network.
+        network: String,
+        /// The interval tested.
+        interval: Duration,
+        /// Whether the connection survived it.
+        ok: bool,
+    },
 }
 
 /// The request could not be sent: not connected.
@@ -326,6 +389,9 @@ struct Session {
     acked: Seq,
     next_ping: Instant,
     pong_deadline: Option<Instant>,
+    /// The outstanding ping was sent after a full idle interval (it tests
+    /// the heartbeat), not as a probe.
+    scheduled_ping: bool,
     /// The heartbeat we asked for last (to renegotiate on app state changes).
     requested_heartbeat: Duration,
 }
@@ -366,6 +432,8 @@ pub struct Connection {
     linger_until: Option<Instant>,
     /// A sync was requested and runs until this deadline (or `end_sync`).
     sync_until: Option<Instant>,
+    /// Learnt background heartbeats per network id.
+    learned: std::collections::HashMap<String, Learner>,
     outbox: VecDeque<Pending>,
     entries: Vec<InboxEntry>,
     transmits: VecDeque<Transmit>,
@@ -405,6 +473,7 @@ impl Connection {
             dormant: false,
             linger_until: None,
             sync_until: None,
+            learned: std::collections::HashMap::new(),
             outbox: VecDeque::new(),
             entries: Vec::new(),
             transmits: VecDeque::new(),
@@ -535,6 +604,8 @@ impl Connection {
                 if was_online {
                     self.probe(now);
                 }
+                // Each network has its own learnt heartbeat.
+                self.renegotiate_heartbeat(now);
             }
         }
         self.drive(now);
@@ -692,9 +763,12 @@ impl Connection {
                             id,
                             code: CloseCode::Normal.code(),
                         });
+                        self.heartbeat_result(false, now);
                         self.transport_lost(None, ConnectionError::HeartbeatTimeout, now);
-                    } else if now >= s.next_ping || self.send_probe_due(now) {
-                        self.ping(now);
+                    } else if now >= s.next_ping {
+                        self.ping(now, true);
+                    } else if self.send_probe_due(now) {
+                        self.ping(now, false);
                     }
                 }
             }
@@ -780,7 +854,7 @@ impl Connection {
     fn wanted_heartbeat(&self) -> Duration {
         match self.app {
             AppState::Foreground => self.cfg.heartbeat_foreground,
-            AppState::Background => self.cfg.heartbeat_background,
+            AppState::Background => self.background_heartbeat(),
         }
     }
 
@@ -927,6 +1001,11 @@ impl Connection {
         };
         let wanted_heartbeat = self.wanted_heartbeat();
         let Some(t) = &mut self.transport else { return };
+        if let Some(s) = &mut t.session {
+            // Traffic from the relay proves the path: the next ping waits a
+            // full interval of silence.
+            s.next_ping = now + s.heartbeat;
+        }
         match frame {
             ServerFrame::Welcome(w) => {
                 if t.session.is_some() {
@@ -946,6 +1025,7 @@ impl Connection {
                     acked: from.saturating_sub(1),
                     next_ping: now + heartbeat,
                     pong_deadline: None,
+                    scheduled_ping: false,
                     requested_heartbeat: wanted_heartbeat,
                 });
                 if matches!(
@@ -1005,8 +1085,13 @@ impl Connection {
                 }
             }
             ServerFrame::Pong {} => {
+                let mut tested = false;
                 if let Some(s) = &mut t.session {
                     s.pong_deadline = None;
+                    tested = std::mem::take(&mut s.scheduled_ping);
+                }
+                if tested {
+                    self.heartbeat_result(true, now);
                 }
             }
             ServerFrame::HeartbeatSet { heartbeat_ms, .. } => {
@@ -1042,13 +1127,15 @@ impl Connection {
             .is_some_and(|t| now >= t + self.cfg.send_probe_after)
     }
 
-    /// Sends a ping now unless one is outstanding.
-    fn ping(&mut self, now: Instant) {
+    /// Sends a ping now unless one is outstanding. `scheduled`: after a full
+    /// idle heartbeat interval (it tests the interval).
+    fn ping(&mut self, now: Instant, scheduled: bool) {
         let pong_timeout = self.cfg.pong_timeout;
         let Some(t) = &mut self.transport else { return };
         let Some(s) = &mut t.session else { return };
         if s.pong_deadline.is_none() {
             s.pong_deadline = Some(now + pong_timeout);
+            s.scheduled_ping = scheduled;
             self.transmits.push_back(Transmit::Frame {
                 id: t.id,
                 text: encode(&ClientFrame::Ping {}),
@@ -1059,7 +1146,108 @@ impl Connection {
 
     /// Checks an open session is alive (after a network change or foreground).
     fn probe(&mut self, now: Instant) {
-        self.ping(now);
+        self.ping(now, false);
+    }
+
+    /// The learner of the current network, when the adaptive heartbeat applies
+    /// (background, keeping a connection).
+    fn network_id(&self) -> Option<String> {
+        match &self.network {
+            Network::Online(id) => Some(id.clone()),
+            Network::Offline => None,
+        }
+    }
+
+    fn learner(&mut self, network: &str) -> Option<&mut Learner> {
+        let a = self.cfg.adaptive_heartbeat?;
+        Some(self.learned.entry(network.to_owned()).or_insert(Learner {
+            interval: a.initial.clamp(a.min, a.max),
+            successes: 0,
+            ceiling: None,
+        }))
+    }
+
+    /// Feeds the outcome of a tested background heartbeat to the learner.
+    fn heartbeat_result(&mut self, ok: bool, now: Instant) {
+        if self.app != AppState::Background {
+            return;
+        }
+        let Some(a) = self.cfg.adaptive_heartbeat else {
+            return;
+        };
+        let Some(net) = self.network_id() else { return };
+        let in_use = self
+            .transport
+            .as_ref()
+            .and_then(|t| t.session.as_ref())
+            .map(|s| s.heartbeat);
+        let Some(l) = self.learner(&net) else { return };
+        let tested = in_use.unwrap_or(l.interval);
+        let before = *l;
+        if ok {
+            l.successes += 1;
+            if l.successes >= a.successes {
+                l.successes = 0;
+                let next = (l.interval + a.step).min(a.max);
+                if l.ceiling.is_none_or(|c| next < c) {
+                    l.interval = next;
+                }
+            }
+        } else {
+            // Only a failure at (or above) the learnt interval says the path
+            // cannot hold it.
+            if tested >= l.interval {
+                l.ceiling = Some(l.ceiling.map_or(tested, |c| c.min(tested)));
+                l.interval = l.interval.saturating_sub(a.step).max(a.min);
+            }
+            l.successes = 0;
+        }
+        let after = *l;
+        self.events.push_back(Event::HeartbeatProbed {
+            network: net.clone(),
+            interval: tested,
+            ok,
+        });
+        if after.interval != before.interval || after.ceiling != before.ceiling {
+            self.events.push_back(Event::HeartbeatLearned {
+                network: net,
+                interval: after.interval,
+                settled: after.ceiling.is_some(),
+            });
+            // After a failure the connection is being dropped: the next hello
+            // asks for the new interval.
+            if ok {
+                self.renegotiate_heartbeat(now);
+            }
+        }
+    }
+
+    /// Gives back a heartbeat learnt earlier for a network (from the store).
+    pub fn set_learned_heartbeat(&mut self, network: &str, interval: Duration, settled: bool) {
+        let Some(a) = self.cfg.adaptive_heartbeat else {
+            return;
+        };
+        let interval = interval.clamp(a.min, a.max);
+        self.learned.insert(
+            network.to_owned(),
+            Learner {
+                interval,
+                successes: 0,
+                ceiling: settled.then_some(interval + a.step),
+            },
+        );
+    }
+
+    /// The background heartbeat in use for the current network.
+    pub fn background_heartbeat(&self) -> Duration {
+        match (&self.network, self.cfg.adaptive_heartbeat) {
+            (Network::Online(id), Some(a)) => self
+                .learned
+                .get(id)
+                .map(|l| l.interval)
+                .unwrap_or(a.initial.clamp(a.min, a.max)),
+            _ => self.cfg.heartbeat_background,
+        }
     }
 
     fn renegotiate_heartbeat(&mut self, _now: Instant) {

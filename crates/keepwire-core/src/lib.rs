@@ -15,8 +15,8 @@ mod time;
 
 pub use backoff::Backoff;
 pub use connection::{
-    AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event, FailureKind, Network,
-    NotConnected, OutboxItem, State, StopReason, Transmit, TransportEvent,
+    AdaptiveHeartbeat, AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event,
+    FailureKind, Network, NotConnected, OutboxItem, State, StopReason, Transmit, TransportEvent,
 };
 pub use rng::SeededRng;
 pub use time::Instant;

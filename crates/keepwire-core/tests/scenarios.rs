@@ -482,3 +482,84 @@ fn linger_keeps_the_connection_for_a_while_then_goes_dormant() {
     k.timeout(t(10_000_000));
     assert_ne!(k.c.state(), State::Dormant);
 }
+
+#[test]
+fn the_background_heartbeat_is_learnt_per_network_and_settles_below_a_failure() {
+    let mut cfg = Config::new("phone", vec!["ws://relay".into()]);
+    cfg.background_policy = BackgroundPolicy::KeepAlive;
+    cfg.adaptive_heartbeat = Some(keepwire_core::AdaptiveHeartbeat {
+        initial: Duration::from_secs(100),
+        step: Duration::from_secs(50),
+        successes: 2,
+        min: Duration::from_secs(50),
+        max: Duration::from_secs(1000),
+    });
+    let mut h = Harness {
+        c: Connection::new(cfg, "tok".into(), None, 9, t(0)),
+        sent: vec![],
+        events: vec![],
+        open: None,
+        opens: 0,
+    };
+    h.c.handle_network(Network::Online("wifi:home".into()), t(0));
+    h.c.start(t(0));
+    h.drain();
+    h.connect(t(0));
+    h.c.handle_app_state(AppState::Background, t(0));
+    h.drain();
+    // The relay grants what is asked.
+    let grant = |h: &mut Harness, now: Instant| {
+        if let Some(ClientFrame::SetHeartbeat { heartbeat_ms }) = h.sent.last().cloned() {
+            h.frame(
+                ServerFrame::HeartbeatSet {
+                    heartbeat_ms,
+                    idle_timeout_ms: heartbeat_ms * 2,
+                },
+                now,
+            );
+        }
+    };
+    grant(&mut h, t(0));
+    assert_eq!(h.c.background_heartbeat(), Duration::from_secs(100));
+    // The path keeps idle connections for 220 s: pings at 100, 150, 200 s get
+    // pongs; the probe at 250 s is lost.
+    let mut now = t(0);
+    let mut learnt = vec![];
+    for _ in 0..12 {
+        let at = h.c.poll_timeout().unwrap();
+        now = at;
+        h.timeout(now);
+        if matches!(h.sent.last(), Some(ClientFrame::Ping {})) {
+            let interval = h.c.background_heartbeat();
+            if interval <= Duration::from_secs(220) {
+                h.frame(ServerFrame::Pong {}, now);
+                grant(&mut h, now);
+            } else {
+                let dead = h.c.poll_timeout().unwrap();
+                h.timeout(dead);
+                break;
+            }
+        }
+        learnt.push(h.c.background_heartbeat());
+    }
+    assert!(
+        learnt.contains(&Duration::from_secs(150)) && learnt.contains(&Duration::from_secs(200)),
+        "{learnt:?}"
+    );
+    assert_eq!(
+        h.c.last_error(),
+        Some(&ConnectionError::HeartbeatTimeout),
+        "the 250 s probe found the path dead"
+    );
+    assert_eq!(
+        h.c.background_heartbeat(),
+        Duration::from_secs(200),
+        "settles just below the failure"
+    );
+    assert!(h.events.iter().any(|e| matches!(e, Event::HeartbeatLearned { network, settled: true, .. } if network == "wifi:home")));
+    // Another network has its own.
+    h.c.handle_network(Network::Online("cellular".into()), now);
+    assert_eq!(h.c.background_heartbeat(), Duration::from_secs(100));
+    h.c.handle_network(Network::Online("wifi:home".into()), now);
+    assert_eq!(h.c.background_heartbeat(), Duration::from_secs(200));
+}

@@ -586,7 +586,18 @@ impl Sim {
                     );
                 }
             }
-            Event::StateChanged(_) | Event::Error(_) | Event::Reply(_) => {}
+            Event::StateChanged(_)
+            | Event::Error(_)
+            | Event::Reply(_)
+            | Event::HeartbeatProbed { .. } => {}
+            Event::HeartbeatLearned { interval, .. } => {
+                let a = keepwire_core::AdaptiveHeartbeat::default();
+                assert!(
+                    interval >= a.min && interval <= a.max,
+                    "seed {}: learnt {interval:?}",
+                    self.seed
+                );
+            }
             other => panic!("unexpected event {other:?}"),
         }
     }
