@@ -102,6 +102,15 @@ pub enum ClientEvent {
     },
     /// This receiver fell behind and missed this many events (the store has everything).
     Lagged(u64),
+    /// The background heartbeat learnt for a network changed.
+    HeartbeatLearned {
+        /// The network id.
+        network: String,
+        /// The interval now used there in the background.
+        interval: Duration,
+        /// Whether a longer one failed (no more probing up).
+        settled: bool,
+    },
 }
 
 /// A snapshot of the client's state.
@@ -728,6 +737,16 @@ impl Client {
         rx.await.map_err(|_| ClientError::Closed)?
     }
 
+    /// The background heartbeats learnt per network: (interval, settled).
+    pub fn learned_heartbeats(&self) -> Result<HashMap<String, (Duration, bool)>, ClientError> {
+        Ok(self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .learned_heartbeats()?)
+    }
+
     /// The home directory.
     pub fn home(&self) -> &Path {
         &self.inner.home
@@ -857,6 +876,9 @@ impl Driver {
             seed,
             now,
         );
+        for (net, (interval, settled)) in store.learned_heartbeats()? {
+            core.set_learned_heartbeat(&net, interval, settled);
+        }
         core.handle_network(sup.network.clone(), now);
         core.handle_app_state(sup.app_state, now);
         let (transport_tx, transport_rx) = mpsc::channel(1024);
@@ -1152,6 +1174,24 @@ impl Driver {
                         .ok()
                         .flatten();
                     let _ = tx.send(t).await;
+                });
+            }
+            Event::HeartbeatLearned {
+                network,
+                interval,
+                settled,
+            } => {
+                tracing::info!(target: "keepwire::background", %network, ?interval, settled, "heartbeat learnt");
+                if let Err(e) = self
+                    .store
+                    .save_learned_heartbeat(&network, interval, settled)
+                {
+                    tracing::warn!(target: "keepwire::background", error = %e, "saving the learnt heartbeat failed");
+                }
+                self.emit(ClientEvent::HeartbeatLearned {
+                    network,
+                    interval,
+                    settled,
                 });
             }
             Event::Error(e) => {

@@ -487,6 +487,38 @@ impl Store {
             .pragma_query_value(None, "data_version", |r| r.get(0))?)
     }
 
+    /// Background heartbeats learnt per network: (interval, settled).
+    pub fn learned_heartbeats(
+        &self,
+    ) -> Result<std::collections::HashMap<String, (Duration, bool)>, StoreError> {
+        let raw: std::collections::HashMap<String, (u64, bool)> = self
+            .meta("heartbeats")?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default();
+        Ok(raw
+            .into_iter()
+            .map(|(k, (ms, settled))| (k, (Duration::from_millis(ms), settled)))
+            .collect())
+    }
+
+    /// Records the heartbeat learnt for a network.
+    pub fn save_learned_heartbeat(
+        &self,
+        network: &str,
+        interval: Duration,
+        settled: bool,
+    ) -> Result<(), StoreError> {
+        let mut raw: std::collections::HashMap<String, (u64, bool)> = self
+            .meta("heartbeats")?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default();
+        raw.insert(network.to_owned(), (interval.as_millis() as u64, settled));
+        self.set_meta(
+            "heartbeats",
+            &serde_json::to_string(&raw).unwrap_or_else(|_| "{}".into()),
+        )
+    }
+
     /// The user's preferences.
     pub fn prefs(&self) -> Result<crate::notify::Prefs, StoreError> {
         Ok(self

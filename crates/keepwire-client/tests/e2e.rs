@@ -682,3 +682,99 @@ async fn a_read_marker_from_another_device_clears_and_suppresses_notifications()
     assert!(shown2.lock().unwrap().is_empty());
     assert_eq!(shown.lock().unwrap().len(), shown_before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_heartbeat_learns_each_networks_idle_timeout_without_losing_messages() {
+    let mut config = keepwire_testkit::relay::test_config();
+    config.heartbeat_min = Duration::from_millis(50);
+    config.heartbeat_grace = Duration::from_millis(300);
+    let r = TestRelay::start_with(config, Default::default()).await;
+    let relay_addr = r.server.as_ref().unwrap().local_addr();
+    let tb = r.user("bob").await;
+    // Two paths that forget idle connections after 650 ms and 1050 ms
+    // (scaled down from minutes).
+    let cases = [
+        ("wifi:cafe", Duration::from_millis(650)),
+        ("cellular:op", Duration::from_millis(1050)),
+    ];
+    let mut runs = Vec::new();
+    for (i, (network, cut)) in cases.into_iter().enumerate() {
+        let proxy = keepwire_testkit::proxy::IdleCutProxy::start(relay_addr, cut).await;
+        let user = format!("user{i}");
+        let token = r.user(&user).await;
+        let home = TempDir::new(&user);
+        let c = Client::builder(home.path())
+            .servers(vec![format!("ws://{}", proxy.addr)])
+            .token(&token)
+            .background_policy(keepwire_client::BackgroundPolicy::KeepAlive)
+            .app_state(keepwire_client::AppState::Background)
+            .configure(|c| {
+                c.adaptive_heartbeat = Some(keepwire_core::AdaptiveHeartbeat {
+                    initial: Duration::from_millis(200),
+                    step: Duration::from_millis(100),
+                    successes: 1,
+                    min: Duration::from_millis(100),
+                    max: Duration::from_secs(5),
+                });
+                c.pong_timeout = Duration::from_millis(300);
+                c.backoff_background.base = Duration::from_millis(50);
+                c.backoff_background.cap = Duration::from_millis(200);
+            })
+            .build()
+            .await
+            .unwrap();
+        c.set_network(keepwire_client::Network::Online(network.into()));
+        runs.push((c, home, proxy, user, network, cut));
+    }
+    let mut b = keepwire_testkit::WsClient::connect(&r.url, &tb, "bob", None)
+        .await
+        .unwrap();
+    for (c, _, proxy, user, network, cut) in &runs {
+        c.wait_connected(T).await.unwrap();
+        let conv = keepwire_testkit::relay::create_conv(
+            &mut b,
+            keepwire_proto::ConvKind::Direct,
+            &[user.as_str()],
+        )
+        .await;
+        // Learning: it probes above the cut once, finds the path dead, and settles below.
+        let learnt = c
+            .wait_for(Duration::from_secs(30), |_| {
+                c.learned_heartbeats()
+                    .ok()
+                    .and_then(|m| m.get(*network).copied())
+                    .is_some_and(|(_, settled)| settled)
+            })
+            .await;
+        learnt.unwrap_or_else(|e| panic!("{network}: not settled: {e:?}"));
+        let (interval, _) = c.learned_heartbeats().unwrap()[*network];
+        println!(
+            "{network}: idle cut {cut:?} -> learnt {interval:?}, {} cuts",
+            proxy.cuts.load(Ordering::SeqCst)
+        );
+        assert!(
+            interval < *cut,
+            "{network}: {interval:?} must stay below the {cut:?} cut"
+        );
+        assert!(
+            interval + Duration::from_millis(100) >= *cut,
+            "{network}: {interval:?} is just below the cut"
+        );
+        assert!(
+            proxy.cuts.load(Ordering::SeqCst) >= 1,
+            "the probe above the cut was detected"
+        );
+        // Recovered: connected again and nothing lost.
+        c.wait_connected(T).await.unwrap();
+        let cid = b
+            .send_message(conv.id, &format!("after learning on {network}"))
+            .await;
+        b.confirm(&cid).await;
+        c.wait_for(T, |s| s.received >= 1).await.unwrap();
+        let msgs = c.messages(Some(conv.id), 10).unwrap();
+        assert_eq!(msgs.len(), 1);
+    }
+    let a = runs[0].0.learned_heartbeats().unwrap()["wifi:cafe"].0;
+    let b2 = runs[1].0.learned_heartbeats().unwrap()["cellular:op"].0;
+    assert!(a < b2, "two paths, two intervals: {a:?} vs {b2:?}");
+}
