@@ -861,6 +861,8 @@ struct Driver {
     notifier: Option<Arc<dyn Notifier>>,
     /// Notifications claimed during a sync, shown (coalesced) when it ends.
     deferred: Vec<crate::store::Claimed>,
+    /// The network the OS reports (for analytics).
+    network: Option<String>,
 }
 
 impl Driver {
@@ -905,6 +907,10 @@ impl Driver {
             app_state: sup.app_state,
             notifier: sup.notifier.clone(),
             deferred: Vec::new(),
+            network: match &sup.network {
+                Network::Online(id) => Some(id.clone()),
+                Network::Offline => None,
+            },
         };
         d.pick_up_outbox(now)?;
         if sup.started {
@@ -998,6 +1004,7 @@ impl Driver {
                     let _ = self.store.clear_unread();
                 }
                 self.core.handle_app_state(s, now);
+                self.log_state();
             }
             Cmd::Sync(d) => self.core.request_sync(now + d, now),
             Cmd::MarkRead(conv, up_to, reply) => {
@@ -1018,7 +1025,14 @@ impl Driver {
                 self.show(deferred);
                 let _ = done.send(());
             }
-            Cmd::Network(n) => self.core.handle_network(n, now),
+            Cmd::Network(n) => {
+                self.network = match &n {
+                    Network::Online(id) => Some(id.clone()),
+                    Network::Offline => None,
+                };
+                self.core.handle_network(n, now);
+                self.log_state();
+            }
             Cmd::Start => self.core.start(now),
             Cmd::Request(frame, reply) => {
                 let rid = frame.rid().unwrap_or_default().to_owned();
@@ -1103,6 +1117,7 @@ impl Driver {
         match e {
             Event::StateChanged(s) => {
                 tracing::debug!(target: "keepwire::client", state = ?s, "state");
+                self.log_state();
                 let err = self.core.last_error().map(|e| format!("{e:?}"));
                 let _ = self.store.save_status(&format!("{s:?}"), err.as_deref());
                 if !matches!(s, State::Connected | State::Handshaking) {
@@ -1129,6 +1144,15 @@ impl Driver {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .received += p.messages.len() as u64;
+                        if !p.messages.is_empty() {
+                            let via = if self.core.syncing() {
+                                "sync"
+                            } else {
+                                "socket"
+                            };
+                            let app = format!("{:?}", self.app_state);
+                            let _ = self.store.log_received(&app, via, p.messages.len() as u64);
+                        }
                         self.notify(&p.messages);
                         for mark in &p.reads {
                             self.read_elsewhere(mark.conv, mark.up_to);
@@ -1176,6 +1200,15 @@ impl Driver {
                     let _ = tx.send(t).await;
                 });
             }
+            Event::HeartbeatProbed {
+                network,
+                interval,
+                ok,
+            } => {
+                let _ = self
+                    .store
+                    .log_heartbeat(&network, interval.as_millis() as u64, ok);
+            }
             Event::HeartbeatLearned {
                 network,
                 interval,
@@ -1199,6 +1232,19 @@ impl Driver {
                 self.emit(ClientEvent::Error(e));
             }
             _ => {}
+        }
+    }
+
+    /// Records the current connection and app state (analytics).
+    fn log_state(&self) {
+        let state = format!("{:?}", self.core.state());
+        let app = format!("{:?}", self.app_state);
+        let err = self.core.last_error().map(|e| format!("{e:?}"));
+        if let Err(e) = self
+            .store
+            .log_state(&state, &app, self.network.as_deref(), err.as_deref())
+        {
+            tracing::warn!(target: "keepwire::client", error = %e, "recording analytics failed");
         }
     }
 
@@ -1296,6 +1342,7 @@ impl Driver {
             let n = coalesce(&c, name.as_deref(), previews);
             match notifier.notify(&n) {
                 Ok(()) => {
+                    let _ = self.store.log_notification(n.conv, n.unread);
                     self.inner
                         .status
                         .lock()

@@ -26,6 +26,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod analytics;
 mod client;
 pub mod notify;
 pub mod store;

@@ -25,6 +25,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003_read_marks",
         include_str!("migrations/0003_read_marks.sql"),
     ),
+    (
+        "0004_analytics",
+        include_str!("migrations/0004_analytics.sql"),
+    ),
 ];
 
 /// Store errors.
@@ -82,7 +86,7 @@ fn now_ms() -> i64 {
 /// A connection to a home's database. Each process (and each handle that
 /// needs its own) opens one; SQLite serializes writers.
 pub struct Store {
-    conn: Connection,
+    pub(crate) conn: Connection,
     home: PathBuf,
 }
 

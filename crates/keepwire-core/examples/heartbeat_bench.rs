@@ -34,7 +34,8 @@ fn run(adaptive: bool) -> Outcome {
     c.handle_network(Network::Online("cellular".into()), now);
     c.handle_app_state(AppState::Background, now);
     c.start(now);
-    let (mut open, mut last_traffic, mut pings, mut reconnects, mut pings_last_hour) = (None, now, 0, 0, 0);
+    let (mut open, mut last_traffic, mut pings, mut reconnects, mut pings_last_hour) =
+        (None, now, 0, 0, 0);
     let end = Instant::from_duration(Duration::from_secs(HOURS * 3600));
     let last_hour = Instant::from_duration(Duration::from_secs((HOURS - 1) * 3600));
     while now < end {
@@ -59,7 +60,13 @@ fn run(adaptive: bool) -> Outcome {
                             idle_timeout_ms: 3_600_000,
                             epoch: "e".into(),
                             head: 0,
-                            resume: Resume { status: ResumeStatus::New, from: 1, reason: None, missed: None, fetch: vec![] },
+                            resume: Resume {
+                                status: ResumeStatus::New,
+                                from: 1,
+                                reason: None,
+                                missed: None,
+                                fetch: vec![],
+                            },
                             limits: Limits::default().wire(),
                         })),
                         ClientFrame::Ping {} => {
@@ -70,7 +77,10 @@ fn run(adaptive: bool) -> Outcome {
                             Some(ServerFrame::Pong {})
                         }
                         ClientFrame::SetHeartbeat { heartbeat_ms } => {
-                            Some(ServerFrame::HeartbeatSet { heartbeat_ms, idle_timeout_ms: heartbeat_ms * 2 })
+                            Some(ServerFrame::HeartbeatSet {
+                                heartbeat_ms,
+                                idle_timeout_ms: heartbeat_ms * 2,
+                            })
                         }
                         _ => None,
                     };
@@ -90,13 +100,20 @@ fn run(adaptive: bool) -> Outcome {
         now = next.max(now);
         c.handle_timeout(now);
     }
-    Outcome { pings, reconnects, pings_last_hour }
+    Outcome {
+        pings,
+        reconnects,
+        pings_last_hour,
+    }
 }
 
 fn main() {
     let fixed = run(false);
     let adaptive = run(true);
-    println!("path idle cut: {} min; {HOURS} simulated hours in the background", IDLE_CUT.as_secs() / 60);
+    println!(
+        "path idle cut: {} min; {HOURS} simulated hours in the background",
+        IDLE_CUT.as_secs() / 60
+    );
     println!("| heartbeat | pings/hour (average) | pings in the last hour | reconnects |");
     println!("|---|---|---|---|");
     for (name, o) in [("fixed 5 min", &fixed), ("adaptive", &adaptive)] {

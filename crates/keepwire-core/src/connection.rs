@@ -1172,10 +1172,22 @@ impl Connection {
         if self.app != AppState::Background {
             return;
         }
+        let Some(net) = self.network_id() else { return };
         let Some(a) = self.cfg.adaptive_heartbeat else {
+            // Fixed interval: nothing to learn, but the probe counts (analytics).
+            let interval = self
+                .transport
+                .as_ref()
+                .and_then(|t| t.session.as_ref())
+                .map(|s| s.heartbeat)
+                .unwrap_or(self.cfg.heartbeat_background);
+            self.events.push_back(Event::HeartbeatProbed {
+                network: net,
+                interval,
+                ok,
+            });
             return;
         };
-        let Some(net) = self.network_id() else { return };
         let in_use = self
             .transport
             .as_ref()

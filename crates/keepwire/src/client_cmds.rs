@@ -775,3 +775,76 @@ pub(crate) async fn read(args: ReadArgs) -> anyhow::Result<()> {
     println!("conversation {} read up to #{up_to}", args.conv);
     Ok(())
 }
+
+#[derive(Args)]
+pub(crate) struct StatsArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// The window, ending now.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    since: Duration,
+    /// As one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Also write a timeline picture of the window to this SVG file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+/// Connection analytics of this home.
+pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let store = open_existing(&home)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let since = i64::try_from(args.since.as_millis()).unwrap_or(i64::MAX);
+    let s = keepwire_client::analytics::stats(&store, now.saturating_sub(since), now)?;
+    if let Some(path) = &args.svg {
+        std::fs::write(path, keepwire_client::analytics::svg(&s))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.json {
+        let mut v = serde_json::to_value(&s)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("segments");
+        }
+        println!("{v}");
+        return Ok(());
+    }
+    let ms = |m: Option<i64>| {
+        m.map(|m| format!("{:.1}s", m as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "window:                      last {}",
+        humantime::format_duration(args.since)
+    );
+    println!(
+        "uptime while wanted:         {:.1}% ({:.1} of {:.1} min)",
+        s.uptime * 100.0,
+        s.connected_ms as f64 / 60_000.0,
+        s.wanted_ms as f64 / 60_000.0
+    );
+    println!("reconnects:                  {}", s.reconnects);
+    println!(
+        "time to reconnect p50/p95:   {} / {}",
+        ms(s.reconnect_p50_ms),
+        ms(s.reconnect_p95_ms)
+    );
+    println!(
+        "background heartbeats:       {} ({} per connected hour)",
+        s.background_heartbeats,
+        s.background_heartbeats_per_hour
+            .map(|h| format!("{h:.1}"))
+            .unwrap_or_else(|| "-".into())
+    );
+    println!("received in the background:  {}", s.received_background);
+    println!("received by sync:            {}", s.received_by_sync);
+    println!("notifications raised:        {}", s.notifications);
+    if let Some(p) = &args.svg {
+        println!("timeline:                    {}", p.display());
+    }
+    Ok(())
+}

@@ -45,6 +45,8 @@ enum Command {
     Prefs(client_cmds::PrefsArgs),
     /// Mark a conversation read (on all of the user's devices).
     Read(client_cmds::ReadArgs),
+    /// Connection analytics: uptime, reconnects, heartbeats, notifications (--svg for a timeline).
+    Stats(client_cmds::StatsArgs),
 }
 
 /// An error that ends the command with a specific exit code.
@@ -117,6 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => client_cmds::status(args),
         Command::Prefs(args) => client_cmds::prefs(args),
         Command::Read(args) => client_cmds::read(args).await,
+        Command::Stats(args) => client_cmds::stats(args),
     }
 }
 

@@ -336,3 +336,65 @@ fn quiet_hours_and_mute_suppress_notifications_and_prefs_explain_mistakes() {
         );
     }
 }
+
+#[test]
+fn stats_report_reconnects_background_traffic_sync_and_notifications() {
+    let dir = TempDir::new("stats");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let mut relay = RelayProcess::start(&bin(), &db, FAST);
+    let addr = relay.url.trim_start_matches("ws://").to_owned();
+    let alice = device(&dir, "alice", &relay.url, &ta);
+    let bob = device(&dir, "bob", &relay.url, &tb);
+    let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
+    let mut agent = Tail::start(&alice);
+    wait_until(Duration::from_secs(10), "alice's agent to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    // The relay dies and comes back: one reconnect.
+    relay.kill9();
+    let _relay = RelayProcess::start_at(&bin(), &db, &addr, FAST);
+    wait_until(
+        Duration::from_secs(30),
+        "alice's agent to reconnect",
+        || status(&alice)["state"] == "Connected",
+    );
+    kw_ok(&bob, &["send", &conv, "while alice is in the background"]);
+    wait_until(Duration::from_secs(10), "the message to arrive", || {
+        status(&alice)["messages"] == 1
+    });
+    agent.kill9();
+    kw_ok(&bob, &["send", &conv, "picked up by sync"]);
+    let hook = dir.join("n.jsonl");
+    kw_ok(
+        &alice,
+        &[
+            "sync",
+            "--notify-command",
+            &format!("cat >> {}", hook.display()),
+        ],
+    );
+    let svg = dir.join("timeline.svg");
+    let out = kw_ok(&alice, &["stats", "--json", "--svg", svg.to_str().unwrap()]);
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(s["reconnects"].as_u64().unwrap() >= 1, "{s}");
+    assert!(s["reconnect_p50_ms"].as_i64().is_some(), "{s}");
+    assert_eq!(s["received_background"], 1, "{s}");
+    assert_eq!(s["received_by_sync"], 1, "{s}");
+    assert_eq!(s["notifications"], 1, "{s}");
+    assert!(
+        s["wanted_ms"].as_i64().unwrap() > 0 && s["uptime"].as_f64().unwrap() > 0.0,
+        "{s}"
+    );
+    let picture = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        picture.starts_with("<svg") && picture.contains("Connected"),
+        "{picture}"
+    );
+    let text = kw_ok(&alice, &["stats"]);
+    assert!(
+        text.contains("reconnects:") && text.contains("notifications raised:        1"),
+        "{text}"
+    );
+}

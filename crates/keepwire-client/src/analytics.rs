@@ -1,0 +1,282 @@
+//! Connection analytics: what the connection did, from the store's logs
+//! (`keepwire stats`). Uptime while a connection was wanted, reconnects and
+//! how long they took, background heartbeats per hour, messages received in
+//! the background and by sync, notifications; and a timeline picture (SVG).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::params;
+use serde::Serialize;
+
+use crate::store::{Store, StoreError};
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Logs a connection state change.
+    pub fn log_state(
+        &self,
+        state: &str,
+        app: &str,
+        network: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO conn_log (at, state, app, network, reason) VALUES (?1, ?2, ?3, ?4, ?5)")?
+            .execute(params![now_ms(), state, app, network, reason])?;
+        Ok(())
+    }
+
+    /// Logs a background heartbeat and whether the path kept the connection.
+    pub fn log_heartbeat(
+        &self,
+        network: &str,
+        interval_ms: u64,
+        ok: bool,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO hb_log (at, network, interval_ms, ok) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![now_ms(), network, interval_ms as i64, ok])?;
+        Ok(())
+    }
+
+    /// Logs a batch of received messages.
+    pub fn log_received(&self, app: &str, via: &str, count: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO recv_log (at, app, via, count) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![now_ms(), app, via, count as i64])?;
+        Ok(())
+    }
+
+    /// Logs a notification shown.
+    pub fn log_notification(&self, conv: u64, count: u64) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("INSERT INTO notif_log (at, conv, count) VALUES (?1, ?2, ?3)")?
+            .execute(params![now_ms(), conv as i64, count as i64])?;
+        Ok(())
+    }
+}
+
+/// A stretch of time in one state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Segment {
+    /// Start, ms since the Unix epoch.
+    pub from: i64,
+    /// End, ms since the Unix epoch.
+    pub to: i64,
+    /// Connection state.
+    pub state: String,
+    /// App state.
+    pub app: String,
+}
+
+/// Statistics over a window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stats {
+    /// Window start and end, ms since the Unix epoch.
+    pub from: i64,
+    /// Window end.
+    pub to: i64,
+    /// Time a connection was wanted (not idle, dormant or stopped), ms.
+    pub wanted_ms: i64,
+    /// Time connected while wanted, ms.
+    pub connected_ms: i64,
+    /// connected ÷ wanted.
+    pub uptime: f64,
+    /// Times the connection came back after being lost.
+    pub reconnects: u64,
+    /// Time to reconnect, median, ms.
+    pub reconnect_p50_ms: Option<i64>,
+    /// Time to reconnect, 95th percentile, ms.
+    pub reconnect_p95_ms: Option<i64>,
+    /// Time connected in the background, hours.
+    pub background_connected_hours: f64,
+    /// Background heartbeats (tested intervals).
+    pub background_heartbeats: u64,
+    /// Background heartbeats per connected hour.
+    pub background_heartbeats_per_hour: Option<f64>,
+    /// Messages received while in the background (over the socket).
+    pub received_background: u64,
+    /// Messages received by sync.
+    pub received_by_sync: u64,
+    /// Notifications raised.
+    pub notifications: u64,
+    /// The timeline.
+    pub segments: Vec<Segment>,
+}
+
+fn wanted(state: &str) -> bool {
+    !matches!(state, "Idle" | "Dormant" | "stopped") && !state.starts_with("Stopped")
+}
+
+/// Computes statistics for `[from, to]` from the logs.
+pub fn stats(store: &Store, from: i64, to: i64) -> Result<Stats, StoreError> {
+    let c = &store.conn;
+    // The state in force at `from`, then every change in the window.
+    let mut rows: Vec<(i64, String, String)> = Vec::new();
+    if let Some((state, app)) = c
+        .query_row(
+            "SELECT state, app FROM conn_log WHERE at < ?1 ORDER BY id DESC LIMIT 1",
+            [from],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )
+        .ok()
+    {
+        rows.push((from, state, app));
+    }
+    let mut stmt =
+        c.prepare("SELECT at, state, app FROM conn_log WHERE at >= ?1 AND at <= ?2 ORDER BY id")?;
+    for r in stmt.query_map(params![from, to], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))? {
+        rows.push(r?);
+    }
+    let mut segments = Vec::new();
+    for (i, (at, state, app)) in rows.iter().enumerate() {
+        let end = rows.get(i + 1).map(|r| r.0).unwrap_or(to);
+        if end > *at {
+            segments.push(Segment {
+                from: *at,
+                to: end,
+                state: state.clone(),
+                app: app.clone(),
+            });
+        }
+    }
+    let mut wanted_ms = 0;
+    let mut connected_ms = 0;
+    let mut bg_connected_ms = 0;
+    let mut reconnect_times = Vec::new();
+    let mut lost_at: Option<i64> = None;
+    let mut was_connected = false;
+    for s in &segments {
+        let len = s.to - s.from;
+        if wanted(&s.state) {
+            wanted_ms += len;
+        }
+        if s.state == "Connected" {
+            connected_ms += len;
+            if s.app == "Background" {
+                bg_connected_ms += len;
+            }
+            if let Some(l) = lost_at.take() {
+                reconnect_times.push(s.from - l);
+            }
+            was_connected = true;
+        } else if was_connected && wanted(&s.state) && lost_at.is_none() {
+            lost_at = Some(s.from);
+        } else if !wanted(&s.state) {
+            // Leaving on purpose (dormant, idle, stopped) is not a loss.
+            lost_at = None;
+            was_connected = false;
+        }
+    }
+    reconnect_times.sort_unstable();
+    let pct = |p: f64| -> Option<i64> {
+        if reconnect_times.is_empty() {
+            return None;
+        }
+        let i = ((reconnect_times.len() - 1) as f64 * p).round() as usize;
+        Some(reconnect_times[i])
+    };
+    let count = |sql: &str| -> Result<u64, StoreError> {
+        Ok(c.query_row(sql, params![from, to], |r| r.get::<_, i64>(0))? as u64)
+    };
+    let background_heartbeats = count("SELECT COUNT(*) FROM hb_log WHERE at BETWEEN ?1 AND ?2")?;
+    let hours = bg_connected_ms as f64 / 3_600_000.0;
+    Ok(Stats {
+        from,
+        to,
+        wanted_ms,
+        connected_ms,
+        uptime: if wanted_ms > 0 {
+            connected_ms as f64 / wanted_ms as f64
+        } else {
+            0.0
+        },
+        reconnects: reconnect_times.len() as u64,
+        reconnect_p50_ms: pct(0.5),
+        reconnect_p95_ms: pct(0.95),
+        background_connected_hours: hours,
+        background_heartbeats,
+        background_heartbeats_per_hour: (hours > 0.0).then(|| background_heartbeats as f64 / hours),
+        received_background: count(
+            "SELECT COALESCE(SUM(count), 0) FROM recv_log WHERE at BETWEEN ?1 AND ?2 AND app = 'Background' AND via = 'socket'",
+        )?,
+        received_by_sync: count(
+            "SELECT COALESCE(SUM(count), 0) FROM recv_log WHERE at BETWEEN ?1 AND ?2 AND via = 'sync'",
+        )?,
+        notifications: count("SELECT COUNT(*) FROM notif_log WHERE at BETWEEN ?1 AND ?2")?,
+        segments,
+    })
+}
+
+fn color(state: &str) -> &'static str {
+    match state {
+        "Connected" => "#2e9d4f",
+        "Connecting" | "Handshaking" => "#f2c14e",
+        "BackingOff" => "#e07a3f",
+        "WaitingForNetwork" => "#b0b0b0",
+        "Dormant" => "#6c8ebf",
+        "RefreshingToken" => "#9467bd",
+        _ => "#e8e8e8",
+    }
+}
+
+/// A timeline picture of the window: one bar of connection states, one of app states.
+pub fn svg(s: &Stats) -> String {
+    let width = 960.0;
+    let span = (s.to - s.from).max(1) as f64;
+    let x = |t: i64| 40.0 + (t - s.from) as f64 / span * (width - 80.0);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"170\" font-family=\"sans-serif\" font-size=\"12\">\n"
+    ));
+    out.push_str("<text x=\"40\" y=\"20\">keepwire connection timeline</text>\n");
+    out.push_str("<text x=\"4\" y=\"57\">conn</text><text x=\"4\" y=\"92\">app</text>\n");
+    for seg in &s.segments {
+        let (a, b) = (x(seg.from), x(seg.to));
+        out.push_str(&format!(
+            "<rect x=\"{a:.1}\" y=\"40\" width=\"{:.1}\" height=\"25\" fill=\"{}\"><title>{}</title></rect>\n",
+            (b - a).max(0.5),
+            color(&seg.state),
+            seg.state
+        ));
+        let app = if seg.app == "Foreground" {
+            "#4a4a4a"
+        } else {
+            "#c8c8c8"
+        };
+        out.push_str(&format!(
+            "<rect x=\"{a:.1}\" y=\"75\" width=\"{:.1}\" height=\"25\" fill=\"{app}\"><title>{}</title></rect>\n",
+            (b - a).max(0.5),
+            seg.app
+        ));
+    }
+    let mut lx = 40.0;
+    for (name, st) in [
+        ("connected", "Connected"),
+        ("connecting", "Connecting"),
+        ("backing off", "BackingOff"),
+        ("no network", "WaitingForNetwork"),
+        ("dormant", "Dormant"),
+    ] {
+        out.push_str(&format!(
+            "<rect x=\"{lx}\" y=\"120\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"131\">{name}</text>\n",
+            color(st),
+            lx + 16.0
+        ));
+        lx += 130.0;
+    }
+    out.push_str(&format!(
+        "<text x=\"40\" y=\"160\">uptime {:.1}% while wanted, {} reconnects</text>\n</svg>\n",
+        s.uptime * 100.0,
+        s.reconnects
+    ));
+    out
+}
