@@ -121,14 +121,11 @@ pub fn stats(store: &Store, from: i64, to: i64) -> Result<Stats, StoreError> {
     let c = &store.conn;
     // The state in force at `from`, then every change in the window.
     let mut rows: Vec<(i64, String, String)> = Vec::new();
-    if let Some((state, app)) = c
-        .query_row(
-            "SELECT state, app FROM conn_log WHERE at < ?1 ORDER BY id DESC LIMIT 1",
-            [from],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-        )
-        .ok()
-    {
+    if let Ok((state, app)) = c.query_row(
+        "SELECT state, app FROM conn_log WHERE at < ?1 ORDER BY id DESC LIMIT 1",
+        [from],
+        |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+    ) {
         rows.push((from, state, app));
     }
     let mut stmt =
