@@ -140,6 +140,8 @@ pub struct Status {
     pub notified: u64,
     /// Sessions opened (welcomes) by this process.
     pub sessions: u64,
+    /// Pongs carrying the relay's head received by this process.
+    pub heads_heard: u64,
 }
 
 /// How a [`Client::sync_once`] ended.
@@ -345,6 +347,7 @@ impl ClientBuilder {
             confirmed: 0,
             notified: 0,
             sessions: 0,
+            heads_heard: 0,
         }));
         let (status_tx, _) = watch::channel(());
         let inner = Arc::new(Inner {
@@ -701,7 +704,10 @@ impl Client {
         let _ = self.inner.cmd.send(Cmd::Sync(deadline));
         // The session must be a new one: a head learnt earlier says nothing.
         let waited = self
-            .wait_for(deadline, |s| s.sessions > before.sessions && s.caught_up())
+            .wait_for(deadline, |s| {
+                (s.sessions > before.sessions || s.heads_heard > before.heads_heard)
+                    && s.caught_up()
+            })
             .await;
         let (done, shown) = oneshot::channel();
         if self.inner.cmd.send(Cmd::EndSync(done)).is_ok() {
@@ -1199,6 +1205,11 @@ impl Driver {
                         .flatten();
                     let _ = tx.send(t).await;
                 });
+            }
+            Event::RelayHead(h) => {
+                let mut s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+                s.head = Some(s.head.unwrap_or(0).max(h));
+                s.heads_heard += 1;
             }
             Event::HeartbeatProbed {
                 network,

@@ -74,7 +74,7 @@ fn run(adaptive: bool) -> Outcome {
                             if now >= last_hour {
                                 pings_last_hour += 1;
                             }
-                            Some(ServerFrame::Pong {})
+                            Some(ServerFrame::Pong { head: None })
                         }
                         ClientFrame::SetHeartbeat { heartbeat_ms } => {
                             Some(ServerFrame::HeartbeatSet {

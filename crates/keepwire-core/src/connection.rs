@@ -343,6 +343,9 @@ pub enum Event {
     TokenNeeded,
     /// A connection attempt or connection failed.
     Error(ConnectionError),
+    /// The relay's inbox head for this user, from a pong: caught up once the
+    /// cursor reaches it.
+    RelayHead(Seq),
     /// The background heartbeat learnt for a network changed (persist it and
     /// give it back with [`Connection::set_learned_heartbeat`] after a restart).
     HeartbeatLearned {
@@ -617,6 +620,8 @@ impl Connection {
     pub fn request_sync(&mut self, deadline: Instant, now: Instant) {
         self.sync_until = Some(deadline);
         self.retry_at = None;
+        // Already connected: a pong tells the relay's current head.
+        self.probe(now);
         self.drive(now);
     }
 
@@ -1084,7 +1089,10 @@ impl Connection {
                     self.pump_outbox(now);
                 }
             }
-            ServerFrame::Pong {} => {
+            ServerFrame::Pong { head } => {
+                if let Some(h) = head {
+                    self.events.push_back(Event::RelayHead(h));
+                }
                 let mut tested = false;
                 if let Some(s) = &mut t.session {
                     s.pong_deadline = None;

@@ -532,7 +532,7 @@ fn the_background_heartbeat_is_learnt_per_network_and_settles_below_a_failure() 
         if matches!(h.sent.last(), Some(ClientFrame::Ping {})) {
             let interval = h.c.background_heartbeat();
             if interval <= Duration::from_secs(220) {
-                h.frame(ServerFrame::Pong {}, now);
+                h.frame(ServerFrame::Pong { head: None }, now);
                 grant(&mut h, now);
             } else {
                 let dead = h.c.poll_timeout().unwrap();

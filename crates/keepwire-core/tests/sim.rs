@@ -214,7 +214,7 @@ impl ModelRelay {
                 assert!(seq < c.next, "ack beyond what was sent");
                 c.acked = c.acked.max(seq);
             }
-            (Some(_), ClientFrame::Ping {}) => out.push(ServerFrame::Pong {}),
+            (Some(_), ClientFrame::Ping {}) => out.push(ServerFrame::Pong { head: None }),
             (Some(_), ClientFrame::SetHeartbeat { heartbeat_ms }) => {
                 out.push(ServerFrame::HeartbeatSet {
                     heartbeat_ms,

@@ -184,7 +184,12 @@ pub enum ServerFrame {
     /// A send was not accepted. See the code for what to do.
     Rejected(Rejected),
     /// Answer to `ping`.
-    Pong {},
+    Pong {
+        /// The user's inbox head when the ping was answered: a connected
+        /// client is caught up once its cursor reaches it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        head: Option<Seq>,
+    },
     /// Answer to `set_heartbeat`: the interval now in force.
     HeartbeatSet {
         /// Negotiated interval.

@@ -469,7 +469,7 @@ async fn session(
                             None
                         }
                     }
-                    ClientFrame::Ping {} => Some(ServerFrame::Pong {}),
+                    ClientFrame::Ping {} => Some(ServerFrame::Pong { head: Some(plan.head.max(*reg.head.borrow())) }),
                     ClientFrame::SetHeartbeat { heartbeat_ms } => {
                         (heartbeat, idle_timeout) = config.negotiate_heartbeat(Some(heartbeat_ms));
                         idle_deadline = Instant::now() + idle_timeout;

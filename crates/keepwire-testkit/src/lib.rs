@@ -276,7 +276,7 @@ impl WsClient {
     /// Round trip a ping: every frame the server sent before the pong is queued.
     pub async fn barrier(&mut self) {
         self.send(&ClientFrame::Ping {}).await;
-        self.recv_where(|f| matches!(f, ServerFrame::Pong {}).then_some(()))
+        self.recv_where(|f| matches!(f, ServerFrame::Pong { .. }).then_some(()))
             .await;
     }
 

@@ -167,7 +167,7 @@ pub(crate) struct StatusArgs {
     json: bool,
 }
 
-fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
+pub(crate) fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
     if !keepwire_client::store::db_path(home).exists() {
         bail!(
             "{} is not a keepwire home yet; run `keepwire login --server URL --token TOKEN` first",
@@ -387,6 +387,21 @@ pub(crate) async fn conv(args: ConvArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
+    let req = serde_json::json!({"op": "send", "conv": args.conv, "text": args.text, "timeout_ms": args.timeout.as_millis() as u64});
+    if let Some(r) = crate::agent::ask(&home, &req, args.timeout + Duration::from_secs(2)).await {
+        return match (r["result"].as_str(), r["error"].as_str()) {
+            (Some("sent"), _) => {
+                println!("sent");
+                Ok(())
+            }
+            (Some("queued"), _) => {
+                println!("queued (not confirmed yet); the agent will send it");
+                Ok(())
+            }
+            (_, Some(e)) => bail!("the relay refused the message: {e}"),
+            _ => bail!("unexpected answer from the agent: {r}"),
+        };
+    }
     let client = open_client(&home, true).await?;
     let handle = client.send(args.conv, &args.text).await?;
     if args.timeout.is_zero() {
@@ -432,6 +447,36 @@ fn notifier(
 
 pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
+    // A running agent holds the connection: ask it.
+    let req = serde_json::json!({"op": "sync", "deadline_ms": args.deadline.as_millis() as u64});
+    if let Some(r) = crate::agent::ask(&home, &req, args.deadline + Duration::from_secs(2)).await {
+        println!(
+            "synced through the agent in {:.1}s: {} messages received, {} sends confirmed, {} notifications, cursor {}",
+            r["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            r["received"],
+            r["confirmed"],
+            r["notified"],
+            r["cursor"].as_u64().unwrap_or(0)
+        );
+        return match r["outcome"].as_str() {
+            Some("caught_up") => Ok(()),
+            Some("auth_rejected") => Err(Exit {
+                code: exit::AUTH_REJECTED,
+                message: "the relay rejected the token".into(),
+            }
+            .into()),
+            Some("unreachable") => Err(Exit {
+                code: exit::UNREACHABLE,
+                message: "the agent cannot reach the relay".into(),
+            }
+            .into()),
+            _ => Err(Exit {
+                code: exit::PARTIAL,
+                message: "deadline reached before everything was synced".into(),
+            }
+            .into()),
+        };
+    }
     init_logging("warn");
     open_existing(&home)?;
     // A sync is what a periodic task or a push wake-up runs: the app is not
@@ -563,14 +608,20 @@ fn lock_held(home: &std::path::Path) -> bool {
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
 }
 
-pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
+pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
     let store = open_existing(&home)?;
     let running = lock_held(&home);
-    let state = if running {
-        store.meta("state")?.unwrap_or_else(|| "Starting".into())
-    } else {
-        "not running".into()
+    let agent = crate::agent::ask(
+        &home,
+        &serde_json::json!({"op": "status"}),
+        Duration::from_secs(2),
+    )
+    .await;
+    let state = match (&agent, running) {
+        (Some(a), _) => a["state"].as_str().unwrap_or("unknown").to_owned(),
+        (None, true) => store.meta("state")?.unwrap_or_else(|| "Starting".into()),
+        (None, false) => "not running".into(),
     };
     let last_error = store.meta("last_error")?;
     let cursor = store.cursor()?;
@@ -581,6 +632,7 @@ pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
         "device": store.device_id()?,
         "servers": store.urls()?,
         "running": running,
+        "agent": agent.is_some(),
         "state": state,
         "last_error": last_error,
         "cursor": cursor.as_ref().map(|c| c.seq),
@@ -847,4 +899,21 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
         println!("timeline:                    {}", p.display());
     }
     Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct AgentArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Run this command for each notification instead of desktop notifications.
+    #[arg(long, value_name = "CMD")]
+    notify_command: Option<String>,
+    /// No desktop notifications (unless the `desktop` preference is on).
+    #[arg(long)]
+    no_desktop: bool,
+}
+
+pub(crate) async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    crate::agent::run(&home, args.notify_command, !args.no_desktop).await
 }

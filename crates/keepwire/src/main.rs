@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod client_cmds;
 mod relay_cmds;
 
@@ -47,6 +48,8 @@ enum Command {
     Read(client_cmds::ReadArgs),
     /// Connection analytics: uptime, reconnects, heartbeats, notifications (--svg for a timeline).
     Stats(client_cmds::StatsArgs),
+    /// Run the desktop background agent (connection, notifications, local socket).
+    Agent(client_cmds::AgentArgs),
 }
 
 /// An error that ends the command with a specific exit code.
@@ -116,10 +119,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sync(args) => client_cmds::sync(args).await,
         Command::Log(args) => client_cmds::log(args),
         Command::Tail(args) => client_cmds::tail(args).await,
-        Command::Status(args) => client_cmds::status(args),
+        Command::Status(args) => client_cmds::status(args).await,
         Command::Prefs(args) => client_cmds::prefs(args),
         Command::Read(args) => client_cmds::read(args).await,
         Command::Stats(args) => client_cmds::stats(args),
+        Command::Agent(args) => client_cmds::agent(args).await,
     }
 }
 

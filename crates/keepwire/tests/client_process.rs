@@ -398,3 +398,64 @@ fn stats_report_reconnects_background_traffic_sync_and_notifications() {
         "{text}"
     );
 }
+
+#[test]
+fn the_agent_holds_the_connection_notifies_and_serves_send_sync_and_status() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("agent");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    let alice = device(&dir, "alice", &relay.url, &ta);
+    let bob = device(&dir, "bob", &relay.url, &tb);
+    let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
+    let hook = dir.join("n.jsonl");
+    let mut agent = Tail(
+        Command::new(bin())
+            .args([
+                "agent",
+                "--notify-command",
+                &format!("cat >> {}", hook.display()),
+            ])
+            .env("KEEPWIRE_HOME", &alice)
+            .env("KEEPWIRE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let sock = alice.join("agent.sock");
+    wait_until(Duration::from_secs(10), "the agent's socket", || {
+        sock.exists() && status(&alice)["agent"] == true
+    });
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    wait_until(Duration::from_secs(10), "the agent to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    // Bob writes: the agent notifies at once.
+    kw_ok(&bob, &["send", &conv, "hi alice"]);
+    wait_until(Duration::from_secs(10), "the notification", || {
+        notifications(&hook).len() == 1
+    });
+    assert_eq!(notifications(&hook)[0]["title"], "bob");
+    // Alice's commands go through the agent's connection.
+    assert_eq!(kw_ok(&alice, &["send", &conv, "hi bob"]).trim(), "sent");
+    let out = kw_ok(&alice, &["sync"]);
+    assert!(out.contains("through the agent"), "{out}");
+    // SIGTERM: the agent stops cleanly and removes its socket.
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(agent.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = agent.0.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(!sock.exists());
+    kw_ok(&bob, &["sync"]);
+    assert_exactly_once_in_order(&bob, &["hi bob".to_owned()]);
+}

@@ -1,0 +1,159 @@
+//! `keepwire agent`: the desktop background agent. It holds the home's
+//! connection with the background policy, raises desktop notifications, and
+//! serves a Unix socket (`HOME/agent.sock`, mode 0600) through which
+//! `keepwire send`, `sync` and `status` use its connection.
+//!
+//! Socket protocol: one JSON request per line, one JSON answer per line.
+//! `{"op":"status"}`, `{"op":"sync","deadline_ms":30000}`,
+//! `{"op":"send","conv":1,"text":"hi","timeout_ms":10000}`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use keepwire_client::notify::{CommandNotifier, DesktopNotifier, Notifier};
+use keepwire_client::{AppState, BackgroundPolicy, Client, SyncOutcome};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::{init_logging, wait_for_signal};
+
+/// The agent's socket in a home.
+pub(crate) fn socket_path(home: &Path) -> PathBuf {
+    home.join("agent.sock")
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub(crate) async fn run(
+    home: &Path,
+    notify_command: Option<String>,
+    desktop: bool,
+) -> anyhow::Result<()> {
+    init_logging("info");
+    let store = crate::client_cmds::open_existing(home)?;
+    let prefs = store.prefs()?;
+    drop(store);
+    let notifier: Option<Arc<dyn Notifier>> = match notify_command.or(prefs.notify_command.clone())
+    {
+        Some(c) => Some(Arc::new(CommandNotifier::new(c))),
+        None if desktop || prefs.desktop => Some(Arc::new(DesktopNotifier::new())),
+        None => None,
+    };
+    let mut b = Client::builder(home)
+        .app_state(AppState::Background)
+        .background_policy(
+            prefs
+                .background_policy()
+                .unwrap_or(BackgroundPolicy::KeepAlive),
+        );
+    if let Some(n) = notifier {
+        b = b.notifier(n);
+    }
+    let client = b.build().await?;
+    let path = socket_path(home);
+    // A stale socket from a killed agent: nobody answers on it.
+    if UnixStream::connect(&path).await.is_ok() {
+        anyhow::bail!("another agent is already running for {}", home.display());
+    }
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    tracing::info!(target: "keepwire::background", socket = %path.display(), "agent running");
+    let stop = wait_for_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => { r?; break; }
+            conn = listener.accept() => {
+                if let Ok((stream, _)) = conn {
+                    tokio::spawn(serve(stream, client.clone()));
+                }
+            }
+        }
+    }
+    client.stop().await;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn serve(stream: UnixStream, client: Client) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let answer = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => handle(&client, &req).await,
+            Err(e) => json!({"error": format!("not JSON: {e}")}),
+        };
+        if w.write_all(format!("{answer}\n").as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn outcome_name(o: &SyncOutcome) -> &'static str {
+    match o {
+        SyncOutcome::CaughtUp => "caught_up",
+        SyncOutcome::Partial => "partial",
+        SyncOutcome::Unreachable(_) => "unreachable",
+        SyncOutcome::Stopped(_) => "auth_rejected",
+        _ => "busy",
+    }
+}
+
+async fn handle(client: &Client, req: &Value) -> Value {
+    let ms = |k: &str, d: u64| Duration::from_millis(req[k].as_u64().unwrap_or(d));
+    match req["op"].as_str() {
+        Some("status") => {
+            let s = client.status();
+            json!({"state": format!("{:?}", s.state), "cursor": s.cursor, "outbox": s.outbox, "user": s.user,
+                   "last_error": s.last_error.map(|e| format!("{e:?}"))})
+        }
+        Some("sync") => {
+            // The agent's connection is usually up: a sync just waits until caught up.
+            let r = client.sync_once(ms("deadline_ms", 30_000)).await;
+            json!({"outcome": outcome_name(&r.outcome), "received": r.received, "confirmed": r.confirmed,
+                   "notified": r.notified, "elapsed_ms": r.elapsed.as_millis() as u64,
+                   "cursor": client.status().cursor})
+        }
+        Some("send") => {
+            let (Some(conv), Some(text)) = (req["conv"].as_u64(), req["text"].as_str()) else {
+                return json!({"error": "send needs conv and text"});
+            };
+            match client.send(conv, text).await {
+                Err(e) => json!({"error": e.to_string()}),
+                Ok(h) => {
+                    match tokio::time::timeout(ms("timeout_ms", 10_000), h.confirmed()).await {
+                        Ok(Ok(())) => json!({"result": "sent"}),
+                        Ok(Err(e)) => json!({"result": "failed", "error": e.to_string()}),
+                        Err(_) => json!({"result": "queued"}),
+                    }
+                }
+            }
+        }
+        _ => json!({"error": "unknown op: use status, sync or send"}),
+    }
+}
+
+/// Asks a running agent; `None` if no agent answers on this home.
+pub(crate) async fn ask(home: &Path, req: &Value, timeout: Duration) -> Option<Value> {
+    let mut stream = tokio::time::timeout(
+        Duration::from_millis(500),
+        UnixStream::connect(socket_path(home)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    stream.write_all(format!("{req}\n").as_bytes()).await.ok()?;
+    let mut lines = BufReader::new(stream).lines();
+    let line = tokio::time::timeout(timeout, lines.next_line())
+        .await
+        .ok()?
+        .ok()??;
+    serde_json::from_str(&line).ok()
+}
