@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod client_cmds;
+mod demo;
 mod relay_cmds;
 
 /// keepwire: keeps a chat app's users reachable.
@@ -50,6 +51,8 @@ enum Command {
     Stats(client_cmds::StatsArgs),
     /// Run the desktop background agent (connection, notifications, local socket).
     Agent(client_cmds::AgentArgs),
+    /// Play keepwire's scenarios on an embedded relay and print a timeline and a verdict.
+    Demo,
 }
 
 /// An error that ends the command with a specific exit code.
@@ -124,6 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Read(args) => client_cmds::read(args).await,
         Command::Stats(args) => client_cmds::stats(args),
         Command::Agent(args) => client_cmds::agent(args).await,
+        Command::Demo => demo::run().await,
     }
 }
 

@@ -169,3 +169,27 @@ fn api_keys_and_devices_are_managed_from_the_cli() {
         "cannot read the JWT secret file",
     );
 }
+
+#[test]
+fn the_demo_plays_every_scenario_and_loses_nothing() {
+    let out = keepwire(&["demo"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "1. Background",
+        "2. Closed",
+        "3. Foreground",
+        "4. Network cut",
+        "5. Relay restart",
+    ] {
+        assert!(text.contains(step), "{step} missing:\n{text}");
+    }
+    assert!(
+        text.contains("lost 0, duplicated 0, in order: yes"),
+        "{text}"
+    );
+}
