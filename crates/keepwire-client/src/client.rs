@@ -1177,6 +1177,11 @@ impl Driver {
                 }
             }
             Event::SendConfirmed(c) => {
+                if let Some(echo) = c.echo_seq {
+                    // Caught up includes our own copy of what we sent.
+                    let mut s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+                    s.head = Some(s.head.unwrap_or(0).max(echo));
+                }
                 self.inner
                     .status
                     .lock()

@@ -278,6 +278,7 @@ fn an_unconfirmed_send_probes_the_connection_and_a_missing_pong_reconnects() {
             conv_seq: 1,
             ts: 0,
             duplicate: false,
+            echo_seq: None,
         }),
         at,
     );
@@ -309,6 +310,7 @@ fn rate_limited_sends_are_resent_in_order_after_the_wait() {
             conv_seq: 1,
             ts: 0,
             duplicate: false,
+            echo_seq: None,
         }),
         t(2),
     );

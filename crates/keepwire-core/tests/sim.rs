@@ -174,6 +174,7 @@ impl ModelRelay {
                     assert_eq!(*body, s.body, "same cid, different payload");
                     out.push(ServerFrame::Confirm(Confirm {
                         duplicate: true,
+                        echo_seq: None,
                         ..c.clone()
                     }));
                 } else {
@@ -204,6 +205,7 @@ impl ModelRelay {
                         conv_seq: msg.conv_seq,
                         ts: 0,
                         duplicate: false,
+                        echo_seq: None,
                     };
                     self.dedupe.insert(key, (confirm.clone(), s.body));
                     out.push(ServerFrame::Confirm(confirm));

@@ -448,6 +448,11 @@ pub struct Confirm {
     /// True if this client id had been confirmed before: nothing new was stored.
     #[serde(default)]
     pub duplicate: bool,
+    /// The inbox sequence of the sender's own copy (its echo), when the sender
+    /// is a member and the message is new: a client that waits until its
+    /// cursor reaches it has its own messages stored too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_seq: Option<Seq>,
 }
 
 /// The `rejected` frame: one send was not stored.

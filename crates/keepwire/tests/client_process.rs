@@ -163,6 +163,7 @@ fn client_killed_with_a_full_outbox_delivers_it_exactly_once() {
     assert_eq!(status(&alice)["outbox_pending"], 0);
     let out = kw_ok(&bob, &["sync"]);
     println!("bob: {out} {}", status(&bob));
+    println!("alice: {}", status(&alice));
     assert_exactly_once_in_order(&bob, &want);
     assert_exactly_once_in_order(&alice, &want);
 }

@@ -888,6 +888,7 @@ impl Store for SqliteStore {
                     conv_seq: conv_seq as u64,
                     ts,
                     duplicate: true,
+                    echo_seq: None,
                 });
             }
             require_actor(c, send.conv, actor)?;
@@ -911,8 +912,12 @@ impl Store for SqliteStore {
                 ts
             ])?;
             let id = c.last_insert_rowid();
+            let mut echo_seq = None;
             for member in member_ids(c, send.conv)? {
-                append_inbox(c, member, Some(id), None, ts, max_entries, heads)?;
+                let seq = append_inbox(c, member, Some(id), None, ts, max_entries, heads)?;
+                if member == user {
+                    echo_seq = Some(seq);
+                }
             }
             c.prepare_cached(
                 "INSERT INTO sends (user_id, device, cid, digest, message_id, conv_id, conv_seq, ts)
@@ -926,6 +931,7 @@ impl Store for SqliteStore {
                 conv_seq: conv_seq as u64,
                 ts,
                 duplicate: false,
+                echo_seq,
             })
         })
         .await
