@@ -695,7 +695,7 @@ async fn the_background_heartbeat_learns_each_networks_idle_timeout_without_losi
     // (scaled down from minutes).
     let cases = [
         ("wifi:cafe", Duration::from_millis(650)),
-        ("cellular:op", Duration::from_millis(1050)),
+        ("cellular:op", Duration::from_millis(1250)),
     ];
     let mut runs = Vec::new();
     for (i, (network, cut)) in cases.into_iter().enumerate() {
@@ -756,8 +756,10 @@ async fn the_background_heartbeat_learns_each_networks_idle_timeout_without_losi
             interval < *cut,
             "{network}: {interval:?} must stay below the {cut:?} cut"
         );
+        // Just below the cut: within two steps (a ping delayed on a loaded
+        // machine may count as one more failure).
         assert!(
-            interval + Duration::from_millis(100) >= *cut,
+            interval + Duration::from_millis(200) >= *cut,
             "{network}: {interval:?} is just below the cut"
         );
         assert!(
