@@ -25,17 +25,7 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
-        let cfg = Config::new("phone", vec!["ws://relay".into()]);
-        let mut h = Harness {
-            c: Connection::new(cfg, "tok".into(), None, 42, t(0)),
-            sent: vec![],
-            events: vec![],
-            open: None,
-            opens: 0,
-        };
-        h.c.start(t(0));
-        h.drain();
-        h
+        harness(Config::new("phone", vec!["ws://relay".into()]))
     }
 
     fn drain(&mut self) {
@@ -411,6 +401,11 @@ fn going_away_reconnects_within_the_jitter_window_without_growing_backoff() {
 fn harness_with(policy: BackgroundPolicy) -> Harness {
     let mut cfg = Config::new("phone", vec!["ws://relay".into()]);
     cfg.background_policy = policy;
+    harness(cfg)
+}
+
+/// A started connection with `cfg`, its first transmits drained.
+fn harness(cfg: Config) -> Harness {
     let mut h = Harness {
         c: Connection::new(cfg, "tok".into(), None, 7, t(0)),
         sent: vec![],
@@ -496,15 +491,8 @@ fn the_background_heartbeat_is_learnt_per_network_and_settles_below_a_failure() 
         min: Duration::from_secs(50),
         max: Duration::from_secs(1000),
     });
-    let mut h = Harness {
-        c: Connection::new(cfg, "tok".into(), None, 9, t(0)),
-        sent: vec![],
-        events: vec![],
-        open: None,
-        opens: 0,
-    };
+    let mut h = harness(cfg);
     h.c.handle_network(Network::Online("wifi:home".into()), t(0));
-    h.c.start(t(0));
     h.drain();
     h.connect(t(0));
     h.c.handle_app_state(AppState::Background, t(0));

@@ -112,10 +112,9 @@ pub(crate) struct SendArgs {
     timeout: Duration,
 }
 
+/// How to show notifications (`sync`, `tail`).
 #[derive(Args)]
-pub(crate) struct SyncArgs {
-    #[command(flatten)]
-    home: HomeArg,
+pub(crate) struct NotifyArgs {
     /// Run this command for each notification (JSON on stdin); default: the
     /// `notify-command` preference.
     #[arg(long, value_name = "CMD")]
@@ -123,6 +122,14 @@ pub(crate) struct SyncArgs {
     /// Show desktop notifications (D-Bus); default: the `desktop` preference.
     #[arg(long)]
     desktop: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct SyncArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    #[command(flatten)]
+    notify: NotifyArgs,
     /// Give up (keeping what was done) after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     deadline: Duration,
@@ -146,13 +153,8 @@ pub(crate) struct LogArgs {
 pub(crate) struct TailArgs {
     #[command(flatten)]
     home: HomeArg,
-    /// Run this command for each notification (JSON on stdin); default: the
-    /// `notify-command` preference.
-    #[arg(long, value_name = "CMD")]
-    notify_command: Option<String>,
-    /// Show desktop notifications (D-Bus); default: the `desktop` preference.
-    #[arg(long)]
-    desktop: bool,
+    #[command(flatten)]
+    notify: NotifyArgs,
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
@@ -484,7 +486,11 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let mut b = Client::builder(&home)
         .app_state(AppState::Background)
         .background_policy(BackgroundPolicy::WakeOnly);
-    if let Some(n) = notifier(&home, args.notify_command.as_deref(), args.desktop)? {
+    if let Some(n) = notifier(
+        &home,
+        args.notify.notify_command.as_deref(),
+        args.notify.desktop,
+    )? {
         b = b.notifier(n);
     }
     let client = b.build().await.map_err(|e| match e {
@@ -567,7 +573,11 @@ pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let mut b = Client::builder(&home)
         .app_state(AppState::Background)
         .background_policy(BackgroundPolicy::KeepAlive);
-    if let Some(n) = notifier(&home, args.notify_command.as_deref(), args.desktop)? {
+    if let Some(n) = notifier(
+        &home,
+        args.notify.notify_command.as_deref(),
+        args.notify.desktop,
+    )? {
         b = b.notifier(n);
     }
     let client = b.build().await?;

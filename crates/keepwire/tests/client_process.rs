@@ -89,14 +89,14 @@ fn assert_exactly_once_in_order(home: &Path, want: &[String]) {
 
 #[test]
 fn relay_killed_and_restarted_while_sends_are_queued() {
-    let dir = TempDir::new("relay-kill");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let mut relay = RelayProcess::start(&bin(), &db, FAST);
+    let Setup {
+        dir: _dir,
+        db,
+        mut relay,
+        alice,
+        bob,
+    } = setup("relay-kill");
     let url = relay.url.clone();
-    let alice = device(&dir, "alice", &url, &ta);
-    let bob = device(&dir, "bob", &url, &tb);
     let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
     let _holder = Tail::start(&alice);
     let mut want = Vec::new();
@@ -124,13 +124,13 @@ fn relay_killed_and_restarted_while_sends_are_queued() {
 
 #[test]
 fn client_killed_with_a_full_outbox_delivers_it_exactly_once() {
-    let dir = TempDir::new("client-kill");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let relay = RelayProcess::start(&bin(), &db, FAST);
-    let alice = device(&dir, "alice", &relay.url, &ta);
-    let bob = device(&dir, "bob", &relay.url, &tb);
+    let Setup {
+        dir: _dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob,
+    } = setup("client-kill");
     let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
     // Queue 200 sends without letting anyone flush them: a tail holds the
     // home while the queue fills, then is killed mid-flush.
@@ -170,13 +170,13 @@ fn client_killed_with_a_full_outbox_delivers_it_exactly_once() {
 
 #[test]
 fn a_send_from_a_second_process_goes_through_the_holder() {
-    let dir = TempDir::new("two-procs");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let relay = RelayProcess::start(&bin(), &db, FAST);
-    let alice = device(&dir, "alice", &relay.url, &ta);
-    let bob = device(&dir, "bob", &relay.url, &tb);
+    let Setup {
+        dir: _dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob,
+    } = setup("two-procs");
     let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
     let _holder = Tail::start(&alice);
     wait_until(Duration::from_secs(10), "the tail to connect", || {
@@ -218,6 +218,32 @@ fn sync_exit_codes_say_what_happened() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("keepwire login"));
 }
 
+/// A relay process with two logged-in device homes, alice's and bob's.
+struct Setup {
+    dir: TempDir,
+    db: std::path::PathBuf,
+    relay: RelayProcess,
+    alice: std::path::PathBuf,
+    bob: std::path::PathBuf,
+}
+
+fn setup(tag: &str) -> Setup {
+    let dir = TempDir::new(tag);
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    let alice = device(&dir, "alice", &relay.url, &ta);
+    let bob = device(&dir, "bob", &relay.url, &tb);
+    Setup {
+        dir,
+        db,
+        relay,
+        alice,
+        bob,
+    }
+}
+
 /// Notifications recorded by a `--notify-command` hook (one JSON per line).
 fn notifications(file: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(file)
@@ -229,13 +255,13 @@ fn notifications(file: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_killed_app_catches_up_by_periodic_sync_with_one_coalesced_notification() {
-    let dir = TempDir::new("closed");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let relay = RelayProcess::start(&bin(), &db, FAST);
-    let alice = device(&dir, "alice", &relay.url, &ta);
-    let bob = device(&dir, "bob", &relay.url, &tb);
+    let Setup {
+        dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob,
+    } = setup("closed");
     let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
     kw_ok(&alice, &["sync"]);
     // Alice's app is killed.
@@ -275,13 +301,13 @@ fn a_killed_app_catches_up_by_periodic_sync_with_one_coalesced_notification() {
 
 #[test]
 fn quiet_hours_and_mute_suppress_notifications_and_prefs_explain_mistakes() {
-    let dir = TempDir::new("prefs");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let relay = RelayProcess::start(&bin(), &db, FAST);
-    let alice = device(&dir, "alice", &relay.url, &ta);
-    let bob = device(&dir, "bob", &relay.url, &tb);
+    let Setup {
+        dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob,
+    } = setup("prefs");
     let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
     let hook = dir.join("n.jsonl");
     kw_ok(
@@ -340,14 +366,14 @@ fn quiet_hours_and_mute_suppress_notifications_and_prefs_explain_mistakes() {
 
 #[test]
 fn stats_report_reconnects_background_traffic_sync_and_notifications() {
-    let dir = TempDir::new("stats");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let mut relay = RelayProcess::start(&bin(), &db, FAST);
+    let Setup {
+        dir,
+        db,
+        mut relay,
+        alice,
+        bob,
+    } = setup("stats");
     let addr = relay.url.trim_start_matches("ws://").to_owned();
-    let alice = device(&dir, "alice", &relay.url, &ta);
-    let bob = device(&dir, "bob", &relay.url, &tb);
     let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
     let mut agent = Tail::start(&alice);
     wait_until(Duration::from_secs(10), "alice's agent to connect", || {
@@ -403,13 +429,13 @@ fn stats_report_reconnects_background_traffic_sync_and_notifications() {
 #[test]
 fn the_agent_holds_the_connection_notifies_and_serves_send_sync_and_status() {
     use std::os::unix::fs::PermissionsExt as _;
-    let dir = TempDir::new("agent");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let relay = RelayProcess::start(&bin(), &db, FAST);
-    let alice = device(&dir, "alice", &relay.url, &ta);
-    let bob = device(&dir, "bob", &relay.url, &tb);
+    let Setup {
+        dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob,
+    } = setup("agent");
     let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
     let hook = dir.join("n.jsonl");
     let mut agent = Tail(
