@@ -8,12 +8,10 @@
 //! `{"op":"send","conv":1,"text":"hi","timeout_ms":10000}`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use keepwire_client::notify::{CommandNotifier, DesktopNotifier, Notifier};
-use keepwire_client::{AppState, BackgroundPolicy, Client, SyncOutcome};
+use keepwire_client::{BackgroundPolicy, Client, SyncOutcome};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -32,26 +30,12 @@ pub(crate) async fn run(
     desktop: bool,
 ) -> anyhow::Result<()> {
     init_logging("info");
-    let store = crate::client_cmds::open_existing(home)?;
-    let prefs = store.prefs()?;
-    drop(store);
-    let notifier: Option<Arc<dyn Notifier>> = match notify_command.or(prefs.notify_command.clone())
-    {
-        Some(c) => Some(Arc::new(CommandNotifier::new(c))),
-        None if desktop || prefs.desktop => Some(Arc::new(DesktopNotifier::new())),
-        None => None,
-    };
-    let mut b = Client::builder(home)
-        .app_state(AppState::Background)
-        .background_policy(
-            prefs
-                .background_policy()
-                .unwrap_or(BackgroundPolicy::KeepAlive),
-        );
-    if let Some(n) = notifier {
-        b = b.notifier(n);
-    }
-    let client = b.build().await?;
+    let prefs = crate::client_cmds::open_existing(home)?.prefs()?;
+    let notify = crate::client_cmds::notifier(home, notify_command.as_deref(), desktop)?;
+    let policy = prefs
+        .background_policy()
+        .unwrap_or(BackgroundPolicy::KeepAlive);
+    let client = crate::client_cmds::background_client(home, policy, notify).await?;
     let path = socket_path(home);
     // A stale socket from a killed agent: nobody answers on it.
     if UnixStream::connect(&path).await.is_ok() {

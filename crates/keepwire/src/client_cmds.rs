@@ -186,13 +186,35 @@ async fn open_client(home: &std::path::Path, start: bool) -> anyhow::Result<Clie
     if !start {
         b = b.manual_start();
     }
-    b.build().await.map_err(|e| match e {
+    b.build().await.map_err(|e| login_hint(home, e))
+}
+
+/// A client for this home in the background with `policy` and `notify`.
+pub(crate) async fn background_client(
+    home: &std::path::Path,
+    policy: BackgroundPolicy,
+    notify: Option<Arc<dyn Notifier>>,
+) -> anyhow::Result<Client> {
+    init_logging("warn");
+    open_existing(home)?;
+    let mut b = Client::builder(home)
+        .app_state(AppState::Background)
+        .background_policy(policy);
+    if let Some(n) = notify {
+        b = b.notifier(n);
+    }
+    b.build().await.map_err(|e| login_hint(home, e))
+}
+
+/// Says what to do when a home has no login.
+fn login_hint(home: &std::path::Path, e: ClientError) -> anyhow::Error {
+    match e {
         ClientError::NotLoggedIn(_) => anyhow::anyhow!(
             "{} has no relay URL or token; run `keepwire login --server URL --token TOKEN`",
             home.display()
         ),
         other => other.into(),
-    })
+    }
 }
 
 fn describe(e: &ConnectionError) -> String {
@@ -430,7 +452,7 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
 
 /// The notifier the user asked for (flags, else preferences), if any: a
 /// command hook, or desktop notifications over D-Bus.
-fn notifier(
+pub(crate) fn notifier(
     home: &std::path::Path,
     command: Option<&str>,
     desktop: bool,
@@ -479,27 +501,14 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
             .into()),
         };
     }
-    init_logging("warn");
-    open_existing(&home)?;
     // A sync is what a periodic task or a push wake-up runs: the app is not
     // in the foreground, and the connection goes dormant once done.
-    let mut b = Client::builder(&home)
-        .app_state(AppState::Background)
-        .background_policy(BackgroundPolicy::WakeOnly);
-    if let Some(n) = notifier(
+    let notify = notifier(
         &home,
         args.notify.notify_command.as_deref(),
         args.notify.desktop,
-    )? {
-        b = b.notifier(n);
-    }
-    let client = b.build().await.map_err(|e| match e {
-        ClientError::NotLoggedIn(_) => anyhow::anyhow!(
-            "{} has no relay URL or token; run `keepwire login --server URL --token TOKEN`",
-            home.display()
-        ),
-        other => other.into(),
-    })?;
+    )?;
+    let client = background_client(&home, BackgroundPolicy::WakeOnly, notify).await?;
     let report = client.sync_once(args.deadline).await;
     client.stop().await;
     let s = client.status();
@@ -567,20 +576,13 @@ pub(crate) fn log(args: LogArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
-    init_logging("warn");
-    open_existing(&home)?;
     // Like a desktop agent: stays connected while nobody looks at an app.
-    let mut b = Client::builder(&home)
-        .app_state(AppState::Background)
-        .background_policy(BackgroundPolicy::KeepAlive);
-    if let Some(n) = notifier(
+    let notify = notifier(
         &home,
         args.notify.notify_command.as_deref(),
         args.notify.desktop,
-    )? {
-        b = b.notifier(n);
-    }
-    let client = b.build().await?;
+    )?;
+    let client = background_client(&home, BackgroundPolicy::KeepAlive, notify).await?;
     // Print from the store (works whichever process holds the connection):
     // everything after the cursor at start, as it lands.
     let store = open_existing(&home)?;
