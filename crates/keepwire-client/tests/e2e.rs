@@ -348,6 +348,25 @@ async fn an_app_token_expiring_mid_connection_is_refreshed_once_without_loss() {
     );
 }
 
+/// A client for `home` with the app in the background, `policy` and `notifier`.
+async fn background_client(
+    home: &std::path::Path,
+    url: String,
+    token: &str,
+    notifier: Arc<keepwire_client::notify::CallbackNotifier>,
+    policy: keepwire_client::BackgroundPolicy,
+) -> Client {
+    Client::builder(home)
+        .servers(vec![url])
+        .token(token)
+        .notifier(notifier)
+        .background_policy(policy)
+        .app_state(keepwire_client::AppState::Background)
+        .build()
+        .await
+        .unwrap()
+}
+
 type Shown = Arc<std::sync::Mutex<Vec<keepwire_client::notify::Notification>>>;
 type Cleared = Arc<std::sync::Mutex<Vec<u64>>>;
 
@@ -620,15 +639,14 @@ async fn a_read_marker_from_another_device_clears_and_suppresses_notifications()
     let tb = r.user("bob").await;
     let (hp, hl) = (TempDir::new("alice-phone"), TempDir::new("alice-laptop"));
     let (notifier, shown, cleared) = recorder();
-    let phone = Client::builder(hp.path())
-        .servers(vec![r.url.clone()])
-        .token(&ta)
-        .notifier(notifier)
-        .background_policy(keepwire_client::BackgroundPolicy::KeepAlive)
-        .app_state(keepwire_client::AppState::Background)
-        .build()
-        .await
-        .unwrap();
+    let phone = background_client(
+        hp.path(),
+        r.url.clone(),
+        &ta,
+        notifier,
+        keepwire_client::BackgroundPolicy::KeepAlive,
+    )
+    .await;
     let laptop = client(hl.path(), &r.url, &ta).await;
     phone.wait_connected(T).await.unwrap();
     laptop.wait_connected(T).await.unwrap();
@@ -667,15 +685,14 @@ async fn a_read_marker_from_another_device_clears_and_suppresses_notifications()
     laptop.wait_for(T, |s| s.cursor >= Some(6)).await.unwrap();
     laptop.mark_read(conv.id, 4).await.unwrap();
     let (notifier, shown2, _) = recorder();
-    let phone = Client::builder(hp.path())
-        .servers(vec![r.url.clone()])
-        .token(&ta)
-        .notifier(notifier)
-        .background_policy(keepwire_client::BackgroundPolicy::WakeOnly)
-        .app_state(keepwire_client::AppState::Background)
-        .build()
-        .await
-        .unwrap();
+    let phone = background_client(
+        hp.path(),
+        r.url.clone(),
+        &ta,
+        notifier,
+        keepwire_client::BackgroundPolicy::WakeOnly,
+    )
+    .await;
     let report = phone.sync_once(T).await;
     assert_eq!(report.outcome, keepwire_client::SyncOutcome::CaughtUp);
     assert_eq!((report.received, report.notified), (2, 0), "{report:?}");
