@@ -716,12 +716,15 @@ async fn the_background_heartbeat_learns_each_networks_idle_timeout_without_losi
     ];
     let mut runs = Vec::new();
     for (i, (network, cut)) in cases.into_iter().enumerate() {
-        let proxy = keepwire_testkit::proxy::IdleCutProxy::start(relay_addr, cut).await;
+        let proxy = keepwire_chaos::FaultProxy::start("127.0.0.1:0".parse().unwrap(), relay_addr)
+            .await
+            .unwrap();
+        proxy.set_idle_cut(Some(cut));
         let user = format!("user{i}");
         let token = r.user(&user).await;
         let home = TempDir::new(&user);
         let c = Client::builder(home.path())
-            .servers(vec![format!("ws://{}", proxy.addr)])
+            .servers(vec![format!("ws://{}", proxy.addr())])
             .token(&token)
             .background_policy(keepwire_client::BackgroundPolicy::KeepAlive)
             .app_state(keepwire_client::AppState::Background)
@@ -767,7 +770,7 @@ async fn the_background_heartbeat_learns_each_networks_idle_timeout_without_losi
         let (interval, _) = c.learned_heartbeats().unwrap()[*network];
         println!(
             "{network}: idle cut {cut:?} -> learnt {interval:?}, {} cuts",
-            proxy.cuts.load(Ordering::SeqCst)
+            proxy.stats().forgotten.load(Ordering::SeqCst)
         );
         assert!(
             interval < *cut,
@@ -780,7 +783,7 @@ async fn the_background_heartbeat_learns_each_networks_idle_timeout_without_losi
             "{network}: {interval:?} is just below the cut"
         );
         assert!(
-            proxy.cuts.load(Ordering::SeqCst) >= 1,
+            proxy.stats().forgotten.load(Ordering::SeqCst) >= 1,
             "the probe above the cut was detected"
         );
         // Recovered: connected again and nothing lost.

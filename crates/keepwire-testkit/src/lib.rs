@@ -494,5 +494,4 @@ pub fn assert_contiguous(entries: &[InboxEntry], first: u64) {
 
 pub use serde_json;
 
-pub mod proxy;
 pub mod relay;

@@ -11,6 +11,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod chaos_cmds;
 mod client_cmds;
 mod demo;
 mod relay_cmds;
@@ -53,6 +54,8 @@ enum Command {
     Agent(client_cmds::AgentArgs),
     /// Play keepwire's scenarios on an embedded relay and print a timeline and a verdict.
     Demo,
+    /// Fault injection: chaos runs with an exactly-once checker, a fault proxy.
+    Chaos(chaos_cmds::ChaosArgs),
 }
 
 /// An error that ends the command with a specific exit code.
@@ -128,6 +131,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => client_cmds::stats(args),
         Command::Agent(args) => client_cmds::agent(args).await,
         Command::Demo => demo::run().await,
+        Command::Chaos(args) => chaos_cmds::chaos(args).await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `keepwire` binary: real processes, `kill -9`,
 //! signals, and the command line's error messages.
 
+mod chaos;
 mod cli;
 mod client_process;
 mod desktop;
