@@ -494,6 +494,21 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
         }
     }
 
+    // Each device registers with one sync before the chaos, as an app does at
+    // login: a device the relay has never seen starts from its user's recent
+    // history (the history window), not from the beginning, so messages sent
+    // before its first connection are not its to receive.
+    for d in devices.iter_mut() {
+        d.tell("settle 60").await;
+        match d
+            .answer(&["settled", "unsettled"], Duration::from_secs(90))
+            .await
+        {
+            Some(a) if a == "settled" => {}
+            other => bail!("{} did not register: {other:?}", d.spec.name),
+        }
+    }
+
     // The schedule.
     let mut faults: BTreeMap<FaultKind, u32> = FaultKind::ALL.iter().map(|k| (*k, 0)).collect();
     let mut heals: Vec<(Instant, Heal)> = Vec::new();

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// The connection stays open after any of them. Codes are snake_case strings
 /// on the wire; a client must treat an unknown code like `internal`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -79,6 +80,7 @@ impl fmt::Display for ErrorCode {
 }
 
 /// What a client must do when a connection closes with a given code.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientAction {
@@ -100,6 +102,7 @@ pub enum ClientAction {
 ///
 /// Standard codes (RFC 6455 §7.4.1) are used where they fit; keepwire's own
 /// are in the private range 4000–4999.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum CloseCode {

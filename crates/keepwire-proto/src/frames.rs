@@ -14,6 +14,7 @@ pub type MessageId = u64;
 
 /// A resume position: the last inbox sequence a device has durably stored,
 /// qualified by the epoch of the log it came from.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cursor {
     /// The log epoch the sequence belongs to (from [`Welcome::epoch`]).
@@ -23,6 +24,7 @@ pub struct Cursor {
 }
 
 /// Frames a client sends.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -70,11 +72,13 @@ pub enum ClientFrame {
         /// Target conversation.
         conv: ConvId,
         /// Application data, at most [`Limits::max_signal_bytes`] when encoded.
+        #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::frames::arbitrary_json))]
         data: serde_json::Value,
     },
 }
 
 /// The `hello` frame.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     /// The bearer token. Never sent anywhere else (not in the URL).
@@ -96,6 +100,7 @@ pub struct Hello {
 }
 
 /// The `send` frame.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Send {
     /// Client id: random, 128-bit recommended; the idempotency key of this send
@@ -118,6 +123,7 @@ fn default_kind() -> String {
 pub const MESSAGE_KIND_TEXT: &str = "text";
 
 /// The `history` request.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryRequest {
     /// Request id echoed in the answer.
@@ -133,6 +139,7 @@ pub struct HistoryRequest {
 }
 
 /// Conversation kinds.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConvKind {
@@ -143,6 +150,7 @@ pub enum ConvKind {
 }
 
 /// The `conv_create` request.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvCreate {
     /// Request id echoed in the answer.
@@ -160,6 +168,7 @@ pub struct ConvCreate {
 }
 
 /// The `conv_add` / `conv_remove` requests.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvMember {
     /// Request id echoed in the answer.
@@ -171,6 +180,7 @@ pub struct ConvMember {
 }
 
 /// Frames a server sends.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -222,6 +232,7 @@ pub enum ServerFrame {
         /// Sender.
         from: String,
         /// Application data.
+        #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::frames::arbitrary_json))]
         data: serde_json::Value,
     },
     /// A recoverable problem with one frame; the connection stays open.
@@ -229,6 +240,7 @@ pub enum ServerFrame {
 }
 
 /// The `welcome` frame.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
     /// Session id, for logs and support.
@@ -252,6 +264,7 @@ pub struct Welcome {
 }
 
 /// Resume outcome in `welcome`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resume {
     /// Complete, gap or new.
@@ -271,6 +284,7 @@ pub struct Resume {
 }
 
 /// Resume status.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResumeStatus {
@@ -283,6 +297,7 @@ pub enum ResumeStatus {
 }
 
 /// Why a resume has a gap.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -299,6 +314,7 @@ pub enum GapReason {
 }
 
 /// An inclusive range of inbox sequences.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeqRange {
     /// First sequence of the range.
@@ -308,6 +324,7 @@ pub struct SeqRange {
 }
 
 /// Where to page history for one conversation after a gap.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchHint {
     /// The conversation.
@@ -318,6 +335,7 @@ pub struct FetchHint {
 }
 
 /// Limits announced in `welcome`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireLimits {
     /// Largest frame the server accepts, in bytes.
@@ -337,6 +355,7 @@ pub struct WireLimits {
 }
 
 /// One inbox entry.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboxEntry {
     /// Per-user inbox sequence.
@@ -347,6 +366,7 @@ pub struct InboxEntry {
 }
 
 /// The content of an inbox entry (serialized as a `"message"` or `"member"` key).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -360,6 +380,7 @@ pub enum EntryItem {
 }
 
 /// A read marker, synced across the user's devices.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadMark {
     /// The conversation.
@@ -371,6 +392,7 @@ pub struct ReadMark {
 }
 
 /// A stored message.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// Message id.
@@ -392,6 +414,7 @@ pub struct Message {
 }
 
 /// A membership change.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberEvent {
     /// The conversation after the change.
@@ -407,6 +430,7 @@ pub struct MemberEvent {
 }
 
 /// Kind of membership change.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MemberChange {
@@ -417,6 +441,7 @@ pub enum MemberChange {
 }
 
 /// A conversation's description.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvInfo {
     /// Conversation id.
@@ -433,6 +458,7 @@ pub struct ConvInfo {
 }
 
 /// The `confirm` frame.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirm {
     /// The client id of the send.
@@ -456,6 +482,7 @@ pub struct Confirm {
 }
 
 /// The `rejected` frame: one send was not stored.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejected {
     /// The client id of the send.
@@ -471,6 +498,7 @@ pub struct Rejected {
 }
 
 /// The answer to `history`.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryPage {
     /// The request id.
@@ -484,6 +512,7 @@ pub struct HistoryPage {
 }
 
 /// The `error` frame.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorFrame {
     /// The request id of the frame at fault, when it had one.
@@ -493,4 +522,22 @@ pub struct ErrorFrame {
     pub code: ErrorCode,
     /// Human-readable detail.
     pub message: String,
+}
+
+/// A small arbitrary JSON value (for fuzzing: `serde_json::Value` has no
+/// `Arbitrary` of its own).
+#[cfg(feature = "arbitrary")]
+pub fn arbitrary_json(u: &mut arbitrary::Unstructured<'_>) -> arbitrary::Result<serde_json::Value> {
+    use serde_json::Value;
+    Ok(match u.int_in_range(0..=5u8)? {
+        0 => Value::Null,
+        1 => Value::Bool(u.arbitrary()?),
+        2 => Value::from(u.arbitrary::<i64>()?),
+        3 => Value::String(u.arbitrary()?),
+        4 => Value::Array(vec![
+            Value::String(u.arbitrary()?),
+            Value::from(u.arbitrary::<u32>()?),
+        ]),
+        _ => serde_json::json!({ "k": u.arbitrary::<String>()?, "n": u.arbitrary::<u16>()? }),
+    })
 }
