@@ -329,8 +329,13 @@ impl ClientBuilder {
         if let Some(f) = self.configure {
             f(&mut config);
         }
-        let tls = transport::tls_config(&self.extra_roots)
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        // Roots saved with the login (`keepwire login --ca-cert`) serve every
+        // process on this home.
+        let mut roots = self.extra_roots;
+        if let Some(pem) = store.meta(CA_META)? {
+            roots.extend(parse_pem_certificates(pem.as_bytes()).map_err(ClientError::Tls)?);
+        }
+        let tls = transport::tls_config(&roots).map_err(|e| ClientError::Tls(e.to_string()))?;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(4096);
         let (counts_pending, _) = store.outbox_counts()?;
@@ -455,6 +460,23 @@ impl SendHandle {
             }
         }
     }
+}
+
+/// The store key holding extra trusted root certificates (PEM).
+pub const CA_META: &str = "ca_pem";
+
+/// Parses the certificates in a PEM text (DER each); an error if there is none.
+pub fn parse_pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let certs: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("bad certificate PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in the PEM text".into());
+    }
+    Ok(certs)
 }
 
 impl Client {

@@ -33,8 +33,8 @@ pub mod store;
 mod transport;
 
 pub use client::{
-    Client, ClientBuilder, ClientError, ClientEvent, SendError, SendHandle, Status, SyncOutcome,
-    SyncReport, TokenProvider, boot_clock,
+    CA_META, Client, ClientBuilder, ClientError, ClientEvent, SendError, SendHandle, Status,
+    SyncOutcome, SyncReport, TokenProvider, boot_clock, parse_pem_certificates,
 };
 pub use keepwire_core::{AppState, BackgroundPolicy, ConnectionError, Network, State, StopReason};
 pub use transport::{BoxFuture, Resolver, SystemResolver};

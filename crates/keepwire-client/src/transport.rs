@@ -114,7 +114,7 @@ pub(crate) fn tls_config(
         let _ = roots.add(cert);
     }
     for der in extra_roots {
-        let _ = roots.add(rustls::pki_types::CertificateDer::from(der.clone()));
+        roots.add(rustls::pki_types::CertificateDer::from(der.clone()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

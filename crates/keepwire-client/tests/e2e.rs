@@ -800,3 +800,42 @@ async fn the_background_heartbeat_learns_each_networks_idle_timeout_without_losi
     let b2 = runs[1].0.learned_heartbeats().unwrap()["cellular:op"].0;
     assert!(a < b2, "two paths, two intervals: {a:?} vs {b2:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_verifies_the_relay_against_a_given_root() {
+    let pki = keepwire_testkit::tls::TestPki::new();
+    let mut config = keepwire_testkit::relay::test_config();
+    config.tls = Some(pki.relay_files());
+    let r = TestRelay::start_with(config, Default::default()).await;
+    assert!(r.url.starts_with("wss://"));
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    // Trusting the private CA: messages flow over TLS.
+    let (ha, hb) = (TempDir::new("alice"), TempDir::new("bob"));
+    let a = Client::builder(ha.path())
+        .servers(vec![r.url.replace("127.0.0.1", "localhost")])
+        .token(&ta)
+        .add_root_certificate(pki.ca_der.clone())
+        .build()
+        .await
+        .unwrap();
+    a.wait_connected(T).await.unwrap();
+    let conv = a
+        .create_conversation(vec!["bob".into()], None, false)
+        .await
+        .unwrap();
+    a.send(conv.id, "over tls")
+        .await
+        .unwrap()
+        .confirmed()
+        .await
+        .unwrap();
+    // Not trusting it (system roots only): the certificate is refused, the
+    // client says so and keeps its outbox.
+    let b = client(hb.path(), &r.url, &tb).await;
+    let status = b.wait_for(T, |s| s.last_error.is_some()).await.unwrap();
+    assert_eq!(status.last_error, Some(ConnectionError::Tls));
+    assert_ne!(status.state, State::Connected);
+    b.stop().await;
+    a.stop().await;
+}

@@ -50,6 +50,24 @@ pub struct Config {
     pub api_requests_per_sec: u32,
     /// Largest HTTP API request body, in bytes.
     pub api_max_body_bytes: usize,
+    /// Serve `wss://` and `https://` with this certificate chain and key.
+    pub tls: Option<TlsFiles>,
+    /// Time a new TCP connection has to finish its TLS handshake and send
+    /// a complete HTTP request head (slowloris defence).
+    pub request_head_timeout: Duration,
+    /// Origins browsers may open WebSockets from (`https://app.example`);
+    /// empty: any. Requests without an `Origin` header (native apps) are
+    /// always allowed: keepwire tokens travel in the hello, never in cookies.
+    pub allowed_origins: Vec<String>,
+}
+
+/// PEM files for TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -75,6 +93,9 @@ impl Default for Config {
             jwt: None,
             api_requests_per_sec: 200,
             api_max_body_bytes: 64 * 1024,
+            tls: None,
+            request_head_timeout: Duration::from_secs(10),
+            allowed_origins: Vec::new(),
         }
     }
 }

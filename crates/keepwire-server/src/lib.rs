@@ -20,7 +20,6 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt as _;
 use keepwire_proto::SUBPROTOCOL;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -32,12 +31,13 @@ pub mod auth;
 mod config;
 mod conn;
 mod hub;
+mod listener;
 pub mod metrics;
 mod openapi;
 mod ratelimit;
 pub mod store;
 
-pub use config::Config;
+pub use config::{Config, TlsFiles};
 pub use hub::Hub;
 pub use metrics::Metrics;
 pub use store::{SqliteOptions, SqliteStore, Store, StoreError};
@@ -57,6 +57,7 @@ pub(crate) struct Shared {
 /// A running relay.
 pub struct RelayServer {
     addr: SocketAddr,
+    scheme: &'static str,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
     hub: Arc<Hub>,
@@ -95,20 +96,24 @@ impl RelayServer {
             .route("/metrics", get(metrics_handler))
             .merge(api::routes(shared.config.api_max_body_bytes))
             .with_state(shared.clone());
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let tls = shared
+            .config
+            .tls
+            .as_ref()
+            .map(listener::tls_acceptor)
+            .transpose()?;
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         let stop = shutdown.clone();
         let task = tokio::spawn(async move {
-            let served = axum::serve(
+            listener::serve(
                 listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
+                app,
+                tls,
+                shared.config.request_head_timeout,
+                stop,
+                shared.config.shutdown_grace,
             )
-            .with_graceful_shutdown(stop.cancelled_owned())
             .await;
-            if let Err(e) = served {
-                tracing::error!(target: "keepwire::server", error = %e, "server failed");
-            }
             // Connections saw the cancellation and are sending "going away".
             tracker.close();
             if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
@@ -123,6 +128,7 @@ impl RelayServer {
         tracing::info!(target: "keepwire::server", %addr, epoch = %store.epoch(), "listening");
         Ok(RelayServer {
             addr,
+            scheme,
             shutdown,
             task,
             hub,
@@ -134,9 +140,9 @@ impl RelayServer {
         self.addr
     }
 
-    /// The relay's WebSocket URL.
+    /// The relay's WebSocket URL (`wss://` with TLS).
     pub fn url(&self) -> String {
-        format!("ws://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Live connections.
@@ -175,6 +181,7 @@ async fn ws_handler(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     // Tokens must never travel in URLs (they end up in logs and proxies).
@@ -184,7 +191,20 @@ async fn ws_handler(
             k.eq_ignore_ascii_case("token") || k.eq_ignore_ascii_case("access_token")
         })
     {
+        shared.metrics.refused_upgrade("token_in_url");
         return bad_request("tokens are not accepted in URLs; send the token in the hello frame");
+    }
+    // Cross-site WebSocket hijacking: browsers always send Origin, and
+    // WebSockets are not covered by CORS, so the relay checks it itself.
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !origin_allowed(&shared.config.allowed_origins, origin.as_bytes())
+    {
+        shared.metrics.refused_upgrade("origin");
+        return (
+            StatusCode::FORBIDDEN,
+            "this origin may not open keepwire WebSockets\n",
+        )
+            .into_response();
     }
     let ws = match ws {
         Ok(ws) => ws,
@@ -202,6 +222,7 @@ async fn ws_handler(
             .is_ok_and(|s| s.split(',').any(|v| v.trim() == SUBPROTOCOL))
     });
     if !offered {
+        shared.metrics.refused_upgrade("subprotocol");
         return bad_request(&format!("offer the WebSocket subprotocol {SUBPROTOCOL}"));
     }
     if shared.shutdown.is_cancelled() {
@@ -217,6 +238,17 @@ async fn ws_handler(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| tracker.track_future(conn::run(socket, shared, peer)))
+}
+
+/// Whether a browser `Origin` is on the allow-list (empty list: any; `*`: any).
+fn origin_allowed(allowed: &[String], origin: &[u8]) -> bool {
+    allowed.is_empty()
+        || allowed.iter().any(|a| {
+            a == "*"
+                || a.trim_end_matches('/')
+                    .as_bytes()
+                    .eq_ignore_ascii_case(origin)
+        })
 }
 
 async fn revocation_poller(shared: Arc<Shared>) {
@@ -277,5 +309,25 @@ async fn trimmer(shared: Arc<Shared>) {
                 tracing::warn!(target: "keepwire::server", error = %e, "retention trim failed")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn origins_match_exactly_ignoring_case_and_a_trailing_slash() {
+        let list = vec![
+            "https://app.example".to_string(),
+            "http://localhost:3000/".into(),
+        ];
+        assert!(origin_allowed(&[], b"https://evil.example"));
+        assert!(origin_allowed(&list, b"https://APP.example"));
+        assert!(origin_allowed(&list, b"http://localhost:3000"));
+        assert!(!origin_allowed(&list, b"https://app.example.evil.example"));
+        assert!(!origin_allowed(&list, b"http://app.example"));
+        assert!(!origin_allowed(&list, b"null"));
+        assert!(origin_allowed(&["*".into()], b"null"));
     }
 }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub closes: Family<CodeLabel, Counter>,
     /// Error frames sent.
     pub errors: Family<ResultLabel, Counter>,
+    /// WebSocket upgrades refused, by reason (`origin`, `token_in_url`, `subprotocol`).
+    pub refused_upgrades: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -85,8 +87,15 @@ impl Default for Metrics {
         );
         let errors = Family::<ResultLabel, Counter>::default();
         registry.register("errors", "Error frames sent, by code", errors.clone());
+        let refused_upgrades = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "refused_upgrades",
+            "WebSocket upgrades refused, by reason",
+            refused_upgrades.clone(),
+        );
         Metrics {
             registry,
+            refused_upgrades,
             commits,
             committed_jobs,
             sends,
@@ -107,6 +116,15 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+
+    /// Counts one refused WebSocket upgrade.
+    pub fn refused_upgrade(&self, reason: &str) {
+        self.refused_upgrades
+            .get_or_create(&ResultLabel {
+                result: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one send outcome.

@@ -8,6 +8,7 @@ mod conversations;
 mod dedupe;
 mod delivery;
 mod group_commit;
+mod hostile;
 mod integration;
 mod lifecycle;
 mod resume;

@@ -58,12 +58,22 @@ pub fn new_cid() -> String {
 impl WsClient {
     /// Opens a WebSocket offering the keepwire subprotocol (no hello yet).
     pub async fn open(url: &str) -> Result<WsClient, tungstenite::Error> {
+        Self::open_with(url, None).await
+    }
+
+    /// Like [`WsClient::open`], for `wss://` with this TLS configuration.
+    pub async fn open_with(
+        url: &str,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<WsClient, tungstenite::Error> {
         let mut req = url.into_client_request()?;
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(SUBPROTOCOL),
         );
-        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let connector = tls.map(tokio_tungstenite::Connector::Rustls);
+        let (ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector).await?;
         Ok(WsClient {
             ws,
             queued: VecDeque::new(),
@@ -391,7 +401,10 @@ impl RelayProcess {
             .read_line(&mut line)
             .expect("read the relay's first line");
         let url = line.trim().to_owned();
-        assert!(url.starts_with("ws://"), "unexpected first line {url:?}");
+        assert!(
+            url.starts_with("ws://") || url.starts_with("wss://"),
+            "unexpected first line {url:?}"
+        );
         RelayProcess { child, url }
     }
 
@@ -403,7 +416,9 @@ impl RelayProcess {
 
     /// Host and port, for HTTP requests.
     pub fn host_port(&self) -> &str {
-        self.url.trim_start_matches("ws://")
+        self.url
+            .trim_start_matches("wss://")
+            .trim_start_matches("ws://")
     }
 }
 
@@ -495,3 +510,4 @@ pub fn assert_contiguous(entries: &[InboxEntry], first: u64) {
 pub use serde_json;
 
 pub mod relay;
+pub mod tls;

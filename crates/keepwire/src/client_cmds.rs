@@ -58,6 +58,10 @@ pub(crate) struct LoginArgs {
     /// How long to try to verify the token with the relay.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
+    /// Also trust the root certificate(s) in this PEM file for wss:// (a
+    /// private CA); saved for every command on this home.
+    #[arg(long, value_name = "PEM")]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -307,6 +311,13 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
         bail!("the token is empty");
     }
     let store = Store::open(&home)?;
+    if let Some(path) = &args.ca_cert {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+        keepwire_client::parse_pem_certificates(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        store.set_meta(keepwire_client::CA_META, &String::from_utf8_lossy(&pem))?;
+    }
     let device = store.device_id()?;
     let client = Client::builder(&home)
         .servers(args.servers.clone())

@@ -106,6 +106,20 @@ pub(crate) struct ServeArgs {
     /// How often age retention runs (e.g. 1m).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     trim_interval: Option<Duration>,
+    /// Serve wss:// and https:// with this certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A browser origin allowed to open WebSockets (e.g. https://app.example);
+    /// repeat for several. Default: any. Connections without Origin (native
+    /// apps) are always allowed.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// Time a connection has for its TLS handshake and HTTP request head.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    request_head_timeout: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -273,6 +287,21 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.api_rate {
         config.api_requests_per_sec = v.max(1);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(keepwire_server::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
+    for o in &args.allowed_origins {
+        if o != "*" && !(o.starts_with("https://") || o.starts_with("http://")) {
+            bail!("--allow-origin {o:?}: give a scheme and host, e.g. https://app.example");
+        }
+    }
+    config.allowed_origins = args.allowed_origins.clone();
+    if let Some(v) = args.request_head_timeout {
+        config.request_head_timeout = v.max(Duration::from_millis(100));
     }
     let hs256_secret = match &args.jwt_secret_file {
         Some(p) => {

@@ -486,3 +486,50 @@ fn the_agent_holds_the_connection_notifies_and_serves_send_sync_and_status() {
     kw_ok(&bob, &["sync"]);
     assert_exactly_once_in_order(&bob, &["hi bob".to_owned()]);
 }
+
+#[test]
+fn wss_with_a_private_ca_from_serve_to_login_send_and_sync() {
+    let pki = keepwire_testkit::tls::TestPki::new();
+    let dir = TempDir::new("tls");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let (cert, key, ca) = (
+        pki.cert_pem.to_str().unwrap(),
+        pki.key_pem.to_str().unwrap(),
+        pki.ca_pem.to_str().unwrap(),
+    );
+    let relay = RelayProcess::start(&bin(), &db, &["--tls-cert", cert, "--tls-key", key]);
+    assert!(relay.url.starts_with("wss://"), "{}", relay.url);
+    let url = relay.url.replace("127.0.0.1", "localhost");
+    // Without the CA the relay cannot be verified, and login says why (it
+    // saves the login: offline-first, like an unreachable relay).
+    let nobody = dir.join("nobody");
+    let out = kw_ok(
+        &nobody,
+        &["login", "--server", &url, "--token", &ta, "--timeout", "3s"],
+    );
+    assert!(out.contains("TLS failure"), "{out}");
+    // A file that is not a certificate is refused up front.
+    let out = kw(
+        &nobody,
+        &["login", "--server", &url, "--token", &ta, "--ca-cert", key],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
+    // With it, every command on the home uses it.
+    let alice = dir.join("alice");
+    let bob = dir.join("bob");
+    for (home, token) in [(&alice, &ta), (&bob, &tb)] {
+        let out = kw_ok(
+            home,
+            &["login", "--server", &url, "--token", token, "--ca-cert", ca],
+        );
+        assert!(out.contains("logged in as"), "{out}");
+    }
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    kw_ok(&alice, &["send", &conv, "over wss"]);
+    kw_ok(&bob, &["sync"]);
+    let log = kw_ok(&bob, &["log"]);
+    assert!(log.contains("over wss"), "{log}");
+}
