@@ -37,4 +37,4 @@ pub use client::{
     SyncOutcome, SyncReport, TokenProvider, boot_clock, parse_pem_certificates,
 };
 pub use keepwire_core::{AppState, BackgroundPolicy, ConnectionError, Network, State, StopReason};
-pub use transport::{BoxFuture, Resolver, SystemResolver};
+pub use transport::{BoxFuture, Resolver, SystemResolver, conformance_echo};

@@ -159,10 +159,7 @@ async fn open(
     } else {
         Connector::Plain
     };
-    let config = WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(Some(16 * 1024 * 1024));
+    let config = ws_config();
     let (ws, resp) =
         tokio_tungstenite::client_async_tls_with_config(req, tcp, Some(config), Some(connector))
             .await
@@ -182,6 +179,34 @@ async fn open(
         return Err(FailureKind::HttpStatus(resp.status().as_u16()));
     }
     Ok(ws)
+}
+
+/// The WebSocket settings of every client connection.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(16 * 1024 * 1024))
+}
+
+/// WebSocket conformance (Autobahn|Testsuite `fuzzingserver`): opens `url`
+/// with the client's WebSocket stack and settings, without the keepwire
+/// subprotocol, and echoes every message until the peer closes. Not part of
+/// the protocol; used by `scripts/autobahn.sh`.
+#[doc(hidden)]
+pub async fn conformance_echo(url: &str) -> Result<(), tungstenite::Error> {
+    let (ws, _) =
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true).await?;
+    let (mut sink, mut stream) = ws.split();
+    while let Some(msg) = stream.next().await {
+        match msg? {
+            m @ (Message::Text(_) | Message::Binary(_)) => sink.send(m).await?,
+            // tungstenite answers pings and closes itself; keep polling so
+            // the close reply goes out.
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Runs one transport: opens it, then pumps frames both ways until either

@@ -59,6 +59,9 @@ pub struct Config {
     /// empty: any. Requests without an `Origin` header (native apps) are
     /// always allowed: keepwire tokens travel in the hello, never in cookies.
     pub allowed_origins: Vec<String>,
+    /// Serve a WebSocket echo at `/conformance/echo` on the same stack, for
+    /// the Autobahn|Testsuite (off in production).
+    pub conformance_echo: bool,
 }
 
 /// PEM files for TLS.
@@ -96,6 +99,7 @@ impl Default for Config {
             tls: None,
             request_head_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
+            conformance_echo: false,
         }
     }
 }

@@ -94,8 +94,13 @@ impl RelayServer {
             .route("/", get(ws_handler))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/metrics", get(metrics_handler))
-            .merge(api::routes(shared.config.api_max_body_bytes))
-            .with_state(shared.clone());
+            .merge(api::routes(shared.config.api_max_body_bytes));
+        let app = if shared.config.conformance_echo {
+            app.route("/conformance/echo", get(echo_handler))
+        } else {
+            app
+        }
+        .with_state(shared.clone());
         let tls = shared
             .config
             .tls
@@ -249,6 +254,21 @@ fn origin_allowed(allowed: &[String], origin: &[u8]) -> bool {
                     .as_bytes()
                     .eq_ignore_ascii_case(origin)
         })
+}
+
+/// A plain WebSocket echo on the relay's stack, for conformance testing.
+async fn echo_handler(ws: WebSocketUpgrade) -> Response {
+    use axum::extract::ws::Message;
+    ws.on_upgrade(|mut socket| async move {
+        // Keep polling after a close: the close reply goes out on the next poll.
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Text(_) | Message::Binary(_))
+                && socket.send(msg).await.is_err()
+            {
+                break;
+            }
+        }
+    })
 }
 
 async fn revocation_poller(shared: Arc<Shared>) {

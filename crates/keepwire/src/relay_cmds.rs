@@ -120,6 +120,9 @@ pub(crate) struct ServeArgs {
     /// Time a connection has for its TLS handshake and HTTP request head.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     request_head_timeout: Option<Duration>,
+    /// Serve a WebSocket echo at /conformance/echo (Autobahn testing only).
+    #[arg(long, hide = true)]
+    conformance_echo: bool,
 }
 
 #[derive(Args)]
@@ -300,6 +303,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     config.allowed_origins = args.allowed_origins.clone();
+    config.conformance_echo = args.conformance_echo;
     if let Some(v) = args.request_head_timeout {
         config.request_head_timeout = v.max(Duration::from_millis(100));
     }
