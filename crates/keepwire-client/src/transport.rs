@@ -199,11 +199,10 @@ pub async fn conformance_echo(url: &str) -> Result<(), tungstenite::Error> {
         tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true).await?;
     let (mut sink, mut stream) = ws.split();
     while let Some(msg) = stream.next().await {
-        match msg? {
-            m @ (Message::Text(_) | Message::Binary(_)) => sink.send(m).await?,
-            // tungstenite answers pings and closes itself; keep polling so
-            // the close reply goes out.
-            _ => {}
+        // tungstenite answers pings and closes itself; keep polling so the
+        // close reply goes out.
+        if let m @ (Message::Text(_) | Message::Binary(_)) = msg? {
+            sink.send(m).await?;
         }
     }
     Ok(())
