@@ -239,6 +239,7 @@ fn open_store(path: &std::path::Path, opts: SqliteOptions) -> anyhow::Result<Arc
 
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging("info");
+    raise_open_file_limit();
     let mut config = Config {
         listen: args.listen,
         ..Config::default()
@@ -511,4 +512,16 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
 fn fmt_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A relay holds one file per connection: raise the soft limit on open files
+/// to the hard limit (the kernel's default soft limit is often 1024).
+pub(crate) fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(target: "keepwire::server", error = %e, soft, hard, "cannot raise the open-file limit");
+    }
 }

@@ -1,0 +1,611 @@
+//! `keepwire-bench`: a load generator for keepwire and its peers.
+//!
+//! Each scenario starts the server under test as its own process (pinned to
+//! a core with `taskset` when `--server-core` is given), drives it from this
+//! process (pin it with `taskset -c 1 keepwire-bench ...`), and prints one
+//! JSON line of figures, including the generator's own CPU so a run where
+//! the generator saturated its core can be discarded.
+//!
+//! Targets: `keepwire` (durable: every message committed and fsynced before
+//! it is confirmed or delivered), `node-ws` and `python-ws` (broadcast
+//! servers in `bench/peers/`, nothing stored).
+
+mod proc_stats;
+mod servers;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::{SinkExt as _, StreamExt as _};
+use keepwire_proto::{ClientFrame, Hello, SUBPROTOCOL, Send, encode};
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use crate::servers::{Server, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "keepwire-bench",
+    about = "Load generator for keepwire and its peers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Server under test.
+    #[arg(long, value_enum, default_value = "keepwire")]
+    target: TargetArg,
+    /// The keepwire binary (default: next to this one).
+    #[arg(long)]
+    keepwire: Option<std::path::PathBuf>,
+    /// Pin the server to this core (`taskset -c`).
+    #[arg(long)]
+    server_core: Option<u32>,
+    /// Where to put databases and logs (default: a temp dir).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum TargetArg {
+    Keepwire,
+    NodeWs,
+    PythonWs,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Open N connections (authenticated for keepwire), hold them, report
+    /// the server's resident memory per connection and its idle CPU.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        /// Connections.
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// How long to hold them (idle CPU is measured over this).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        hold: Duration,
+        /// Source addresses to spread connections over (127.0.0.x).
+        #[arg(long, default_value_t = 1)]
+        sources: u8,
+    },
+    /// S senders to two-member conversations, each keeping W sends
+    /// outstanding: confirmed durable sends per second (keepwire only).
+    Ingest {
+        #[command(flatten)]
+        common: Common,
+        /// Senders.
+        #[arg(long, default_value_t = 50)]
+        senders: usize,
+        /// Unconfirmed sends per sender.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+        /// Measurement time (after 1 s of warm-up).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+    },
+    /// G groups of M connected members and one publisher each: deliveries
+    /// per second and send-to-receipt latency.
+    Fanout {
+        #[command(flatten)]
+        common: Common,
+        /// Groups.
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
+        /// Subscribers per group.
+        #[arg(long, default_value_t = 100)]
+        members: usize,
+        /// Messages per second per publisher (0: as fast as the server takes them).
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Measurement time (after 1 s of warm-up).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        duration: Duration,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    raise_open_file_limit();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(async {
+        match cli.scenario {
+            Scenario::Idle {
+                common,
+                conns,
+                hold,
+                sources,
+            } => idle(&common, conns, hold, sources).await,
+            Scenario::Ingest {
+                common,
+                senders,
+                window,
+                duration,
+            } => ingest(&common, senders, window, duration).await,
+            Scenario::Fanout {
+                common,
+                groups,
+                members,
+                rate,
+                payload,
+                duration,
+            } => fanout(&common, groups, members, rate, payload, duration).await,
+        }
+    })?;
+    println!("{out}");
+    Ok(())
+}
+
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Opens a WebSocket from `source` (a 127.0.0.x address) to `url`.
+async fn open_ws(url: &str, source: std::net::IpAddr, keepwire: bool) -> anyhow::Result<Ws> {
+    let mut req = url.into_client_request()?;
+    if keepwire {
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
+    let host = req.uri().host().context("host")?.to_owned();
+    let port = req.uri().port_u16().context("port")?;
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse()?;
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::new(source, 0))?;
+    let tcp = sock.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (ws, _) = tokio_tungstenite::client_async(req, tcp).await?;
+    Ok(ws)
+}
+
+/// Says hello and waits for the welcome.
+async fn hello(ws: &mut Ws, token: &str, device: &str) -> anyhow::Result<()> {
+    let h = ClientFrame::Hello(Hello {
+        token: token.into(),
+        device: device.into(),
+        cursor: None,
+        heartbeat_ms: Some(300_000),
+        history: Some(0),
+        agent: Some("keepwire-bench".into()),
+    });
+    ws.send(Message::Text(encode(&h).into())).await?;
+    while let Some(m) = ws.next().await {
+        if let Message::Text(t) = m? {
+            if t.starts_with("{\"type\":\"welcome\"") {
+                return Ok(());
+            }
+            if !t.contains("\"type\":\"entry\"") {
+                bail!("expected a welcome, got {t}");
+            }
+        }
+    }
+    bail!("closed before the welcome")
+}
+
+fn localhost(i: usize, sources: u8) -> std::net::IpAddr {
+    std::net::IpAddr::from([127, 0, 0, 1 + (i % usize::from(sources.max(1))) as u8])
+}
+
+async fn idle(c: &Common, conns: usize, hold: Duration, sources: u8) -> anyhow::Result<String> {
+    let target = Target::from(c.target);
+    let server = Server::start(c, target, servers::Roster::idle(conns)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = proc_stats::rss_kib(server.pid)?;
+    let started = Instant::now();
+    let mut held = Vec::with_capacity(conns);
+    let mut tasks = Vec::new();
+    // Open in batches so the accept queue is not the thing measured.
+    for chunk in (0..conns).collect::<Vec<_>>().chunks(200) {
+        for &i in chunk {
+            let url = server.url_for(0);
+            let token = server.roster.token(0).to_owned();
+            let keepwire = target == Target::Keepwire;
+            tasks.push(tokio::spawn(async move {
+                let mut ws = open_ws(&url, localhost(i, sources), keepwire).await?;
+                if keepwire {
+                    hello(&mut ws, &token, &format!("idle-{i}")).await?;
+                }
+                anyhow::Ok(ws)
+            }));
+        }
+        for t in tasks.drain(..) {
+            held.push(t.await??);
+        }
+    }
+    let opened_in = started.elapsed();
+    // Let allocators and buffers settle, then measure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu0 = proc_stats::cpu_ticks(server.pid)?;
+    let gen0 = proc_stats::self_cpu_ticks();
+    let t0 = Instant::now();
+    // Keep reading so pings and pongs are answered (none are due at 300 s).
+    let readers: Vec<_> = held
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} }))
+        .collect();
+    tokio::time::sleep(hold).await;
+    let cpu = proc_stats::cpu_share(server.pid, cpu0, t0.elapsed())?;
+    let generator_cpu = proc_stats::self_cpu_since(gen0, t0.elapsed());
+    let after = proc_stats::rss_kib(server.pid)?;
+    let per_conn = (after.saturating_sub(before)) as f64 * 1024.0 / conns as f64;
+    for r in readers {
+        r.abort();
+    }
+    server.stop().await;
+    Ok(serde_json::json!({
+        "scenario": "idle", "target": target.name(), "conns": conns,
+        "rss_before_kib": before, "rss_after_kib": after,
+        "bytes_per_conn": per_conn.round(), "server_idle_cpu": round2(cpu),
+        "open_secs": round2(opened_in.as_secs_f64()),
+        "generator_cpu": round2(generator_cpu),
+    })
+    .to_string())
+}
+
+async fn ingest(
+    c: &Common,
+    senders: usize,
+    window: usize,
+    duration: Duration,
+) -> anyhow::Result<String> {
+    let target = Target::from(c.target);
+    if target != Target::Keepwire {
+        bail!("ingest measures confirmed durable sends: keepwire only (the peers confirm nothing)");
+    }
+    let server = Server::start(c, target, servers::Roster::pairs(senders)).await?;
+    let confirmed = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let url = server.url_for(s);
+        let token = server.roster.token(s).to_owned();
+        let conv = server.roster.conv(s);
+        let (confirmed, measuring, stop) = (confirmed.clone(), measuring.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ws = open_ws(&url, localhost(s, 1), true).await?;
+            hello(&mut ws, &token, &format!("sender-{s}")).await?;
+            let (mut tx, mut rx) = ws.split();
+            let mut n = 0u64;
+            let mut outstanding = 0usize;
+            let body = "x".repeat(100);
+            loop {
+                while outstanding < window && !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let f = ClientFrame::Send(Send {
+                        cid: format!("{s:016x}{n:016x}"),
+                        conv,
+                        kind: "text".into(),
+                        body: body.clone(),
+                    });
+                    tx.feed(Message::Text(encode(&f).into())).await?;
+                    outstanding += 1;
+                }
+                tx.flush().await?;
+                if stop.load(Ordering::Relaxed) && outstanding == 0 {
+                    return anyhow::Ok(());
+                }
+                match rx.next().await {
+                    Some(Ok(Message::Text(t))) if t.starts_with("{\"type\":\"confirm\"") => {
+                        outstanding -= 1;
+                        if measuring.load(Ordering::Relaxed) {
+                            confirmed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Some(Ok(Message::Text(t))) if t.starts_with("{\"type\":\"rejected\"") => {
+                        bail!("send rejected: {t}")
+                    }
+                    Some(Ok(_)) => {}
+                    _ => bail!("connection lost"),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = proc_stats::cpu_ticks(server.pid)?;
+    let gen0 = proc_stats::self_cpu_ticks();
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed();
+    let server_cpu = proc_stats::cpu_share(server.pid, cpu0, elapsed)?;
+    let generator_cpu = proc_stats::self_cpu_since(gen0, elapsed);
+    stop.store(true, Ordering::Relaxed);
+    let n = confirmed.load(Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let commits = server.metric("keepwire_commits_total").await.unwrap_or(0);
+    server.stop().await;
+    Ok(serde_json::json!({
+        "scenario": "ingest", "target": target.name(), "senders": senders, "window": window,
+        "confirmed_per_sec": (n as f64 / elapsed.as_secs_f64()).round(),
+        "commits_total": commits, "server_cpu": round2(server_cpu),
+        "generator_cpu": round2(generator_cpu),
+    })
+    .to_string())
+}
+
+/// Latencies in microseconds, shared by the subscribers.
+#[derive(Default)]
+struct Receipts {
+    count: u64,
+    latencies_us: Vec<u32>,
+}
+
+async fn fanout(
+    c: &Common,
+    groups: usize,
+    members: usize,
+    rate: u32,
+    payload: usize,
+    duration: Duration,
+) -> anyhow::Result<String> {
+    let target = Target::from(c.target);
+    let keepwire = target == Target::Keepwire;
+    let server = Server::start(c, target, servers::Roster::groups(groups, members)).await?;
+    let base = Instant::now();
+    let receipts = Arc::new(Mutex::new(Receipts::default()));
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sources = ((groups * members) / 20_000 + 1) as u8;
+    // Subscribers.
+    let mut subs = Vec::new();
+    for g in 0..groups {
+        for m in 0..members {
+            let i = server.roster.subscriber(g, m);
+            let url = server.url_for_group(g);
+            let token = server.roster.token(i).to_owned();
+            subs.push(tokio::spawn(async move {
+                let mut ws = open_ws(&url, localhost(i, sources), keepwire).await?;
+                if keepwire {
+                    hello(&mut ws, &token, &format!("sub-{i}")).await?;
+                }
+                anyhow::Ok(ws)
+            }));
+        }
+    }
+    let mut readers = Vec::new();
+    let (stop_readers, readers_stopped) = tokio::sync::watch::channel(false);
+    for s in subs {
+        let mut ws = s.await??;
+        let (receipts, measuring) = (receipts.clone(), measuring.clone());
+        let mut stopped = readers_stopped.clone();
+        readers.push(tokio::spawn(async move {
+            let mut since_ack = 0u32;
+            let mut local = Vec::with_capacity(1024);
+            let mut count = 0u64;
+            loop {
+                let msg = tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    m = ws.next() => match m {
+                        Some(Ok(m)) => m,
+                        _ => break,
+                    },
+                };
+                let Message::Text(t) = msg else { continue };
+                let t = t.as_str();
+                let sent_us = if keepwire {
+                    if !t.starts_with("{\"type\":\"entry\"") {
+                        continue;
+                    }
+                    since_ack += 1;
+                    if since_ack >= 64 {
+                        since_ack = 0;
+                        if let Some(seq) = field_u64(t, "\"seq\":") {
+                            let ack = encode(&ClientFrame::Ack { seq });
+                            if ws.send(Message::Text(ack.into())).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    field_str(t, "\"body\":\"").and_then(|b| b.get(..20)?.parse::<u64>().ok())
+                } else {
+                    t.split('|').nth(1).and_then(|s| s.parse::<u64>().ok())
+                };
+                if !measuring.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if let Some(sent) = sent_us {
+                    let now = base.elapsed().as_micros() as u64;
+                    local.push(now.saturating_sub(sent).min(u64::from(u32::MAX)) as u32);
+                    count += 1;
+                    if local.len() == 1024 {
+                        let mut r = receipts.lock().await;
+                        r.count += count;
+                        r.latencies_us.append(&mut local);
+                        count = 0;
+                    }
+                }
+            }
+            let mut r = receipts.lock().await;
+            r.count += count;
+            r.latencies_us.append(&mut local);
+        }));
+    }
+    // Publishers: one per group.
+    let mut pubs = Vec::new();
+    for g in 0..groups {
+        let url = server.url_for_group(g);
+        let i = server.roster.publisher(g);
+        let token = server.roster.token(i).to_owned();
+        let conv = server.roster.conv(g);
+        let stop = stop.clone();
+        pubs.push(tokio::spawn(async move {
+            let mut ws = open_ws(&url, localhost(i, 1), keepwire).await?;
+            if keepwire {
+                hello(&mut ws, &token, &format!("pub-{g}")).await?;
+            }
+            let (mut tx, mut rx) = ws.split();
+            // keepwire: at most WINDOW sends unconfirmed (the relay's
+            // max_unconfirmed is larger); confirmations return permits.
+            const WINDOW: usize = 128;
+            let permits = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+            let p = permits.clone();
+            let drain = tokio::spawn(async move {
+                while let Some(Ok(m)) = rx.next().await {
+                    if let Message::Text(t) = m
+                        && t.starts_with("{\"type\":\"confirm\"")
+                    {
+                        p.add_permits(1);
+                    }
+                }
+            });
+            let mut tick = (rate > 0).then(|| {
+                let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                i
+            });
+            let mut n = 0u64;
+            let mut skipped = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(t) = &mut tick {
+                    t.tick().await;
+                }
+                if keepwire {
+                    let permit = if tick.is_some() {
+                        // Open loop: a send the window cannot take is skipped (overload).
+                        match permits.try_acquire() {
+                            Ok(p) => p,
+                            Err(_) => {
+                                skipped += 1;
+                                continue;
+                            }
+                        }
+                    } else {
+                        match tokio::time::timeout(Duration::from_millis(100), permits.acquire())
+                            .await
+                        {
+                            Ok(Ok(p)) => p,
+                            _ => continue,
+                        }
+                    };
+                    permit.forget();
+                }
+                n += 1;
+                let now = base.elapsed().as_micros() as u64;
+                let text = if keepwire {
+                    let mut body = format!("{now:020}");
+                    body.push_str(&"x".repeat(payload.saturating_sub(20)));
+                    encode(&ClientFrame::Send(Send {
+                        cid: format!("{g:016x}{n:016x}"),
+                        conv,
+                        kind: "text".into(),
+                        body,
+                    }))
+                } else {
+                    let mut t = format!("{g}|{now}|");
+                    t.push_str(&"x".repeat(payload.saturating_sub(t.len())));
+                    t
+                };
+                if tx.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+            }
+            drain.abort();
+            anyhow::Ok((n, skipped))
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = proc_stats::cpu_ticks(server.pid)?;
+    let gen0 = proc_stats::self_cpu_ticks();
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed();
+    let server_cpu = proc_stats::cpu_share(server.pid, cpu0, elapsed)?;
+    let generator_cpu = proc_stats::self_cpu_since(gen0, elapsed);
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = 0;
+    let mut skipped = 0;
+    for p in pubs {
+        let (n, s) = p.await??;
+        sent += n;
+        skipped += s;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = stop_readers.send(true);
+    for r in readers {
+        let _ = r.await;
+    }
+    server.stop().await;
+    let mut r = receipts.lock().await;
+    r.latencies_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if r.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((r.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(r.latencies_us[i]) / 1000.0
+    };
+    let samples = r.latencies_us.len();
+    Ok(serde_json::json!({
+        "scenario": "fanout", "target": target.name(), "groups": groups, "members": members,
+        "rate_per_publisher": rate, "payload": payload,
+        "deliveries_per_sec": (samples as f64 / elapsed.as_secs_f64()).round(),
+        "p50_ms": round2(pct(0.5)), "p99_ms": round2(pct(0.99)), "max_ms": round2(pct(1.0)),
+        "sent": sent, "skipped_over_window": skipped,
+        "server_cpu": round2(server_cpu), "generator_cpu": round2(generator_cpu),
+        "durable": keepwire,
+    })
+    .to_string())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The number after `key` in a JSON text (no full parse on the hot path).
+fn field_u64(t: &str, key: &str) -> Option<u64> {
+    let rest = &t[t.find(key)? + key.len()..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// The string after `key` (up to the next quote).
+fn field_str<'a>(t: &'a str, key: &str) -> Option<&'a str> {
+    let rest = &t[t.find(key)? + key.len()..];
+    Some(&rest[..rest.find('"')?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_read_from_entry_frames() {
+        let t = r#"{"type":"entry","seq":42,"item":{"kind":"message","id":1,"conv":2,"conv_seq":3,"body":"00000000000000001234xxxx"}}"#;
+        assert_eq!(field_u64(t, "\"seq\":"), Some(42));
+        assert_eq!(
+            field_str(t, "\"body\":\"").and_then(|b| b[..20].parse::<u64>().ok()),
+            Some(1234)
+        );
+    }
+}

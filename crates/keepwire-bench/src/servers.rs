@@ -1,0 +1,305 @@
+//! The servers under test: keepwire (a `keepwire serve` process on a
+//! database prepared with users, tokens and conversations) and the peers in
+//! `bench/peers/`, each started as its own process, optionally pinned.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use keepwire_proto::{ConvCreate, ConvKind};
+use keepwire_server::store::Actor;
+use keepwire_server::{SqliteOptions, SqliteStore, Store as _};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{Common, TargetArg};
+
+/// A server under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Keepwire,
+    NodeWs,
+    PythonWs,
+}
+
+impl From<TargetArg> for Target {
+    fn from(t: TargetArg) -> Self {
+        match t {
+            TargetArg::Keepwire => Target::Keepwire,
+            TargetArg::NodeWs => Target::NodeWs,
+            TargetArg::PythonWs => Target::PythonWs,
+        }
+    }
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Keepwire => "keepwire",
+            Target::NodeWs => "node-ws",
+            Target::PythonWs => "python-ws",
+        }
+    }
+}
+
+/// Who connects: users (with tokens, for keepwire) and conversations.
+pub struct Roster {
+    /// (user name, token) by index.
+    users: Vec<(String, String)>,
+    /// Conversations to create: members by user index (the first creates it).
+    conv_members: Vec<Vec<usize>>,
+    convs: Vec<u64>,
+    members: usize,
+}
+
+impl Roster {
+    /// One user whose devices all connect.
+    pub fn idle(_conns: usize) -> Roster {
+        Roster::new(vec!["idle".into()], vec![], 0)
+    }
+
+    /// Senders `s{i}`, each in a direct conversation with `r{i}`.
+    pub fn pairs(n: usize) -> Roster {
+        let mut users = Vec::new();
+        let mut convs = Vec::new();
+        for i in 0..n {
+            users.push(format!("s{i}"));
+            users.push(format!("r{i}"));
+            convs.push(vec![2 * i, 2 * i + 1]);
+        }
+        Roster::new(users, convs, 0)
+    }
+
+    /// Groups of one publisher and `members` subscribers.
+    pub fn groups(groups: usize, members: usize) -> Roster {
+        let mut users = Vec::new();
+        let mut convs = Vec::new();
+        for g in 0..groups {
+            let first = users.len();
+            users.push(format!("g{g}p"));
+            for m in 0..members {
+                users.push(format!("g{g}s{m}"));
+            }
+            convs.push((first..users.len()).collect());
+        }
+        Roster::new(users, convs, members)
+    }
+
+    fn new(names: Vec<String>, conv_members: Vec<Vec<usize>>, members: usize) -> Roster {
+        Roster {
+            users: names.into_iter().map(|n| (n, String::new())).collect(),
+            conv_members,
+            convs: Vec::new(),
+            members,
+        }
+    }
+
+    /// The token of user `i` (or of sender `i` in a pairs roster).
+    pub fn token(&self, i: usize) -> &str {
+        let i = if self.members == 0 && self.users.len() > 1 {
+            2 * i
+        } else {
+            i
+        };
+        &self.users[i].1
+    }
+
+    /// The conversation of pair or group `i` (0 for the peers).
+    pub fn conv(&self, i: usize) -> u64 {
+        self.convs.get(i).copied().unwrap_or(0)
+    }
+
+    /// User index of group `g`'s publisher.
+    pub fn publisher(&self, g: usize) -> usize {
+        g * (self.members + 1)
+    }
+
+    /// User index of subscriber `m` of group `g`.
+    pub fn subscriber(&self, g: usize, m: usize) -> usize {
+        g * (self.members + 1) + 1 + m
+    }
+}
+
+/// A running server under test; killed on drop.
+pub struct Server {
+    pub pid: u32,
+    pub roster: Roster,
+    url: String,
+    target: Target,
+    child: Child,
+    dir: PathBuf,
+    temp: bool,
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+impl Server {
+    pub async fn start(c: &Common, target: Target, mut roster: Roster) -> anyhow::Result<Server> {
+        let (dir, temp) = match &c.dir {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!("keepwire-bench-{}", std::process::id())),
+                true,
+            ),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = match c.server_core {
+            Some(core) => {
+                let mut cmd = Command::new("taskset");
+                cmd.arg("-c").arg(core.to_string());
+                cmd
+            }
+            None => Command::new("env"),
+        };
+        match target {
+            Target::Keepwire => {
+                let db = dir.join("relay.db");
+                prepare(&db, &mut roster).await?;
+                let exe = match &c.keepwire {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe()?.with_file_name("keepwire"),
+                };
+                cmd.arg(exe)
+                    .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+                    .arg(&db)
+                    .args(["--sends-per-sec", "1000000", "--send-burst", "1000000"])
+                    .args(["--user-sends-per-sec", "1000000"])
+                    .args(["--max-connections-per-user", "1000000"])
+                    .args(["--max-group-size", "100000"])
+                    .env("KEEPWIRE_LOG", "warn");
+            }
+            Target::NodeWs => {
+                cmd.args(["node", "ws-server.js", "0"])
+                    .current_dir(repo().join("bench/peers"));
+            }
+            Target::PythonWs => {
+                let py = repo().join("target/bench-venv/bin/python");
+                if !py.exists() {
+                    bail!("python-ws needs bench/setup.sh (a venv with websockets)");
+                }
+                cmd.arg(py)
+                    .arg(repo().join("bench/peers/py-server.py"))
+                    .arg("0");
+            }
+        }
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", target.name()))?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let url = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("the server did not start in 30 s")??
+            .with_context(|| {
+                format!(
+                    "{} exited; see {}",
+                    target.name(),
+                    dir.join("server.log").display()
+                )
+            })?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let pid = child.id().context("pid")?;
+        // Behind taskset (which execs) and env (which execs) the pid is the server's.
+        Ok(Server {
+            pid,
+            roster,
+            url: url.trim().to_owned(),
+            target,
+            child,
+            dir,
+            temp,
+        })
+    }
+
+    /// The URL a connection of user `i` opens.
+    pub fn url_for(&self, _i: usize) -> String {
+        self.url.clone()
+    }
+
+    /// The URL a member of group `g` opens (peers: the room in the query).
+    pub fn url_for_group(&self, g: usize) -> String {
+        match self.target {
+            Target::Keepwire => self.url.clone(),
+            _ => format!("{}/?room={g}", self.url),
+        }
+    }
+
+    /// A counter from keepwire's /metrics.
+    pub async fn metric(&self, name: &str) -> Option<u64> {
+        let host = self.url.trim_start_matches("ws://");
+        let mut s = tokio::net::TcpStream::connect(host).await.ok()?;
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL after 10 s).
+    pub async fn stop(mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+        if self.temp {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Users, tokens and conversations, straight into a new relay database.
+async fn prepare(db: &std::path::Path, roster: &mut Roster) -> anyhow::Result<()> {
+    let store = SqliteStore::open(db, SqliteOptions::default())?;
+    let mut ids = Vec::with_capacity(roster.users.len());
+    for (name, token) in roster.users.iter_mut() {
+        ids.push(store.create_user(name).await?);
+        *token = store
+            .issue_token(name, Duration::from_secs(86400))
+            .await?
+            .token;
+    }
+    for (k, members) in roster.conv_members.iter().enumerate() {
+        let (first, rest) = members.split_first().context("empty conversation")?;
+        let (info, _) = store
+            .conv_create(
+                Actor::User(ids[*first]),
+                ConvCreate {
+                    rid: format!("r{k}"),
+                    key: format!("k{k}"),
+                    kind: if rest.len() == 1 {
+                        ConvKind::Direct
+                    } else {
+                        ConvKind::Group
+                    },
+                    members: rest.iter().map(|i| roster.users[*i].0.clone()).collect(),
+                    name: None,
+                },
+                100_000,
+            )
+            .await?;
+        roster.convs.push(info.id);
+    }
+    store.close().await;
+    Ok(())
+}
