@@ -300,12 +300,17 @@ async fn session(
         if read.is_none() && want_read && credit > 0 {
             reg.head.borrow_and_update();
             let limit = credit.min(READ_BATCH);
-            let store = store.clone();
             let uid = user.id;
-            read = Some((
-                limit,
-                Box::pin(async move { store.read_inbox(uid, next, limit as usize).await }),
-            ));
+            // Live entries come from the hub's tail; a backlog from the store.
+            let fut: BoxFut<Result<Vec<InboxEntry>, StoreError>> =
+                match shared.hub.recent(uid, next, limit as usize) {
+                    Some(entries) => Box::pin(std::future::ready(Ok(entries))),
+                    None => {
+                        let store = store.clone();
+                        Box::pin(async move { store.read_inbox(uid, next, limit as usize).await })
+                    }
+                };
+            read = Some((limit, fut));
         }
         tokio::select! {
             biased;

@@ -2,21 +2,29 @@
 //! revoke and shut down connections.
 //!
 //! Fanout only *signals* that a user's inbox head advanced; each connection
-//! then reads the entries from the store in sequence order. So a device can
-//! never get entry N+1 before N, whether entries come from a backlog replay or
-//! live.
+//! then reads the entries in sequence order, from the user's recent tail kept
+//! here (the last [`TAIL`] committed message entries of users with a live
+//! connection) or, when the tail does not reach back far enough or has a
+//! hole, from the store. So a device can never get entry N+1 before N,
+//! whether entries come from a backlog replay or live.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use keepwire_proto::{CloseCode, Seq, ServerFrame};
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use keepwire_proto::{CloseCode, EntryItem, InboxEntry, Seq, ServerFrame};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::ratelimit::TokenBucket;
-use crate::store::{HeadListener, UserId};
+use crate::store::{HeadAdvance, HeadListener, UserId};
+
+/// Committed entries kept per user with a live connection.
+pub const TAIL: usize = 256;
 
 /// Something the hub asks a connection to do.
 #[derive(Debug)]
@@ -38,6 +46,8 @@ struct UserSlot {
     head: watch::Sender<Seq>,
     conns: Vec<ConnEntry>,
     sends: TokenBucket,
+    /// Recent committed entries, contiguous in sequence.
+    tail: VecDeque<(Seq, Arc<EntryItem>)>,
 }
 
 /// Why a connection could not be registered.
@@ -100,6 +110,7 @@ impl Hub {
             head: watch::Sender::new(0),
             conns: Vec::new(),
             sends: TokenBucket::new(rate, burst, Instant::now()),
+            tail: VecDeque::new(),
         });
         let others = slot.conns.iter().filter(|c| c.device != device).count();
         if others >= max_per_user {
@@ -188,11 +199,53 @@ impl Hub {
     }
 }
 
-impl HeadListener for Hub {
-    fn heads_advanced(&self, heads: &[(UserId, Seq)]) {
+impl Hub {
+    /// Up to `limit` entries of `user`'s inbox from `from`, if the recent
+    /// tail holds `from` (`None`: read the store). Empty when `from` is past
+    /// everything committed so far.
+    pub fn recent(&self, user: UserId, from: Seq, limit: usize) -> Option<Vec<InboxEntry>> {
         let users = self.lock();
-        for &(user, seq) in heads {
-            if let Some(slot) = users.get(&user) {
+        let slot = users.get(&user)?;
+        let (first, _) = slot.tail.front()?;
+        let head = *slot.head.borrow();
+        if from < *first || head != slot.tail.back()?.0 {
+            return None;
+        }
+        Some(
+            slot.tail
+                .iter()
+                .skip((from - first) as usize)
+                .take(limit)
+                .map(|(seq, item)| InboxEntry {
+                    seq: *seq,
+                    item: (**item).clone(),
+                })
+                .collect(),
+        )
+    }
+}
+
+impl HeadListener for Hub {
+    fn heads_advanced(&self, heads: &[HeadAdvance]) {
+        let mut users = self.lock();
+        for a in heads {
+            let (user, seq) = (a.user, a.seq);
+            if let Some(slot) = users.get_mut(&user) {
+                // Keep the tail contiguous: a hole (an entry without its
+                // item, or a gap) empties it, and readers use the store.
+                match &a.item {
+                    Some(item) if slot.tail.back().is_none_or(|(s, _)| s + 1 == seq) => {
+                        if slot.tail.len() == TAIL {
+                            slot.tail.pop_front();
+                        }
+                        slot.tail.push_back((seq, item.clone()));
+                    }
+                    Some(item) => {
+                        slot.tail.clear();
+                        slot.tail.push_back((seq, item.clone()));
+                    }
+                    None => slot.tail.clear(),
+                }
                 slot.head.send_if_modified(|h| {
                     if seq > *h {
                         *h = seq;

@@ -235,8 +235,22 @@ pub struct TrimReport {
 
 /// Told when users' inbox heads advance (after the commit).
 pub trait HeadListener: Send + Sync {
-    /// `heads` holds (user, new head) pairs; a user may appear more than once.
-    fn heads_advanced(&self, heads: &[(UserId, Seq)]);
+    /// `heads` holds each entry committed, in commit order (a user may appear
+    /// more than once), with its item when the store had it at hand.
+    fn heads_advanced(&self, heads: &[HeadAdvance]);
+}
+
+/// One inbox entry committed: the user's new head, and the entry itself when
+/// the store built it (messages), so live connections can deliver it without
+/// reading it back.
+#[derive(Debug, Clone)]
+pub struct HeadAdvance {
+    /// Whose inbox.
+    pub user: UserId,
+    /// The entry's sequence number (the user's new head).
+    pub seq: Seq,
+    /// The entry's item, shared by every member it went to.
+    pub item: Option<Arc<keepwire_proto::EntryItem>>,
 }
 
 /// The relay's storage.

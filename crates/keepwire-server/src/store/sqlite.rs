@@ -24,9 +24,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Actor, ApiKeyInfo, AuthFailure, AuthedUser, DeviceInfo, DevicePosition, HeadListener,
-    IssuedToken, Positions, ResumePlan, Retention, Revocation, RevokeTarget, SYSTEM_USER, Store,
-    StoreError, TokenInfo, TrimReport, UserId,
+    Actor, ApiKeyInfo, AuthFailure, AuthedUser, DeviceInfo, DevicePosition, HeadAdvance,
+    HeadListener, IssuedToken, Positions, ResumePlan, Retention, Revocation, RevokeTarget,
+    SYSTEM_USER, Store, StoreError, TokenInfo, TrimReport, UserId,
 };
 use crate::metrics::Metrics;
 
@@ -58,7 +58,7 @@ pub struct SqliteOptions {
     pub metrics: Option<Arc<Metrics>>,
 }
 
-type Heads = Vec<(UserId, Seq)>;
+type Heads = Vec<HeadAdvance>;
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// A job runs inside the group transaction (or gets `None` when the
 /// transaction could not be started) and returns what to do after the commit.
@@ -593,6 +593,7 @@ fn append_inbox(
     ts: i64,
     max_entries: Option<u64>,
     heads: &mut Heads,
+    item: Option<&Arc<EntryItem>>,
 ) -> Result<Seq, StoreError> {
     let (head, floor): (i64, i64) = conn
         .prepare_cached(
@@ -614,7 +615,11 @@ fn append_inbox(
                 .execute(params![user, new_floor])?;
         }
     }
-    heads.push((user, head as Seq));
+    heads.push(HeadAdvance {
+        user,
+        seq: head as Seq,
+        item: item.cloned(),
+    });
     Ok(head as Seq)
 }
 
@@ -628,7 +633,16 @@ fn membership_entries(
     let json = serde_json::to_string(event)
         .map_err(|e| StoreError::Commit(format!("encoding a membership event: {e}")))?;
     for &r in recipients {
-        append_inbox(conn, r, None, Some(&json), event.ts, max_entries, heads)?;
+        append_inbox(
+            conn,
+            r,
+            None,
+            Some(&json),
+            event.ts,
+            max_entries,
+            heads,
+            None,
+        )?;
     }
     Ok(())
 }
@@ -912,9 +926,32 @@ impl Store for SqliteStore {
                 ts
             ])?;
             let id = c.last_insert_rowid();
+            let sender: String = c
+                .prepare_cached("SELECT name FROM users WHERE id = ?1")?
+                .query_row([user], |r| r.get(0))?;
+            // The entry every member's live connections deliver from memory.
+            let item = Arc::new(EntryItem::Message(Message {
+                id: id as u64,
+                conv: send.conv,
+                conv_seq: conv_seq as u64,
+                from: sender,
+                cid: send.cid.clone(),
+                kind: send.kind.clone(),
+                body: send.body.clone(),
+                ts,
+            }));
             let mut echo_seq = None;
             for member in member_ids(c, send.conv)? {
-                let seq = append_inbox(c, member, Some(id), None, ts, max_entries, heads)?;
+                let seq = append_inbox(
+                    c,
+                    member,
+                    Some(id),
+                    None,
+                    ts,
+                    max_entries,
+                    heads,
+                    Some(&item),
+                )?;
                 if member == user {
                     echo_seq = Some(seq);
                 }
@@ -1232,7 +1269,7 @@ impl Store for SqliteStore {
             });
             let json = serde_json::to_string(&mark)
                 .map_err(|e| StoreError::Commit(format!("encoding a read marker: {e}")))?;
-            append_inbox(c, user, None, Some(&json), ts, max_entries, heads)?;
+            append_inbox(c, user, None, Some(&json), ts, max_entries, heads, None)?;
             Ok(true)
         })
         .await
