@@ -1018,7 +1018,12 @@ impl Connection {
                     return;
                 }
                 let from = w.resume.from;
-                let heartbeat = Duration::from_millis(w.heartbeat_ms.max(1));
+                if from == 0 || from > keepwire_proto::MAX_INT || w.head > keepwire_proto::MAX_INT {
+                    self.protocol_error("welcome with sequence numbers out of range".into(), now);
+                    return;
+                }
+                // A relay's heartbeat is at most 30 minutes; never trust more than a day.
+                let heartbeat = Duration::from_millis(w.heartbeat_ms.clamp(1, 86_400_000));
                 t.session = Some(Session {
                     epoch: w.epoch.clone(),
                     since: now,
@@ -1055,7 +1060,7 @@ impl Connection {
                     self.protocol_error(msg, now);
                     return;
                 }
-                s.expected += 1;
+                s.expected = s.expected.saturating_add(1);
                 self.entries.push(e);
             }
             ServerFrame::Confirm(c) => {

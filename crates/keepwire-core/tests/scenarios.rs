@@ -553,3 +553,39 @@ fn the_background_heartbeat_is_learnt_per_network_and_settles_below_a_failure() 
     h.c.handle_network(Network::Online("wifi:home".into()), now);
     assert_eq!(h.c.background_heartbeat(), Duration::from_secs(200));
 }
+
+/// Found by the `client_core` fuzz target: a welcome starting at u64::MAX and
+/// an entry there overflowed the expected sequence; an absurd heartbeat
+/// overflowed the clock.
+#[test]
+fn a_welcome_out_of_range_is_a_protocol_error_not_a_panic() {
+    for (from, heartbeat_ms) in [(u64::MAX, 30_000), (0, 30_000), (1, u64::MAX)] {
+        let mut h = Harness::new();
+        h.c.start(t(0));
+        h.drain();
+        h.transport(TransportEvent::Opened, t(1));
+        let ServerFrame::Welcome(mut w) = welcome(0) else {
+            unreachable!()
+        };
+        w.resume.from = from;
+        w.heartbeat_ms = heartbeat_ms;
+        h.frame(ServerFrame::Welcome(w), t(2));
+        if h.open.is_some() {
+            h.frame(
+                ServerFrame::Entry(keepwire_proto::InboxEntry {
+                    seq: from,
+                    item: keepwire_proto::EntryItem::Read(keepwire_proto::ReadMark {
+                        conv: 1,
+                        up_to: 1,
+                        ts: 0,
+                    }),
+                }),
+                t(3),
+            );
+            h.timeout(t(4_000_000));
+        }
+        if from == 0 || from == u64::MAX {
+            assert_ne!(h.c.state(), State::Connected, "from {from}");
+        }
+    }
+}

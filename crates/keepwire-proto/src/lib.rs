@@ -30,3 +30,7 @@ pub use validate::{
 
 /// The WebSocket subprotocol a v1 client must offer (`Sec-WebSocket-Protocol`).
 pub const SUBPROTOCOL: &str = "keepwire.v1";
+
+/// The largest integer the protocol carries (2^53 - 1: exact in every JSON
+/// implementation). Larger sequence numbers from a peer are a violation.
+pub const MAX_INT: u64 = (1 << 53) - 1;
