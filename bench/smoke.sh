@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# CI smoke run of the benchmark harness: every scenario, tiny, against every
+# target, so the harness keeps working. No figure is judged here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RUSTUP_TOOLCHAIN=stable
+bash bench/setup.sh
+cargo build --quiet -p keepwire -p keepwire-bench
+bench=target/debug/keepwire-bench
+run() {
+    echo "  keepwire-bench $*"
+    line=$("$bench" "$@")
+    python3 -c 'import json,sys; d=json.loads(sys.argv[1]); assert "scenario" in d, d; print("    ", d)' "$line"
+}
+for t in keepwire node-ws python-ws; do
+    run idle --target "$t" --conns 50 --hold 200ms
+    run fanout --target "$t" --groups 2 --members 5 --rate 20 --duration 500ms
+done
+run ingest --target keepwire --senders 2 --duration 500ms
+echo "bench smoke: ok"

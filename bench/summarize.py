@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Summarises bench/results/results.jsonl: medians and spreads per scenario
+and target, ratios keepwire / peer, and SVG bar charts (latency at equal
+load, memory per idle connection). Prints Markdown for BENCHMARKS.md."""
+import collections
+import json
+import os
+import statistics
+import sys
+
+path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/results.jsonl"
+outdir = os.path.dirname(path)
+rows = [json.loads(l) for l in open(path) if l.strip()]
+by = collections.defaultdict(list)
+errors = collections.defaultdict(list)
+for r in rows:
+    (errors if "error" in r else by)[r["label"]].append(r)
+
+
+def med(label, key):
+    vals = [r[key] for r in by.get(label, []) if r.get(key) is not None]
+    if not vals:
+        return None, None, None
+    return statistics.median(vals), min(vals), max(vals)
+
+
+def fmt(m, lo, hi, unit=""):
+    if m is None:
+        return "n/a"
+    if abs(m) >= 100:
+        return f"{m:,.0f}{unit} ({lo:,.0f}–{hi:,.0f})"
+    return f"{m:.2f}{unit} ({lo:.2f}–{hi:.2f})"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b not in (None, 0) else "n/a"
+
+
+targets = ["keepwire", "node-ws", "python-ws"]
+runs = max((len(v) for v in by.values()), default=0)
+print(f"Runs per cell: {runs} (median, with min–max in brackets).\n")
+for label, errs in sorted(errors.items()):
+    print(f"- **{label}** failed in {len(errs)} run(s): `{errs[0]['error'].strip().splitlines()[-1] if errs[0]['error'].strip() else 'no output'}`")
+if errors:
+    print()
+
+print("### Idle connections\n")
+print("| target | bytes per connection | server CPU idle | generator CPU | keepwire ÷ target (memory) |")
+print("|---|---|---|---|---|")
+kw_mem = med("idle-keepwire", "bytes_per_conn")[0]
+for t in targets:
+    m = med(f"idle-{t}", "bytes_per_conn")
+    print(f"| {t} | {fmt(*m)} | {fmt(*med(f'idle-{t}', 'server_idle_cpu'))} | {fmt(*med(f'idle-{t}', 'generator_cpu'))} | {ratio(kw_mem, m[0])} |")
+
+print("\n### Ingest (keepwire: confirmed durable sends)\n")
+print("| target | confirmed sends/s | server CPU | generator CPU |")
+print("|---|---|---|---|")
+print(f"| keepwire | {fmt(*med('ingest-keepwire', 'confirmed_per_sec'))} | {fmt(*med('ingest-keepwire', 'server_cpu'))} | {fmt(*med('ingest-keepwire', 'generator_cpu'))} |")
+
+print("\n### Fanout, 10 groups × 100 subscribers, 10 publishers, 100-byte payloads\n")
+for load, title in (("full", "as fast as the server takes them"), ("55k", "55 msg/s per publisher (≈ 55k deliveries/s offered)"), ("27k", "27 msg/s per publisher (≈ 27k deliveries/s offered)")):
+    print(f"**{title}**\n")
+    print("| target | deliveries/s | p50 ms | p99 ms | max ms | server CPU | generator CPU | keepwire ÷ target (deliveries, p99) |")
+    print("|---|---|---|---|---|---|---|---|")
+    kd = med(f"fanout-{load}-keepwire", "deliveries_per_sec")[0]
+    kp = med(f"fanout-{load}-keepwire", "p99_ms")[0]
+    for t in targets:
+        l = f"fanout-{load}-{t}"
+        d = med(l, "deliveries_per_sec")
+        p99 = med(l, "p99_ms")
+        print(f"| {t} | {fmt(*d)} | {fmt(*med(l, 'p50_ms'))} | {fmt(*p99)} | {fmt(*med(l, 'max_ms'))} | {fmt(*med(l, 'server_cpu'))} | {fmt(*med(l, 'generator_cpu'))} | {ratio(kd, d[0])}, {ratio(kp, p99[0])} |")
+    print()
+
+
+def bars(name, title, groups, unit):
+    """groups: [(group label, [(series, value)])] -> grouped bar chart SVG."""
+    colors = {"keepwire": "#2b6cb0", "node-ws": "#dd6b20", "python-ws": "#38a169"}
+    vals = [v for _, s in groups for _, v in s if v is not None]
+    top = max(vals) if vals else 1
+    w, h, left, bottom = 640, 320, 60, 40
+    bw = 22
+    gw = (w - left - 20) / max(len(groups), 1)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<text x="{w/2}" y="16" text-anchor="middle" font-size="13">{title}</text>',
+           f'<line x1="{left}" y1="{h-bottom}" x2="{w-10}" y2="{h-bottom}" stroke="black"/>']
+    for i in range(5):
+        v = top * i / 4
+        y = h - bottom - (h - bottom - 30) * i / 4
+        out.append(f'<text x="{left-5}" y="{y+4}" text-anchor="end">{v:.3g}</text>')
+        out.append(f'<line x1="{left}" y1="{y}" x2="{w-10}" y2="{y}" stroke="#ddd"/>')
+    for gi, (g, series) in enumerate(groups):
+        x0 = left + gi * gw + (gw - bw * len(series)) / 2
+        for si, (s, v) in enumerate(series):
+            if v is None:
+                continue
+            bh = (h - bottom - 30) * v / top
+            x = x0 + si * bw
+            out.append(f'<rect x="{x}" y="{h-bottom-bh}" width="{bw-2}" height="{bh}" fill="{colors.get(s, "#888")}"><title>{s}: {v:.3g} {unit}</title></rect>')
+        out.append(f'<text x="{left + gi*gw + gw/2}" y="{h-bottom+15}" text-anchor="middle">{g}</text>')
+    for si, s in enumerate(targets):
+        out.append(f'<rect x="{left + si*110}" y="{h-14}" width="10" height="10" fill="{colors[s]}"/><text x="{left + si*110 + 14}" y="{h-5}">{s}</text>')
+    out.append(f'<text x="12" y="{(h-bottom)/2}" transform="rotate(-90 12 {(h-bottom)/2})" text-anchor="middle">{unit}</text>')
+    out.append("</svg>")
+    open(os.path.join(outdir, name), "w").write("\n".join(out))
+
+
+bars("fanout-latency.svg", "Fanout latency at equal offered load (median of runs)",
+     [(f"{load} {p}", [(t, med(f"fanout-{load}-{t}", f"{p}_ms")[0]) for t in targets])
+      for load in ("27k", "55k") for p in ("p50", "p99")], "ms")
+bars("idle-memory.svg", "Server memory per idle connection",
+     [("bytes/conn", [(t, med(f"idle-{t}", "bytes_per_conn")[0]) for t in targets])], "bytes")
+print(f"Plots: {outdir}/fanout-latency.svg, {outdir}/idle-memory.svg")
