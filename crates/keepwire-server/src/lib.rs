@@ -237,7 +237,7 @@ async fn ws_handler(
     let tracker = shared.tracker.clone();
     ws.protocols([SUBPROTOCOL])
         // Small buffers: a relay holds many mostly idle connections.
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(max * 4 + 64 * 1024)
         .max_message_size(max)

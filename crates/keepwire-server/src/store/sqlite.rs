@@ -46,6 +46,11 @@ const MAX_BATCH: usize = 1024;
 const QUEUE_DEPTH: usize = 8192;
 /// Idle read connections kept open.
 const MAX_IDLE_READERS: usize = 8;
+/// Reads running at once. More would not go faster on a few cores, and each
+/// one holds a blocking thread and an SQLite connection with its page cache:
+/// a burst of thousands of handshakes (a reconnect storm) once grew the
+/// relay by tens of megabytes of threads and caches.
+const MAX_CONCURRENT_READS: usize = MAX_IDLE_READERS;
 /// Most fetch hints in a `welcome` (the client lists conversations for the rest).
 const MAX_FETCH_HINTS: usize = 500;
 
@@ -179,6 +184,7 @@ impl SqliteStore {
             readers: Arc::new(ReadPool {
                 path: path.to_owned(),
                 idle: Mutex::new(Vec::new()),
+                permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_READS),
             }),
             listener,
             writer_thread: Mutex::new(Some(handle)),
@@ -280,6 +286,12 @@ impl SqliteStore {
         R: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        let _permit = self
+            .readers
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Commit("the store is closed".into()))?;
         let pool = self.readers.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = pool.take()?;
@@ -408,6 +420,7 @@ fn run_batch(
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    permits: tokio::sync::Semaphore,
 }
 
 impl ReadPool {
