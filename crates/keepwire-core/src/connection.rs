@@ -1022,6 +1022,12 @@ impl Connection {
                     self.protocol_error("welcome with sequence numbers out of range".into(), now);
                     return;
                 }
+                // The epoch comes back in every hello's cursor: one the relay
+                // would refuse there would lock this client out.
+                if !keepwire_proto::is_valid_epoch(&w.epoch) {
+                    self.protocol_error("welcome with an invalid epoch".into(), now);
+                    return;
+                }
                 // A relay's heartbeat is at most 30 minutes; never trust more than a day.
                 let heartbeat = Duration::from_millis(w.heartbeat_ms.clamp(1, 86_400_000));
                 t.session = Some(Session {

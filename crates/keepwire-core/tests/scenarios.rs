@@ -559,7 +559,14 @@ fn the_background_heartbeat_is_learnt_per_network_and_settles_below_a_failure() 
 /// overflowed the clock.
 #[test]
 fn a_welcome_out_of_range_is_a_protocol_error_not_a_panic() {
-    for (from, heartbeat_ms) in [(u64::MAX, 30_000), (0, 30_000), (1, u64::MAX)] {
+    for (from, heartbeat_ms, epoch) in [
+        (u64::MAX, 30_000, "e"),
+        (0, 30_000, "e"),
+        (1, u64::MAX, "e"),
+        // Found later by the same target: an empty epoch would be echoed in
+        // the next hello's cursor, which the relay refuses.
+        (1, 30_000, ""),
+    ] {
         let mut h = Harness::new();
         h.c.start(t(0));
         h.drain();
@@ -569,6 +576,7 @@ fn a_welcome_out_of_range_is_a_protocol_error_not_a_panic() {
         };
         w.resume.from = from;
         w.heartbeat_ms = heartbeat_ms;
+        w.epoch = epoch.into();
         h.frame(ServerFrame::Welcome(w), t(2));
         if h.open.is_some() {
             h.frame(
@@ -584,8 +592,8 @@ fn a_welcome_out_of_range_is_a_protocol_error_not_a_panic() {
             );
             h.timeout(t(4_000_000));
         }
-        if from == 0 || from == u64::MAX {
-            assert_ne!(h.c.state(), State::Connected, "from {from}");
+        if from == 0 || from == u64::MAX || epoch.is_empty() {
+            assert_ne!(h.c.state(), State::Connected, "from {from} epoch {epoch:?}");
         }
     }
 }

@@ -38,6 +38,11 @@ pub fn is_valid_device_id(s: &str) -> bool {
     (1..=64).contains(&s.len()) && s.bytes().all(is_id_char)
 }
 
+/// An epoch (the relay's log identity, echoed in cursors): 1 to 64 bytes.
+pub fn is_valid_epoch(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+}
+
 /// A request id or idempotency key: 1 to 64 characters of `[A-Za-z0-9_-]`.
 pub fn is_valid_request_id(s: &str) -> bool {
     is_valid_device_id(s)
@@ -84,7 +89,7 @@ impl ClientFrame {
                     ));
                 }
                 if let Some(c) = &h.cursor
-                    && (c.epoch.is_empty() || c.epoch.len() > 64)
+                    && !is_valid_epoch(&c.epoch)
                 {
                     return Err(ValidationError::invalid(
                         "cursor.epoch must be 1-64 characters",
