@@ -149,6 +149,23 @@ pub fn encode<T: Serialize>(frame: &T) -> String {
     })
 }
 
+/// Encodes an `entry` frame around an item already encoded as JSON (an
+/// `EntryItem`, e.g. `{"message":{...}}`): a message going to many members
+/// is encoded once, and each member's frame only differs in `seq`. The item
+/// is flattened into the frame, exactly as `encode(&ServerFrame::Entry(..))`
+/// writes it.
+pub fn encode_entry(seq: crate::Seq, item_json: &str) -> String {
+    let fields = item_json.strip_prefix('{').unwrap_or(item_json);
+    let mut s = String::with_capacity(fields.len() + 40);
+    s.push_str("{\"type\":\"entry\",\"seq\":");
+    s.push_str(&seq.to_string());
+    if fields != "}" {
+        s.push(',');
+    }
+    s.push_str(fields);
+    s
+}
+
 impl ClientFrame {
     /// The frame's request id, if it has one.
     pub fn rid(&self) -> Option<&str> {
@@ -183,6 +200,25 @@ impl ClientFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pre_encoded_entry_is_the_same_text_as_a_serialized_one() {
+        let item = crate::EntryItem::Message(crate::Message {
+            id: 7,
+            conv: 3,
+            conv_seq: 9,
+            from: "alice".into(),
+            cid: "0123456789abcdef".into(),
+            kind: "text".into(),
+            body: "hi \"there\" ✓".into(),
+            ts: 1_700_000_000_000,
+        });
+        let entry = ServerFrame::Entry(crate::InboxEntry {
+            seq: 42,
+            item: item.clone(),
+        });
+        assert_eq!(encode_entry(42, &encode(&item)), encode(&entry));
+    }
     use crate::frames::*;
 
     fn lim() -> Limits {

@@ -20,7 +20,9 @@ mod frames;
 mod limits;
 mod validate;
 
-pub use codec::{DecodeError, decode_client, decode_server, encode, is_unknown_server_type};
+pub use codec::{
+    DecodeError, decode_client, decode_server, encode, encode_entry, is_unknown_server_type,
+};
 pub use codes::{ClientAction, CloseCode, ErrorCode};
 pub use frames::*;
 pub use limits::Limits;

@@ -34,7 +34,7 @@ type Tx = SplitSink<WebSocket, Message>;
 type Rx = SplitStream<WebSocket>;
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// An inbox read in flight: the limit it was started with, and the read.
-type InboxRead = (u64, BoxFut<Result<Vec<InboxEntry>, StoreError>>);
+type InboxRead = (u64, BoxFut<Result<Vec<Outgoing>, StoreError>>);
 
 /// Why a connection ended, for logs.
 enum End {
@@ -156,10 +156,37 @@ struct Writer<'a> {
     write_timeout: Duration,
 }
 
+/// An inbox entry to write: encoded by the hub once for every member, or
+/// read from the store.
+enum Outgoing {
+    Encoded(Seq, Arc<str>),
+    Entry(InboxEntry),
+}
+
+impl Outgoing {
+    fn seq(&self) -> Seq {
+        match self {
+            Outgoing::Encoded(seq, _) => *seq,
+            Outgoing::Entry(e) => e.seq,
+        }
+    }
+
+    fn into_text(self) -> String {
+        match self {
+            Outgoing::Encoded(seq, item) => keepwire_proto::encode_entry(seq, &item),
+            Outgoing::Entry(e) => encode(&ServerFrame::Entry(e)),
+        }
+    }
+}
+
 impl Writer<'_> {
     /// Queues a frame without flushing.
     async fn feed(&mut self, frame: &ServerFrame) -> Result<(), End> {
-        let text = encode(frame);
+        self.feed_text(encode(frame)).await
+    }
+
+    /// Queues encoded text without flushing.
+    async fn feed_text(&mut self, text: String) -> Result<(), End> {
         match timeout(self.write_timeout, self.tx.feed(Message::Text(text.into()))).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(End::Gone),
@@ -301,13 +328,20 @@ async fn session(
             reg.head.borrow_and_update();
             let limit = credit.min(READ_BATCH);
             let uid = user.id;
-            // Live entries come from the hub's tail; a backlog from the store.
-            let fut: BoxFut<Result<Vec<InboxEntry>, StoreError>> =
+            // Live entries come from the hub's tail, encoded once for all
+            // members; a backlog from the store.
+            let fut: BoxFut<Result<Vec<Outgoing>, StoreError>> =
                 match shared.hub.recent(uid, next, limit as usize) {
-                    Some(entries) => Box::pin(std::future::ready(Ok(entries))),
+                    Some(entries) => Box::pin(std::future::ready(Ok(entries
+                        .into_iter()
+                        .map(|(seq, json)| Outgoing::Encoded(seq, json))
+                        .collect()))),
                     None => {
                         let store = store.clone();
-                        Box::pin(async move { store.read_inbox(uid, next, limit as usize).await })
+                        Box::pin(async move {
+                            let entries = store.read_inbox(uid, next, limit as usize).await?;
+                            Ok(entries.into_iter().map(Outgoing::Entry).collect())
+                        })
                     }
                 };
             read = Some((limit, fut));
@@ -329,16 +363,16 @@ async fn session(
                         want_read = entries.len() as u64 == limit && limit > 0;
                         let n = entries.len() as u64;
                         let mut failed = None;
-                        for e in &entries {
-                            if e.seq != next {
+                        for e in entries {
+                            if e.seq() != next {
                                 // Retention trimmed entries this connection had
                                 // not sent yet: the client must reconnect and get
                                 // the gap answer in `welcome`.
-                                tracing::warn!(target: "keepwire::ws", expected = next, got = e.seq, "entries trimmed under a live connection");
+                                tracing::warn!(target: "keepwire::ws", expected = next, got = e.seq(), "entries trimmed under a live connection");
                                 failed = Some(End::Closed(CloseCode::Resync));
                                 break;
                             }
-                            if let Err(err) = w.feed(&ServerFrame::Entry(e.clone())).await {
+                            if let Err(err) = w.feed_text(e.into_text()).await {
                                 failed = Some(err);
                                 break;
                             }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use keepwire_proto::{CloseCode, EntryItem, InboxEntry, Seq, ServerFrame};
+use keepwire_proto::{CloseCode, Seq, ServerFrame};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -46,8 +46,8 @@ struct UserSlot {
     head: watch::Sender<Seq>,
     conns: Vec<ConnEntry>,
     sends: TokenBucket,
-    /// Recent committed entries, contiguous in sequence.
-    tail: VecDeque<(Seq, Arc<EntryItem>)>,
+    /// Recent committed entries (sequence, item JSON), contiguous.
+    tail: VecDeque<(Seq, Arc<str>)>,
 }
 
 /// Why a connection could not be registered.
@@ -203,7 +203,7 @@ impl Hub {
     /// Up to `limit` entries of `user`'s inbox from `from`, if the recent
     /// tail holds `from` (`None`: read the store). Empty when `from` is past
     /// everything committed so far.
-    pub fn recent(&self, user: UserId, from: Seq, limit: usize) -> Option<Vec<InboxEntry>> {
+    pub fn recent(&self, user: UserId, from: Seq, limit: usize) -> Option<Vec<(Seq, Arc<str>)>> {
         let users = self.lock();
         let slot = users.get(&user)?;
         let (first, _) = slot.tail.front()?;
@@ -216,10 +216,7 @@ impl Hub {
                 .iter()
                 .skip((from - first) as usize)
                 .take(limit)
-                .map(|(seq, item)| InboxEntry {
-                    seq: *seq,
-                    item: (**item).clone(),
-                })
+                .cloned()
                 .collect(),
         )
     }

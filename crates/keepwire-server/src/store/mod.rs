@@ -249,8 +249,9 @@ pub struct HeadAdvance {
     pub user: UserId,
     /// The entry's sequence number (the user's new head).
     pub seq: Seq,
-    /// The entry's item, shared by every member it went to.
-    pub item: Option<Arc<keepwire_proto::EntryItem>>,
+    /// The entry's item encoded as JSON once, shared by every member it
+    /// went to.
+    pub item: Option<Arc<str>>,
 }
 
 /// The relay's storage.

@@ -610,7 +610,7 @@ fn append_inbox(
     ts: i64,
     max_entries: Option<u64>,
     heads: &mut Heads,
-    item: Option<&Arc<EntryItem>>,
+    item: Option<&Arc<str>>,
 ) -> Result<Seq, StoreError> {
     let (head, floor): (i64, i64) = conn
         .prepare_cached(
@@ -946,8 +946,9 @@ impl Store for SqliteStore {
             let sender: String = c
                 .prepare_cached("SELECT name FROM users WHERE id = ?1")?
                 .query_row([user], |r| r.get(0))?;
-            // The entry every member's live connections deliver from memory.
-            let item = Arc::new(EntryItem::Message(Message {
+            // The entry every member's live connections deliver from memory,
+            // encoded once.
+            let item: Arc<str> = keepwire_proto::encode(&EntryItem::Message(Message {
                 id: id as u64,
                 conv: send.conv,
                 conv_seq: conv_seq as u64,
@@ -956,7 +957,8 @@ impl Store for SqliteStore {
                 kind: send.kind.clone(),
                 body: send.body.clone(),
                 ts,
-            }));
+            }))
+            .into();
             let mut echo_seq = None;
             for member in member_ids(c, send.conv)? {
                 let seq = append_inbox(
