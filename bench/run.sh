@@ -37,6 +37,8 @@ for r in $(seq "$runs"); do
         record "idle-$t" $bench idle --target "$t" "${pin[@]}" --conns "$conns" --hold 5s
     done
     record "ingest-keepwire" $bench ingest --target keepwire "${pin[@]}" --senders 50 --duration "$duration"
+    record "catchup-keepwire" $bench catchup "${pin[@]}" --messages 100000
+    record "reconnect-latency-keepwire" $bench reconnect-latency "${pin[@]}" --rtt 100ms --backlog 10 --times 10
     for t in "${targets[@]}"; do
         record "fanout-full-$t" $bench fanout --target "$t" "${pin[@]}" --groups 10 --members 100 --duration "$duration"
         # The issue's half and quarter of the peers' load: 55k and 27k deliveries/s.

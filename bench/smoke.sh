@@ -17,4 +17,6 @@ for t in keepwire node-ws python-ws; do
     run fanout --target "$t" --groups 2 --members 5 --rate 20 --duration 500ms
 done
 run ingest --target keepwire --senders 2 --duration 500ms
+run catchup --messages 500
+run reconnect-latency --rtt 20ms --backlog 2 --times 2
 echo "bench smoke: ok"

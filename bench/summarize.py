@@ -57,6 +57,12 @@ print("| target | confirmed sends/s | server CPU | generator CPU |")
 print("|---|---|---|---|")
 print(f"| keepwire | {fmt(*med('ingest-keepwire', 'confirmed_per_sec'))} | {fmt(*med('ingest-keepwire', 'server_cpu'))} | {fmt(*med('ingest-keepwire', 'generator_cpu'))} |")
 
+print("\n### Catch-up and reconnect latency (keepwire)\n")
+print("| scenario | figure |")
+print("|---|---|")
+print(f"| catch-up of 100,000 messages | {fmt(*med('catchup-keepwire', 'sync_secs'), ' s')}, {fmt(*med('catchup-keepwire', 'persisted_per_sec'))} messages/s, client peak {fmt(*med('catchup-keepwire', 'client_peak_rss_kib'), ' KiB')} |")
+print(f"| network up to caught up, 100 ms RTT, 10 waiting | {fmt(*med('reconnect-latency-keepwire', 'median_ms'), ' ms')} = {fmt(*med('reconnect-latency-keepwire', 'round_trips'))} round trips |")
+
 print("\n### Fanout, 10 groups × 100 subscribers, 10 publishers, 100-byte payloads\n")
 for load, title in (("full", "as fast as the server takes them"), ("55k", "55 msg/s per publisher (≈ 55k deliveries/s offered)"), ("27k", "27 msg/s per publisher (≈ 27k deliveries/s offered)")):
     print(f"**{title}**\n")

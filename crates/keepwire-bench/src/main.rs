@@ -114,6 +114,32 @@ enum Scenario {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
         duration: Duration,
     },
+    /// A device whose network comes back, through a proxy adding `--rtt` of
+    /// round-trip time, with `--backlog` messages waiting: time from the
+    /// network-up signal to connected and caught up (keepwire only).
+    ReconnectLatency {
+        #[command(flatten)]
+        common: Common,
+        /// Round-trip time the proxy adds.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+        rtt: Duration,
+        /// Messages waiting when the network comes back.
+        #[arg(long, default_value_t = 10)]
+        backlog: usize,
+        /// Network-up events to measure.
+        #[arg(long, default_value_t = 10)]
+        times: usize,
+    },
+    /// A device offline while M messages arrive, then `keepwire sync`: time
+    /// until all are persisted in its store, and the client's peak memory
+    /// (keepwire only).
+    Catchup {
+        #[command(flatten)]
+        common: Common,
+        /// Messages waiting.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -144,6 +170,13 @@ fn main() -> anyhow::Result<()> {
                 payload,
                 duration,
             } => fanout(&common, groups, members, rate, payload, duration).await,
+            Scenario::Catchup { common, messages } => catchup(&common, messages).await,
+            Scenario::ReconnectLatency {
+                common,
+                rtt,
+                backlog,
+                times,
+            } => reconnect_latency(&common, rtt, backlog, times).await,
         }
     })?;
     println!("{out}");
@@ -572,6 +605,123 @@ async fn fanout(
         "sent": sent, "skipped_over_window": skipped,
         "server_cpu": round2(server_cpu), "generator_cpu": round2(generator_cpu),
         "durable": keepwire,
+    })
+    .to_string())
+}
+
+async fn reconnect_latency(
+    c: &Common,
+    rtt: Duration,
+    backlog: usize,
+    times: usize,
+) -> anyhow::Result<String> {
+    use keepwire_client::{Client, Network, State};
+    let target = Target::from(c.target);
+    if target != Target::Keepwire {
+        bail!("reconnect latency measures keepwire's client: keepwire only");
+    }
+    let server = Server::start(c, target, servers::Roster::pairs(1)).await?;
+    let upstream: std::net::SocketAddr = server.url_for(0).trim_start_matches("ws://").parse()?;
+    let proxy = keepwire_chaos::FaultProxy::start("127.0.0.1:0".parse()?, upstream).await?;
+    proxy.set(keepwire_chaos::Fault::Latency(rtt / 2));
+    let home = server.dir().join("device");
+    let client = Client::builder(&home)
+        .servers(vec![format!("ws://{}", proxy.addr())])
+        .token(server.roster.receiver_token(0))
+        .build()
+        .await?;
+    let long = Duration::from_secs(30);
+    client.set_network(Network::Online("wifi".into()));
+    client.wait_for(long, |s| s.caught_up()).await?;
+    let mut samples = Vec::with_capacity(times);
+    for k in 0..times {
+        client.set_network(Network::Offline);
+        client
+            .wait_for(long, |s| s.state != State::Connected)
+            .await?;
+        server.seed_from(0, k * backlog, backlog).await?;
+        let want = client.status().cursor.unwrap_or(0) + backlog as u64;
+        let t0 = Instant::now();
+        client.set_network(Network::Online("wifi".into()));
+        client
+            .wait_for(long, |s| s.caught_up() && s.cursor >= Some(want))
+            .await?;
+        samples.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    client.stop().await;
+    drop(proxy);
+    server.stop().await;
+    samples.sort_by(f64::total_cmp);
+    let median = samples[samples.len() / 2];
+    Ok(serde_json::json!({
+        "scenario": "reconnect-latency", "target": target.name(), "rtt_ms": rtt.as_millis() as u64,
+        "backlog": backlog, "times": times,
+        "median_ms": round2(median), "min_ms": round2(samples[0]),
+        "max_ms": round2(samples[samples.len() - 1]),
+        "round_trips": round2(median / (rtt.as_secs_f64() * 1000.0)),
+    })
+    .to_string())
+}
+
+async fn catchup(c: &Common, messages: usize) -> anyhow::Result<String> {
+    let target = Target::from(c.target);
+    if target != Target::Keepwire {
+        bail!("catch-up measures keepwire's client store: keepwire only");
+    }
+    let server = Server::start(c, target, servers::Roster::pairs(1)).await?;
+    let home = server.dir().join("home");
+    let exe = server.keepwire_exe().to_owned();
+    let kw = |args: &[&str]| {
+        std::process::Command::new(&exe)
+            .args(args)
+            .env("KEEPWIRE_HOME", &home)
+            .env("KEEPWIRE_LOG", "error")
+            .output()
+    };
+    // The receiving device logs in (cursor at the head), then goes offline.
+    let out = kw(&[
+        "login",
+        "--server",
+        &server.url_for(0),
+        "--token",
+        server.roster.receiver_token(0),
+    ])?;
+    if !out.status.success() {
+        bail!("login failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let seeded = Instant::now();
+    server.seed(0, messages).await?;
+    let seed_secs = seeded.elapsed().as_secs_f64();
+    // `keepwire sync` as its own process; sample its peak RSS while it runs.
+    let started = Instant::now();
+    let mut child = std::process::Command::new(&exe)
+        .args(["sync", "--deadline", "600s"])
+        .env("KEEPWIRE_HOME", &home)
+        .env("KEEPWIRE_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let mut peak_kib = 0;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if let Ok(hwm) = proc_stats::hwm_kib(pid) {
+            peak_kib = peak_kib.max(hwm);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let secs = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("keepwire sync failed: {status}");
+    }
+    let stored = String::from_utf8_lossy(&kw(&["status", "--json"])?.stdout).into_owned();
+    server.stop().await;
+    Ok(serde_json::json!({
+        "scenario": "catchup", "target": target.name(), "messages": messages,
+        "sync_secs": round2(secs), "persisted_per_sec": (messages as f64 / secs).round(),
+        "client_peak_rss_kib": peak_kib, "seed_secs": round2(seed_secs),
+        "status": serde_json::from_str::<serde_json::Value>(&stored).unwrap_or_default(),
     })
     .to_string())
 }

@@ -18,6 +18,17 @@ pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("no VmRSS")
 }
 
+/// Peak resident set size in KiB (VmHWM).
+pub fn hwm_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid} is gone"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmHWM")
+}
+
 fn ticks_of(stat: &str) -> Option<u64> {
     // Fields after the command name (which may hold spaces): utime is the
     // 14th field overall, stime the 15th.

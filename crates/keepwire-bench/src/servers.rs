@@ -105,6 +105,11 @@ impl Roster {
         &self.users[i].1
     }
 
+    /// The token of the receiver of pair `i`.
+    pub fn receiver_token(&self, i: usize) -> &str {
+        &self.users[2 * i + 1].1
+    }
+
     /// The conversation of pair or group `i` (0 for the peers).
     pub fn conv(&self, i: usize) -> u64 {
         self.convs.get(i).copied().unwrap_or(0)
@@ -124,6 +129,9 @@ impl Roster {
 /// A running server under test; killed on drop.
 pub struct Server {
     pub pid: u32,
+    exe: PathBuf,
+    db: PathBuf,
+    sender_ids: Vec<keepwire_server::store::UserId>,
     pub roster: Roster,
     url: String,
     target: Target,
@@ -155,15 +163,16 @@ impl Server {
             }
             None => Command::new("env"),
         };
+        let exe = match &c.keepwire {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?.with_file_name("keepwire"),
+        };
+        let db = dir.join("relay.db");
+        let mut sender_ids = Vec::new();
         match target {
             Target::Keepwire => {
-                let db = dir.join("relay.db");
-                prepare(&db, &mut roster).await?;
-                let exe = match &c.keepwire {
-                    Some(p) => p.clone(),
-                    None => std::env::current_exe()?.with_file_name("keepwire"),
-                };
-                cmd.arg(exe)
+                sender_ids = prepare(&db, &mut roster).await?;
+                cmd.arg(&exe)
                     .args(["serve", "--listen", "127.0.0.1:0", "--db"])
                     .arg(&db)
                     .args(["--sends-per-sec", "1000000", "--send-burst", "1000000"])
@@ -210,6 +219,9 @@ impl Server {
         // Behind taskset (which execs) and env (which execs) the pid is the server's.
         Ok(Server {
             pid,
+            exe,
+            db,
+            sender_ids,
             roster,
             url: url.trim().to_owned(),
             target,
@@ -217,6 +229,58 @@ impl Server {
             dir,
             temp,
         })
+    }
+
+    /// Where this run keeps its files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The keepwire binary.
+    pub fn keepwire_exe(&self) -> &std::path::Path {
+        &self.exe
+    }
+
+    /// Stores `n` messages from the sender of pair `pair` straight into the
+    /// relay's database (alongside the running relay: SQLite WAL), many per
+    /// commit.
+    pub async fn seed(&self, pair: usize, n: usize) -> anyhow::Result<()> {
+        self.seed_from(pair, 0, n).await
+    }
+
+    /// Like [`Server::seed`], numbering messages from `first`.
+    pub async fn seed_from(&self, pair: usize, first: usize, n: usize) -> anyhow::Result<()> {
+        let store = SqliteStore::open(&self.db, SqliteOptions::default())?;
+        let user = self.sender_ids[2 * pair];
+        let conv = self.roster.conv(pair);
+        let (mut done, n) = (first, first + n);
+        while done < n {
+            let chunk = (n - done).min(2000);
+            let mut tasks = Vec::with_capacity(chunk);
+            for i in done..done + chunk {
+                let store = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .send(
+                            Actor::User(user),
+                            "seed",
+                            keepwire_proto::Send {
+                                cid: format!("seed{i:016x}"),
+                                conv,
+                                kind: "text".into(),
+                                body: format!("{i:020}{}", "x".repeat(80)),
+                            },
+                        )
+                        .await
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            done += chunk;
+        }
+        store.close().await;
+        Ok(())
     }
 
     /// The URL a connection of user `i` opens.
@@ -268,8 +332,12 @@ impl Server {
     }
 }
 
-/// Users, tokens and conversations, straight into a new relay database.
-async fn prepare(db: &std::path::Path, roster: &mut Roster) -> anyhow::Result<()> {
+/// Users, tokens and conversations, straight into a new relay database;
+/// returns the users' ids.
+async fn prepare(
+    db: &std::path::Path,
+    roster: &mut Roster,
+) -> anyhow::Result<Vec<keepwire_server::store::UserId>> {
     let store = SqliteStore::open(db, SqliteOptions::default())?;
     let mut ids = Vec::with_capacity(roster.users.len());
     for (name, token) in roster.users.iter_mut() {
@@ -301,5 +369,5 @@ async fn prepare(db: &std::path::Path, roster: &mut Roster) -> anyhow::Result<()
         roster.convs.push(info.id);
     }
     store.close().await;
-    Ok(())
+    Ok(ids)
 }
