@@ -357,16 +357,8 @@ async fn ingest(
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu0 = proc_stats::cpu_ticks(server.pid)?;
-    let gen0 = proc_stats::self_cpu_ticks();
-    measuring.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(duration).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = t0.elapsed();
-    let server_cpu = proc_stats::cpu_share(server.pid, cpu0, elapsed)?;
-    let generator_cpu = proc_stats::self_cpu_since(gen0, elapsed);
+    let (elapsed, server_cpu, generator_cpu) =
+        measure_window(server.pid, &measuring, duration).await?;
     stop.store(true, Ordering::Relaxed);
     let n = confirmed.load(Ordering::Relaxed);
     for t in tasks {
@@ -563,16 +555,8 @@ async fn fanout(
             anyhow::Ok((n, skipped))
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu0 = proc_stats::cpu_ticks(server.pid)?;
-    let gen0 = proc_stats::self_cpu_ticks();
-    measuring.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(duration).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = t0.elapsed();
-    let server_cpu = proc_stats::cpu_share(server.pid, cpu0, elapsed)?;
-    let generator_cpu = proc_stats::self_cpu_since(gen0, elapsed);
+    let (elapsed, server_cpu, generator_cpu) =
+        measure_window(server.pid, &measuring, duration).await?;
     stop.store(true, Ordering::Relaxed);
     let mut sent = 0;
     let mut skipped = 0;
@@ -724,6 +708,28 @@ async fn catchup(c: &Common, messages: usize) -> anyhow::Result<String> {
         "status": serde_json::from_str::<serde_json::Value>(&stored).unwrap_or_default(),
     })
     .to_string())
+}
+
+/// After 1 s of warm-up, sets `measuring` for `duration`; returns the exact
+/// window and the server's and this generator's CPU share over it.
+async fn measure_window(
+    server_pid: u32,
+    measuring: &std::sync::atomic::AtomicBool,
+    duration: Duration,
+) -> anyhow::Result<(Duration, f64, f64)> {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = proc_stats::cpu_ticks(server_pid)?;
+    let gen0 = proc_stats::self_cpu_ticks();
+    measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = t0.elapsed();
+    Ok((
+        elapsed,
+        proc_stats::cpu_share(server_pid, cpu0, elapsed)?,
+        proc_stats::self_cpu_since(gen0, elapsed),
+    ))
 }
 
 fn round2(x: f64) -> f64 {

@@ -136,6 +136,22 @@ fn open_ro(path: &Path) -> anyhow::Result<Connection> {
         .with_context(|| format!("cannot open {}", path.display()))
 }
 
+/// Messages from a query selecting (id, conv, conv_seq, sender, body).
+fn read_stored(db: &Connection, sql: &str) -> anyhow::Result<Vec<Stored>> {
+    Ok(db
+        .prepare(sql)?
+        .query_map([], |row| {
+            Ok(Stored {
+                id: row.get::<_, i64>(0)? as u64,
+                conv: row.get::<_, i64>(1)? as u64,
+                conv_seq: row.get::<_, i64>(2)? as u64,
+                sender: row.get(3)?,
+                body: row.get(4)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?)
+}
+
 /// `NAME#N` → (NAME, N).
 fn parse_body(body: &str) -> Option<(&str, u64)> {
     let (name, n) = body.rsplit_once('#')?;
@@ -182,21 +198,11 @@ pub fn check(s: &Subject) -> anyhow::Result<Report> {
 
     // The relay's log.
     let relay = open_ro(&s.relay_db)?;
-    let relayed: Vec<Stored> = relay
-        .prepare(
-            "SELECT m.id, m.conv_id, m.conv_seq, u.name, m.body FROM messages m
-             JOIN users u ON u.id = m.sender_id ORDER BY m.conv_id, m.conv_seq",
-        )?
-        .query_map([], |row| {
-            Ok(Stored {
-                id: row.get::<_, i64>(0)? as u64,
-                conv: row.get::<_, i64>(1)? as u64,
-                conv_seq: row.get::<_, i64>(2)? as u64,
-                sender: row.get(3)?,
-                body: row.get(4)?,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
+    let relayed = read_stored(
+        &relay,
+        "SELECT m.id, m.conv_id, m.conv_seq, u.name, m.body FROM messages m
+         JOIN users u ON u.id = m.sender_id ORDER BY m.conv_id, m.conv_seq",
+    )?;
     r.relayed = relayed.len() as u64;
     let mut on_relay: HashMap<&str, &Stored> = HashMap::new();
     for m in &relayed {
@@ -260,20 +266,10 @@ pub fn check(s: &Subject) -> anyhow::Result<Report> {
     // nothing else, in order, cursor at its user's head, notified at most once.
     for d in &s.devices {
         let db = open_ro(&keepwire_client::store::db_path(&d.home))?;
-        let stored: Vec<Stored> = db
-            .prepare(
-                "SELECT id, conv, conv_seq, sender, body FROM messages ORDER BY conv, conv_seq",
-            )?
-            .query_map([], |row| {
-                Ok(Stored {
-                    id: row.get::<_, i64>(0)? as u64,
-                    conv: row.get::<_, i64>(1)? as u64,
-                    conv_seq: row.get::<_, i64>(2)? as u64,
-                    sender: row.get(3)?,
-                    body: row.get(4)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        let stored = read_stored(
+            &db,
+            "SELECT id, conv, conv_seq, sender, body FROM messages ORDER BY conv, conv_seq",
+        )?;
         r.stored += stored.len() as u64;
         let mut copies: HashMap<&str, u64> = HashMap::new();
         for m in &stored {
