@@ -18,7 +18,7 @@ bash bench/setup.sh
 cargo build --quiet --release -p keepwire -p keepwire-bench
 bench="taskset -c 1 target/release/keepwire-bench"
 pin=(--server-core 0)
-targets=(keepwire node-ws python-ws)
+targets=(keepwire node-ws python-ws socketio mosquitto)
 
 record() { # label, command...
     local label="$1"; shift
@@ -38,6 +38,8 @@ for r in $(seq "$runs"); do
     done
     record "ingest-keepwire" $bench ingest --target keepwire "${pin[@]}" --senders 50 --duration "$duration"
     record "catchup-keepwire" $bench catchup "${pin[@]}" --messages 100000
+    record "storm-jitter-keepwire" $bench storm "${pin[@]}" --devices "${STORM_DEVICES:-10000}" --downtime 5s
+    record "storm-nojitter-keepwire" $bench storm "${pin[@]}" --devices "${STORM_DEVICES:-10000}" --downtime 5s --no-jitter
     record "reconnect-latency-keepwire" $bench reconnect-latency "${pin[@]}" --rtt 100ms --backlog 10 --times 10
     for t in "${targets[@]}"; do
         record "fanout-full-$t" $bench fanout --target "$t" "${pin[@]}" --groups 10 --members 100 --duration "$duration"

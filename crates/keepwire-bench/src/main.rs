@@ -12,6 +12,8 @@
 
 mod proc_stats;
 mod servers;
+mod storm;
+mod wire;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +61,9 @@ enum TargetArg {
     Keepwire,
     NodeWs,
     PythonWs,
+    #[value(name = "socketio")]
+    SocketIo,
+    Mosquitto,
 }
 
 #[derive(Subcommand)]
@@ -130,6 +135,36 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         times: usize,
     },
+    /// N devices connected (keepwire's client state machine), the relay
+    /// killed with SIGKILL, M messages per user stored while it is down, the
+    /// relay restarted after `--downtime` on the same database and address:
+    /// time until every device is connected and caught up, connection
+    /// attempts per second, and a check that nothing was lost (keepwire only).
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        /// Devices.
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Devices per user.
+        #[arg(long, default_value_t = 2)]
+        per_user: usize,
+        /// How long the relay stays down.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+        downtime: Duration,
+        /// Messages per user stored while the relay is down.
+        #[arg(long, default_value_t = 4)]
+        messages: usize,
+        /// Disable the backoff's jitter (every device retries on the same schedule).
+        #[arg(long)]
+        no_jitter: bool,
+        /// Source addresses to spread connections over (127.0.0.x).
+        #[arg(long, default_value_t = 4)]
+        sources: u8,
+        /// Give up waiting for every device after this long from the restart.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+        within: Duration,
+    },
     /// A device offline while M messages arrive, then `keepwire sync`: time
     /// until all are persisted in its store, and the client's peak memory
     /// (keepwire only).
@@ -171,6 +206,21 @@ fn main() -> anyhow::Result<()> {
                 duration,
             } => fanout(&common, groups, members, rate, payload, duration).await,
             Scenario::Catchup { common, messages } => catchup(&common, messages).await,
+            Scenario::Storm {
+                common,
+                devices,
+                per_user,
+                downtime,
+                messages,
+                no_jitter,
+                sources,
+                within,
+            } => {
+                storm::storm(
+                    &common, devices, per_user, downtime, messages, !no_jitter, sources, within,
+                )
+                .await
+            }
             Scenario::ReconnectLatency {
                 common,
                 rtt,
@@ -195,13 +245,15 @@ fn raise_open_file_limit() {
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// Opens a WebSocket from `source` (a 127.0.0.x address) to `url`.
-async fn open_ws(url: &str, source: std::net::IpAddr, keepwire: bool) -> anyhow::Result<Ws> {
+async fn open_ws(
+    url: &str,
+    source: std::net::IpAddr,
+    subprotocol: Option<&'static str>,
+) -> anyhow::Result<Ws> {
     let mut req = url.into_client_request()?;
-    if keepwire {
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
+    if let Some(p) = subprotocol {
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(p));
     }
     let host = req.uri().host().context("host")?.to_owned();
     let port = req.uri().port_u16().context("port")?;
@@ -253,15 +305,13 @@ async fn idle(c: &Common, conns: usize, hold: Duration, sources: u8) -> anyhow::
     // Open in batches so the accept queue is not the thing measured.
     for chunk in (0..conns).collect::<Vec<_>>().chunks(200) {
         for &i in chunk {
-            let url = server.url_for(0);
+            let url = server.url_for_group(0);
             let token = server.roster.token(0).to_owned();
-            let keepwire = target == Target::Keepwire;
+            let wire = wire::Wire::of(target);
             tasks.push(tokio::spawn(async move {
-                let mut ws = open_ws(&url, localhost(i, sources), keepwire).await?;
-                if keepwire {
-                    hello(&mut ws, &token, &format!("idle-{i}")).await?;
-                }
-                anyhow::Ok(ws)
+                let source = localhost(i, sources);
+                wire.connect(&url, source, &token, &format!("idle-{i}"), None)
+                    .await
             }));
         }
         for t in tasks.drain(..) {
@@ -319,7 +369,7 @@ async fn ingest(
         let conv = server.roster.conv(s);
         let (confirmed, measuring, stop) = (confirmed.clone(), measuring.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let mut ws = open_ws(&url, localhost(s, 1), true).await?;
+            let mut ws = open_ws(&url, localhost(s, 1), Some(SUBPROTOCOL)).await?;
             hello(&mut ws, &token, &format!("sender-{s}")).await?;
             let (mut tx, mut rx) = ws.split();
             let mut n = 0u64;
@@ -391,7 +441,7 @@ async fn fanout(
     duration: Duration,
 ) -> anyhow::Result<String> {
     let target = Target::from(c.target);
-    let keepwire = target == Target::Keepwire;
+    let wire = wire::Wire::of(target);
     let server = Server::start(c, target, servers::Roster::groups(groups, members)).await?;
     let base = Instant::now();
     let receipts = Arc::new(Mutex::new(Receipts::default()));
@@ -406,11 +456,9 @@ async fn fanout(
             let url = server.url_for_group(g);
             let token = server.roster.token(i).to_owned();
             subs.push(tokio::spawn(async move {
-                let mut ws = open_ws(&url, localhost(i, sources), keepwire).await?;
-                if keepwire {
-                    hello(&mut ws, &token, &format!("sub-{i}")).await?;
-                }
-                anyhow::Ok(ws)
+                let source = localhost(i, sources);
+                wire.connect(&url, source, &token, &format!("sub-{i}"), Some(g))
+                    .await
             }));
         }
     }
@@ -421,7 +469,8 @@ async fn fanout(
         let (receipts, measuring) = (receipts.clone(), measuring.clone());
         let mut stopped = readers_stopped.clone();
         readers.push(tokio::spawn(async move {
-            let mut since_ack = 0u32;
+            let mut st = wire::RxState::default();
+            let (mut sent, mut replies) = (Vec::new(), Vec::new());
             let mut local = Vec::with_capacity(1024);
             let mut count = 0u64;
             loop {
@@ -432,39 +481,29 @@ async fn fanout(
                         _ => break,
                     },
                 };
-                let Message::Text(t) = msg else { continue };
-                let t = t.as_str();
-                let sent_us = if keepwire {
-                    if !t.starts_with("{\"type\":\"entry\"") {
-                        continue;
+                wire.receive(&msg, &mut st, &mut sent, &mut replies);
+                for r in replies.drain(..) {
+                    if ws.feed(r).await.is_err() {
+                        break;
                     }
-                    since_ack += 1;
-                    if since_ack >= 64 {
-                        since_ack = 0;
-                        if let Some(seq) = field_u64(t, "\"seq\":") {
-                            let ack = encode(&ClientFrame::Ack { seq });
-                            if ws.send(Message::Text(ack.into())).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                    field_str(t, "\"body\":\"").and_then(|b| b.get(..20)?.parse::<u64>().ok())
-                } else {
-                    t.split('|').nth(1).and_then(|s| s.parse::<u64>().ok())
-                };
+                }
+                if ws.flush().await.is_err() {
+                    break;
+                }
                 if !measuring.load(Ordering::Relaxed) {
+                    sent.clear();
                     continue;
                 }
-                if let Some(sent) = sent_us {
-                    let now = base.elapsed().as_micros() as u64;
+                let now = base.elapsed().as_micros() as u64;
+                for sent in sent.drain(..) {
                     local.push(now.saturating_sub(sent).min(u64::from(u32::MAX)) as u32);
                     count += 1;
-                    if local.len() == 1024 {
-                        let mut r = receipts.lock().await;
-                        r.count += count;
-                        r.latencies_us.append(&mut local);
-                        count = 0;
-                    }
+                }
+                if local.len() >= 1024 {
+                    let mut r = receipts.lock().await;
+                    r.count += count;
+                    r.latencies_us.append(&mut local);
+                    count = 0;
                 }
             }
             let mut r = receipts.lock().await;
@@ -481,23 +520,19 @@ async fn fanout(
         let conv = server.roster.conv(g);
         let stop = stop.clone();
         pubs.push(tokio::spawn(async move {
-            let mut ws = open_ws(&url, localhost(i, 1), keepwire).await?;
-            if keepwire {
-                hello(&mut ws, &token, &format!("pub-{g}")).await?;
-            }
+            let ws = wire
+                .connect(&url, localhost(i, 1), &token, &format!("pub-{g}"), None)
+                .await?;
             let (mut tx, mut rx) = ws.split();
-            // keepwire: at most WINDOW sends unconfirmed (the relay's
-            // max_unconfirmed is larger); confirmations return permits.
+            // keepwire and MQTT: at most WINDOW publishes unconfirmed (the
+            // relay's max_unconfirmed is larger); confirmations return permits.
             const WINDOW: usize = 128;
             let permits = Arc::new(tokio::sync::Semaphore::new(WINDOW));
             let p = permits.clone();
             let drain = tokio::spawn(async move {
+                let mut st = wire::RxState::default();
                 while let Some(Ok(m)) = rx.next().await {
-                    if let Message::Text(t) = m
-                        && t.starts_with("{\"type\":\"confirm\"")
-                    {
-                        p.add_permits(1);
-                    }
+                    p.add_permits(wire.confirmations(&m, &mut st));
                 }
             });
             let mut tick = (rate > 0).then(|| {
@@ -511,7 +546,7 @@ async fn fanout(
                 if let Some(t) = &mut tick {
                     t.tick().await;
                 }
-                if keepwire {
+                if wire.confirms() {
                     let permit = if tick.is_some() {
                         // Open loop: a send the window cannot take is skipped (overload).
                         match permits.try_acquire() {
@@ -533,21 +568,8 @@ async fn fanout(
                 }
                 n += 1;
                 let now = base.elapsed().as_micros() as u64;
-                let text = if keepwire {
-                    let mut body = format!("{now:020}");
-                    body.push_str(&"x".repeat(payload.saturating_sub(20)));
-                    encode(&ClientFrame::Send(Send {
-                        cid: format!("{g:016x}{n:016x}"),
-                        conv,
-                        kind: "text".into(),
-                        body,
-                    }))
-                } else {
-                    let mut t = format!("{g}|{now}|");
-                    t.push_str(&"x".repeat(payload.saturating_sub(t.len())));
-                    t
-                };
-                if tx.send(Message::Text(text.into())).await.is_err() {
+                let msg = wire.publish(g, conv, n, now, payload);
+                if tx.send(msg).await.is_err() {
                     break;
                 }
             }
@@ -588,7 +610,7 @@ async fn fanout(
         "p50_ms": round2(pct(0.5)), "p99_ms": round2(pct(0.99)), "max_ms": round2(pct(1.0)),
         "sent": sent, "skipped_over_window": skipped,
         "server_cpu": round2(server_cpu), "generator_cpu": round2(generator_cpu),
-        "durable": keepwire,
+        "durable": target == Target::Keepwire,
     })
     .to_string())
 }

@@ -21,6 +21,8 @@ pub enum Target {
     Keepwire,
     NodeWs,
     PythonWs,
+    SocketIo,
+    Mosquitto,
 }
 
 impl From<TargetArg> for Target {
@@ -29,6 +31,8 @@ impl From<TargetArg> for Target {
             TargetArg::Keepwire => Target::Keepwire,
             TargetArg::NodeWs => Target::NodeWs,
             TargetArg::PythonWs => Target::PythonWs,
+            TargetArg::SocketIo => Target::SocketIo,
+            TargetArg::Mosquitto => Target::Mosquitto,
         }
     }
 }
@@ -39,6 +43,8 @@ impl Target {
             Target::Keepwire => "keepwire",
             Target::NodeWs => "node-ws",
             Target::PythonWs => "python-ws",
+            Target::SocketIo => "socketio",
+            Target::Mosquitto => "mosquitto",
         }
     }
 }
@@ -105,6 +111,11 @@ impl Roster {
         &self.users[i].1
     }
 
+    /// The token of user `u`, whatever the roster's shape.
+    pub fn user_token(&self, u: usize) -> &str {
+        &self.users[u].1
+    }
+
     /// The token of the receiver of pair `i`.
     pub fn receiver_token(&self, i: usize) -> &str {
         &self.users[2 * i + 1].1
@@ -138,6 +149,7 @@ pub struct Server {
     child: Child,
     dir: PathBuf,
     temp: bool,
+    core: Option<u32>,
 }
 
 fn repo() -> PathBuf {
@@ -155,31 +167,17 @@ impl Server {
         };
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let mut cmd = match c.server_core {
-            Some(core) => {
-                let mut cmd = Command::new("taskset");
-                cmd.arg("-c").arg(core.to_string());
-                cmd
-            }
-            None => Command::new("env"),
-        };
         let exe = match &c.keepwire {
             Some(p) => p.clone(),
             None => std::env::current_exe()?.with_file_name("keepwire"),
         };
         let db = dir.join("relay.db");
         let mut sender_ids = Vec::new();
+        let mut cmd = pinned(c.server_core);
         match target {
             Target::Keepwire => {
                 sender_ids = prepare(&db, &mut roster).await?;
-                cmd.arg(&exe)
-                    .args(["serve", "--listen", "127.0.0.1:0", "--db"])
-                    .arg(&db)
-                    .args(["--sends-per-sec", "1000000", "--send-burst", "1000000"])
-                    .args(["--user-sends-per-sec", "1000000"])
-                    .args(["--max-connections-per-user", "1000000"])
-                    .args(["--max-group-size", "100000"])
-                    .env("KEEPWIRE_LOG", "warn");
+                keepwire_serve(&mut cmd, &exe, &db, "127.0.0.1:0");
             }
             Target::NodeWs => {
                 cmd.args(["node", "ws-server.js", "0"])
@@ -194,27 +192,17 @@ impl Server {
                     .arg(repo().join("bench/peers/py-server.py"))
                     .arg("0");
             }
+            Target::SocketIo => {
+                cmd.args(["node", "sio-server.js", "0"])
+                    .current_dir(repo().join("bench/peers"));
+            }
+            Target::Mosquitto => {}
         }
-        let log = std::fs::File::create(dir.join("server.log"))?;
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", target.name()))?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let url = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .context("the server did not start in 30 s")??
-            .with_context(|| {
-                format!(
-                    "{} exited; see {}",
-                    target.name(),
-                    dir.join("server.log").display()
-                )
-            })?;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (child, url) = if target == Target::Mosquitto {
+            mosquitto(cmd, &dir).await?
+        } else {
+            launch(cmd, &dir, target.name()).await?
+        };
         let pid = child.id().context("pid")?;
         // Behind taskset (which execs) and env (which execs) the pid is the server's.
         Ok(Server {
@@ -223,12 +211,34 @@ impl Server {
             db,
             sender_ids,
             roster,
-            url: url.trim().to_owned(),
+            url,
             target,
             child,
             dir,
             temp,
+            core: c.server_core,
         })
+    }
+
+    /// Kills keepwire with SIGKILL (no flush, no close frames) and reaps it.
+    pub async fn kill_hard(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Starts keepwire again on the same database and address (after
+    /// [`Server::kill_hard`]).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        let mut cmd = pinned(self.core);
+        let listen = self.url.trim_start_matches("ws://").to_owned();
+        keepwire_serve(&mut cmd, &self.exe, &self.db, &listen);
+        let (child, url) = launch(cmd, &self.dir, "keepwire").await?;
+        self.pid = child.id().context("pid")?;
+        self.child = child;
+        if url != self.url {
+            bail!("keepwire came back on {url}, not {}", self.url);
+        }
+        Ok(())
     }
 
     /// Where this run keeps its files.
@@ -250,34 +260,42 @@ impl Server {
 
     /// Like [`Server::seed`], numbering messages from `first`.
     pub async fn seed_from(&self, pair: usize, first: usize, n: usize) -> anyhow::Result<()> {
+        self.seed_pairs(&[pair], first, n).await
+    }
+
+    /// Stores messages `first..first + n` from the sender of every pair in
+    /// `pairs` (bodies start with the message number, 20 digits).
+    pub async fn seed_pairs(&self, pairs: &[usize], first: usize, n: usize) -> anyhow::Result<()> {
         let store = SqliteStore::open(&self.db, SqliteOptions::default())?;
-        let user = self.sender_ids[2 * pair];
-        let conv = self.roster.conv(pair);
-        let (mut done, n) = (first, first + n);
-        while done < n {
-            let chunk = (n - done).min(2000);
-            let mut tasks = Vec::with_capacity(chunk);
-            for i in done..done + chunk {
-                let store = store.clone();
-                tasks.push(tokio::spawn(async move {
-                    store
-                        .send(
-                            Actor::User(user),
-                            "seed",
-                            keepwire_proto::Send {
-                                cid: format!("seed{i:016x}"),
-                                conv,
-                                kind: "text".into(),
-                                body: format!("{i:020}{}", "x".repeat(80)),
-                            },
-                        )
-                        .await
-                }));
-            }
+        let sends: Vec<_> = pairs
+            .iter()
+            .flat_map(|&p| (first..first + n).map(move |i| (p, i)))
+            .collect();
+        for chunk in sends.chunks(2000) {
+            let tasks: Vec<_> = chunk
+                .iter()
+                .map(|&(pair, i)| {
+                    let store = store.clone();
+                    let (user, conv) = (self.sender_ids[2 * pair], self.roster.conv(pair));
+                    tokio::spawn(async move {
+                        store
+                            .send(
+                                Actor::User(user),
+                                "seed",
+                                keepwire_proto::Send {
+                                    cid: format!("seed{i:016x}"),
+                                    conv,
+                                    kind: "text".into(),
+                                    body: format!("{i:020}{}", "x".repeat(80)),
+                                },
+                            )
+                            .await
+                    })
+                })
+                .collect();
             for t in tasks {
                 t.await??;
             }
-            done += chunk;
         }
         store.close().await;
         Ok(())
@@ -290,10 +308,7 @@ impl Server {
 
     /// The URL a member of group `g` opens (peers: the room in the query).
     pub fn url_for_group(&self, g: usize) -> String {
-        match self.target {
-            Target::Keepwire => self.url.clone(),
-            _ => format!("{}/?room={g}", self.url),
-        }
+        crate::wire::Wire::of(self.target).url(&self.url, g)
     }
 
     /// A counter from keepwire's /metrics.
@@ -332,6 +347,112 @@ impl Server {
     }
 }
 
+/// A command pinned to `core` with `taskset`, or run through `env` (both exec,
+/// so the child's pid is the server's).
+fn pinned(core: Option<u32>) -> Command {
+    match core {
+        Some(core) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(core.to_string());
+            cmd
+        }
+        None => Command::new("env"),
+    }
+}
+
+/// `keepwire serve` on `db` at `listen`, with limits out of the way of load.
+fn keepwire_serve(cmd: &mut Command, exe: &std::path::Path, db: &std::path::Path, listen: &str) {
+    cmd.arg(exe)
+        .args(["serve", "--listen", listen, "--db"])
+        .arg(db)
+        .args(["--sends-per-sec", "1000000", "--send-burst", "1000000"])
+        .args(["--user-sends-per-sec", "1000000"])
+        .args(["--max-connections-per-user", "1000000"])
+        .args(["--max-group-size", "100000"])
+        .env("KEEPWIRE_LOG", "warn");
+}
+
+/// Spawns a server that prints its URL as its first line of output.
+async fn launch(
+    mut cmd: Command,
+    dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<(Child, String)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("the server did not start in 30 s")??
+        .with_context(|| format!("{name} exited; see {}", dir.join("server.log").display()))?;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, url.trim().to_owned()))
+}
+
+/// Mosquitto 2 with a plain MQTT listener (Debian's build does not start
+/// with websockets alone) and a websockets listener, persistence on (it
+/// snapshots in-memory state periodically, it does not fsync each message).
+async fn mosquitto(mut cmd: Command, dir: &std::path::Path) -> anyhow::Result<(Child, String)> {
+    let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("mosquitto is not installed (bench/setup.sh installs it with apt-get)")?;
+    let free_port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (mqtt_port, ws_port) = (free_port()?, free_port()?);
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings false\nallow_anonymous true\npersistence true\n\
+             persistence_location {}/\nlog_dest stderr\nlog_type error\n\
+             listener {mqtt_port} 127.0.0.1\nprotocol mqtt\n\
+             listener {ws_port} 127.0.0.1\nprotocol websockets\n",
+            dir.display()
+        ),
+    )?;
+    cmd.arg(exe).arg("-c").arg(&conf);
+    let log = std::fs::File::create(dir.join("server.log"))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start mosquitto")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", ws_port))
+            .await
+            .is_ok()
+        {
+            return Ok((child, format!("ws://127.0.0.1:{ws_port}")));
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "mosquitto exited ({st}); see {}",
+                dir.join("server.log").display()
+            );
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("mosquitto did not listen within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Users, tokens and conversations, straight into a new relay database;
 /// returns the users' ids.
 async fn prepare(
@@ -340,33 +461,61 @@ async fn prepare(
 ) -> anyhow::Result<Vec<keepwire_server::store::UserId>> {
     let store = SqliteStore::open(db, SqliteOptions::default())?;
     let mut ids = Vec::with_capacity(roster.users.len());
-    for (name, token) in roster.users.iter_mut() {
-        ids.push(store.create_user(name).await?);
-        *token = store
-            .issue_token(name, Duration::from_secs(86400))
-            .await?
-            .token;
+    // Concurrently, so the relay's group commit makes thousands of users quick.
+    for chunk in roster.users.chunks_mut(1000) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|(name, _)| {
+                let (store, name) = (store.clone(), name.clone());
+                tokio::spawn(async move {
+                    let id = store.create_user(&name).await?;
+                    let token = store.issue_token(&name, Duration::from_secs(86400)).await?;
+                    anyhow::Ok((id, token.token))
+                })
+            })
+            .collect();
+        for ((_, token), task) in chunk.iter_mut().zip(tasks) {
+            let (id, t) = task.await??;
+            ids.push(id);
+            *token = t;
+        }
     }
-    for (k, members) in roster.conv_members.iter().enumerate() {
-        let (first, rest) = members.split_first().context("empty conversation")?;
-        let (info, _) = store
-            .conv_create(
-                Actor::User(ids[*first]),
-                ConvCreate {
-                    rid: format!("r{k}"),
-                    key: format!("k{k}"),
-                    kind: if rest.len() == 1 {
-                        ConvKind::Direct
-                    } else {
-                        ConvKind::Group
-                    },
-                    members: rest.iter().map(|i| roster.users[*i].0.clone()).collect(),
-                    name: None,
+    let convs: Vec<_> = roster
+        .conv_members
+        .iter()
+        .enumerate()
+        .map(|(k, members)| {
+            let (first, rest) = members.split_first().context("empty conversation")?;
+            let create = ConvCreate {
+                rid: format!("r{k}"),
+                key: format!("k{k}"),
+                kind: if rest.len() == 1 {
+                    ConvKind::Direct
+                } else {
+                    ConvKind::Group
                 },
-                100_000,
-            )
-            .await?;
-        roster.convs.push(info.id);
+                members: rest.iter().map(|i| roster.users[*i].0.clone()).collect(),
+                name: None,
+            };
+            anyhow::Ok((ids[*first], create))
+        })
+        .collect::<Result<_, _>>()?;
+    for chunk in convs.chunks(1000) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .cloned()
+            .map(|(creator, create)| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .conv_create(Actor::User(creator), create, 100_000)
+                        .await
+                })
+            })
+            .collect();
+        for task in tasks {
+            roster.convs.push(task.await??.0.id);
+        }
     }
     store.close().await;
     Ok(ids)

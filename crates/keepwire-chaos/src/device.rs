@@ -184,10 +184,12 @@ fn quick_detection(c: &mut keepwire_core::Config) {
     c.backoff_foreground = keepwire_core::Backoff {
         base: Duration::from_millis(100),
         cap: Duration::from_secs(2),
+        jitter: keepwire_core::Jitter::Full,
     };
     c.backoff_background = keepwire_core::Backoff {
         base: Duration::from_millis(100),
         cap: Duration::from_secs(4),
+        jitter: keepwire_core::Jitter::Full,
     };
     c.adaptive_heartbeat = None;
 }

@@ -36,5 +36,8 @@ pub use client::{
     CA_META, Client, ClientBuilder, ClientError, ClientEvent, SendError, SendHandle, Status,
     SyncOutcome, SyncReport, TokenProvider, boot_clock, parse_pem_certificates,
 };
-pub use keepwire_core::{AppState, BackgroundPolicy, ConnectionError, Network, State, StopReason};
+pub use keepwire_core::{
+    AppState, BackgroundPolicy, Backoff, Config, ConnectionError, Jitter, Network, State,
+    StopReason,
+};
 pub use transport::{BoxFuture, Resolver, SystemResolver, conformance_echo};

@@ -4,16 +4,30 @@ use std::time::Duration;
 
 use crate::rng::SeededRng;
 
-/// Full-jitter exponential backoff: the delay before attempt `n` (0-based) is
-/// uniform in `[0, min(cap, base * 2^n)]` ("Exponential Backoff and Jitter",
-/// AWS Architecture Blog, 2015). Spreads a reconnect storm evenly while the
-/// expected delay still grows.
+/// Exponential backoff, with full jitter by default: the delay before attempt
+/// `n` (0-based) is uniform in `[0, min(cap, base * 2^n)]` ("Exponential
+/// Backoff and Jitter", AWS Architecture Blog, 2015). Spreads a reconnect
+/// storm evenly while the expected delay still grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// Delay scale of the first retry.
     pub base: Duration,
     /// Largest delay.
     pub cap: Duration,
+    /// How delays are randomized.
+    pub jitter: Jitter,
+}
+
+/// How a [`Backoff`] randomizes its delays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Jitter {
+    /// Uniform in `[0, ceiling]` (the default).
+    #[default]
+    Full,
+    /// Exactly the ceiling: every client that failed at the same moment retries
+    /// at the same moment. For comparisons (the reconnect-storm benchmark), not
+    /// for production.
+    None,
 }
 
 impl Backoff {
@@ -25,7 +39,10 @@ impl Backoff {
 
     /// A random delay for attempt `attempt`.
     pub fn delay(&self, attempt: u32, rng: &mut SeededRng) -> Duration {
-        rng.duration_up_to(self.ceiling(attempt))
+        match self.jitter {
+            Jitter::Full => rng.duration_up_to(self.ceiling(attempt)),
+            Jitter::None => self.ceiling(attempt),
+        }
     }
 }
 
@@ -38,6 +55,7 @@ mod tests {
         let b = Backoff {
             base: Duration::from_millis(500),
             cap: Duration::from_secs(30),
+            jitter: Jitter::Full,
         };
         assert_eq!(b.ceiling(0), Duration::from_millis(500));
         assert_eq!(b.ceiling(1), Duration::from_secs(1));
@@ -47,6 +65,19 @@ mod tests {
         let mut rng = SeededRng::new(3);
         for a in 0..100 {
             assert!(b.delay(a, &mut rng) <= b.cap);
+        }
+    }
+
+    #[test]
+    fn without_jitter_the_delay_is_the_ceiling() {
+        let b = Backoff {
+            base: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+            jitter: Jitter::None,
+        };
+        let mut rng = SeededRng::new(3);
+        for a in 0..10 {
+            assert_eq!(b.delay(a, &mut rng), b.ceiling(a));
         }
     }
 }

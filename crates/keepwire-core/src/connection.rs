@@ -8,7 +8,7 @@ use keepwire_proto::{
     Send, Seq, ServerFrame, Welcome, decode_server, encode,
 };
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Jitter};
 use crate::rng::SeededRng;
 use crate::time::Instant;
 
@@ -111,10 +111,12 @@ impl Config {
             backoff_foreground: Backoff {
                 base: Duration::from_millis(500),
                 cap: Duration::from_secs(30),
+                jitter: Jitter::Full,
             },
             backoff_background: Backoff {
                 base: Duration::from_millis(500),
                 cap: Duration::from_secs(300),
+                jitter: Jitter::Full,
             },
             stable_after: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(15),

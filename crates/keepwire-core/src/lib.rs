@@ -13,7 +13,7 @@ mod connection;
 mod rng;
 mod time;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, Jitter};
 pub use connection::{
     AdaptiveHeartbeat, AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event,
     FailureKind, Network, NotConnected, OutboxItem, State, StopReason, Transmit, TransportEvent,
