@@ -38,10 +38,16 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("migrations/0002_integration.sql"),
     ),
     ("0003_reads", include_str!("migrations/0003_reads.sql")),
+    (
+        "0004_inbox_without_ts_index",
+        include_str!("migrations/0004_inbox_without_ts_index.sql"),
+    ),
 ];
 
 /// Most jobs one group commit takes.
 const MAX_BATCH: usize = 1024;
+/// The writer's page cache, in KiB (negative: SQLite's "size in KiB").
+const WRITER_CACHE_KIB: i64 = -32 * 1024;
 /// Jobs that may wait for the writer before senders are slowed down.
 const QUEUE_DEPTH: usize = 8192;
 /// Idle read connections kept open.
@@ -67,7 +73,9 @@ type Heads = Vec<HeadAdvance>;
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// A job runs inside the group transaction (or gets `None` when the
 /// transaction could not be started) and returns what to do after the commit.
-type Job = Box<dyn FnOnce(Option<&Connection>, &mut Heads) -> Completion + Send>;
+/// It sets the flag when it failed after writing: the whole group then rolls
+/// back.
+type Job = Box<dyn FnOnce(Option<&Connection>, &mut Heads, &mut bool) -> Completion + Send>;
 
 enum WriterMsg {
     Job(Job),
@@ -90,6 +98,22 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The latest log time handed out in this process.
+static LAST_LOG_TS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// The time of a new inbox entry or message (ms since the Unix epoch): the
+/// wall clock, but never earlier than a time given before (in this process,
+/// or stored in the database, see [`SqliteStore::open`]). A user's entry
+/// times then rise with its sequence, which the age trim relies on: it cuts
+/// each inbox at its first entry young enough to keep, and no kept entry may
+/// point at a message it deletes.
+fn log_ts() -> i64 {
+    let now = now_ms();
+    LAST_LOG_TS
+        .fetch_max(now, std::sync::atomic::Ordering::Relaxed)
+        .max(now)
 }
 
 fn hash_token(token: &str) -> Vec<u8> {
@@ -158,6 +182,10 @@ impl SqliteStore {
         }
         let mut conn = Connection::open(path)?;
         configure(&conn)?;
+        // The writer: savepoints' sub-journals in memory (not a temp file
+        // written per job), and a page cache that holds the hot inbox pages.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
         migrate(&mut conn)?;
         conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', ?1)",
@@ -167,6 +195,12 @@ impl SqliteStore {
             conn.query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
                 r.get(0)
             })?;
+        // Log times go on from the latest stored one, even if the clock
+        // was set back while the relay was down.
+        let latest: i64 = conn.query_row("SELECT COALESCE(MAX(ts), 0) FROM messages", [], |r| {
+            r.get(0)
+        })?;
+        LAST_LOG_TS.fetch_max(latest, std::sync::atomic::Ordering::Relaxed);
 
         let metrics = opts.metrics.unwrap_or_default();
         let listener: Arc<OnceLock<Arc<dyn HeadListener>>> = Arc::new(OnceLock::new());
@@ -252,14 +286,23 @@ impl SqliteStore {
         F: FnOnce(&Connection, &mut Heads) -> Result<R, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
-        let job: Job = Box::new(move |conn, heads| {
+        let job: Job = Box::new(move |conn, heads, wrote_then_failed| {
             let result = match conn {
                 None => Err(StoreError::Commit("could not begin a transaction".into())),
                 Some(conn) => {
+                    // No savepoint per job: SQLite copies every page a
+                    // savepoint touches into a sub-journal, which cost more
+                    // than the jobs themselves under fanout. Jobs check
+                    // before they write; one that fails after writing (an
+                    // SQLite error) rolls the whole group back instead.
                     let mark = heads.len();
-                    let r = savepoint(conn, |c| f(c, heads));
+                    let changes = conn.total_changes();
+                    let r = f(conn, heads);
                     if r.is_err() {
                         heads.truncate(mark);
+                        if conn.total_changes() != changes {
+                            *wrote_then_failed = true;
+                        }
                     }
                     r
                 }
@@ -301,23 +344,6 @@ impl SqliteStore {
         })
         .await
         .map_err(|e| StoreError::Commit(format!("read task failed: {e}")))?
-    }
-}
-
-fn savepoint<R>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<R, StoreError>,
-) -> Result<R, StoreError> {
-    conn.execute_batch("SAVEPOINT job")?;
-    match f(conn) {
-        Ok(r) => {
-            conn.execute_batch("RELEASE job")?;
-            Ok(r)
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
-            Err(e)
-        }
     }
 }
 
@@ -380,18 +406,26 @@ fn run_batch(
 ) {
     let mut heads = Heads::new();
     let jobs = batch.len() as u64;
+    let mut wrote_then_failed = false;
     let begun = conn.execute_batch("BEGIN IMMEDIATE");
     let completions: Vec<Completion> = match &begun {
         Ok(()) => batch
             .into_iter()
-            .map(|job| job(Some(conn), &mut heads))
+            .map(|job| job(Some(conn), &mut heads, &mut wrote_then_failed))
             .collect(),
         Err(e) => {
             tracing::error!(target: "keepwire::store", error = %e, "cannot begin a transaction");
-            batch.into_iter().map(|job| job(None, &mut heads)).collect()
+            batch
+                .into_iter()
+                .map(|job| job(None, &mut heads, &mut wrote_then_failed))
+                .collect()
         }
     };
-    let commit = if begun.is_ok() {
+    let commit = if wrote_then_failed {
+        tracing::error!(target: "keepwire::store", "a job failed after writing: the group commit is rolled back");
+        let _ = conn.execute_batch("ROLLBACK");
+        Err("a write in the same group commit failed; nothing was stored".to_owned())
+    } else if begun.is_ok() {
         match conn.execute_batch("COMMIT") {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -923,7 +957,7 @@ impl Store for SqliteStore {
                 });
             }
             require_actor(c, send.conv, actor)?;
-            let ts = now_ms();
+            let ts = log_ts();
             let conv_seq: i64 = c
                 .prepare_cached(
                     "UPDATE convs SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
@@ -1090,7 +1124,7 @@ impl Store for SqliteStore {
                     format!("a group has at most {max_group_size} members"),
                 ));
             }
-            let now = now_ms();
+            let now = log_ts();
             let direct_key = (req.kind == ConvKind::Direct)
                 .then(|| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(":"));
             c.prepare_cached(
@@ -1163,7 +1197,7 @@ impl Store for SqliteStore {
             if present == add {
                 return Ok((info, false));
             }
-            let now = now_ms();
+            let now = log_ts();
             let recipients = if add {
                 if info.members.len() >= max_group_size {
                     return Err(StoreError::refused(
@@ -1280,7 +1314,7 @@ impl Store for SqliteStore {
             if n == 0 || up_to <= 0 {
                 return Ok(false);
             }
-            let ts = now_ms();
+            let ts = log_ts();
             let mark = EntryItem::Read(ReadMark {
                 conv,
                 up_to: up_to as u64,
@@ -1628,16 +1662,37 @@ Ok(Revocation { id: r.get(0)?, user_id: r.get(1)?, token_id: r.get(2)?, device: 
             let mut report = TrimReport::default();
             if let Some(age) = retention.max_age {
                 let cutoff = now - i64::try_from(age.as_millis()).unwrap_or(i64::MAX);
-                report.inbox_entries =
-                    c.execute("DELETE FROM inbox WHERE ts < ?1", [cutoff])? as u64;
-                report.messages = c.execute("DELETE FROM messages WHERE ts < ?1", [cutoff])? as u64;
-                if report.inbox_entries > 0 {
-                    c.execute_batch(
-                        "UPDATE users SET inbox_floor = COALESCE(
-                             (SELECT MIN(seq) FROM inbox WHERE inbox.user_id = users.id),
-                             inbox_head + 1)",
-                    )?;
+                // Per user, everything before the first entry young enough
+                // to keep (entries are appended in commit order, so a
+                // user's entry times rise with the sequence; the scan
+                // stops at the first one to keep).
+                let mut users =
+                    c.prepare_cached("SELECT id, inbox_floor, inbox_head FROM users")?;
+                let users: Vec<(i64, i64, i64)> = users
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .collect::<Result<_, _>>()?;
+                for (user, floor, head) in users {
+                    if floor > head {
+                        continue;
+                    }
+                    let keep_from: i64 = c
+                        .prepare_cached(
+                            "SELECT seq FROM inbox WHERE user_id = ?1 AND ts >= ?2
+                             ORDER BY seq LIMIT 1",
+                        )?
+                        .query_row(params![user, cutoff], |r| r.get(0))
+                        .optional()?
+                        .unwrap_or(head + 1);
+                    if keep_from > floor {
+                        report.inbox_entries += c
+                            .prepare_cached("DELETE FROM inbox WHERE user_id = ?1 AND seq < ?2")?
+                            .execute(params![user, keep_from])?
+                            as u64;
+                        c.prepare_cached("UPDATE users SET inbox_floor = ?2 WHERE id = ?1")?
+                            .execute(params![user, keep_from])?;
+                    }
                 }
+                report.messages = c.execute("DELETE FROM messages WHERE ts < ?1", [cutoff])? as u64;
             }
             let dedupe = retention
                 .dedupe_age
@@ -1699,6 +1754,41 @@ mod tests {
                 let _ = std::fs::remove_dir_all(&self.0);
             }
         }
+    }
+
+    /// A job that fails after writing must leave nothing behind, and every
+    /// other job's answer must match what was stored (success: stored;
+    /// error: not stored), whether or not they shared its group commit.
+    #[tokio::test]
+    async fn a_job_failing_after_writing_leaves_nothing_and_answers_match_the_store() {
+        let (_d, p) = tmp_db();
+        let store = SqliteStore::open(&p, SqliteOptions::default()).unwrap();
+        // Hold the writer so the next jobs queue up and share one group.
+        let hold = store.write(|_, _| {
+            std::thread::sleep(Duration::from_millis(100));
+            Ok(())
+        });
+        let bad = store.write(|c, _| {
+            c.execute(
+                "INSERT INTO users (name, created_at) VALUES ('half', 0)",
+                [],
+            )?;
+            Err::<(), _>(StoreError::Commit("failed after writing".into()))
+        });
+        let good = store.create_user("whole");
+        let (held, bad, good) = tokio::join!(hold, bad, good);
+        // The holder wrote nothing: it may share the failed group or not.
+        assert!(
+            matches!(held, Ok(()) | Err(StoreError::Commit(_))),
+            "{held:?}"
+        );
+        assert!(bad.is_err());
+        assert_eq!(store.user_id("half").await.unwrap(), None);
+        let stored = store.user_id("whole").await.unwrap();
+        assert_eq!(good.is_ok(), stored.is_some(), "{good:?} vs {stored:?}");
+        // The writer goes on.
+        store.create_user("after").await.unwrap();
+        store.close().await;
     }
 
     #[tokio::test]
