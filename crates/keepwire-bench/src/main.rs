@@ -535,8 +535,13 @@ async fn fanout(
                     p.add_permits(wire.confirmations(&m, &mut st));
                 }
             });
+            // Publishers' ticks are spread over the period, not aligned: G
+            // publishers firing at the same instant would measure a burst of
+            // G messages, not the rate.
             let mut tick = (rate > 0).then(|| {
-                let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+                let period = Duration::from_secs_f64(1.0 / f64::from(rate));
+                let phase = period.mul_f64(g as f64 / groups as f64);
+                let mut i = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
                 i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 i
             });

@@ -48,6 +48,8 @@ const MIGRATIONS: &[(&str, &str)] = &[
 const MAX_BATCH: usize = 1024;
 /// The writer's page cache, in KiB (negative: SQLite's "size in KiB").
 const WRITER_CACHE_KIB: i64 = -32 * 1024;
+/// WAL pages between automatic checkpoints (SQLite's default is 1,000).
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 /// Jobs that may wait for the writer before senders are slowed down.
 const QUEUE_DEPTH: usize = 8192;
 /// Idle read connections kept open.
@@ -186,6 +188,10 @@ impl SqliteStore {
         // written per job), and a page cache that holds the hot inbox pages.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
+        // Checkpoint every ~40 MB of WAL, not every 4 MB: group fanout
+        // rewrites the same hot inbox pages commit after commit, and a
+        // checkpoint copies each page once however often it was rewritten.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
         migrate(&mut conn)?;
         conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('epoch', ?1)",
@@ -656,6 +662,67 @@ fn append_inbox(
         "INSERT INTO inbox (user_id, seq, message_id, event, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![user, head, message_id, event, ts])?;
+    trim_to_max_entries(conn, user, head, floor, max_entries)?;
+    heads.push(HeadAdvance {
+        user,
+        seq: head as Seq,
+        item: item.cloned(),
+    });
+    Ok(head as Seq)
+}
+
+/// Appends message `message_id` to the inbox of every member of `conv`, in
+/// two statements whatever the group's size (one row per member, but not one
+/// statement per member: that overhead was most of the writer's work under
+/// group fanout). Returns the sender's own sequence (its echo), if a member.
+#[allow(clippy::too_many_arguments)]
+fn append_message_to_members(
+    conn: &Connection,
+    conv: ConvId,
+    message_id: i64,
+    sender: UserId,
+    ts: i64,
+    max_entries: Option<u64>,
+    heads: &mut Heads,
+    item: &Arc<str>,
+) -> Result<Option<Seq>, StoreError> {
+    let advanced: Vec<(UserId, i64, i64)> = conn
+        .prepare_cached(
+            "UPDATE users SET inbox_head = inbox_head + 1
+             WHERE id IN (SELECT user_id FROM members WHERE conv_id = ?1)
+             RETURNING id, inbox_head, inbox_floor",
+        )?
+        .query_map([conv as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    conn.prepare_cached(
+        "INSERT INTO inbox (user_id, seq, message_id, event, ts)
+         SELECT u.id, u.inbox_head, ?2, NULL, ?3
+         FROM members m JOIN users u ON u.id = m.user_id WHERE m.conv_id = ?1",
+    )?
+    .execute(params![conv as i64, message_id, ts])?;
+    let mut echo = None;
+    for (user, head, floor) in advanced {
+        trim_to_max_entries(conn, user, head, floor, max_entries)?;
+        heads.push(HeadAdvance {
+            user,
+            seq: head as Seq,
+            item: Some(item.clone()),
+        });
+        if user == sender {
+            echo = Some(head as Seq);
+        }
+    }
+    Ok(echo)
+}
+
+/// Retention by count, inline: drops `user`'s oldest entries beyond `max`.
+fn trim_to_max_entries(
+    conn: &Connection,
+    user: UserId,
+    head: i64,
+    floor: i64,
+    max_entries: Option<u64>,
+) -> Result<(), StoreError> {
     if let Some(max) = max_entries {
         let max = max.max(1) as i64;
         if head - floor + 1 > max {
@@ -666,12 +733,7 @@ fn append_inbox(
                 .execute(params![user, new_floor])?;
         }
     }
-    heads.push(HeadAdvance {
-        user,
-        seq: head as Seq,
-        item: item.cloned(),
-    });
-    Ok(head as Seq)
+    Ok(())
 }
 
 fn membership_entries(
@@ -993,22 +1055,8 @@ impl Store for SqliteStore {
                 ts,
             }))
             .into();
-            let mut echo_seq = None;
-            for member in member_ids(c, send.conv)? {
-                let seq = append_inbox(
-                    c,
-                    member,
-                    Some(id),
-                    None,
-                    ts,
-                    max_entries,
-                    heads,
-                    Some(&item),
-                )?;
-                if member == user {
-                    echo_seq = Some(seq);
-                }
-            }
+            let echo_seq =
+                append_message_to_members(c, send.conv, id, user, ts, max_entries, heads, &item)?;
             c.prepare_cached(
                 "INSERT INTO sends (user_id, device, cid, digest, message_id, conv_id, conv_seq, ts)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
