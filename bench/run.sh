@@ -15,7 +15,7 @@ mkdir -p "$out"
 : >"$out/results.jsonl"
 
 bash bench/setup.sh
-cargo build --quiet --release -p keepwire -p keepwire-bench
+cargo build --quiet --release -p keepwire -p keepwire-bench --bins
 bench="taskset -c 1 target/release/keepwire-bench"
 pin=(--server-core 0)
 targets=(keepwire node-ws python-ws socketio mosquitto)
@@ -37,6 +37,7 @@ for r in $(seq "$runs"); do
         record "idle-$t" $bench idle --target "$t" "${pin[@]}" --conns "$conns" --hold 5s
     done
     record "ingest-keepwire" $bench ingest --target keepwire "${pin[@]}" --senders 50 --duration "$duration"
+    record "footprint-keepwire" $bench footprint "${pin[@]}"
     record "catchup-keepwire" $bench catchup "${pin[@]}" --messages 100000
     record "storm-jitter-keepwire" $bench storm "${pin[@]}" --devices "${STORM_DEVICES:-10000}" --downtime 5s
     record "storm-nojitter-keepwire" $bench storm "${pin[@]}" --devices "${STORM_DEVICES:-10000}" --downtime 5s --no-jitter

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTUP_TOOLCHAIN=stable
 bash bench/setup.sh
-cargo build --quiet -p keepwire -p keepwire-bench
+cargo build --quiet -p keepwire -p keepwire-bench --bins
 bench=target/debug/keepwire-bench
 run() {
     echo "  keepwire-bench $*"
@@ -25,6 +25,7 @@ for t in keepwire node-ws python-ws socketio mosquitto; do
 done
 run ingest --target keepwire --senders 2 --duration 500ms
 run catchup --messages 500
+run footprint --idle 200ms
 run reconnect-latency --rtt 20ms --backlog 2 --times 2
 run storm --devices 20 --downtime 1s --within 60s
 run storm --devices 20 --downtime 1s --within 60s --no-jitter

@@ -165,6 +165,16 @@ enum Scenario {
         #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
         within: Duration,
     },
+    /// The background agent's resident memory once logged in, connected and
+    /// idle (`keepwire-agent` and `keepwire agent`), and the release binaries'
+    /// sizes (keepwire only).
+    Footprint {
+        #[command(flatten)]
+        common: Common,
+        /// How long the agent idles before its memory is read.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+        idle: Duration,
+    },
     /// A device offline while M messages arrive, then `keepwire sync`: time
     /// until all are persisted in its store, and the client's peak memory
     /// (keepwire only).
@@ -206,6 +216,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
             } => fanout(&common, groups, members, rate, payload, duration).await,
             Scenario::Catchup { common, messages } => catchup(&common, messages).await,
+            Scenario::Footprint { common, idle } => footprint(&common, idle).await,
             Scenario::Storm {
                 common,
                 devices,
@@ -733,6 +744,73 @@ async fn catchup(c: &Common, messages: usize) -> anyhow::Result<String> {
         "sync_secs": round2(secs), "persisted_per_sec": (messages as f64 / secs).round(),
         "client_peak_rss_kib": peak_kib, "seed_secs": round2(seed_secs),
         "status": serde_json::from_str::<serde_json::Value>(&stored).unwrap_or_default(),
+    })
+    .to_string())
+}
+
+async fn footprint(c: &Common, idle: Duration) -> anyhow::Result<String> {
+    if Target::from(c.target) != Target::Keepwire {
+        bail!("footprint measures keepwire's agent and binaries: keepwire only");
+    }
+    let server = Server::start(c, Target::Keepwire, servers::Roster::pairs(1)).await?;
+    let exe = server.keepwire_exe().to_owned();
+    let agent_exe = exe.with_file_name("keepwire-agent");
+    let home = server.dir().join("agent-home");
+    let out = std::process::Command::new(&exe)
+        .args(["login", "--server", &server.url_for(0), "--token"])
+        .arg(server.roster.receiver_token(0))
+        .env("KEEPWIRE_HOME", &home)
+        .output()?;
+    if !out.status.success() {
+        bail!("login failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut rss = serde_json::Map::new();
+    for (name, cmd) in [
+        ("keepwire-agent", vec![agent_exe.clone()]),
+        ("keepwire agent", vec![exe.clone(), "agent".into()]),
+    ] {
+        let mut child = tokio::process::Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .args(["--no-desktop"])
+            .env("KEEPWIRE_HOME", &home)
+            .env("KEEPWIRE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", cmd[0].display()))?;
+        let pid = child.id().context("agent pid")?;
+        // Connected: the relay counts the agent's connection.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.metric("keepwire_connections_open").await != Some(1) {
+            if Instant::now() > deadline {
+                bail!("{name} did not connect in 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(idle).await;
+        rss.insert(name.into(), proc_stats::rss_kib(pid)?.into());
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.metric("keepwire_connections_open").await != Some(0)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    server.stop().await;
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    Ok(serde_json::json!({
+        "scenario": "footprint", "target": "keepwire",
+        "agent_rss_kib": rss,
+        "binary_bytes": {
+            "keepwire": size(&exe),
+            "keepwire-agent": size(&agent_exe),
+            "keepwire-bench": size(&std::env::current_exe()?),
+        },
     })
     .to_string())
 }

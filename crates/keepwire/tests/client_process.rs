@@ -438,13 +438,11 @@ fn the_agent_holds_the_connection_notifies_and_serves_send_sync_and_status() {
     } = setup("agent");
     let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
     let hook = dir.join("n.jsonl");
+    // The dedicated binary (`keepwire agent` runs the same code; the desktop
+    // test uses that one).
     let mut agent = Tail(
-        Command::new(bin())
-            .args([
-                "agent",
-                "--notify-command",
-                &format!("cat >> {}", hook.display()),
-            ])
+        Command::new(env!("CARGO_BIN_EXE_keepwire-agent"))
+            .args(["--notify-command", &format!("cat >> {}", hook.display())])
             .env("KEEPWIRE_HOME", &alice)
             .env("KEEPWIRE_LOG", "warn")
             .stdin(Stdio::null())

@@ -1,0 +1,173 @@
+//! The `keepwire` command: the relay (`serve`, `admin`) and a client for one
+//! device home (`login`, `conv`, `send`, `sync`, `log`, `tail`, `status`).
+//! Also the `keepwire-agent` command: the desktop background agent alone, a
+//! smaller binary (it links no relay code) for a process that runs all day.
+//!
+//! Every mistake a user can make on the command line ends in a one-line
+//! `error: ...` message and a non-zero exit, never a panic or a backtrace.
+
+use std::fmt;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+mod agent;
+mod chaos_cmds;
+mod client_cmds;
+mod demo;
+mod relay_cmds;
+
+/// keepwire: keeps a chat app's users reachable.
+#[derive(Parser)]
+#[command(name = "keepwire", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay server.
+    Serve(Box<relay_cmds::ServeArgs>),
+    /// Manage users, tokens and the relay database.
+    Admin(relay_cmds::AdminArgs),
+    /// Save the relay URL and token for this device home.
+    Login(client_cmds::LoginArgs),
+    /// Create and list conversations.
+    Conv(client_cmds::ConvArgs),
+    /// Send a message (durably queued first).
+    Send(client_cmds::SendArgs),
+    /// Connect, send queued messages, fetch new ones, disconnect.
+    Sync(client_cmds::SyncArgs),
+    /// Print stored messages.
+    Log(client_cmds::LogArgs),
+    /// Stay connected and print messages as they arrive.
+    Tail(client_cmds::TailArgs),
+    /// Show the connection state, cursor and outbox.
+    Status(client_cmds::StatusArgs),
+    /// Notification and background preferences (mute, quiet hours, previews, policy).
+    Prefs(client_cmds::PrefsArgs),
+    /// Mark a conversation read (on all of the user's devices).
+    Read(client_cmds::ReadArgs),
+    /// Connection analytics: uptime, reconnects, heartbeats, notifications (--svg for a timeline).
+    Stats(client_cmds::StatsArgs),
+    /// Run the desktop background agent (connection, notifications, local socket).
+    Agent(client_cmds::AgentArgs),
+    /// Play keepwire's scenarios on an embedded relay and print a timeline and a verdict.
+    Demo,
+    /// Fault injection: chaos runs with an exactly-once checker, a fault proxy.
+    Chaos(chaos_cmds::ChaosArgs),
+}
+
+/// An error that ends the command with a specific exit code.
+#[derive(Debug)]
+pub(crate) struct Exit {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// The `keepwire` command's entry point.
+pub fn main_cli() -> ExitCode {
+    let cli = Cli::parse();
+    run_to_exit(run(cli))
+}
+
+/// `keepwire-agent`: the background agent only (`keepwire agent` in one binary).
+#[derive(Parser)]
+#[command(
+    name = "keepwire-agent",
+    version,
+    about = "keepwire's desktop background agent (the same as `keepwire agent`)"
+)]
+struct AgentCli {
+    #[command(flatten)]
+    args: client_cmds::AgentArgs,
+}
+
+/// The `keepwire-agent` command's entry point.
+pub fn main_agent() -> ExitCode {
+    let cli = AgentCli::parse();
+    run_to_exit(client_cmds::agent(cli.args))
+}
+
+/// Runs a command on a runtime and maps its result to a message and an exit code.
+fn run_to_exit(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(command);
+    // Do not wait for background tasks (a hanging resolver, say) at exit.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<Exit>() {
+            Some(exit) => {
+                if !exit.message.is_empty() {
+                    eprintln!("error: {}", exit.message);
+                }
+                ExitCode::from(exit.code)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+pub(crate) fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEPWIRE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => relay_cmds::serve(*args).await,
+        Command::Admin(args) => relay_cmds::admin(args).await,
+        Command::Login(args) => client_cmds::login(args).await,
+        Command::Conv(args) => client_cmds::conv(args).await,
+        Command::Send(args) => client_cmds::send(args).await,
+        Command::Sync(args) => client_cmds::sync(args).await,
+        Command::Log(args) => client_cmds::log(args),
+        Command::Tail(args) => client_cmds::tail(args).await,
+        Command::Status(args) => client_cmds::status(args).await,
+        Command::Prefs(args) => client_cmds::prefs(args),
+        Command::Read(args) => client_cmds::read(args).await,
+        Command::Stats(args) => client_cmds::stats(args),
+        Command::Agent(args) => client_cmds::agent(args).await,
+        Command::Demo => demo::run().await,
+        Command::Chaos(args) => chaos_cmds::chaos(args).await,
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("cannot listen for SIGINT")?,
+    }
+    Ok(())
+}
