@@ -15,12 +15,11 @@ use keepwire_proto::{
     ClientFrame, CloseCode, Confirm, ErrorCode, ErrorFrame, Hello, InboxEntry, Rejected, Seq,
     ServerFrame, Welcome, decode_client, encode,
 };
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::Instrument as _;
 
 use crate::Shared;
-use crate::hub::{Control, RegisterError};
+use crate::hub::{Control, ControlQueue, RegisterError};
 use crate::store::{Actor, AuthFailure, AuthedUser, StoreError};
 
 /// Most inbox entries read from the store at once.
@@ -45,16 +44,31 @@ enum End {
 }
 
 /// Runs a connection to completion.
-pub(crate) async fn run(socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
+pub(crate) fn run(
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+) -> impl std::future::Future<Output = ()> {
+    // Split before the future exists: an argument of an async fn keeps its
+    // space in the future for its whole life, even after it is moved out,
+    // and a WebSocket is big. Every idle connection would carry it twice.
+    let (tx, rx) = socket.split();
+    run_split(tx, rx, shared, peer)
+}
+
+async fn run_split(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>, peer: SocketAddr) {
     let span = tracing::info_span!(target: "keepwire::ws", "conn", %peer, user = tracing::field::Empty, device = tracing::field::Empty, session = tracing::field::Empty);
     async move {
-        let (mut tx, mut rx) = socket.split();
-        let end = match handshake(&mut rx, &shared).await {
+        // Bound first: a future in a `match` scrutinee lives until the end of
+        // the match, and the handshake's would sit in every connection's
+        // task for its whole life.
+        let handshake = handshake(&mut rx, &shared).await;
+        let end = match handshake {
             Ok((user, hello)) => {
                 let span = tracing::Span::current();
                 span.record("user", user.name.as_str());
                 span.record("device", hello.device.as_str());
-                session(&mut tx, &mut rx, &shared, user, hello).await
+                session(&mut tx, &mut rx, &shared, user, Box::new(hello)).await
             }
             Err(end) => end,
         };
@@ -179,30 +193,36 @@ impl Outgoing {
     }
 }
 
+/// The writer's futures are boxed: each holds a write-timeout timer, and
+/// inline they would make every idle connection's task larger by their sum.
+type WriteFut<'a> = Pin<Box<dyn Future<Output = Result<(), End>> + Send + 'a>>;
+
 impl Writer<'_> {
-    /// Queues a frame without flushing.
-    async fn feed(&mut self, frame: &ServerFrame) -> Result<(), End> {
-        self.feed_text(encode(frame)).await
-    }
-
     /// Queues encoded text without flushing.
-    async fn feed_text(&mut self, text: String) -> Result<(), End> {
-        match timeout(self.write_timeout, self.tx.feed(Message::Text(text.into()))).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Gone),
-        }
+    fn feed_text(&mut self, text: String) -> WriteFut<'_> {
+        Box::pin(async move {
+            match timeout(self.write_timeout, self.tx.feed(Message::Text(text.into()))).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(End::Gone),
+            }
+        })
     }
 
-    async fn flush(&mut self) -> Result<(), End> {
-        match timeout(self.write_timeout, self.tx.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(End::Gone),
-        }
+    fn flush(&mut self) -> WriteFut<'_> {
+        Box::pin(async move {
+            match timeout(self.write_timeout, self.tx.flush()).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(End::Gone),
+            }
+        })
     }
 
-    async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
-        self.feed(frame).await?;
-        self.flush().await
+    fn send<'a>(&'a mut self, frame: &ServerFrame) -> WriteFut<'a> {
+        let text = encode(frame);
+        Box::pin(async move {
+            self.feed_text(text).await?;
+            self.flush().await
+        })
     }
 }
 
@@ -241,58 +261,68 @@ async fn session(
     rx: &mut Rx,
     shared: &Arc<Shared>,
     user: AuthedUser,
-    hello: Hello,
+    // Boxed and taken apart at once: an argument keeps its space in the
+    // future for the whole connection, and the token is not needed again.
+    hello: Box<Hello>,
 ) -> End {
+    let Hello {
+        device,
+        cursor,
+        heartbeat_ms,
+        history,
+        ..
+    } = *hello;
     let config = &shared.config;
     let limits = &config.limits;
     let store = shared.store.clone();
-    let (control_tx, mut control_rx) = mpsc::channel::<Control>(64);
+    let control = Arc::new(ControlQueue::default());
     let mut reg = match shared.hub.register(
         user.id,
-        &hello.device,
+        &device,
         user.token_id,
         config.max_connections_per_user,
-        control_tx,
+        control.clone(),
     ) {
         Ok(r) => r,
         Err(RegisterError::TooManyConnections) => {
             return End::Closed(CloseCode::TooManyConnections);
         }
     };
-    if let Err(e) = store.touch_device(user.id, &hello.device).await {
+    if let Err(e) = store.touch_device(user.id, &device).await {
         tracing::error!(target: "keepwire::ws", error = %e, "recording the device failed");
         return End::Closed(CloseCode::InternalError);
     }
-    let window = hello
-        .history
+    let window = history
         .unwrap_or(config.history_window)
         .min(config.max_history_window);
-    let plan = match store.resume(user.id, hello.cursor.as_ref(), window).await {
+    let plan = match store.resume(user.id, cursor.as_ref(), window).await {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(target: "keepwire::ws", error = %e, "planning the resume failed");
             return End::Closed(CloseCode::InternalError);
         }
     };
-    let (mut heartbeat, mut idle_timeout) = config.negotiate_heartbeat(hello.heartbeat_ms);
+    let (mut heartbeat, mut idle_timeout) = config.negotiate_heartbeat(heartbeat_ms);
     let session_id = format!("{:016x}", rand::random::<u64>());
     tracing::Span::current().record("session", session_id.as_str());
     let mut w = Writer {
         tx,
         write_timeout: config.write_timeout,
     };
-    let welcome = ServerFrame::Welcome(Welcome {
+    let welcome = Box::new(ServerFrame::Welcome(Welcome {
         session: session_id,
         user: user.name.clone(),
-        device: hello.device.clone(),
+        device: device.clone(),
         heartbeat_ms: heartbeat.as_millis() as u64,
         idle_timeout_ms: idle_timeout.as_millis() as u64,
         epoch: store.epoch(),
         head: plan.head,
         resume: plan.resume.clone(),
         limits: limits.wire(),
-    });
-    if let Err(e) = w.send(&welcome).await {
+    }));
+    let sent = w.send(&welcome).await;
+    drop(welcome);
+    if let Err(e) = sent {
         return e;
     }
     shared.metrics.connections_opened.inc();
@@ -305,6 +335,8 @@ async fn session(
     // Delivery state: `next` is the next inbox sequence to send; the client
     // may hold at most `window` entries beyond its last ack.
     let mut next: Seq = plan.resume.from;
+    let plan_head = plan.head;
+    drop(plan);
     let mut acked: Seq = next.saturating_sub(1);
     let mut ack_dirty = true;
     let mut want_read = true;
@@ -349,12 +381,11 @@ async fn session(
         tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => break End::Closed(CloseCode::GoingAway),
-            ctl = control_rx.recv() => match ctl {
-                Some(Control::Close(code)) => break End::Closed(code),
-                Some(Control::Frame(f)) => {
+            ctl = control.recv() => match ctl {
+                Control::Close(code) => break End::Closed(code),
+                Control::Frame(f) => {
                     if let Err(e) = w.send(&f).await { break e; }
                 }
-                None => {}
             },
             res = async { (&mut read.as_mut().expect("guarded").1).await }, if read.is_some() => {
                 let limit = read.take().map(|r| r.0).unwrap_or(0);
@@ -463,7 +494,7 @@ async fn session(
                                 paused_on = None;
                                 penalty_sends = 0;
                                 let store = store.clone();
-                                let device = hello.device.clone();
+                                let device = device.clone();
                                 let uid = user.id;
                                 pending.push_back(Box::pin(async move {
                                     let cid = s.cid.clone();
@@ -508,7 +539,7 @@ async fn session(
                             None
                         }
                     }
-                    ClientFrame::Ping {} => Some(ServerFrame::Pong { head: Some(plan.head.max(*reg.head.borrow())) }),
+                    ClientFrame::Ping {} => Some(ServerFrame::Pong { head: Some(plan_head.max(*reg.head.borrow())) }),
                     ClientFrame::SetHeartbeat { heartbeat_ms } => {
                         (heartbeat, idle_timeout) = config.negotiate_heartbeat(Some(heartbeat_ms));
                         idle_deadline = Instant::now() + idle_timeout;
@@ -566,13 +597,20 @@ async fn session(
                     break e;
                 }
             }
-            _ = sleep_until(idle_deadline) => break End::Closed(CloseCode::HeartbeatTimeout),
-            _ = sleep_until(token_deadline) => break End::Closed(CloseCode::TokenExpired),
+            // One timer for both deadlines (each timer is ~100 bytes of
+            // every connection's task).
+            _ = sleep_until(idle_deadline.min(token_deadline)) => {
+                break End::Closed(if idle_deadline <= token_deadline {
+                    CloseCode::HeartbeatTimeout
+                } else {
+                    CloseCode::TokenExpired
+                });
+            }
             _ = ack_tick.tick() => {
                 if ack_dirty {
                     ack_dirty = false;
                     let store = store.clone();
-                    let device = hello.device.clone();
+                    let device = device.clone();
                     let uid = user.id;
                     tokio::spawn(async move { let _ = store.record_ack(uid, &device, acked).await; });
                 }
@@ -580,7 +618,7 @@ async fn session(
         }
     };
     if ack_dirty {
-        let _ = store.record_ack(user.id, &hello.device, acked).await;
+        let _ = store.record_ack(user.id, &device, acked).await;
     }
     tracing::info!(target: "keepwire::ws", delivered_to = next.saturating_sub(1), acked, "disconnected");
     drop(reg);

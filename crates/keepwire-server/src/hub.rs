@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use keepwire_proto::{CloseCode, Seq, ServerFrame};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::ratelimit::TokenBucket;
@@ -35,11 +35,56 @@ pub enum Control {
     Frame(Box<ServerFrame>),
 }
 
+/// A connection's queue of requests from the hub. A few words until used:
+/// an mpsc channel allocates its first block of slots up front (≈ 1 KB for
+/// every idle connection), and requests are rare.
+#[derive(Debug, Default)]
+pub struct ControlQueue {
+    queue: Mutex<VecDeque<Control>>,
+    notify: Notify,
+}
+
+impl ControlQueue {
+    /// Frames queued beyond this are dropped (signals are best effort).
+    pub const MAX_FRAMES: usize = 64;
+
+    /// Queues a request. A close always gets in, ahead of queued frames; a
+    /// frame is dropped (false) when `MAX_FRAMES` are waiting.
+    pub fn push(&self, c: Control) -> bool {
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            match c {
+                Control::Close(_) => q.push_front(c),
+                Control::Frame(_) if q.len() >= Self::MAX_FRAMES => return false,
+                Control::Frame(_) => q.push_back(c),
+            }
+        }
+        // Stores a permit when the connection is not waiting right now.
+        self.notify.notify_one();
+        true
+    }
+
+    /// The next request (cancel-safe: nothing is lost if dropped).
+    pub async fn recv(&self) -> Control {
+        loop {
+            if let Some(c) = self
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front()
+            {
+                return c;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
 struct ConnEntry {
     id: u64,
     device: String,
     token_id: Option<i64>,
-    control: mpsc::Sender<Control>,
+    control: Arc<ControlQueue>,
 }
 
 struct UserSlot {
@@ -102,7 +147,7 @@ impl Hub {
         device: &str,
         token_id: Option<i64>,
         max_per_user: usize,
-        control: mpsc::Sender<Control>,
+        control: Arc<ControlQueue>,
     ) -> Result<Registration<'_>, RegisterError> {
         let mut users = self.lock();
         let (rate, burst) = self.user_rate;
@@ -118,7 +163,7 @@ impl Hub {
         }
         slot.conns.retain(|c| {
             if c.device == device {
-                let _ = c.control.try_send(Control::Close(CloseCode::Replaced));
+                c.control.push(Control::Close(CloseCode::Replaced));
                 false
             } else {
                 true
@@ -173,7 +218,7 @@ impl Hub {
                 (None, None) => (true, CloseCode::TokenRevoked),
             };
             if hit {
-                let _ = c.control.try_send(Control::Close(code));
+                c.control.push(Control::Close(code));
                 n += 1;
             }
         }
@@ -187,7 +232,7 @@ impl Hub {
         for u in users {
             if let Some(slot) = map.get(u) {
                 for c in slot.conns.iter().filter(|c| c.id != skip) {
-                    let _ = c.control.try_send(Control::Frame(Box::new(frame.clone())));
+                    c.control.push(Control::Frame(Box::new(frame.clone())));
                 }
             }
         }

@@ -42,6 +42,11 @@ pub use hub::Hub;
 pub use metrics::Metrics;
 pub use store::{SqliteOptions, SqliteStore, Store, StoreError};
 
+/// WebSocket read buffer per connection: small, because a relay holds many
+/// mostly idle connections and client frames are small (a larger frame
+/// takes more reads, nothing else).
+const READ_BUFFER_BYTES: usize = 512;
+
 /// State shared by every connection of one relay.
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
@@ -237,12 +242,18 @@ async fn ws_handler(
     let tracker = shared.tracker.clone();
     ws.protocols([SUBPROTOCOL])
         // Small buffers: a relay holds many mostly idle connections.
-        .read_buffer_size(1024)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(max * 4 + 64 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tracker.track_future(conn::run(socket, shared, peer)))
+        // The session runs in a task of its own: the upgrade's future holds
+        // request headers that share hyper's read buffer, and would keep
+        // them (and itself) for the connection's whole life.
+        .on_upgrade(move |socket| {
+            tracker.spawn(conn::run(socket, shared, peer));
+            std::future::ready(())
+        })
 }
 
 /// Whether a browser `Origin` is on the allow-list (empty list: any; `*`: any).
