@@ -288,6 +288,11 @@ async fn session(
             return End::Closed(CloseCode::TooManyConnections);
         }
     };
+    // Shutdown reaches registered sessions through the hub (no timer or
+    // cancellation future in every idle connection's task).
+    if shared.shutdown.is_cancelled() {
+        return End::Closed(CloseCode::GoingAway);
+    }
     if let Err(e) = store.touch_device(user.id, &device).await {
         tracing::error!(target: "keepwire::ws", error = %e, "recording the device failed");
         return End::Closed(CloseCode::InternalError);
@@ -338,11 +343,12 @@ async fn session(
     let plan_head = plan.head;
     drop(plan);
     let mut acked: Seq = next.saturating_sub(1);
-    let mut ack_dirty = true;
+    // When to record the device's ack position (at most once per ACK_FLUSH;
+    // at once for the position it connected with).
+    let mut ack_flush_at: Option<Instant> = Some(Instant::now());
     let mut want_read = true;
     let mut read: Option<InboxRead> = None;
-    let mut pending: FuturesOrdered<BoxFut<(String, Result<Confirm, StoreError>)>> =
-        FuturesOrdered::new();
+    let mut pending = PendingSends::default();
     let mut bucket =
         crate::ratelimit::TokenBucket::new(limits.sends_per_sec, config.send_burst, Instant::now());
     let mut penalty_until: Option<Instant> = None;
@@ -351,8 +357,6 @@ async fn session(
     let mut protocol_errors: u32 = 0;
     let mut idle_deadline = Instant::now() + idle_timeout;
     let token_deadline = deadline_from_unix_ms(user.expires_at_ms);
-    let mut ack_tick = tokio::time::interval(ACK_FLUSH);
-    ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let end = loop {
         let credit = (acked + limits.window + 1).saturating_sub(next);
@@ -380,7 +384,6 @@ async fn session(
         }
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => break End::Closed(CloseCode::GoingAway),
             ctl = control.recv() => match ctl {
                 Control::Close(code) => break End::Closed(code),
                 Control::Frame(f) => {
@@ -534,7 +537,7 @@ async fn session(
                         } else {
                             if seq > acked {
                                 acked = seq;
-                                ack_dirty = true;
+                                ack_flush_at.get_or_insert_with(|| Instant::now() + ACK_FLUSH);
                             }
                             None
                         }
@@ -597,32 +600,64 @@ async fn session(
                     break e;
                 }
             }
-            // One timer for both deadlines (each timer is ~100 bytes of
-            // every connection's task).
-            _ = sleep_until(idle_deadline.min(token_deadline)) => {
-                break End::Closed(if idle_deadline <= token_deadline {
-                    CloseCode::HeartbeatTimeout
-                } else {
-                    CloseCode::TokenExpired
-                });
-            }
-            _ = ack_tick.tick() => {
-                if ack_dirty {
-                    ack_dirty = false;
+            // One timer for every deadline (each timer is ~100 bytes of
+            // every connection's task, and an idle connection should not
+            // wake up at all).
+            _ = sleep_until(ack_flush_at.map_or(idle_deadline, |t| t.min(idle_deadline)).min(token_deadline)) => {
+                let now = Instant::now();
+                if ack_flush_at.is_some_and(|t| t <= now) {
+                    ack_flush_at = None;
                     let store = store.clone();
                     let device = device.clone();
                     let uid = user.id;
                     tokio::spawn(async move { let _ = store.record_ack(uid, &device, acked).await; });
                 }
+                if idle_deadline <= now {
+                    break End::Closed(CloseCode::HeartbeatTimeout);
+                }
+                if token_deadline <= now {
+                    break End::Closed(CloseCode::TokenExpired);
+                }
             }
         }
     };
-    if ack_dirty {
+    if ack_flush_at.is_some() {
         let _ = store.record_ack(user.id, &device, acked).await;
     }
     tracing::info!(target: "keepwire::ws", delivered_to = next.saturating_sub(1), acked, "disconnected");
     drop(reg);
     end
+}
+
+/// Sends waiting for their commit, answered in arrival order. Allocated on
+/// the first send and freed when empty: most connections are idle.
+#[derive(Default)]
+struct PendingSends(Option<FuturesOrdered<BoxFut<(String, Result<Confirm, StoreError>)>>>);
+
+impl PendingSends {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, FuturesOrdered::len)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push_back(&mut self, f: BoxFut<(String, Result<Confirm, StoreError>)>) {
+        self.0.get_or_insert_with(FuturesOrdered::new).push_back(f);
+    }
+
+    /// The next answer; pending forever when there is none.
+    async fn next(&mut self) -> Option<(String, Result<Confirm, StoreError>)> {
+        let Some(q) = &mut self.0 else {
+            return std::future::pending().await;
+        };
+        let out = q.next().await;
+        if q.is_empty() {
+            self.0 = None;
+        }
+        out
+    }
 }
 
 /// A tokio deadline for a wall-clock expiry in ms since the Unix epoch.

@@ -225,6 +225,15 @@ impl Hub {
         n
     }
 
+    /// Asks every live connection to close with `code` (a graceful shutdown).
+    pub fn close_all(&self, code: CloseCode) {
+        for slot in self.lock().values() {
+            for c in &slot.conns {
+                c.control.push(Control::Close(code));
+            }
+        }
+    }
+
     /// Delivers an ephemeral frame to the users' connections, except `skip`.
     /// Best effort: a connection with a full control queue misses it.
     pub fn signal(&self, users: &[UserId], skip: u64, frame: &ServerFrame) {

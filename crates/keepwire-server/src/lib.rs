@@ -163,7 +163,10 @@ impl RelayServer {
     /// Starts a graceful shutdown: stop accepting, close every connection with
     /// 1001 (going away), flush the store.
     pub fn shutdown(&self) {
+        // Cancelled first: a session registering from now on sees it; the
+        // hub tells the ones registered before.
         self.shutdown.cancel();
+        self.hub.close_all(keepwire_proto::CloseCode::GoingAway);
     }
 
     /// Waits until the relay has stopped (after [`RelayServer::shutdown`]).
