@@ -632,7 +632,10 @@ async fn session(
 /// Sends waiting for their commit, answered in arrival order. Allocated on
 /// the first send and freed when empty: most connections are idle.
 #[derive(Default)]
-struct PendingSends(Option<FuturesOrdered<BoxFut<(String, Result<Confirm, StoreError>)>>>);
+struct PendingSends(Option<FuturesOrdered<BoxFut<SendAnswer>>>);
+
+/// A send's client id and what the store answered.
+type SendAnswer = (String, Result<Confirm, StoreError>);
 
 impl PendingSends {
     fn len(&self) -> usize {
@@ -643,12 +646,12 @@ impl PendingSends {
         self.len() == 0
     }
 
-    fn push_back(&mut self, f: BoxFut<(String, Result<Confirm, StoreError>)>) {
+    fn push_back(&mut self, f: BoxFut<SendAnswer>) {
         self.0.get_or_insert_with(FuturesOrdered::new).push_back(f);
     }
 
     /// The next answer; pending forever when there is none.
-    async fn next(&mut self) -> Option<(String, Result<Confirm, StoreError>)> {
+    async fn next(&mut self) -> Option<SendAnswer> {
         let Some(q) = &mut self.0 else {
             return std::future::pending().await;
         };
