@@ -4,6 +4,9 @@
 # Results: one JSON line per run in bench/results/results.jsonl, then
 # bench/summarize.py writes the tables and plots for BENCHMARKS.md.
 #   RUNS=3 CONNS=15000 bash bench/run.sh
+# BEFORE=DIR also runs the keepwire-bench and keepwire found in DIR (a build
+# of an earlier commit) for idle, ingest and full-load fanout, labelled
+# "keepwire-before", for before/after ratios measured in the same session.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTUP_TOOLCHAIN=stable
@@ -42,6 +45,12 @@ for r in $(seq "$runs"); do
     record "storm-jitter-keepwire" $bench storm "${pin[@]}" --devices "${STORM_DEVICES:-10000}" --downtime 5s
     record "storm-nojitter-keepwire" $bench storm "${pin[@]}" --devices "${STORM_DEVICES:-10000}" --downtime 5s --no-jitter
     record "reconnect-latency-keepwire" $bench reconnect-latency "${pin[@]}" --rtt 100ms --backlog 10 --times 10
+    if [ -n "${BEFORE:-}" ]; then
+        old="taskset -c 1 $BEFORE/keepwire-bench"
+        record "idle-keepwire-before" $old idle --target keepwire "${pin[@]}" --conns "$conns" --hold 5s
+        record "ingest-keepwire-before" $old ingest --target keepwire "${pin[@]}" --senders 50 --duration "$duration"
+        record "fanout-full-keepwire-before" $old fanout --target keepwire "${pin[@]}" --groups 10 --members 100 --duration "$duration"
+    fi
     for t in "${targets[@]}"; do
         record "fanout-full-$t" $bench fanout --target "$t" "${pin[@]}" --groups 10 --members 100 --duration "$duration"
         # The issue's half and quarter of the peers' load: 55k and 27k deliveries/s.

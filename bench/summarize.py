@@ -36,7 +36,7 @@ def ratio(a, b):
     return f"{a / b:.2f}" if a is not None and b not in (None, 0) else "n/a"
 
 
-targets = ["keepwire", "node-ws", "python-ws"]
+targets = ["keepwire", "node-ws", "python-ws", "socketio", "mosquitto"]
 runs = max((len(v) for v in by.values()), default=0)
 print(f"Runs per cell: {runs} (median, with min–max in brackets).\n")
 for label, errs in sorted(errors.items()):
@@ -48,19 +48,28 @@ print("### Idle connections\n")
 print("| target | bytes per connection | server CPU idle | generator CPU | keepwire ÷ target (memory) |")
 print("|---|---|---|---|---|")
 kw_mem = med("idle-keepwire", "bytes_per_conn")[0]
-for t in targets:
+for t in targets + ["keepwire-before"]:
     m = med(f"idle-{t}", "bytes_per_conn")
     print(f"| {t} | {fmt(*m)} | {fmt(*med(f'idle-{t}', 'server_idle_cpu'))} | {fmt(*med(f'idle-{t}', 'generator_cpu'))} | {ratio(kw_mem, m[0])} |")
 
 print("\n### Ingest (keepwire: confirmed durable sends)\n")
 print("| target | confirmed sends/s | server CPU | generator CPU |")
 print("|---|---|---|---|")
-print(f"| keepwire | {fmt(*med('ingest-keepwire', 'confirmed_per_sec'))} | {fmt(*med('ingest-keepwire', 'server_cpu'))} | {fmt(*med('ingest-keepwire', 'generator_cpu'))} |")
+for t in ("keepwire", "keepwire-before"):
+    print(f"| {t} | {fmt(*med(f'ingest-{t}', 'confirmed_per_sec'))} | {fmt(*med(f'ingest-{t}', 'server_cpu'))} | {fmt(*med(f'ingest-{t}', 'generator_cpu'))} |")
+print(f"\nafter ÷ before: {ratio(med('ingest-keepwire', 'confirmed_per_sec')[0], med('ingest-keepwire-before', 'confirmed_per_sec')[0])}")
 
 print("\n### Catch-up and reconnect latency (keepwire)\n")
 print("| scenario | figure |")
 print("|---|---|")
 print(f"| catch-up of 100,000 messages | {fmt(*med('catchup-keepwire', 'sync_secs'), ' s')}, {fmt(*med('catchup-keepwire', 'persisted_per_sec'))} messages/s, client peak {fmt(*med('catchup-keepwire', 'client_peak_rss_kib'), ' KiB')} |")
+fp = [r for r in by.get("footprint-keepwire", [])]
+if fp:
+    for name in ("keepwire-agent", "keepwire agent"):
+        vals = [r["agent_rss_kib"][name] for r in fp]
+        print(f"| `{name}` idle, logged in, connected (VmRSS) | {fmt(statistics.median(vals), min(vals), max(vals), ' KiB')} |")
+    for name, size in fp[0]["binary_bytes"].items():
+        print(f"| `{name}` release binary | {size / 1e6:.1f} MB |")
 print(f"| network up to caught up, 100 ms RTT, 10 waiting | {fmt(*med('reconnect-latency-keepwire', 'median_ms'), ' ms')} = {fmt(*med('reconnect-latency-keepwire', 'round_trips'))} round trips |")
 
 print("\n### Fanout, 10 groups × 100 subscribers, 10 publishers, 100-byte payloads\n")
@@ -70,7 +79,7 @@ for load, title in (("full", "as fast as the server takes them"), ("55k", "55 ms
     print("|---|---|---|---|---|---|---|---|")
     kd = med(f"fanout-{load}-keepwire", "deliveries_per_sec")[0]
     kp = med(f"fanout-{load}-keepwire", "p99_ms")[0]
-    for t in targets:
+    for t in targets + (["keepwire-before"] if load == "full" else []):
         l = f"fanout-{load}-{t}"
         d = med(l, "deliveries_per_sec")
         p99 = med(l, "p99_ms")
@@ -78,9 +87,58 @@ for load, title in (("full", "as fast as the server takes them"), ("55k", "55 ms
     print()
 
 
+print("### Reconnect storm\n")
+print("| jitter | all caught up (s after restart) | p50 | p99 | peak attempts/s (1 s) | peak attempts/s (100 ms) | peak attempts/s over the outage (1 s) | attempts after restart | lost | duplicated | out of order | server CPU |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for j in ("jitter", "nojitter"):
+    l = f"storm-{j}-keepwire"
+    print(f"| {'full' if j == 'jitter' else 'none'} | {fmt(*med(l, 'all_caught_up_secs'))} | {fmt(*med(l, 'caught_up_p50_secs'))} | {fmt(*med(l, 'caught_up_p99_secs'))} | {fmt(*med(l, 'peak_attempts_per_sec_1s'))} | {fmt(*med(l, 'peak_attempts_per_sec_100ms'))} | {fmt(*med(l, 'peak_attempts_per_sec_1s_whole'))} | {fmt(*med(l, 'attempts_after_restart'))} | {sum(r.get('lost', 0) for r in by.get(l, []))} | {sum(r.get('duplicated', 0) for r in by.get(l, []))} | {sum(r.get('out_of_order', 0) for r in by.get(l, []))} | {fmt(*med(l, 'server_cpu'))} |")
+j1 = med("storm-jitter-keepwire", "peak_attempts_per_sec_1s")[0]
+n1 = med("storm-nojitter-keepwire", "peak_attempts_per_sec_1s")[0]
+j100 = med("storm-jitter-keepwire", "peak_attempts_per_sec_100ms")[0]
+n100 = med("storm-nojitter-keepwire", "peak_attempts_per_sec_100ms")[0]
+print(f"\njitter ÷ no jitter, peak attempts after the restart: {ratio(j1, n1)} (1 s windows), {ratio(j100, n100)} (100 ms windows)\n")
+
+
+def timeline(name, title):
+    """Attempts per 100 ms from the kill, first run with and without jitter."""
+    series = []
+    for j, color in (("jitter", "#2b6cb0"), ("nojitter", "#dd6b20")):
+        rs = by.get(f"storm-{j}-keepwire", [])
+        if rs:
+            series.append((j, color, rs[0]["attempts_per_100ms_from_kill"], rs[0]["restart_at_secs"]))
+    if not series:
+        return
+    w, h, left, bottom = 720, 320, 60, 40
+    n = max(len(s[2]) for s in series)
+    top = max(max(s[2]) for s in series) or 1
+    x = lambda i: left + (w - left - 20) * i / max(n, 1)
+    y = lambda v: h - bottom - (h - bottom - 30) * v / top
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<text x="{w/2}" y="16" text-anchor="middle" font-size="13">{title}</text>',
+           f'<line x1="{left}" y1="{h-bottom}" x2="{w-10}" y2="{h-bottom}" stroke="black"/>']
+    for i in range(5):
+        v = top * i / 4
+        out.append(f'<text x="{left-5}" y="{y(v)+4}" text-anchor="end">{v:.0f}</text><line x1="{left}" y1="{y(v)}" x2="{w-10}" y2="{y(v)}" stroke="#ddd"/>')
+    for sec in range(0, n // 10 + 1, 5):
+        out.append(f'<text x="{x(sec*10)}" y="{h-bottom+14}" text-anchor="middle">{sec}s</text>')
+    restart = series[0][3]
+    out.append(f'<line x1="{x(restart*10)}" y1="30" x2="{x(restart*10)}" y2="{h-bottom}" stroke="#888" stroke-dasharray="4"/><text x="{x(restart*10)+4}" y="40">relay back</text>')
+    for k, (label, color, pts, _) in enumerate(series):
+        path = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(pts))
+        out.append(f'<polyline fill="none" stroke="{color}" points="{path}"/>')
+        out.append(f'<rect x="{left + k*140}" y="{h-14}" width="10" height="10" fill="{color}"/><text x="{left + k*140 + 14}" y="{h-5}">{"full jitter" if label == "jitter" else "no jitter"}</text>')
+    out.append(f'<text x="12" y="{(h-bottom)/2}" transform="rotate(-90 12 {(h-bottom)/2})" text-anchor="middle">attempts per 100 ms</text>')
+    out.append("</svg>")
+    open(os.path.join(outdir, name), "w").write("\n".join(out))
+
+
+timeline("storm-attempts.svg", "Reconnect storm: connection attempts per 100 ms from the kill")
+
+
 def bars(name, title, groups, unit):
     """groups: [(group label, [(series, value)])] -> grouped bar chart SVG."""
-    colors = {"keepwire": "#2b6cb0", "node-ws": "#dd6b20", "python-ws": "#38a169"}
+    colors = {"keepwire": "#2b6cb0", "node-ws": "#dd6b20", "python-ws": "#38a169", "socketio": "#805ad5", "mosquitto": "#d69e2e"}
     vals = [v for _, s in groups for _, v in s if v is not None]
     top = max(vals) if vals else 1
     w, h, left, bottom = 640, 320, 60, 40
@@ -115,4 +173,4 @@ bars("fanout-latency.svg", "Fanout latency at equal offered load (median of runs
       for load in ("27k", "55k") for p in ("p50", "p99")], "ms")
 bars("idle-memory.svg", "Server memory per idle connection",
      [("bytes/conn", [(t, med(f"idle-{t}", "bytes_per_conn")[0]) for t in targets])], "bytes")
-print(f"Plots: {outdir}/fanout-latency.svg, {outdir}/idle-memory.svg")
+print(f"Plots: {outdir}/fanout-latency.svg, {outdir}/idle-memory.svg, {outdir}/storm-attempts.svg")
