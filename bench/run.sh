@@ -58,4 +58,11 @@ for r in $(seq "$runs"); do
         record "fanout-27k-$t" $bench fanout --target "$t" "${pin[@]}" --groups 10 --members 100 --rate 27 --duration "$duration"
     done
 done
+# Memory against connections (one run per size) and the latency
+# distributions at the quarter load (one run each), for the plots.
+for n in ${SWEEP:-2500 5000 10000}; do
+    for t in "${targets[@]}"; do
+        record "sweep-idle-$n-$t" $bench idle --target "$t" "${pin[@]}" --conns "$n" --hold 2s
+    done
+done
 python3 bench/summarize.py "$out/results.jsonl"

@@ -8,9 +8,9 @@ import os
 import statistics
 import sys
 
-path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/results.jsonl"
-outdir = os.path.dirname(path)
-rows = [json.loads(l) for l in open(path) if l.strip()]
+paths = sys.argv[1:] or ["bench/results/results.jsonl"]
+outdir = os.path.dirname(paths[0])
+rows = [json.loads(l) for path in paths for l in open(path) if l.strip()]
 by = collections.defaultdict(list)
 errors = collections.defaultdict(list)
 for r in rows:
@@ -37,7 +37,7 @@ def ratio(a, b):
 
 
 targets = ["keepwire", "node-ws", "python-ws", "socketio", "mosquitto"]
-runs = max((len(v) for v in by.values()), default=0)
+runs = max((len(v) for k, v in by.items() if not k.startswith(("sweep-", "cdf-"))), default=0)
 print(f"Runs per cell: {runs} (median, with min–max in brackets).\n")
 for label, errs in sorted(errors.items()):
     print(f"- **{label}** failed in {len(errs)} run(s): `{errs[0]['error'].strip().splitlines()[-1] if errs[0]['error'].strip() else 'no output'}`")
@@ -168,9 +168,71 @@ def bars(name, title, groups, unit):
     open(os.path.join(outdir, name), "w").write("\n".join(out))
 
 
+def lines(name, title, series, xlabel, ylabel, xlog=False):
+    """series: [(label, [(x, y)])] -> line chart SVG."""
+    import math
+    colors = {"keepwire": "#2b6cb0", "node-ws": "#dd6b20", "python-ws": "#38a169", "socketio": "#805ad5", "mosquitto": "#d69e2e"}
+    series = [(l, pts) for l, pts in series if pts]
+    if not series:
+        return
+    fx = (lambda v: math.log10(max(v, 0.01))) if xlog else (lambda v: v)
+    xs = [fx(x) for _, pts in series for x, _ in pts]
+    ys = [y for _, pts in series for _, y in pts]
+    x0, x1, y1 = min(xs), max(xs), max(ys) or 1
+    w, h, left, bottom = 720, 340, 70, 50
+    X = lambda v: left + (w - left - 20) * (fx(v) - x0) / ((x1 - x0) or 1)
+    Y = lambda v: h - bottom - (h - bottom - 30) * v / y1
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<text x="{w/2}" y="16" text-anchor="middle" font-size="13">{title}</text>',
+           f'<line x1="{left}" y1="{h-bottom}" x2="{w-10}" y2="{h-bottom}" stroke="black"/>']
+    for i in range(5):
+        v = y1 * i / 4
+        out.append(f'<text x="{left-5}" y="{Y(v)+4}" text-anchor="end">{v:.3g}</text><line x1="{left}" y1="{Y(v)}" x2="{w-10}" y2="{Y(v)}" stroke="#ddd"/>')
+    ticks = sorted({x for _, pts in series for x, _ in pts})
+    if xlog:
+        ticks = [t for t in (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000) if 10 ** x0 <= t <= 10 ** x1]
+    for t in ticks:
+        out.append(f'<text x="{X(t)}" y="{h-bottom+14}" text-anchor="middle">{t:g}</text>')
+    for k, (label, pts) in enumerate(series):
+        c = colors.get(label, "#888")
+        path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts)
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="{path}"/>')
+        out.append(f'<rect x="{left + k*120}" y="{h-14}" width="10" height="10" fill="{c}"/><text x="{left + k*120 + 14}" y="{h-5}">{label}</text>')
+    out.append(f'<text x="{w/2}" y="{h-bottom+30}" text-anchor="middle">{xlabel}</text>')
+    out.append(f'<text x="14" y="{(h-bottom)/2}" transform="rotate(-90 14 {(h-bottom)/2})" text-anchor="middle">{ylabel}</text>')
+    out.append("</svg>")
+    open(os.path.join(outdir, name), "w").write("\n".join(out))
+
+
+for load in ("27k", "55k"):
+    lines(f"fanout-cdf-{load}.svg", f"Fanout latency distribution at {load} deliveries/s offered (first run of each target)",
+          [(t, [(ms, p) for p, ms in (by.get(f"cdf-{load}-{t}") or by[f"fanout-{load}-{t}"])[0].get("distribution_ms", [])])
+           for t in targets if by.get(f"cdf-{load}-{t}") or by.get(f"fanout-{load}-{t}")],
+          "send-to-receipt latency, ms (log scale)", "percentile of deliveries", xlog=True)
+sweep = collections.defaultdict(list)
+for label, rs in by.items():
+    if label.startswith("sweep-idle-"):
+        _, _, n, t = label.split("-", 3)
+        sweep[t].append((int(n), statistics.median(r["bytes_per_conn"] for r in rs)))
+for t in targets:
+    m = med(f"idle-{t}", "bytes_per_conn")[0]
+    if m is not None and sweep.get(t):
+        sweep[t].append((max(r["conns"] for r in by[f"idle-{t}"]), m))
+lines("idle-memory-vs-connections.svg", "Server memory per idle connection against connections",
+      [(t, sorted(sweep[t])) for t in targets], "open connections", "bytes per connection")
+if sweep:
+    print("\n### Memory per idle connection against connections (one run per size; 15,000: median of the suite)\n")
+    sizes = sorted({n for pts in sweep.values() for n, _ in pts})
+    print("| target | " + " | ".join(f"{n:,}" for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for t in targets:
+        d = dict(sweep.get(t, []))
+        print(f"| {t} | " + " | ".join(f"{d[n]:,.0f}" if n in d else "n/a" for n in sizes) + " |")
+    print()
+
 bars("fanout-latency.svg", "Fanout latency at equal offered load (median of runs)",
      [(f"{load} {p}", [(t, med(f"fanout-{load}-{t}", f"{p}_ms")[0]) for t in targets])
       for load in ("27k", "55k") for p in ("p50", "p99")], "ms")
 bars("idle-memory.svg", "Server memory per idle connection",
      [("bytes/conn", [(t, med(f"idle-{t}", "bytes_per_conn")[0]) for t in targets])], "bytes")
-print(f"Plots: {outdir}/fanout-latency.svg, {outdir}/idle-memory.svg, {outdir}/storm-attempts.svg")
+print(f"Plots: {outdir}/fanout-latency.svg, {outdir}/fanout-cdf-27k.svg, {outdir}/fanout-cdf-55k.svg, {outdir}/idle-memory.svg, {outdir}/idle-memory-vs-connections.svg, {outdir}/storm-attempts.svg")

@@ -619,11 +619,20 @@ async fn fanout(
         f64::from(r.latencies_us[i]) / 1000.0
     };
     let samples = r.latencies_us.len();
+    // The latency distribution: (percentile, ms) points for a CDF plot.
+    let distribution: Vec<[f64; 2]> = [
+        0.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 98.0, 99.0, 99.5,
+        99.9, 100.0,
+    ]
+    .iter()
+    .map(|p| [*p, round2(pct(p / 100.0))])
+    .collect();
     Ok(serde_json::json!({
         "scenario": "fanout", "target": target.name(), "groups": groups, "members": members,
         "rate_per_publisher": rate, "payload": payload,
         "deliveries_per_sec": (samples as f64 / elapsed.as_secs_f64()).round(),
         "p50_ms": round2(pct(0.5)), "p99_ms": round2(pct(0.99)), "max_ms": round2(pct(1.0)),
+        "distribution_ms": distribution,
         "sent": sent, "skipped_over_window": skipped,
         "server_cpu": round2(server_cpu), "generator_cpu": round2(generator_cpu),
         "durable": target == Target::Keepwire,
