@@ -102,38 +102,15 @@ print(f"\njitter ÷ no jitter, peak attempts after the restart: {ratio(j1, n1)} 
 
 def timeline(name, title):
     """Attempts per 100 ms from the kill, first run with and without jitter."""
-    series = []
-    for j, color in (("jitter", "#2b6cb0"), ("nojitter", "#dd6b20")):
+    series, restart = [], None
+    for j, label in (("jitter", "full jitter"), ("nojitter", "no jitter")):
         rs = by.get(f"storm-{j}-keepwire", [])
         if rs:
-            series.append((j, color, rs[0]["attempts_per_100ms_from_kill"], rs[0]["restart_at_secs"]))
-    if not series:
-        return
-    w, h, left, bottom = 720, 320, 60, 40
-    n = max(len(s[2]) for s in series)
-    top = max(max(s[2]) for s in series) or 1
-    x = lambda i: left + (w - left - 20) * i / max(n, 1)
-    y = lambda v: h - bottom - (h - bottom - 30) * v / top
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
-           f'<text x="{w/2}" y="16" text-anchor="middle" font-size="13">{title}</text>',
-           f'<line x1="{left}" y1="{h-bottom}" x2="{w-10}" y2="{h-bottom}" stroke="black"/>']
-    for i in range(5):
-        v = top * i / 4
-        out.append(f'<text x="{left-5}" y="{y(v)+4}" text-anchor="end">{v:.0f}</text><line x1="{left}" y1="{y(v)}" x2="{w-10}" y2="{y(v)}" stroke="#ddd"/>')
-    for sec in range(0, n // 10 + 1, 5):
-        out.append(f'<text x="{x(sec*10)}" y="{h-bottom+14}" text-anchor="middle">{sec}s</text>')
-    restart = series[0][3]
-    out.append(f'<line x1="{x(restart*10)}" y1="30" x2="{x(restart*10)}" y2="{h-bottom}" stroke="#888" stroke-dasharray="4"/><text x="{x(restart*10)+4}" y="40">relay back</text>')
-    for k, (label, color, pts, _) in enumerate(series):
-        path = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(pts))
-        out.append(f'<polyline fill="none" stroke="{color}" points="{path}"/>')
-        out.append(f'<rect x="{left + k*140}" y="{h-14}" width="10" height="10" fill="{color}"/><text x="{left + k*140 + 14}" y="{h-5}">{"full jitter" if label == "jitter" else "no jitter"}</text>')
-    out.append(f'<text x="12" y="{(h-bottom)/2}" transform="rotate(-90 12 {(h-bottom)/2})" text-anchor="middle">attempts per 100 ms</text>')
-    out.append("</svg>")
-    open(os.path.join(outdir, name), "w").write("\n".join(out))
+            series.append((label, [(i / 10, v) for i, v in enumerate(rs[0]["attempts_per_100ms_from_kill"])]))
+            restart = rs[0]["restart_at_secs"]
+    lines(name, title, series, "seconds from the kill", "attempts per 100 ms", marker=(restart, "relay back"))
 
 
-timeline("storm-attempts.svg", "Reconnect storm: connection attempts per 100 ms from the kill")
 
 
 def bars(name, title, groups, unit):
@@ -168,10 +145,11 @@ def bars(name, title, groups, unit):
     open(os.path.join(outdir, name), "w").write("\n".join(out))
 
 
-def lines(name, title, series, xlabel, ylabel, xlog=False):
-    """series: [(label, [(x, y)])] -> line chart SVG."""
+def lines(name, title, series, xlabel, ylabel, xlog=False, marker=None):
+    """series: [(label, [(x, y)])] -> line chart SVG; marker: (x, text) or None."""
     import math
-    colors = {"keepwire": "#2b6cb0", "node-ws": "#dd6b20", "python-ws": "#38a169", "socketio": "#805ad5", "mosquitto": "#d69e2e"}
+    colors = {"keepwire": "#2b6cb0", "node-ws": "#dd6b20", "python-ws": "#38a169", "socketio": "#805ad5", "mosquitto": "#d69e2e",
+              "full jitter": "#2b6cb0", "no jitter": "#dd6b20"}
     series = [(l, pts) for l, pts in series if pts]
     if not series:
         return
@@ -189,10 +167,14 @@ def lines(name, title, series, xlabel, ylabel, xlog=False):
         v = y1 * i / 4
         out.append(f'<text x="{left-5}" y="{Y(v)+4}" text-anchor="end">{v:.3g}</text><line x1="{left}" y1="{Y(v)}" x2="{w-10}" y2="{Y(v)}" stroke="#ddd"/>')
     ticks = sorted({x for _, pts in series for x, _ in pts})
+    if len(ticks) > 12:
+        ticks = ticks[:: len(ticks) // 8]
     if xlog:
         ticks = [t for t in (0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000) if 10 ** x0 <= t <= 10 ** x1]
     for t in ticks:
         out.append(f'<text x="{X(t)}" y="{h-bottom+14}" text-anchor="middle">{t:g}</text>')
+    if marker and marker[0] is not None:
+        out.append(f'<line x1="{X(marker[0])}" y1="30" x2="{X(marker[0])}" y2="{h-bottom}" stroke="#888" stroke-dasharray="4"/><text x="{X(marker[0])+4}" y="40">{marker[1]}</text>')
     for k, (label, pts) in enumerate(series):
         c = colors.get(label, "#888")
         path = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts)
@@ -204,6 +186,7 @@ def lines(name, title, series, xlabel, ylabel, xlog=False):
     open(os.path.join(outdir, name), "w").write("\n".join(out))
 
 
+timeline("storm-attempts.svg", "Reconnect storm: connection attempts per 100 ms from the kill")
 for load in ("27k", "55k"):
     lines(f"fanout-cdf-{load}.svg", f"Fanout latency distribution at {load} deliveries/s offered (first run of each target)",
           [(t, [(ms, p) for p, ms in (by.get(f"cdf-{load}-{t}") or by[f"fanout-{load}-{t}"])[0].get("distribution_ms", [])])
