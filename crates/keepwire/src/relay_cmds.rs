@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use keepwire_server::store::{Retention, RevokeTarget};
 use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
+use keepwire_server::RelayStore as _;
 
 use crate::{init_logging, wait_for_signal};
 
@@ -354,6 +355,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         SqliteOptions {
             retention,
             metrics: Some(metrics.clone()),
+            ..Default::default()
         },
     )?;
     let server = RelayServer::start(config, store, metrics)
