@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use keepwire_proto::{ClientFrame, ConvCreate, ConvInfo, ConvKind, Send, ServerFrame};
 use keepwire_server::store::{Actor, Retention, UserId};
-use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore};
 use keepwire_server::{AdminStore as _, RelayStore as _};
+use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore};
 
 use crate::{TempDir, WsClient};
 

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use keepwire_server::RelayStore as _;
 use keepwire_server::store::{Retention, RevokeTarget};
 use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
-use keepwire_server::RelayStore as _;
 
 use crate::{init_logging, wait_for_signal};
 

@@ -15,8 +15,12 @@ use keepwire_proto::{
     Send as SendMsg, Seq,
 };
 
+#[cfg(any(test, feature = "testing"))]
+pub mod contract;
+mod memory;
 mod sqlite;
 
+pub use memory::{CrashPoint, MemoryDisk, MemoryOptions, MemorySnapshot, MemoryStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// The wall clock a store stamps entries and records with (ms since the

@@ -87,6 +87,11 @@ pub(super) fn create(
             .optional()?,
     };
     if let Some(id) = existing {
+        // Only a member learns what an earlier create made (a creator who
+        // left does not get the members back through its key).
+        if let Actor::User(u) = actor {
+            super::queries::require_member(c, id as u64, u)?;
+        }
         let info =
             conv_info(c, id as u64)?.ok_or_else(|| StoreError::commit("conversation vanished"))?;
         return Ok((info, false));
@@ -134,6 +139,10 @@ pub(super) fn create(
 }
 
 /// Adds or removes `target` (idempotent).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the trait method's arguments plus the connection, the group's entries and the context"
+)]
 pub(super) fn change_member(
     c: &Connection,
     heads: &mut Heads,
@@ -158,7 +167,7 @@ pub(super) fn change_member(
             "the members of a direct conversation cannot change",
         ));
     }
-    let target_id = user_id_by_name(c, &target)?.ok_or_else(|| {
+    let target_id = user_id_by_name(c, target)?.ok_or_else(|| {
         StoreError::refused(ErrorCode::UnknownUser, format!("no user named {target:?}"))
     })?;
     let present = is_member(c, conv, target_id)?;

@@ -203,8 +203,11 @@ pub(super) fn plan_resume(
         }
         drop(stmt);
         let mut stmt = tx.prepare_cached(
+            // Most recently active first: by each conversation's newest message.
             "SELECT c.id, c.last_seq FROM members mb JOIN convs c ON c.id = mb.conv_id
-             WHERE mb.user_id = ?1 ORDER BY c.last_seq DESC, c.id",
+             WHERE mb.user_id = ?1
+             ORDER BY (SELECT m.id FROM messages m WHERE m.conv_id = c.id
+                       ORDER BY m.conv_seq DESC LIMIT 1) DESC NULLS LAST, c.id DESC",
         )?;
         let convs = stmt
             .query_map([user], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?

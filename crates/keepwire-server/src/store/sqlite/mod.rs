@@ -283,7 +283,7 @@ impl SqliteStore {
             .permits
             .acquire()
             .await
-            .map_err(|_| StoreError::commit("the store is closed"))?;
+            .map_err(|_| StoreError::closed())?;
         let pool = self.readers.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = pool.take()?;

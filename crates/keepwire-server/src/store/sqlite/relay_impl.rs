@@ -271,6 +271,8 @@ Ok(Revocation { id: r.get(0)?, user_id: r.get(1)?, token_id: r.get(2)?, device: 
     }
 
     async fn close(&self) {
+        // Reads end too: later ones fail with `Closed`.
+        self.readers.permits.close();
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self
             .writer

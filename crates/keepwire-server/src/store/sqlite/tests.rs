@@ -63,7 +63,10 @@ async fn a_job_failing_after_writing_leaves_nothing_and_answers_match_the_store(
     let (held, bad, good) = tokio::join!(hold, bad, good);
     // The holder wrote nothing: it may share the failed group or not.
     assert!(
-        matches!(held, Ok(()) | Err(StoreError::Infra(crate::store::InfraError::Commit(_)))),
+        matches!(
+            held,
+            Ok(()) | Err(StoreError::Infra(crate::store::InfraError::Commit(_)))
+        ),
         "{held:?}"
     );
     assert!(bad.is_err());
