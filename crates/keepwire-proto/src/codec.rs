@@ -59,6 +59,9 @@ pub struct DecodeError {
     pub rid: Option<String>,
     /// The frame's `type`, when one could be read.
     pub frame_type: Option<String>,
+    /// A `send`'s client id, when it could be read and is well formed, so
+    /// the answer can be a `rejected` for that send.
+    pub cid: Option<String>,
 }
 
 /// The fields read from a frame that failed to decode, to give a precise answer.
@@ -67,6 +70,7 @@ struct Probe {
     #[serde(rename = "type")]
     frame_type: Option<String>,
     rid: Option<serde_json::Value>,
+    cid: Option<serde_json::Value>,
 }
 
 /// Decodes and validates one client frame.
@@ -81,6 +85,7 @@ pub fn decode_client(text: &str, limits: &Limits) -> Result<ClientFrame, DecodeE
             ),
             rid: None,
             frame_type: None,
+            cid: None,
         });
     }
     match serde_json::from_str::<ClientFrame>(text) {
@@ -91,6 +96,10 @@ pub fn decode_client(text: &str, limits: &Limits) -> Result<ClientFrame, DecodeE
                 message: e.message,
                 rid: frame.rid().map(str::to_owned),
                 frame_type: Some(frame.type_name().to_owned()),
+                cid: match &frame {
+                    ClientFrame::Send(s) if crate::is_valid_cid(&s.cid) => Some(s.cid.clone()),
+                    _ => None,
+                },
             }),
         },
         Err(err) => Err(explain(text, &err)),
@@ -106,6 +115,12 @@ fn explain(text: &str, err: &serde_json::Error) -> DecodeError {
         .filter(|r| crate::is_valid_request_id(r))
         .map(str::to_owned);
     let frame_type = probe.as_ref().and_then(|p| p.frame_type.clone());
+    let cid = probe
+        .as_ref()
+        .and_then(|p| p.cid.as_ref())
+        .and_then(|c| c.as_str())
+        .filter(|c| crate::is_valid_cid(c))
+        .map(str::to_owned);
     let (code, message) = match (&probe, &frame_type) {
         (None, _) => (ErrorCode::Malformed, format!("not a JSON object: {err}")),
         (Some(_), None) => (ErrorCode::Malformed, "missing \"type\" field".to_owned()),
@@ -120,6 +135,7 @@ fn explain(text: &str, err: &serde_json::Error) -> DecodeError {
         message,
         rid,
         frame_type: frame_type.map(|t| truncate(&t, 40).to_owned()),
+        cid,
     }
 }
 

@@ -110,8 +110,12 @@ pub enum CloseCode {
     Normal,
     /// 1001: the server is shutting down or restarting.
     GoingAway,
+    /// 1002: the WebSocket framing was broken (e.g. a reserved opcode).
+    ProtocolError,
     /// 1003: a binary frame was sent; keepwire v1 is text only.
     UnsupportedData,
+    /// 1007: a text frame was not valid UTF-8.
+    InvalidPayload,
     /// 1009: a frame exceeded the maximum frame size.
     MessageTooBig,
     /// 1011: the server hit an internal error.
@@ -145,10 +149,12 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [CloseCode; 16] = [
+    pub const ALL: [CloseCode; 18] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
+        CloseCode::ProtocolError,
         CloseCode::UnsupportedData,
+        CloseCode::InvalidPayload,
         CloseCode::MessageTooBig,
         CloseCode::InternalError,
         CloseCode::AuthFailed,
@@ -169,7 +175,9 @@ impl CloseCode {
         match self {
             CloseCode::Normal => 1000,
             CloseCode::GoingAway => 1001,
+            CloseCode::ProtocolError => 1002,
             CloseCode::UnsupportedData => 1003,
+            CloseCode::InvalidPayload => 1007,
             CloseCode::MessageTooBig => 1009,
             CloseCode::InternalError => 1011,
             CloseCode::AuthFailed => 4001,
@@ -196,7 +204,9 @@ impl CloseCode {
         match self {
             CloseCode::Normal => "normal closure",
             CloseCode::GoingAway => "server going away",
+            CloseCode::ProtocolError => "WebSocket protocol error",
             CloseCode::UnsupportedData => "binary frames are not supported",
+            CloseCode::InvalidPayload => "text frame is not valid UTF-8",
             CloseCode::MessageTooBig => "frame too big",
             CloseCode::InternalError => "internal error",
             CloseCode::AuthFailed => "authentication failed",
@@ -224,6 +234,8 @@ impl CloseCode {
             | CloseCode::Replaced
             | CloseCode::DeviceRevoked => ClientAction::Stop,
             CloseCode::Normal
+            | CloseCode::ProtocolError
+            | CloseCode::InvalidPayload
             | CloseCode::UnsupportedData
             | CloseCode::MessageTooBig
             | CloseCode::InternalError

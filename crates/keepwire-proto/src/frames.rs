@@ -522,6 +522,14 @@ pub struct ErrorFrame {
     pub code: ErrorCode,
     /// Human-readable detail.
     pub message: String,
+    /// The `type` of the frame at fault, when it could be read (every error
+    /// answers one frame; with `rid` and `conv` it says which).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<String>,
+    /// The conversation of the frame at fault, for frames without a `rid`
+    /// (`read`, `signal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv: Option<ConvId>,
 }
 
 /// A small arbitrary JSON value (for fuzzing: `serde_json::Value` has no

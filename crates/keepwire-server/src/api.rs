@@ -20,7 +20,6 @@ use keepwire_proto::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 
 use crate::Shared;
 use crate::ratelimit::TokenBucket;
@@ -207,6 +206,7 @@ async fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<i64, Problem>
         .map_err(Problem::from)?
         .ok_or_else(unauthorized)?;
     let rate = shared.config.api_requests_per_sec;
+    let shared_now = shared.clock.now();
     let mut buckets = shared
         .api_limits
         .buckets
@@ -214,8 +214,8 @@ async fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<i64, Problem>
         .unwrap_or_else(|p| p.into_inner());
     let bucket = buckets
         .entry(id)
-        .or_insert_with(|| TokenBucket::new(rate, rate.saturating_mul(2), Instant::now()));
-    if let Err(wait) = bucket.take(Instant::now()) {
+        .or_insert_with(|| TokenBucket::new(rate, rate.saturating_mul(2), shared_now));
+    if let Err(wait) = bucket.take(shared_now) {
         let mut p = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",

@@ -105,17 +105,38 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The heartbeat bounds of `--min-heartbeat` and friends.
+    pub fn heartbeat_bounds(&self) -> crate::session::HeartbeatBounds {
+        crate::session::HeartbeatBounds {
+            default: self.heartbeat_default,
+            min: self.heartbeat_min,
+            max: self.heartbeat_max,
+            grace: self.heartbeat_grace,
+        }
+    }
+
     /// The heartbeat granted for a requested one (milliseconds), and the idle
     /// timeout that goes with it.
     pub fn negotiate_heartbeat(&self, requested_ms: Option<u64>) -> (Duration, Duration) {
-        let hb = requested_ms
-            .map(Duration::from_millis)
-            .unwrap_or(self.heartbeat_default)
-            .clamp(
-                self.heartbeat_min,
-                self.heartbeat_max.max(self.heartbeat_min),
-            );
-        (hb, hb + (hb / 2).max(self.heartbeat_grace))
+        self.heartbeat_bounds().negotiate(requested_ms)
+    }
+
+    /// What the relay's sessions share.
+    pub fn session_config(
+        &self,
+        user_budget: std::sync::Arc<dyn crate::ratelimit::SendBudget>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> crate::session::SessionConfig {
+        crate::session::SessionConfig {
+            limits: self.limits,
+            send_burst: self.send_burst,
+            handshake_timeout: self.handshake_timeout,
+            heartbeat: self.heartbeat_bounds(),
+            history_window: self.history_window,
+            max_history_window: self.max_history_window,
+            user_budget,
+            metrics,
+        }
     }
 }
 

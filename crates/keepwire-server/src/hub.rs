@@ -16,11 +16,10 @@ use std::time::Duration;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use keepwire_proto::{CloseCode, Seq, ServerFrame};
+use keepwire_proto::{CloseCode, Instant, Seq, ServerFrame};
 use tokio::sync::{Notify, watch};
-use tokio::time::Instant;
 
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::{SendBudget, TokenBucket};
 use crate::store::{HeadAdvance, HeadListener, UserId};
 
 /// Committed entries kept per user with a live connection.
@@ -67,16 +66,19 @@ impl ControlQueue {
     /// The next request (cancel-safe: nothing is lost if dropped).
     pub async fn recv(&self) -> Control {
         loop {
-            if let Some(c) = self
-                .queue
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_front()
-            {
+            if let Some(c) = self.try_recv() {
                 return c;
             }
             self.notify.notified().await;
         }
+    }
+
+    /// The next request, if one is waiting.
+    pub fn try_recv(&self) -> Option<Control> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
     }
 }
 
@@ -148,13 +150,14 @@ impl Hub {
         token_id: Option<i64>,
         max_per_user: usize,
         control: Arc<ControlQueue>,
+        now: Instant,
     ) -> Result<Registration<'_>, RegisterError> {
         let mut users = self.lock();
         let (rate, burst) = self.user_rate;
         let slot = users.entry(user).or_insert_with(|| UserSlot {
             head: watch::Sender::new(0),
             conns: Vec::new(),
-            sends: TokenBucket::new(rate, burst, Instant::now()),
+            sends: TokenBucket::new(rate, burst, now),
             tail: VecDeque::new(),
         });
         let others = slot.conns.iter().filter(|c| c.device != device).count();
@@ -192,14 +195,6 @@ impl Hub {
             if slot.conns.is_empty() {
                 users.remove(&user);
             }
-        }
-    }
-
-    /// Takes one send from the user's shared budget.
-    pub fn take_user_send(&self, user: UserId) -> Result<(), Duration> {
-        match self.lock().get_mut(&user) {
-            Some(slot) => slot.sends.take(Instant::now()),
-            None => Ok(()),
         }
     }
 
@@ -273,6 +268,22 @@ impl Hub {
                 .cloned()
                 .collect(),
         )
+    }
+}
+
+impl SendBudget for Hub {
+    /// Takes `n` sends from the user's budget, shared by its connections.
+    fn take(&self, user: UserId, n: u32, now: Instant) -> Result<(), Duration> {
+        match self.lock().get_mut(&user) {
+            Some(slot) => slot.sends.take_n(n, now),
+            None => Ok(()),
+        }
+    }
+
+    fn charge(&self, user: UserId, n: u32, now: Instant) {
+        if let Some(slot) = self.lock().get_mut(&user) {
+            slot.sends.charge(n, now);
+        }
     }
 }
 

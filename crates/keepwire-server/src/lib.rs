@@ -30,16 +30,19 @@ mod api;
 pub mod auth;
 mod config;
 mod conn;
-mod hub;
+pub mod exec;
+pub mod hub;
 mod listener;
 pub mod metrics;
 mod openapi;
-mod ratelimit;
+pub mod ratelimit;
+pub mod session;
 pub mod store;
 
 pub use config::{Config, TlsFiles};
 pub use hub::Hub;
 pub use metrics::Metrics;
+pub use session::Session;
 pub use store::{AdminStore, RelayStore, SqliteOptions, SqliteStore, Store, StoreError};
 
 /// WebSocket read buffer per connection: small, because a relay holds many
@@ -47,10 +50,38 @@ pub use store::{AdminStore, RelayStore, SqliteOptions, SqliteStore, Store, Store
 /// takes more reads, nothing else).
 const READ_BUFFER_BYTES: usize = 512;
 
+/// The relay's monotonic clock: tokio's, read as a sans-IO
+/// [`keepwire_proto::Instant`] since the relay started (tokio's clock can be
+/// paused in tests).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RelayClock {
+    origin: tokio::time::Instant,
+}
+
+impl RelayClock {
+    fn new() -> Self {
+        RelayClock {
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Now.
+    pub(crate) fn now(&self) -> keepwire_proto::Instant {
+        keepwire_proto::Instant::from_duration(tokio::time::Instant::now() - self.origin)
+    }
+
+    /// The tokio deadline of an instant.
+    pub(crate) fn deadline(&self, at: keepwire_proto::Instant) -> tokio::time::Instant {
+        self.origin + at.as_duration()
+    }
+}
+
 /// State shared by every connection of one relay.
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) auth: auth::Authenticator,
+    pub(crate) clock: RelayClock,
+    pub(crate) session: Arc<session::SessionConfig>,
+    pub(crate) exec: exec::Executor,
     pub(crate) hub: Arc<Hub>,
     pub(crate) config: Config,
     pub(crate) metrics: Arc<Metrics>,
@@ -82,8 +113,19 @@ impl RelayServer {
         store.set_head_listener(hub.clone());
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let auth = Arc::new(auth::Authenticator::new(store.clone(), config.jwt.clone()));
+        let session = Arc::new(config.session_config(hub.clone(), metrics.clone()));
+        let exec = exec::Executor::new(
+            store.clone(),
+            auth.clone(),
+            hub.clone(),
+            Arc::new(store::SystemClock),
+            config.limits.max_group_size,
+        );
         let shared = Arc::new(Shared {
-            auth: auth::Authenticator::new(store.clone(), config.jwt.clone()),
+            clock: RelayClock::new(),
+            session,
+            exec,
             store: store.clone(),
             hub: hub.clone(),
             config,

@@ -13,9 +13,12 @@ fn code(c: CloseCode) -> Option<u16> {
     Some(c.code())
 }
 
+/// The next refusal: an `error` (with its rid) or a send's `rejected`
+/// (with its cid).
 async fn error_of(c: &mut WsClient) -> (ErrorCode, Option<String>) {
     c.recv_where(|f| match f {
         ServerFrame::Error(e) => Some((e.code, e.rid.clone())),
+        ServerFrame::Rejected(r) => Some((r.code, Some(r.cid.clone()))),
         _ => None,
     })
     .await

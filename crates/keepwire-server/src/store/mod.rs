@@ -186,6 +186,8 @@ impl From<rusqlite::Error> for StoreError {
 /// What the relay will replay on a new connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumePlan {
+    /// The log's epoch (for `welcome`).
+    pub epoch: String,
     /// The user's inbox head when the plan was made.
     pub head: Seq,
     /// The resume answer for `welcome`.

@@ -685,6 +685,7 @@ impl State {
                 .collect()
         };
         ResumePlan {
+            epoch: epoch.to_owned(),
             head,
             resume: Resume {
                 status,

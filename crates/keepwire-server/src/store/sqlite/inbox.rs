@@ -227,6 +227,7 @@ pub(super) fn plan_resume(
     };
     tx.commit()?;
     Ok(ResumePlan {
+        epoch: epoch.to_owned(),
         head,
         resume: Resume {
             status,
