@@ -71,7 +71,7 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
     let clock = shared.clock;
     let mut s = Session::new(shared.session.clone(), rand::random(), clock.now());
     let control = Arc::new(ControlQueue::default());
-    let mut reg: Option<Registration<'_>> = None;
+    let mut reg: Option<Registration> = None;
     let mut in_flight = InFlight::default();
     let mut opened = false;
     let mut close: Option<CloseCode> = None;
@@ -233,7 +233,7 @@ async fn write_transmits(
 }
 
 /// The next head of the registered user (pending forever before registration).
-async fn head_changed(reg: &mut Option<Registration<'_>>) -> Option<Seq> {
+async fn head_changed(reg: &mut Option<Registration>) -> Option<Seq> {
     match reg {
         Some(r) => match r.head.changed().await {
             Ok(()) => Some(*r.head.borrow_and_update()),

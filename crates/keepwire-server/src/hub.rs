@@ -109,11 +109,14 @@ pub struct Hub {
     users: Mutex<HashMap<UserId, UserSlot>>,
     next_id: AtomicU64,
     user_rate: (u32, u32),
+    /// Test-only: the tail hands out N+1 before N.
+    #[cfg(any(test, feature = "testing"))]
+    sabotaged: std::sync::atomic::AtomicBool,
 }
 
 /// A registered connection; unregisters itself when dropped.
-pub struct Registration<'a> {
-    hub: &'a Hub,
+pub struct Registration {
+    hub: Arc<Hub>,
     user: UserId,
     /// This connection's id.
     pub id: u64,
@@ -121,7 +124,7 @@ pub struct Registration<'a> {
     pub head: watch::Receiver<Seq>,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         self.hub.unregister(self.user, self.id);
     }
@@ -134,7 +137,16 @@ impl Hub {
             users: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             user_rate: (user_sends_per_sec, user_send_burst),
+            #[cfg(any(test, feature = "testing"))]
+            sabotaged: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Test-only: makes the tail hand out entries out of order, to prove the
+    /// simulation notices.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn sabotage_tail(&self) {
+        self.sabotaged.store(true, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, UserSlot>> {
@@ -144,14 +156,14 @@ impl Hub {
     /// Registers a connection. An older connection of the same device is told
     /// to close with [`CloseCode::Replaced`].
     pub fn register(
-        &self,
+        self: &Arc<Self>,
         user: UserId,
         device: &str,
         token_id: Option<i64>,
         max_per_user: usize,
         control: Arc<ControlQueue>,
         now: Instant,
-    ) -> Result<Registration<'_>, RegisterError> {
+    ) -> Result<Registration, RegisterError> {
         let mut users = self.lock();
         let (rate, burst) = self.user_rate;
         let slot = users.entry(user).or_insert_with(|| UserSlot {
@@ -181,7 +193,7 @@ impl Hub {
         });
         let head = slot.head.subscribe();
         Ok(Registration {
-            hub: self,
+            hub: self.clone(),
             user,
             id,
             head,
@@ -246,28 +258,43 @@ impl Hub {
     pub fn connection_count(&self) -> usize {
         self.lock().values().map(|s| s.conns.len()).sum()
     }
+
+    /// The users with a live connection here, and the inbox head known for
+    /// each (to re-read heads after lost notices).
+    pub fn connected_users(&self) -> Vec<(UserId, Seq)> {
+        self.lock()
+            .iter()
+            .map(|(&u, slot)| (u, *slot.head.borrow()))
+            .collect()
+    }
 }
 
 impl Hub {
     /// Up to `limit` entries of `user`'s inbox from `from`, if the recent
-    /// tail holds `from` (`None`: read the store). Empty when `from` is past
-    /// everything committed so far.
+    /// tail holds `from` (`None`: read the store). Never empty: past the
+    /// tail, this hub may just not have heard of newer entries yet (a lost
+    /// notice from another node), and only the store knows.
     pub fn recent(&self, user: UserId, from: Seq, limit: usize) -> Option<Vec<(Seq, Arc<str>)>> {
         let users = self.lock();
         let slot = users.get(&user)?;
         let (first, _) = slot.tail.front()?;
         let head = *slot.head.borrow();
-        if from < *first || head != slot.tail.back()?.0 {
+        if from < *first || from > head || head != slot.tail.back()?.0 {
             return None;
         }
-        Some(
-            slot.tail
-                .iter()
-                .skip((from - first) as usize)
-                .take(limit)
-                .cloned()
-                .collect(),
-        )
+        #[allow(unused_mut, reason = "mutated only by the test-only sabotage")]
+        let mut out: Vec<(Seq, Arc<str>)> = slot
+            .tail
+            .iter()
+            .skip((from - first) as usize)
+            .take(limit)
+            .cloned()
+            .collect();
+        #[cfg(any(test, feature = "testing"))]
+        if self.sabotaged.load(Ordering::Relaxed) && out.len() >= 2 {
+            out.swap(0, 1);
+        }
+        Some(out)
     }
 }
 
@@ -292,31 +319,27 @@ impl HeadListener for Hub {
         let mut users = self.lock();
         for a in heads {
             let (user, seq) = (a.user, a.seq);
-            if let Some(slot) = users.get_mut(&user) {
-                // Keep the tail contiguous: a hole (an entry without its
-                // item, or a gap) empties it, and readers use the store.
-                match &a.item {
-                    Some(item) if slot.tail.back().is_none_or(|(s, _)| s + 1 == seq) => {
-                        if slot.tail.len() == TAIL {
-                            slot.tail.pop_front();
-                        }
-                        slot.tail.push_back((seq, item.clone()));
-                    }
-                    Some(item) => {
-                        slot.tail.clear();
-                        slot.tail.push_back((seq, item.clone()));
-                    }
-                    None => slot.tail.clear(),
-                }
-                slot.head.send_if_modified(|h| {
-                    if seq > *h {
-                        *h = seq;
-                        true
-                    } else {
-                        false
-                    }
-                });
+            let Some(slot) = users.get_mut(&user) else {
+                continue;
+            };
+            // A notice at or below the known head is stale (a late or
+            // repeated hint): the tail already covers it or was cut.
+            if seq <= *slot.head.borrow() {
+                continue;
             }
+            // Keep the tail contiguous: a hole (an entry without its item,
+            // or a gap) empties it, and readers use the store.
+            let follows = slot.tail.back().is_none_or(|(s, _)| s + 1 == seq);
+            if !follows || a.item.is_none() {
+                slot.tail.clear();
+            }
+            if let Some(item) = &a.item {
+                if slot.tail.len() == TAIL {
+                    slot.tail.pop_front();
+                }
+                slot.tail.push_back((seq, item.clone()));
+            }
+            slot.head.send_replace(seq);
         }
     }
 }

@@ -12,4 +12,5 @@ mod hostile;
 mod integration;
 mod lifecycle;
 mod resume;
+mod sim;
 mod store_contract;

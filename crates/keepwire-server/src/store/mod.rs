@@ -20,6 +20,8 @@ pub mod contract;
 mod memory;
 mod sqlite;
 
+#[cfg(any(test, feature = "testing"))]
+pub use memory::Sabotage;
 pub use memory::{CrashPoint, MemoryDisk, MemoryOptions, MemorySnapshot, MemoryStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 

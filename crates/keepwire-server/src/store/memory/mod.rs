@@ -42,6 +42,39 @@ pub struct MemoryOptions {
     pub seed: u64,
     /// Writes wait for [`MemoryStore::commit`] instead of applying at once.
     pub manual_commit: bool,
+    /// A deliberate bug, to prove the simulation and the contract suite
+    /// catch it.
+    #[cfg(any(test, feature = "testing"))]
+    pub sabotage: Option<Sabotage>,
+}
+
+/// Deliberate bugs the memory store can be built with (tests only): each
+/// breaks one guarantee, and the simulation must notice.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sabotage {
+    /// Now and then an inbox sequence is skipped.
+    SkipSequence,
+    /// Writes are answered before they are committed.
+    AnswerBeforeCommit,
+    /// A repeated `(user, device, cid)` is stored again.
+    DoubleStore,
+    /// The hub's tail hands out entry N+1 before N.
+    TailOutOfOrder,
+    /// A removed member loses the messages it had.
+    RemovedMemberLosesMessages,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Sabotage {
+    /// Every sabotage.
+    pub const ALL: [Sabotage; 5] = [
+        Sabotage::SkipSequence,
+        Sabotage::AnswerBeforeCommit,
+        Sabotage::DoubleStore,
+        Sabotage::TailOutOfOrder,
+        Sabotage::RemovedMemberLosesMessages,
+    ];
 }
 
 impl Default for MemoryOptions {
@@ -51,6 +84,8 @@ impl Default for MemoryOptions {
             clock: Arc::new(SystemClock),
             seed: 0x6b77_6d65_6d6f_7279,
             manual_commit: false,
+            #[cfg(any(test, feature = "testing"))]
+            sabotage: None,
         }
     }
 }
@@ -94,6 +129,11 @@ pub struct MemoryStore {
     queue: Mutex<VecDeque<Job>>,
     closed: AtomicBool,
     rng: AtomicU64,
+    #[cfg(any(test, feature = "testing"))]
+    sabotage: Option<Sabotage>,
+    /// With [`Sabotage::AnswerBeforeCommit`]: the last committed data.
+    #[cfg(any(test, feature = "testing"))]
+    committed: Mutex<Option<Disk>>,
 }
 
 impl MemoryStore {
@@ -116,6 +156,10 @@ impl MemoryStore {
             queue: Mutex::new(VecDeque::new()),
             closed: AtomicBool::new(false),
             rng: AtomicU64::new(opts.seed),
+            #[cfg(any(test, feature = "testing"))]
+            sabotage: opts.sabotage,
+            #[cfg(any(test, feature = "testing"))]
+            committed: Mutex::new(None),
         })
     }
 
@@ -136,6 +180,15 @@ impl MemoryStore {
     pub fn crash(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        #[cfg(any(test, feature = "testing"))]
+        if let Some(d) = self
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            *self.lock() = d;
+        }
     }
 
     /// A copy of the data (a backup).
@@ -167,6 +220,11 @@ impl MemoryStore {
             q.drain(..n).collect()
         };
         let taken = jobs.len();
+        #[cfg(any(test, feature = "testing"))]
+        if self.sabotage == Some(Sabotage::AnswerBeforeCommit) && crash.is_none() {
+            let snapshot = self.lock().clone();
+            *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
+        }
         if crash == Some(CrashPoint::BeforeCommit) {
             drop(jobs);
             self.crash();
@@ -182,6 +240,8 @@ impl MemoryStore {
                         now_ms: self.clock.now_ms(),
                         retention: self.retention,
                         heads: &mut heads,
+                        #[cfg(any(test, feature = "testing"))]
+                        sabotage: self.sabotage,
                     };
                     job(&mut d.state, &mut w)
                 })
@@ -260,9 +320,33 @@ impl MemoryStore {
                 now_ms: self.now_ms(),
                 retention: self.retention,
                 heads: &mut heads,
+                #[cfg(any(test, feature = "testing"))]
+                sabotage: self.sabotage,
             };
             let r = f(&mut d.state, &mut w);
             self.tell(&heads);
+            return r;
+        }
+        #[cfg(any(test, feature = "testing"))]
+        if self.sabotage == Some(Sabotage::AnswerBeforeCommit) {
+            // Applied and answered now; durable only at the next commit (a
+            // crash before it reverts to the last committed state).
+            let mut d = self.lock();
+            let mut heads = Vec::new();
+            let mut w = WriteCtx {
+                now_ms: self.now_ms(),
+                retention: self.retention,
+                heads: &mut heads,
+                sabotage: self.sabotage,
+            };
+            let r = f(&mut d.state, &mut w);
+            self.tell(&heads);
+            drop(d);
+            let marker: Job = Box::new(|_, _| Box::new(|| {}));
+            self.queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back(marker);
             return r;
         }
         let (tx, rx) = oneshot::channel();

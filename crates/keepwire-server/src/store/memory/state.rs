@@ -138,6 +138,15 @@ pub(super) struct WriteCtx<'a> {
     pub(super) now_ms: i64,
     pub(super) retention: Retention,
     pub(super) heads: &'a mut Vec<HeadAdvance>,
+    #[cfg(any(test, feature = "testing"))]
+    pub(super) sabotage: Option<super::Sabotage>,
+}
+
+impl WriteCtx<'_> {
+    #[cfg(any(test, feature = "testing"))]
+    fn sabotaged(&self, s: super::Sabotage) -> bool {
+        self.sabotage == Some(s)
+    }
 }
 
 fn refused(code: ErrorCode, msg: impl Into<String>) -> StoreError {
@@ -252,6 +261,10 @@ impl State {
     ) -> Seq {
         let u = self.users.get_mut(&user).expect("members are users");
         u.head += 1;
+        #[cfg(any(test, feature = "testing"))]
+        if w.sabotaged(super::Sabotage::SkipSequence) && u.head % 17 == 0 {
+            u.head += 1;
+        }
         let seq = u.head;
         let inbox = self.inbox.entry(user).or_default();
         inbox.insert(seq, Entry { slot, ts });
@@ -283,7 +296,15 @@ impl State {
     ) -> Result<Confirm, StoreError> {
         let user = self.actor_id(actor);
         let key = (user, device.to_owned(), send.cid.clone());
-        if let Some(r) = self.sends.get(&key) {
+        #[cfg(any(test, feature = "testing"))]
+        let known = if w.sabotaged(super::Sabotage::DoubleStore) {
+            None
+        } else {
+            self.sends.get(&key)
+        };
+        #[cfg(not(any(test, feature = "testing")))]
+        let known = self.sends.get(&key);
+        if let Some(r) = known {
             if r.conv != send.conv || r.kind != send.kind || r.body != send.body {
                 return Err(refused(
                     ErrorCode::CidConflict,
@@ -498,6 +519,15 @@ impl State {
             c.members.remove(&target_id);
             r
         };
+        #[cfg(any(test, feature = "testing"))]
+        if !add && w.sabotaged(super::Sabotage::RemovedMemberLosesMessages) {
+            let messages = &self.messages;
+            if let Some(inbox) = self.inbox.get_mut(&target_id) {
+                inbox.retain(|_, e| {
+                    !matches!(e.slot, Slot::Message(id) if messages.get(&id).is_some_and(|m| m.conv == conv))
+                });
+            }
+        }
         let info = self.conv_info(conv).expect("exists");
         let event = MemberEvent {
             conv: info.clone(),
