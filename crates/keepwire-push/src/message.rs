@@ -68,7 +68,9 @@ impl CollapseKey {
 /// then only encrypted to them (`aes128gcm`): inside the encrypted body for
 /// Web Push, as the base64url field `kw_preview` for FCM and APNs. A preview
 /// that does not fit the provider's size limit is left out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` shows the preview's length, not its text.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Message {
     /// The registration's opaque id (`kw` in every payload).
     pub registration_id: RegistrationId,
@@ -78,6 +80,23 @@ pub struct Message {
     pub preview: Option<String>,
     /// Optional collapse key.
     pub collapse: Option<CollapseKey>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("registration_id", &self.registration_id)
+            .field("kind", &self.kind)
+            .field(
+                "preview",
+                &self
+                    .preview
+                    .as_ref()
+                    .map(|p| format!("<{} bytes>", p.len())),
+            )
+            .field("collapse", &self.collapse)
+            .finish()
+    }
 }
 
 impl Message {
@@ -217,6 +236,7 @@ mod tests {
         assert_eq!(pad_for(64), 0);
         assert_eq!(pad_for(65), 63);
         assert_eq!(pad_for(ece::MAX_PLAINTEXT_LEN - 1), 1);
+        assert!(!format!("{msg:?}").contains("Alice"));
         assert!(CollapseKey::new("kw-new").is_ok());
         assert!(CollapseKey::new("a".repeat(33)).is_err());
     }

@@ -54,6 +54,8 @@ pub struct ApnsInner {
     pub seen: Vec<Seen>,
     pub refused_tokens: Vec<String>,
     pub errors: Vec<String>,
+    /// TLS connections accepted.
+    pub connections: usize,
 }
 
 pub struct ApnsState {
@@ -105,6 +107,7 @@ impl ApnsMock {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    st.lock().connections += 1;
                     let service = hyper::service::service_fn(move |req| {
                         let st = st.clone();
                         async move { Ok::<_, std::convert::Infallible>(handle(&st, req).await) }
