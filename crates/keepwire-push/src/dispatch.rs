@@ -430,12 +430,18 @@ impl Dispatcher {
             }
             if st.depth() >= self.inner.limits.queue {
                 drop(st);
-                self.inner
+                let refused = self
+                    .inner
                     .metrics
                     .queue_full
                     .get_or_create(&label(provider))
-                    .inc();
-                tracing::warn!(target: TARGET, provider = provider.as_str(), "push queue full; push refused");
+                    .inc()
+                    + 1;
+                // Log the 1st, 2nd, 4th, 8th... refusal: an overload must
+                // not also flood the log (the counter has every one).
+                if refused.is_power_of_two() {
+                    tracing::warn!(target: TARGET, provider = provider.as_str(), refused, "push queue full; pushes refused");
+                }
                 return Err(EnqueueError::QueueFull(provider));
             }
             let seq = st.next_seq;

@@ -9,7 +9,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keepwire_push::apns::ApnsClient;
 use keepwire_push::clock::ManualClock;
 use keepwire_push::{
-    ApnsEnvironment, Attempt, CollapseKey, Message, PushConfig, Registration, RegistrationId,
+    ApnsEnvironment, Attempt, CollapseKey, Message, PushConfig, Registration, RegistrationError,
+    RegistrationId,
 };
 use rcgen::KeyPair;
 use serde_json::json;
@@ -27,6 +28,7 @@ struct Apns {
     client: ApnsClient,
     key_pkcs8: Vec<u8>,
     pki: TestPki,
+    cfg: PushConfig,
     _dir: TempDir,
 }
 
@@ -60,6 +62,7 @@ async fn setup() -> Apns {
         client,
         key_pkcs8: key.serialize_der(),
         pki,
+        cfg,
         _dir: dir,
     }
 }
@@ -261,9 +264,18 @@ async fn gone_and_bad_device_tokens() {
             .await,
         Attempt::Retry { .. }
     ));
-    // A topic this relay does not serve is never sent.
-    let before = t.production.seen().len();
+    // A topic this relay does not serve is refused at registration...
     let foreign = Registration::apns(DEVICE, ApnsEnvironment::Production, "com.evil.app").unwrap();
+    assert_eq!(
+        t.cfg.check_registration(&foreign),
+        Err(RegistrationError::TopicNotAllowed)
+    );
+    assert_eq!(
+        t.cfg.check_registration(&reg(ApnsEnvironment::Sandbox)),
+        Ok(())
+    );
+    // ...and never sent.
+    let before = t.production.seen().len();
     assert!(matches!(
         t.client.send(&foreign, &Message::wake(id())).await,
         Attempt::Rejected { .. }

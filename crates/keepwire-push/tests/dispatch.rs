@@ -309,3 +309,101 @@ async fn unconfigured_providers_and_registrations() {
         .unwrap_err();
     assert!(err.to_string().contains("VAPID"), "{err}");
 }
+
+/// Collects formatted log lines.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn logs_name_registrations_by_key_never_by_token_or_endpoint() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test runtime is single-threaded: the dispatcher's tasks log here too.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let fcm = FcmMock::start().await;
+    let web = WebPushMock::start().await;
+    let (endpoint, keys) = web.subscribe("secret-subscription");
+    let cfg = load(&format!(
+        "{}{}[limits]\nqueue = 2\n",
+        fcm.toml(),
+        webpush_section()
+    ));
+    let (push, mut reports) = Dispatcher::builder(cfg)
+        .vapid(VapidKey::generate())
+        .start(None)
+        .unwrap();
+    let android = Registration::fcm("SECRET-FCM-TOKEN").unwrap();
+    let browser = Registration::web_push(
+        &endpoint,
+        &keys.push_keys().p256dh_base64(),
+        &keys.push_keys().auth_base64(),
+    )
+    .unwrap();
+
+    fcm.state.reply(Reply::new(
+        404,
+        r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#,
+    ));
+    fcm.state.reply(Reply::new(
+        403,
+        r#"{"error":{"code":403,"status":"PERMISSION_DENIED"}}"#,
+    ));
+    web.reply(Reply::new(400, "bad SECRET-FCM-TOKEN secret-subscription"));
+    push.enqueue(job(1, &android)).unwrap();
+    let (r1, _) = report_for(&mut reports, 1, Duration::from_secs(5)).await;
+    push.enqueue(job(2, &android)).unwrap();
+    let (r2, _) = report_for(&mut reports, 2, Duration::from_secs(5)).await;
+    push.enqueue(job(3, &browser)).unwrap();
+    let (r3, _) = report_for(&mut reports, 3, Duration::from_secs(5)).await;
+    assert!(matches!(r1.outcome, Outcome::Unregistered { .. }), "{r1:?}");
+    assert!(matches!(r2.outcome, Outcome::ConfigError { .. }), "{r2:?}");
+    assert!(matches!(r3.outcome, Outcome::Rejected { .. }), "{r3:?}");
+    for n in 0..3 {
+        let _ = push.enqueue(job(10 + n, &android));
+    }
+    push.shutdown(Duration::ZERO).await;
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("push registration is dead"), "{text}");
+    assert!(text.contains("push configuration error"), "{text}");
+    assert!(text.contains("push rejected"), "{text}");
+    assert!(text.contains("push queue full"), "{text}");
+    assert!(
+        text.contains(&android.key().to_string()),
+        "logs name the registration key"
+    );
+    for secret in [
+        "SECRET-FCM-TOKEN",
+        "secret-subscription",
+        &keys.push_keys().auth_base64(),
+    ] {
+        assert!(
+            !text.contains(secret),
+            "{secret} leaked into the log:\n{text}"
+        );
+    }
+    // Reports carry no secrets either.
+    for r in [&r1, &r2, &r3] {
+        let s = format!("{r:?}");
+        assert!(
+            !s.contains("SECRET") && !s.contains("secret-subscription"),
+            "{s}"
+        );
+    }
+}
