@@ -252,7 +252,9 @@ impl WebPushClient {
 
     /// Checks an endpoint at registration: the address guard, then a `GET`
     /// (no redirects) that a UnifiedPush server answers with
-    /// `{"unifiedpush":{"version":1}}`.
+    /// `{"unifiedpush":{"version":1}}`. Call it for endpoints a UnifiedPush
+    /// distributor gave (the client knows): browser push services do not
+    /// answer `GET`, and their 404 or 405 means nothing.
     pub async fn probe_unifiedpush(
         &self,
         endpoint: &Endpoint,
