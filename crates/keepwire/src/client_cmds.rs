@@ -52,9 +52,14 @@ pub(crate) struct LoginArgs {
     /// Relay URL (ws://HOST:PORT or wss://HOST:PORT); repeat for several relays.
     #[arg(long = "server", required = true, value_name = "URL")]
     servers: Vec<String>,
-    /// The token (from `keepwire admin user add` or your app's backend).
-    #[arg(long)]
-    token: String,
+    /// The token (from `keepwire admin user add` or your app's backend); `-`
+    /// reads it from standard input. Other local users can read command
+    /// lines: prefer `--token-file`, `--token -` or KEEPWIRE_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// Read the token from this file (one line).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// How long to try to verify the token with the relay.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
@@ -176,7 +181,7 @@ pub(crate) struct StatusArgs {
 pub(crate) fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
     if !keepwire_client::store::db_path(home).exists() {
         bail!(
-            "{} is not a keepwire home yet; run `keepwire login --server URL --token TOKEN` first",
+            "{} is not a keepwire home yet; run `keepwire login --server URL --token-file FILE` first",
             home.display()
         );
     }
@@ -214,7 +219,7 @@ pub(crate) async fn background_client(
 fn login_hint(home: &std::path::Path, e: ClientError) -> anyhow::Error {
     match e {
         ClientError::NotLoggedIn(_) => anyhow::anyhow!(
-            "{} has no relay URL or token; run `keepwire login --server URL --token TOKEN`",
+            "{} has no relay URL or token; run `keepwire login --server URL --token-file FILE`",
             home.display()
         ),
         other => other.into(),
@@ -306,10 +311,7 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
             bail!("invalid relay URL {u:?}: use ws://HOST:PORT or wss://HOST:PORT");
         }
     }
-    let token = args.token.trim().to_owned();
-    if token.is_empty() {
-        bail!("the token is empty");
-    }
+    let token = crate::token_input::required(args.token.as_deref(), args.token_file.as_deref())?;
     let store = Store::open(&home)?;
     if let Some(path) = &args.ca_cert {
         let pem = std::fs::read(path)

@@ -79,7 +79,8 @@ pub(crate) struct ServeArgs {
     /// Accept app-issued HS256 JWTs signed with the secret in this file.
     #[arg(long, value_name = "PATH")]
     jwt_secret_file: Option<PathBuf>,
-    /// Accept RS256/ES256 JWTs with keys from this JWKS URL (cached, refreshed on an unknown kid).
+    /// Accept RS256/ES256 JWTs with keys from this JWKS URL (cached, refreshed
+    /// on an unknown kid); https, or http to a loopback address only.
     #[arg(long, value_name = "URL", conflicts_with = "jwks_file")]
     jwks_url: Option<String>,
     /// Accept RS256/ES256 JWTs with keys from this JWKS file.
@@ -216,8 +217,12 @@ enum TokenCommand {
     /// Revoke a token (by its value, or `--id`), or every token of `--user`.
     /// Live connections using it are closed at once.
     Revoke {
-        /// The token itself; `-` reads it from standard input.
+        /// The token itself; `-` reads it from standard input. Without TOKEN,
+        /// --token-file, --id or --user: the KEEPWIRE_TOKEN environment variable.
         token: Option<String>,
+        /// Read the token to revoke from this file (one line).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["token", "id", "user"])]
+        token_file: Option<PathBuf>,
         /// Token id (from `token list`).
         #[arg(long, conflicts_with_all = ["token", "user"])]
         id: Option<i64>,
@@ -322,8 +327,8 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let jwks = match (&args.jwks_url, &args.jwks_file) {
         (Some(u), _) => {
-            if !(u.starts_with("https://") || u.starts_with("http://")) {
-                bail!("--jwks-url must be an http(s) URL");
+            if let Err(e) = keepwire_server::auth::check_jwks_url(u) {
+                bail!("--jwks-url {e}");
             }
             Some(keepwire_server::auth::JwksSource::Url(u.clone()))
         }
@@ -411,23 +416,24 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             let t = store.issue_token(&name, ttl).await?;
             println!("{}", t.token);
         }
-        AdminCommand::Token(TokenCommand::Revoke { token, id, user }) => {
+        AdminCommand::Token(TokenCommand::Revoke {
+            token,
+            token_file,
+            id,
+            user,
+        }) => {
+            let token = match (&id, &user) {
+                (None, None) => crate::token_input::token(token.as_deref(), token_file.as_deref())?,
+                _ => None,
+            };
             let target = match (token, id, user) {
-                (Some(t), None, None) => {
-                    let t = if t == "-" {
-                        let mut line = String::new();
-                        std::io::stdin()
-                            .read_line(&mut line)
-                            .context("reading the token from stdin")?;
-                        line.trim().to_owned()
-                    } else {
-                        t
-                    };
-                    RevokeTarget::Token(t)
-                }
+                (Some(t), None, None) => RevokeTarget::Token(t),
                 (None, Some(id), None) => RevokeTarget::Id(id),
                 (None, None, Some(u)) => RevokeTarget::User(u),
-                _ => bail!("name what to revoke: a TOKEN, --id ID or --user NAME"),
+                _ => bail!(
+                    "name what to revoke: a TOKEN (or {}), --id ID or --user NAME",
+                    crate::token_input::HOW
+                ),
             };
             let n = store.revoke(target).await?;
             println!("revoked {n} token{}", if n == 1 { "" } else { "s" });

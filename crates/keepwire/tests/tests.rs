@@ -6,6 +6,7 @@ mod cli;
 mod client_process;
 mod desktop;
 mod relay_process;
+mod security;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -1,0 +1,223 @@
+//! Local security of the command: tokens kept off command lines and out of
+//! logs (even at trace level), the agent socket bound to its user, hostile
+//! message text escaped on the terminal, file modes of a home, and the
+//! private CA made by `admin tls-init`.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use keepwire_testkit::TempDir;
+
+use crate::{FAST, add_user, bin, keepwire, kw_ok};
+
+/// A child process killed (and reaped) on drop, also when a test fails.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `keepwire serve` on a free port with `KEEPWIRE_LOG=log`, stderr to `err`.
+fn relay_logging_to(db: &Path, log: &str, err: &Path, extra: &[&str]) -> (Guard, String) {
+    let mut child = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(db)
+        .args(FAST)
+        .args(extra)
+        .env("KEEPWIRE_LOG", log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(err).unwrap())
+        .spawn()
+        .expect("spawn keepwire serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().to_owned();
+    assert!(url.starts_with("ws"), "first line {url:?}");
+    (Guard(child), url)
+}
+
+/// `keepwire ARGS` on `home` with extra environment and optional stdin.
+fn kw_with(home: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env("KEEPWIRE_HOME", home)
+        .env("KEEPWIRE_LOG", "warn")
+        .env_remove("KEEPWIRE_TOKEN")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("run keepwire");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn tokens_come_from_a_file_stdin_or_the_environment_and_never_reach_trace_logs() {
+    let dir = TempDir::new("trace");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let tc = add_user(&db, "carol");
+    let relay_err = dir.join("relay.err");
+    let (_relay, url) = relay_logging_to(&db, "trace", &relay_err, &[]);
+    let trace = [("KEEPWIRE_LOG", "trace")];
+    let body = "a secret message body 4711";
+    let mut client_logs = String::new();
+
+    // alice: from a file (0600, no warning); bob: from stdin; carol: from the environment.
+    let alice = dir.join("alice");
+    let file = dir.join("alice.token");
+    std::fs::write(&file, format!("{ta}\n")).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let f = file.to_str().unwrap();
+    let out = kw_with(
+        &alice,
+        &["login", "--server", &url, "--token-file", f],
+        &trace,
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("logged in as alice"), "{}", text(&out));
+    assert!(!text(&out).contains("warning"), "{}", text(&out));
+    client_logs += &text(&out);
+    let bob = dir.join("bob");
+    let out = kw_with(
+        &bob,
+        &["login", "--server", &url, "--token", "-"],
+        &trace,
+        Some(&format!("{tb}\n")),
+    );
+    assert!(text(&out).contains("logged in as bob"), "{}", text(&out));
+    client_logs += &text(&out);
+    let carol = dir.join("carol");
+    let out = kw_with(
+        &carol,
+        &["login", "--server", &url],
+        &[trace[0], ("KEEPWIRE_TOKEN", &tc)],
+        None,
+    );
+    assert!(text(&out).contains("logged in as carol"), "{}", text(&out));
+    client_logs += &text(&out);
+
+    // A message goes from alice to bob, everyone logging at trace level.
+    let out = kw_with(&alice, &["conv", "create", "bob"], &trace, None);
+    let conv = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    client_logs += &text(&out);
+    let out = kw_with(&alice, &["send", &conv, body], &trace, None);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "sent",
+        "{}",
+        text(&out)
+    );
+    client_logs += &text(&out);
+    let out = kw_with(&bob, &["sync"], &trace, None);
+    assert!(out.status.success(), "{}", text(&out));
+    client_logs += &String::from_utf8_lossy(&out.stderr);
+    assert!(kw_ok(&bob, &["log"]).contains(body));
+
+    // Logging was on (the wire libraries still log, at debug at most; before
+    // they were capped, the relay's trace log held every hello with its token)...
+    let relay_logs = std::fs::read_to_string(&relay_err).unwrap();
+    assert!(
+        client_logs.contains("DEBUG tungstenite"),
+        "the client logged nothing from the WebSocket library"
+    );
+    assert!(relay_logs.contains("INFO"), "the relay logged nothing");
+    for (who, logs) in [("relay", &relay_logs), ("client", &client_logs)] {
+        // ... and no token or body reached the logs.
+        for secret in [ta.as_str(), tb.as_str(), tc.as_str(), body] {
+            assert!(!logs.contains(secret), "{who} logs hold {secret:?}");
+        }
+    }
+
+    // Mistakes are explained; a loose token file is warned about.
+    let out = kw_with(&dir.join("d"), &["login", "--server", &url], &[], None);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--token-file FILE"), "{}", text(&out));
+    let out = kw_with(
+        &dir.join("d"),
+        &["login", "--server", &url, "--token", "-"],
+        &[],
+        Some("kw_a kw_b\n"),
+    );
+    assert!(
+        text(&out).contains("one token, on one line"),
+        "{}",
+        text(&out)
+    );
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = kw_with(
+        &dir.join("e"),
+        &["login", "--server", &url, "--token-file", f],
+        &[],
+        None,
+    );
+    assert!(
+        text(&out).contains("can be read by other users"),
+        "{}",
+        text(&out)
+    );
+
+    // `admin token revoke` takes the token the same ways, never needing argv.
+    let db = db.to_str().unwrap();
+    let revoke = |args: &[&str], env: &[(&str, &str)], stdin: Option<&str>| {
+        let mut a = vec!["admin", "--db", db, "token", "revoke"];
+        a.extend_from_slice(args);
+        text(&kw_with(&dir.join("x"), &a, env, stdin))
+    };
+    assert!(revoke(&["--token-file", f], &[], None).contains("revoked 1 token"));
+    assert!(revoke(&["-"], &[], Some(&tb)).contains("revoked 1 token"));
+    assert!(revoke(&[], &[("KEEPWIRE_TOKEN", &tc)], None).contains("revoked 1 token"));
+    assert!(revoke(&[], &[], None).contains("name what to revoke"));
+}
+
+#[test]
+fn a_jwks_url_over_plain_http_is_refused_unless_on_loopback() {
+    let dir = TempDir::new("jwks-http");
+    let db = dir.join("relay.db");
+    let out = keepwire(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db.to_str().unwrap(),
+        "--jwks-url",
+        "http://auth.example/.well-known/jwks.json",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must come over https"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Loopback is allowed (a sidecar): the relay starts.
+    let err = dir.join("relay.err");
+    let (_relay, url) = relay_logging_to(
+        &db,
+        "warn",
+        &err,
+        &["--jwks-url", "http://127.0.0.1:9/jwks.json"],
+    );
+    assert!(url.starts_with("ws://"));
+}
