@@ -14,6 +14,7 @@ use keepwire_client::{
 };
 use keepwire_proto::Message;
 
+use crate::terminal::printable;
 use crate::{Exit, init_logging, wait_for_signal};
 
 /// `keepwire sync` exit codes (also in the README). 0: caught up; 1: other
@@ -408,11 +409,14 @@ pub(crate) async fn conv(args: ConvArgs) -> anyhow::Result<()> {
                         keepwire_proto::ConvKind::Direct => "direct",
                         keepwire_proto::ConvKind::Group => "group",
                     };
-                    let name = c.name.map(|n| format!(" {n:?}")).unwrap_or_default();
+                    let name = c
+                        .name
+                        .map(|n| format!(" \"{}\"", printable(&n)))
+                        .unwrap_or_default();
                     println!(
                         "{}\t{kind}{name}\t{}\t{} messages",
                         c.id,
-                        c.members.join(","),
+                        printable(&c.members.join(",")),
                         c.last_seq
                     );
                 }
@@ -570,9 +574,13 @@ fn print_message(m: &Message, json: bool) -> anyhow::Result<()> {
         });
         println!("{v}");
     } else {
+        // Other users wrote these: no terminal escapes (JSON above stays exact).
         println!(
             "{time} conv {} #{} {}: {}",
-            m.conv, m.conv_seq, m.from, m.body
+            m.conv,
+            m.conv_seq,
+            printable(&m.from),
+            printable(&m.body)
         );
     }
     Ok(())
@@ -678,7 +686,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("servers:  {}", store.urls()?.join(", "));
         println!("state:    {state}");
         if let Some(e) = last_error {
-            println!("last error: {e}");
+            println!("last error: {}", printable(&e));
         }
         println!(
             "cursor:   {}",

@@ -17,6 +17,7 @@ mod chaos_cmds;
 mod client_cmds;
 mod demo;
 mod relay_cmds;
+mod terminal;
 mod token_input;
 
 /// keepwire: keeps a chat app's users reachable.

@@ -221,3 +221,72 @@ fn a_jwks_url_over_plain_http_is_refused_unless_on_loopback() {
     );
     assert!(url.starts_with("ws://"));
 }
+
+#[test]
+fn hostile_message_text_is_escaped_on_the_terminal_and_exact_in_json() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("escapes");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = keepwire_testkit::RelayProcess::start(&bin(), &db, FAST);
+    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
+    for (home, token) in [(&alice, &ta), (&bob, &tb)] {
+        let out = kw_with(
+            home,
+            &["login", "--server", &relay.url],
+            &[("KEEPWIRE_TOKEN", token)],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    // Clear the screen, retitle the window, fake a second line, flip text.
+    let hostile = "\u{1b}[2J\u{1b}]0;pwned\u{7}hi\r\n2030-01-01 conv 1 #9 root: fake \u{9b}31m \u{202E}gnp.exe";
+    kw_ok(&alice, &["send", &conv, hostile]);
+    // bob's tail prints it as it arrives.
+    let mut tail = Guard(
+        Command::new(bin())
+            .arg("tail")
+            .env("KEEPWIRE_HOME", &bob)
+            .env("KEEPWIRE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(tail.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    drop(tail);
+    let log = kw_ok(&bob, &["log"]);
+    for shown in [&line, &log] {
+        assert_eq!(shown.lines().count(), 1, "one line: {shown:?}");
+        assert!(
+            !shown
+                .trim_end_matches('\n')
+                .chars()
+                .any(|c| c.is_control() || c == '\u{202E}'),
+            "no raw control or bidi characters: {shown:?}"
+        );
+        assert!(
+            shown.contains(r"\u{1b}[2J\u{1b}]0;pwned\u{7}hi\r\n2030-01-01 conv 1 #9 root: fake \u{9b}31m \u{202e}gnp.exe"),
+            "{shown:?}"
+        );
+    }
+    // JSON output is exact.
+    let json: serde_json::Value =
+        serde_json::from_str(kw_ok(&bob, &["log", "--json"]).trim()).unwrap();
+    assert_eq!(json["body"], hostile);
+
+    // The home and its database are owner-only, and stay so: a loosened mode
+    // is tightened by the next command.
+    let client_db = bob.join("client.db");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&bob), mode(&client_db)), (0o700, 0o600));
+    std::fs::set_permissions(&bob, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&client_db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    kw_ok(&bob, &["status"]);
+    assert_eq!((mode(&bob), mode(&client_db)), (0o700, 0o600));
+}
