@@ -290,3 +290,132 @@ fn hostile_message_text_is_escaped_on_the_terminal_and_exact_in_json() {
     kw_ok(&bob, &["status"]);
     assert_eq!((mode(&bob), mode(&client_db)), (0o700, 0o600));
 }
+
+/// Polls `cond` every 50 ms until it holds; panics after `within`.
+fn wait_until(within: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends `line` to the agent socket and reads one answer line ("" if the
+/// agent closed without one).
+fn ask_agent(sock: &Path, line: &[u8]) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // The agent may answer and close before reading everything.
+    let _ = s.write_all(line);
+    let mut answer = String::new();
+    let _ = BufReader::new(&s).read_line(&mut answer);
+    answer
+}
+
+#[test]
+fn the_agent_serves_only_its_own_user_and_bounds_request_lines() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    let dir = TempDir::new("agent-peer");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = keepwire_testkit::RelayProcess::start(&bin(), &db, FAST);
+    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
+    for (home, token) in [(&alice, &ta), (&bob, &tb)] {
+        let out = kw_with(
+            home,
+            &["login", "--server", &relay.url],
+            &[("KEEPWIRE_TOKEN", token)],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let agent_err = dir.join("agent.err");
+    let _agent = Guard(
+        Command::new(bin())
+            .args(["agent", "--no-desktop"])
+            .env("KEEPWIRE_HOME", &alice)
+            .env("KEEPWIRE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&agent_err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let sock = alice.join("agent.sock");
+    wait_until(std::time::Duration::from_secs(10), "the agent", || {
+        ask_agent_ok(&sock).contains("Connected")
+    });
+
+    // A request line over 256 KiB gets a clear error and the connection closes.
+    let mut long = vec![b'x'; 300 * 1024];
+    long.push(b'\n');
+    let answer = ask_agent(&sock, &long);
+    assert!(
+        answer.contains("request line longer than 256 KiB"),
+        "{answer:?}"
+    );
+    // The agent is fine.
+    assert!(ask_agent_ok(&sock).contains("Connected"));
+
+    // Another local user, with the home and socket modes loosened, is refused.
+    if nix_euid() != 0 {
+        eprintln!(
+            "SKIPPED part of the_agent_serves_only_its_own_user: acting as another uid needs root"
+        );
+        return;
+    }
+    std::fs::set_permissions(&alice, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(bin())
+        .args(["send", &conv, "sent by another user"])
+        .env("KEEPWIRE_HOME", &alice)
+        .env("KEEPWIRE_LOG", "warn")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the agent's refusal",
+        || {
+            std::fs::read_to_string(&agent_err)
+                .unwrap()
+                .contains("refused a connection from another user")
+        },
+    );
+    // alice herself still sends through the agent; bob gets only her message.
+    assert_eq!(
+        kw_ok(&alice, &["send", &conv, "alice's own"]).trim(),
+        "sent"
+    );
+    kw_ok(&bob, &["sync"]);
+    let log = kw_ok(&bob, &["log"]);
+    assert!(log.contains("alice's own"), "{log}");
+    assert!(!log.contains("another user"), "{log}");
+}
+
+fn ask_agent_ok(sock: &Path) -> String {
+    if !sock.exists() {
+        return String::new();
+    }
+    ask_agent(sock, b"{\"op\":\"status\"}\n")
+}
+
+fn nix_euid() -> u32 {
+    // Our effective uid, from /proc (the tests do not link nix).
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
