@@ -18,6 +18,7 @@ mod client_cmds;
 mod demo;
 mod relay_cmds;
 mod terminal;
+mod tls_init;
 mod token_input;
 
 /// keepwire: keeps a chat app's users reachable.

@@ -158,6 +158,19 @@ enum AdminCommand {
         /// The backup file.
         src: PathBuf,
     },
+    /// Make a private CA and a relay certificate it signs (for wss:// without
+    /// a public CA); run again on the same DIR to renew, keeping the CA.
+    #[command(name = "tls-init")]
+    TlsInit {
+        /// Where to write ca.pem, ca.key, relay.pem and relay.key (made 0700).
+        dir: PathBuf,
+        /// A host name or IP address clients use to reach the relay; repeat for several.
+        #[arg(long = "host", value_name = "NAME", required = true)]
+        hosts: Vec<String>,
+        /// How long the relay's certificate is valid, in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -375,6 +388,9 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
+    if let AdminCommand::TlsInit { dir, hosts, days } = &args.command {
+        return tls_init(dir, hosts, *days);
+    }
     let path = args.db.path()?;
     match args.command {
         AdminCommand::Backup { dest } => {
@@ -508,10 +524,46 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             let done = store.revoke_device(&user, &device).await?;
             println!("{}", if done { "revoked" } else { "already revoked" });
         }
-        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => {
-            bail!("backup and restore do not open the store")
+        AdminCommand::Backup { .. }
+        | AdminCommand::Restore { .. }
+        | AdminCommand::TlsInit { .. } => {
+            bail!("backup, restore and tls-init do not open the store")
         }
     }
+    Ok(())
+}
+
+/// `keepwire admin tls-init`: writes the files and says how to use them.
+fn tls_init(dir: &std::path::Path, hosts: &[String], days: u32) -> anyhow::Result<()> {
+    let w = crate::tls_init::tls_init(dir, hosts, days)?;
+    let abs = |p: &std::path::Path| {
+        std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_owned())
+            .display()
+            .to_string()
+    };
+    let host = match hosts[0].parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        _ => hosts[0].clone(),
+    };
+    println!(
+        "{} a certificate for {} (valid {days} days), signed by the private CA in {}",
+        if w.reused_ca { "renewed" } else { "made" },
+        hosts.join(", "),
+        abs(dir)
+    );
+    println!(
+        "relay:   keepwire serve --listen 0.0.0.0:7447 --tls-cert {} --tls-key {}",
+        abs(&w.cert),
+        abs(&w.key)
+    );
+    println!(
+        "clients: keepwire login --server wss://{host}:7447 --ca-cert {} --token-file FILE",
+        abs(&w.ca_pem)
+    );
+    println!(
+        "Copy ca.pem to the clients; keep ca.key secret (whoever holds it can impersonate the relay to them)."
+    );
     Ok(())
 }
 

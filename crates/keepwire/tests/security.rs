@@ -419,3 +419,98 @@ fn nix_euid() -> u32 {
         .and_then(|u| u.parse().ok())
         .unwrap()
 }
+
+#[test]
+fn tls_init_makes_a_ca_and_a_relay_certificate_that_clients_trust_across_renewals() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("tls-init");
+    let pki = dir.join("pki");
+    let p = pki.to_str().unwrap();
+    let out = keepwire(&[
+        "admin",
+        "tls-init",
+        p,
+        "--host",
+        "localhost",
+        "--host",
+        "127.0.0.1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (ca, cert, key) = (
+        pki.join("ca.pem"),
+        pki.join("relay.pem"),
+        pki.join("relay.key"),
+    );
+    let abs = |f: &Path| std::fs::canonicalize(f).unwrap().display().to_string();
+    // It prints the lines to use.
+    assert!(
+        said.contains(&format!(
+            "--tls-cert {} --tls-key {}",
+            abs(&cert),
+            abs(&key)
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "--server wss://localhost:7447 --ca-cert {}",
+            abs(&ca)
+        )),
+        "{said}"
+    );
+    let mode = |f: &Path| std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&key), mode(&pki.join("ca.key"))), (0o600, 0o600));
+
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let tls = [
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ];
+    let relay = keepwire_testkit::RelayProcess::start(&bin(), &db, &tls);
+    let url = relay.url.replace("127.0.0.1", "localhost");
+    assert!(url.starts_with("wss://localhost:"), "{url}");
+    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
+    for (home, token) in [(&alice, &ta), (&bob, &tb)] {
+        let out = kw_with(
+            home,
+            &["login", "--server", &url, "--ca-cert", ca.to_str().unwrap()],
+            &[("KEEPWIRE_TOKEN", token)],
+            None,
+        );
+        assert!(text(&out).contains("logged in as"), "{}", text(&out));
+    }
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    assert_eq!(
+        kw_ok(&alice, &["send", &conv, "over tls-init"]).trim(),
+        "sent"
+    );
+
+    // Renewed on the same directory: the CA stays, the relay restarts with
+    // the new certificate, and the clients connect without a new --ca-cert.
+    let before = std::fs::read(&cert).unwrap();
+    let out = keepwire(&[
+        "admin",
+        "tls-init",
+        p,
+        "--host",
+        "localhost",
+        "--days",
+        "30",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("renewed"),
+        "{}",
+        text(&out)
+    );
+    assert_ne!(std::fs::read(&cert).unwrap(), before);
+    let addr = relay.host_port().to_owned();
+    drop(relay);
+    let _relay = keepwire_testkit::RelayProcess::start_at(&bin(), &db, &addr, &tls);
+    kw_ok(&bob, &["sync"]);
+    assert!(kw_ok(&bob, &["log"]).contains("over tls-init"));
+}
