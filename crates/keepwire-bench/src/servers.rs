@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use keepwire_proto::{ConvCreate, ConvKind};
 use keepwire_server::store::Actor;
-use keepwire_server::{SqliteOptions, SqliteStore, Store as _};
+use keepwire_server::{AdminStore as _, RelayStore as _};
+use keepwire_server::{SqliteOptions, SqliteStore};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::{Child, Command};
 

@@ -10,7 +10,7 @@ use keepwire_proto::{
 
 use crate::backoff::{Backoff, Jitter};
 use crate::rng::SeededRng;
-use crate::time::Instant;
+use keepwire_proto::Instant;
 
 /// Settings of a [`Connection`].
 #[derive(Debug, Clone)]

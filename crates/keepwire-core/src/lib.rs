@@ -11,12 +11,11 @@
 mod backoff;
 mod connection;
 mod rng;
-mod time;
 
 pub use backoff::{Backoff, Jitter};
 pub use connection::{
     AdaptiveHeartbeat, AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event,
     FailureKind, Network, NotConnected, OutboxItem, State, StopReason, Transmit, TransportEvent,
 };
+pub use keepwire_proto::Instant;
 pub use rng::SeededRng;
-pub use time::Instant;

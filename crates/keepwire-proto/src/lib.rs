@@ -18,6 +18,7 @@ mod codec;
 mod codes;
 mod frames;
 mod limits;
+mod time;
 mod validate;
 
 pub use codec::{
@@ -26,6 +27,7 @@ pub use codec::{
 pub use codes::{ClientAction, CloseCode, ErrorCode};
 pub use frames::*;
 pub use limits::Limits;
+pub use time::Instant;
 pub use validate::{
     ValidationError, is_valid_cid, is_valid_device_id, is_valid_epoch, is_valid_request_id,
     is_valid_user_name,

@@ -40,7 +40,7 @@ pub mod store;
 pub use config::{Config, TlsFiles};
 pub use hub::Hub;
 pub use metrics::Metrics;
-pub use store::{SqliteOptions, SqliteStore, Store, StoreError};
+pub use store::{AdminStore, RelayStore, SqliteOptions, SqliteStore, Store, StoreError};
 
 /// WebSocket read buffer per connection: small, because a relay holds many
 /// mostly idle connections and client frames are small (a larger frame
@@ -341,7 +341,7 @@ async fn trimmer(shared: Arc<Shared>) {
                 tracing::info!(target: "keepwire::server", inbox = r.inbox_entries, messages = r.messages, dedupe = r.dedupe_keys, "retention trimmed");
             }
             Ok(_) => {}
-            Err(StoreError::Closed) => return,
+            Err(e) if e.is_closed() => return,
             Err(e) => {
                 tracing::warn!(target: "keepwire::server", error = %e, "retention trim failed")
             }

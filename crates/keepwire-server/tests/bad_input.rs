@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use keepwire_proto::{ClientFrame, CloseCode, ConvKind, ErrorCode, ServerFrame};
-use keepwire_server::Store;
+use keepwire_server::AdminStore as _;
 use keepwire_testkit::{Incoming, WsClient, new_cid, upgrade_status};
 use tokio_tungstenite::tungstenite::Message;
 

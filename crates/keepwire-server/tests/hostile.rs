@@ -10,7 +10,7 @@ use keepwire_testkit::{Incoming, WsClient, upgrade_status};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use keepwire_server::Store as _;
+use keepwire_server::AdminStore as _;
 
 use crate::support::{TestRelay, test_config};
 

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use keepwire_proto::{CloseCode, EntryItem};
-use keepwire_server::Store;
+use keepwire_server::AdminStore as _;
 use keepwire_server::auth::{JwksSource, JwtConfig};
 use keepwire_testkit::WsClient;
 use ring::rand::SystemRandom;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use keepwire_proto::{ClientFrame, CloseCode, ServerFrame};
-use keepwire_server::Store;
+use keepwire_server::AdminStore as _;
 use keepwire_server::store::RevokeTarget;
 use keepwire_testkit::WsClient;
 
@@ -133,6 +133,6 @@ async fn graceful_shutdown_sends_going_away() {
     // The store was flushed and closed.
     assert!(matches!(
         relay.store.create_user("late").await,
-        Err(keepwire_server::StoreError::Closed)
+        Err(e) if e.is_closed()
     ));
 }

@@ -7,7 +7,7 @@ use keepwire_proto::{
     ClientFrame, ConvKind, Cursor, EntryItem, GapReason, HistoryRequest, ResumeStatus, Send,
     ServerFrame,
 };
-use keepwire_server::Store;
+use keepwire_server::RelayStore as _;
 use keepwire_server::store::Retention;
 use keepwire_testkit::{WsClient, assert_contiguous, bodies, wait_until};
 

@@ -12,3 +12,4 @@ mod hostile;
 mod integration;
 mod lifecycle;
 mod resume;
+mod store_contract;

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use keepwire_proto::{ClientFrame, ConvCreate, ConvInfo, ConvKind, Send, ServerFrame};
 use keepwire_server::store::{Actor, Retention, UserId};
-use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
+use keepwire_server::{AdminStore as _, RelayStore as _};
+use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore};
 
 use crate::{TempDir, WsClient};
 
@@ -47,6 +48,7 @@ impl TestRelay {
             SqliteOptions {
                 retention,
                 metrics: Some(metrics.clone()),
+                ..Default::default()
             },
         )
         .expect("open relay store");

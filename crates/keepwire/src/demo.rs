@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use keepwire_client::notify::{CallbackNotifier, NotifierCall};
 use keepwire_client::{AppState, BackgroundPolicy, Client, Network, State, SyncOutcome};
-use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
+use keepwire_server::{AdminStore as _, RelayStore as _};
+use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore};
 
 const T: Duration = Duration::from_secs(20);
 

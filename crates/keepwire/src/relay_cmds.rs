@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use keepwire_server::RelayStore as _;
 use keepwire_server::store::{Retention, RevokeTarget};
 use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
 
@@ -372,6 +373,7 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         SqliteOptions {
             retention,
             metrics: Some(metrics.clone()),
+            ..Default::default()
         },
     )?;
     let server = RelayServer::start(config, store, metrics)

@@ -1,14 +1,11 @@
-//! The relay's storage contract and its embedded SQLite implementation.
+//! The relay's storage contract and its implementations.
 //!
-//! Everything the relay persists goes through [`Store`], so that a distributed
-//! engine can replace SQLite later. Implementations must uphold:
-//! - a write is durable (against power loss) before its future resolves;
-//! - inbox sequences are per user, gap-free and increasing, assigned in commit
-//!   order;
-//! - [`HeadListener::heads_advanced`] is called after the commit that made the
-//!   new entries visible to readers, never before;
-//! - a repeated `(user, device, cid)` stores nothing and returns the original
-//!   confirmation.
+//! Everything the relay persists goes through two traits: [`RelayStore`], the
+//! hot path a session needs (its contract is in its doc comment), and
+//! [`AdminStore`], the admin CLI's and HTTP API's operations. [`Store`] is
+//! both. Backends: [`SqliteStore`] (embedded, the default) and
+//! [`MemoryStore`] (tests and the simulation). One contract suite
+//! ([`contract`], behind the `testing` feature) runs against each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +15,33 @@ use keepwire_proto::{
     Send as SendMsg, Seq,
 };
 
+#[cfg(any(test, feature = "testing"))]
+pub mod contract;
+mod memory;
 mod sqlite;
 
+pub use memory::{CrashPoint, MemoryDisk, MemoryOptions, MemorySnapshot, MemoryStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// The wall clock a store stamps entries and records with (ms since the
+/// Unix epoch). Injected so that a simulation can run on virtual time.
+pub trait WallClock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
 
 /// Internal user id.
 pub type UserId = i64;
@@ -65,9 +86,12 @@ pub enum AuthFailure {
     DeviceRevoked,
 }
 
-/// Store errors. `Refused` carries a protocol error code for the client; the
-/// others are the server's problem.
+/// What went wrong in the store, in three classes (see [`StoreError::class`]):
+/// refusals of a client's request, which the relay answers on the wire;
+/// admin and API errors (something named does not exist, or conflicts); and
+/// infrastructure failures, which are the operator's problem.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The request is not allowed or not valid; answer the client with the code.
     #[error("{1}")]
@@ -81,10 +105,33 @@ pub enum StoreError {
     /// An admin request conflicts with existing data.
     #[error("{0}")]
     Conflict(String),
-    /// SQLite failed.
+    /// The store itself failed.
+    #[error(transparent)]
+    Infra(#[from] InfraError),
+}
+
+/// The three classes of [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A refusal of a client's request, answered on the wire
+    /// ([`StoreError::Refused`], [`StoreError::Auth`]).
+    Refusal,
+    /// An admin or API request named a missing or conflicting thing.
+    Admin,
+    /// The store failed; the request may be retried.
+    Infrastructure,
+}
+
+/// An infrastructure failure of the store. Nothing of the request was
+/// stored, unless the variant says the outcome is unknown.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InfraError {
+    /// The database engine failed.
     #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
-    /// The database is not a keepwire database, or is newer than this binary.
+    Database(String),
+    /// The database is not a keepwire database, is newer than this binary,
+    /// or cannot be opened.
     #[error("{0}")]
     Incompatible(String),
     /// A commit failed; nothing of the request was stored.
@@ -98,6 +145,41 @@ pub enum StoreError {
 impl StoreError {
     pub(crate) fn refused(code: ErrorCode, msg: impl Into<String>) -> Self {
         StoreError::Refused(code, msg.into())
+    }
+
+    /// A commit failure (nothing stored).
+    pub fn commit(msg: impl Into<String>) -> Self {
+        StoreError::Infra(InfraError::Commit(msg.into()))
+    }
+
+    /// The database cannot be used by this relay.
+    pub fn incompatible(msg: impl Into<String>) -> Self {
+        StoreError::Infra(InfraError::Incompatible(msg.into()))
+    }
+
+    /// The store was closed.
+    pub fn closed() -> Self {
+        StoreError::Infra(InfraError::Closed)
+    }
+
+    /// Whether the store was closed.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, StoreError::Infra(InfraError::Closed))
+    }
+
+    /// Which of the three classes this error belongs to.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Refused(..) | StoreError::Auth(_) => ErrorClass::Refusal,
+            StoreError::NotFound(_) | StoreError::Conflict(_) => ErrorClass::Admin,
+            StoreError::Infra(_) => ErrorClass::Infrastructure,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Infra(InfraError::Database(e.to_string()))
     }
 }
 
@@ -254,9 +336,28 @@ pub struct HeadAdvance {
     pub item: Option<Arc<str>>,
 }
 
-/// The relay's storage.
+/// The store operations a relay session needs: authentication, the inbox,
+/// sends, conversations. This is the hot path; every backend implements it
+/// and passes the contract suite ([`contract`]).
+///
+/// # Contract
+/// - Durability: a write's future resolves only after its commit is durable
+///   (against power loss); a group of writes commits all or nothing.
+/// - Answers and [`HeadListener::heads_advanced`] come after the commit,
+///   never before; after `heads_advanced(u, s)`, a read of `u`'s inbox up to
+///   `s` includes `s`.
+/// - Per user, inbox sequences are gap-free from 1 and assigned in commit
+///   order; every member sees a conversation's messages in `conv_seq` order.
+/// - A member gets exactly the messages committed while it was a member.
+/// - `(user, seq)` never changes content within an epoch (retention may
+///   remove it; then a read starts after the floor).
+/// - Concurrent sends with one `(user, device, cid)` store one message; the
+///   others answer `duplicate` with the original ids.
+/// - A multi-statement read sees one snapshot.
+/// - Persisted ack positions lag the acknowledged ones by a bounded time and
+///   never lead them.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait RelayStore: Send + Sync + 'static {
     /// The log's epoch: changes whenever the log is replaced or restored.
     fn epoch(&self) -> String;
     /// Registers the listener told of inbox head advances.
@@ -264,6 +365,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks a bearer token.
     async fn authenticate(&self, token: &str) -> Result<AuthedUser, StoreError>;
+    /// Finds or creates the user named by a valid app-issued token (no
+    /// sign-up needed); refuses with `Auth(Revoked)` when the user's tokens
+    /// were revoked at or after `issued_at_ms` (or the token has no issue time).
+    async fn authenticate_external(
+        &self,
+        name: &str,
+        issued_at_ms: Option<i64>,
+    ) -> Result<UserId, StoreError>;
+    /// Whether a device was revoked.
+    async fn device_revoked(&self, user: UserId, device: &str) -> Result<bool, StoreError>;
     /// Records that a device connected.
     async fn touch_device(&self, user: UserId, device: &str) -> Result<(), StoreError>;
     /// Plans a resume from `cursor` (or a new device's start, `new_window`
@@ -281,6 +392,8 @@ pub trait Store: Send + Sync + 'static {
         from: Seq,
         limit: usize,
     ) -> Result<Vec<InboxEntry>, StoreError>;
+    /// The user's inbox head (0 when empty).
+    async fn inbox_head(&self, user: UserId) -> Result<Seq, StoreError>;
     /// Stores a message (or finds the original for a repeated cid).
     async fn send(&self, actor: Actor, device: &str, send: SendMsg) -> Result<Confirm, StoreError>;
     /// Records a device's acknowledged position.
@@ -313,25 +426,25 @@ pub trait Store: Send + Sync + 'static {
     async fn conv_list(&self, user: UserId) -> Result<Vec<ConvInfo>, StoreError>;
     /// The members of a conversation the user belongs to.
     async fn conv_member_ids(&self, user: UserId, conv: ConvId) -> Result<Vec<UserId>, StoreError>;
-
-    /// Creates a user.
-    async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;
-    /// A user's id by name.
-    async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError>;
     /// Records that `user` read `conv` up to `up_to` (clamped to the
     /// conversation's last message) and, if that moved the marker, appends a
     /// `read` entry to the user's inbox for their other devices.
     async fn mark_read(&self, user: UserId, conv: ConvId, up_to: u64) -> Result<bool, StoreError>;
-    /// Finds or creates the user named by a valid app-issued token (no
-    /// sign-up needed); refuses with `Auth(Revoked)` when the user's tokens
-    /// were revoked at or after `issued_at_ms` (or the token has no issue time).
-    async fn authenticate_external(
-        &self,
-        name: &str,
-        issued_at_ms: Option<i64>,
-    ) -> Result<UserId, StoreError>;
-    /// Whether a device was revoked.
-    async fn device_revoked(&self, user: UserId, device: &str) -> Result<bool, StoreError>;
+    /// The revocation log after `after`.
+    async fn revocations_after(&self, after: i64) -> Result<Vec<Revocation>, StoreError>;
+    /// Flushes pending writes and stops the writer. Later calls fail with
+    /// [`InfraError::Closed`].
+    async fn close(&self);
+}
+
+/// Operations of the admin CLI and the backend's HTTP API: users, devices,
+/// tokens, API keys, retention.
+#[async_trait::async_trait]
+pub trait AdminStore: Send + Sync + 'static {
+    /// Creates a user.
+    async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;
+    /// A user's id by name.
+    async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError>;
     /// Revokes a device: its connections close and it cannot reconnect.
     /// Returns false if it was already revoked.
     async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError>;
@@ -353,11 +466,13 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke(&self, target: RevokeTarget) -> Result<u64, StoreError>;
     /// A user's tokens.
     async fn list_tokens(&self, user: &str) -> Result<Vec<TokenInfo>, StoreError>;
-    /// The revocation log after `after`.
-    async fn revocations_after(&self, after: i64) -> Result<Vec<Revocation>, StoreError>;
     /// Applies the age-based retention policy (count-based retention is
     /// applied as entries are appended).
     async fn trim(&self) -> Result<TrimReport, StoreError>;
-    /// Flushes pending writes and stops the writer. Later calls fail with `Closed`.
-    async fn close(&self);
 }
+
+/// A complete relay store: the session's operations and the admin ones.
+/// Implemented for every type that implements both.
+pub trait Store: RelayStore + AdminStore {}
+
+impl<T: RelayStore + AdminStore> Store for T {}

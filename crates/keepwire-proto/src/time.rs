@@ -1,11 +1,12 @@
-//! The core's monotonic timestamp.
+//! The monotonic timestamp of keepwire's sans-IO state machines (the
+//! client core and the relay session).
 
 use std::ops::{Add, Sub};
 use std::time::Duration;
 
 /// A point on a monotonic clock that keeps counting while the device is
-/// suspended (`CLOCK_BOOTTIME` on Linux and Android). The core never reads a
-/// clock: the driver passes `now` into every call.
+/// suspended (`CLOCK_BOOTTIME` on Linux and Android). The state machines never
+/// read a clock: their driver passes `now` into every call.
 ///
 /// `std::time::Instant` is not used because it stops while a phone sleeps,
 /// which would stretch backoff, linger and heartbeat timers by the sleep time.

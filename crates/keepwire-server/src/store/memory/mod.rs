@@ -1,0 +1,747 @@
+//! An in-memory store: the same contract as SQLite, without a disk.
+//!
+//! For tests, and for the simulation, which runs real relay sessions on it in
+//! virtual time. Its data lives in a [`MemoryDisk`] that outlives any one
+//! store handle: [`MemoryStore::reopen`] is a relay restart on the same data.
+//!
+//! Writes are applied one at a time under a lock, and the head listener is
+//! told inside that lock, so heads arrive in commit order. In **manual
+//! commit** mode ([`MemoryOptions::manual_commit`]) writes wait in a queue
+//! until the owner calls [`MemoryStore::commit`], which applies a prefix of
+//! the queue as one group commit and can crash at any point of it: the
+//! simulation decides which writes share a commit and when they are answered.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use keepwire_proto::{
+    Confirm, ConvCreate, ConvId, ConvInfo, Cursor, HistoryPage, InboxEntry, Send as SendMsg, Seq,
+};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::oneshot;
+
+use super::{
+    Actor, AdminStore, ApiKeyInfo, AuthFailure, AuthedUser, DeviceInfo, DevicePosition,
+    HeadAdvance, HeadListener, IssuedToken, Positions, RelayStore, ResumePlan, Retention,
+    Revocation, RevokeTarget, StoreError, SystemClock, TokenInfo, TrimReport, UserId, WallClock,
+};
+use state::{ApiKey, State, Token, WriteCtx};
+
+mod state;
+
+/// Options for [`MemoryStore::new`].
+#[derive(Clone)]
+pub struct MemoryOptions {
+    /// Retention policy.
+    pub retention: Retention,
+    /// The wall clock for entry times and token expiry.
+    pub clock: Arc<dyn WallClock>,
+    /// Seeds the epoch and the tokens and keys the store makes.
+    pub seed: u64,
+    /// Writes wait for [`MemoryStore::commit`] instead of applying at once.
+    pub manual_commit: bool,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        MemoryOptions {
+            retention: Retention::default(),
+            clock: Arc::new(SystemClock),
+            seed: 0x6b77_6d65_6d6f_7279,
+            manual_commit: false,
+        }
+    }
+}
+
+/// Where in a group commit a simulated crash lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Nothing of the group is stored.
+    BeforeCommit,
+    /// The group is stored; no head listener call, no answers.
+    AfterCommit,
+    /// The group is stored and the listener told; no answers.
+    AfterHeads,
+}
+
+/// The data of a memory store: what survives a [`MemoryStore::reopen`].
+#[derive(Default)]
+pub struct MemoryDisk {
+    state: Mutex<Disk>,
+}
+
+#[derive(Clone, Default)]
+struct Disk {
+    state: State,
+    epoch: String,
+}
+
+/// A copy of a memory store's data at one moment (a backup).
+#[derive(Clone)]
+pub struct MemorySnapshot(Disk);
+
+type Job = Box<dyn FnOnce(&mut State, &mut WriteCtx<'_>) -> Box<dyn FnOnce() + Send> + Send>;
+
+/// The in-memory store. Cheap to share behind an `Arc`.
+pub struct MemoryStore {
+    disk: Arc<MemoryDisk>,
+    retention: Retention,
+    clock: Arc<dyn WallClock>,
+    listener: OnceLock<Arc<dyn HeadListener>>,
+    manual: bool,
+    queue: Mutex<VecDeque<Job>>,
+    closed: AtomicBool,
+    rng: AtomicU64,
+}
+
+impl MemoryStore {
+    /// A new, empty store.
+    pub fn new(opts: MemoryOptions) -> Arc<MemoryStore> {
+        let disk = Arc::new(MemoryDisk::default());
+        let epoch = format!("{:016x}", splitmix(opts.seed ^ 0x6570_6f63_6821_0000));
+        disk.state.lock().unwrap_or_else(|p| p.into_inner()).epoch = epoch;
+        Self::on_disk(disk, opts)
+    }
+
+    /// A store handle over existing data (a relay starting on it).
+    pub fn on_disk(disk: Arc<MemoryDisk>, opts: MemoryOptions) -> Arc<MemoryStore> {
+        Arc::new(MemoryStore {
+            disk,
+            retention: opts.retention,
+            clock: opts.clock,
+            listener: OnceLock::new(),
+            manual: opts.manual_commit,
+            queue: Mutex::new(VecDeque::new()),
+            closed: AtomicBool::new(false),
+            rng: AtomicU64::new(opts.seed),
+        })
+    }
+
+    /// The data, to open another handle on it after a crash.
+    pub fn disk(&self) -> Arc<MemoryDisk> {
+        self.disk.clone()
+    }
+
+    /// Closes this handle at once (queued writes are lost, as in a crash) and
+    /// opens a new one on the same data.
+    pub fn reopen(&self, opts: MemoryOptions) -> Arc<MemoryStore> {
+        self.crash();
+        Self::on_disk(self.disk.clone(), opts)
+    }
+
+    /// Stops this handle as a crash would: queued writes are dropped
+    /// unanswered, later calls fail.
+    pub fn crash(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// A copy of the data (a backup).
+    pub fn snapshot(&self) -> MemorySnapshot {
+        MemorySnapshot(self.lock().clone())
+    }
+
+    /// Puts a backup back, with a new epoch (as `keepwire admin restore`
+    /// does); returns the new epoch. Open a new handle afterwards.
+    pub fn restore(disk: &MemoryDisk, snapshot: MemorySnapshot, seed: u64) -> String {
+        let mut d = snapshot.0;
+        d.epoch = format!("{:016x}", splitmix(seed ^ 0x0072_6573_746f_7265));
+        let epoch = d.epoch.clone();
+        *disk.state.lock().unwrap_or_else(|p| p.into_inner()) = d;
+        epoch
+    }
+
+    /// Writes waiting for [`MemoryStore::commit`] (manual commit mode).
+    pub fn pending_writes(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Commits the first `n` queued writes as one group, or crashes at
+    /// `crash` (then this handle is closed). Returns how many were taken.
+    pub fn commit(&self, n: usize, crash: Option<CrashPoint>) -> usize {
+        let jobs: Vec<Job> = {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let n = n.min(q.len());
+            q.drain(..n).collect()
+        };
+        let taken = jobs.len();
+        if crash == Some(CrashPoint::BeforeCommit) {
+            drop(jobs);
+            self.crash();
+            return taken;
+        }
+        let answers = {
+            let mut d = self.lock();
+            let mut heads = Vec::new();
+            let answers: Vec<_> = jobs
+                .into_iter()
+                .map(|job| {
+                    let mut w = WriteCtx {
+                        now_ms: self.clock.now_ms(),
+                        retention: self.retention,
+                        heads: &mut heads,
+                    };
+                    job(&mut d.state, &mut w)
+                })
+                .collect();
+            if crash == Some(CrashPoint::AfterCommit) {
+                drop(d);
+                self.crash();
+                return taken;
+            }
+            self.tell(&heads);
+            answers
+        };
+        if crash == Some(CrashPoint::AfterHeads) {
+            self.crash();
+            return taken;
+        }
+        for a in answers {
+            a();
+        }
+        taken
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Disk> {
+        self.disk.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_open(&self) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(StoreError::closed())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn tell(&self, heads: &[HeadAdvance]) {
+        if !heads.is_empty()
+            && let Some(l) = self.listener.get()
+        {
+            l.heads_advanced(heads);
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    fn random_secret(&self, prefix: &str) -> String {
+        use base64::Engine as _;
+        let mut b = [0u8; 32];
+        for chunk in b.chunks_mut(8) {
+            let x = splitmix(self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed));
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        format!(
+            "{prefix}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        )
+    }
+
+    /// Reads the committed state.
+    fn read<R>(&self, f: impl FnOnce(&State) -> Result<R, StoreError>) -> Result<R, StoreError> {
+        self.check_open()?;
+        f(&self.lock().state)
+    }
+
+    /// Applies a write: at once, or in the next [`MemoryStore::commit`].
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State, &mut WriteCtx<'_>) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        self.check_open()?;
+        if !self.manual {
+            let mut d = self.lock();
+            let mut heads = Vec::new();
+            let mut w = WriteCtx {
+                now_ms: self.now_ms(),
+                retention: self.retention,
+                heads: &mut heads,
+            };
+            let r = f(&mut d.state, &mut w);
+            self.tell(&heads);
+            return r;
+        }
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |state, w| {
+            let r = f(state, w);
+            Box::new(move || {
+                let _ = tx.send(r);
+            })
+        });
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(job);
+        rx.await.map_err(|_| StoreError::closed())?
+    }
+}
+
+fn hash(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn no_user(name: &str) -> StoreError {
+    StoreError::NotFound(format!("no user named {name:?}"))
+}
+
+#[async_trait::async_trait]
+impl RelayStore for MemoryStore {
+    fn epoch(&self) -> String {
+        self.lock().epoch.clone()
+    }
+
+    fn set_head_listener(&self, listener: Arc<dyn HeadListener>) {
+        if self.listener.set(listener).is_err() {
+            tracing::warn!(target: "keepwire::store", "head listener already set; ignoring");
+        }
+    }
+
+    async fn authenticate(&self, token: &str) -> Result<AuthedUser, StoreError> {
+        if !token.starts_with("kw_") {
+            return Err(StoreError::Auth(AuthFailure::Unknown));
+        }
+        let h = hash(token);
+        let now = self.now_ms();
+        self.read(|s| {
+            let t = s
+                .tokens
+                .iter()
+                .find(|t| t.hash == h)
+                .ok_or(StoreError::Auth(AuthFailure::Unknown))?;
+            if t.revoked_at.is_some() {
+                return Err(StoreError::Auth(AuthFailure::Revoked));
+            }
+            if t.expires_at <= now {
+                return Err(StoreError::Auth(AuthFailure::Expired));
+            }
+            Ok(AuthedUser {
+                id: t.user,
+                name: s.user_name(t.user),
+                token_id: Some(t.id),
+                expires_at_ms: t.expires_at,
+            })
+        })
+    }
+
+    async fn authenticate_external(
+        &self,
+        name: &str,
+        issued_at_ms: Option<i64>,
+    ) -> Result<UserId, StoreError> {
+        if !keepwire_proto::is_valid_user_name(name) {
+            return Err(StoreError::Auth(AuthFailure::Unknown));
+        }
+        let known = self.read(|s| {
+            Ok(s.user_id(name)
+                .map(|id| (id, s.users[&id].tokens_revoked_at)))
+        })?;
+        let (id, revoked_at) = match known {
+            Some(k) => k,
+            None => {
+                let name = name.to_owned();
+                let id = self
+                    .write(move |s, _| {
+                        Ok(match s.user_id(&name) {
+                            Some(id) => id,
+                            None => s.insert_user(&name),
+                        })
+                    })
+                    .await?;
+                (id, None)
+            }
+        };
+        if let Some(r) = revoked_at
+            && issued_at_ms.is_none_or(|iat| iat <= r)
+        {
+            return Err(StoreError::Auth(AuthFailure::Revoked));
+        }
+        Ok(id)
+    }
+
+    async fn device_revoked(&self, user: UserId, device: &str) -> Result<bool, StoreError> {
+        self.read(|s| {
+            Ok(s.devices
+                .get(&(user, device.to_owned()))
+                .is_some_and(|d| d.revoked_at.is_some()))
+        })
+    }
+
+    async fn touch_device(&self, user: UserId, device: &str) -> Result<(), StoreError> {
+        let device = device.to_owned();
+        self.write(move |s, w| {
+            s.touch_device(user, &device, w.now_ms);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn resume(
+        &self,
+        user: UserId,
+        cursor: Option<&Cursor>,
+        new_window: u64,
+    ) -> Result<ResumePlan, StoreError> {
+        self.check_open()?;
+        let d = self.lock();
+        Ok(d.state.plan_resume(&d.epoch, user, cursor, new_window))
+    }
+
+    async fn read_inbox(
+        &self,
+        user: UserId,
+        from: Seq,
+        limit: usize,
+    ) -> Result<Vec<InboxEntry>, StoreError> {
+        self.read(|s| s.read_inbox(user, from, limit))
+    }
+
+    async fn inbox_head(&self, user: UserId) -> Result<Seq, StoreError> {
+        self.read(|s| Ok(s.head(user)))
+    }
+
+    async fn send(&self, actor: Actor, device: &str, send: SendMsg) -> Result<Confirm, StoreError> {
+        let device = device.to_owned();
+        self.write(move |s, w| s.send(w, actor, &device, send))
+            .await
+    }
+
+    async fn record_ack(&self, user: UserId, device: &str, seq: Seq) -> Result<(), StoreError> {
+        let device = device.to_owned();
+        self.write(move |s, w| {
+            s.record_ack(user, &device, seq, w.now_ms);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        actor: Actor,
+        conv: ConvId,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<HistoryPage, StoreError> {
+        self.read(|s| s.history(actor, conv, before, limit))
+    }
+
+    async fn conv_create(
+        &self,
+        actor: Actor,
+        req: ConvCreate,
+        max_group_size: usize,
+    ) -> Result<(ConvInfo, bool), StoreError> {
+        self.write(move |s, w| s.conv_create(w, actor, req, max_group_size))
+            .await
+    }
+
+    async fn conv_member(
+        &self,
+        actor: Actor,
+        conv: ConvId,
+        target: &str,
+        add: bool,
+        max_group_size: usize,
+    ) -> Result<(ConvInfo, bool), StoreError> {
+        let target = target.to_owned();
+        self.write(move |s, w| s.conv_member(w, actor, conv, &target, add, max_group_size))
+            .await
+    }
+
+    async fn conv_list(&self, user: UserId) -> Result<Vec<ConvInfo>, StoreError> {
+        self.read(|s| Ok(s.conv_list(user)))
+    }
+
+    async fn conv_member_ids(&self, user: UserId, conv: ConvId) -> Result<Vec<UserId>, StoreError> {
+        self.read(|s| s.conv_member_ids(user, conv))
+    }
+
+    async fn mark_read(&self, user: UserId, conv: ConvId, up_to: u64) -> Result<bool, StoreError> {
+        self.write(move |s, w| s.mark_read(w, user, conv, up_to))
+            .await
+    }
+
+    async fn revocations_after(&self, after: i64) -> Result<Vec<Revocation>, StoreError> {
+        self.read(|s| {
+            Ok(s.revocations
+                .iter()
+                .filter(|r| r.id > after)
+                .take(1000)
+                .cloned()
+                .collect())
+        })
+    }
+
+    async fn close(&self) {
+        // Queued writes are committed first, as SQLite's writer does.
+        while self.pending_writes() > 0 && !self.closed.load(Ordering::SeqCst) {
+            self.commit(usize::MAX, None);
+        }
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl AdminStore for MemoryStore {
+    async fn create_user(&self, name: &str) -> Result<UserId, StoreError> {
+        self.read(|s| s.check_new_user(name))?;
+        let name = name.to_owned();
+        self.write(move |s, _| {
+            s.check_new_user(&name)?;
+            Ok(s.insert_user(&name))
+        })
+        .await
+    }
+
+    async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError> {
+        self.read(|s| Ok(s.user_id(name)))
+    }
+
+    async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
+        let (name, device) = (user.to_owned(), device.to_owned());
+        self.write(move |s, w| {
+            let user = s.user_id(&name).ok_or_else(|| no_user(&name))?;
+            let d = s
+                .devices
+                .entry((user, device.clone()))
+                .or_insert(state::Device {
+                    acked_seq: 0,
+                    first_seen: w.now_ms,
+                    last_seen: w.now_ms,
+                    revoked_at: None,
+                });
+            if d.revoked_at.is_some() {
+                return Ok(false);
+            }
+            d.revoked_at = Some(w.now_ms);
+            let id = s.revocations.last().map_or(1, |r| r.id + 1);
+            s.revocations.push(Revocation {
+                id,
+                user_id: user,
+                token_id: None,
+                device: Some(device),
+            });
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn list_devices(&self, user: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        self.read(|s| {
+            let id = s.user_id(user).ok_or_else(|| no_user(user))?;
+            Ok(s.devices
+                .range((id, String::new())..)
+                .take_while(|((u, _), _)| *u == id)
+                .map(|((_, device), d)| DeviceInfo {
+                    device: device.clone(),
+                    first_seen_ms: d.first_seen,
+                    last_seen_ms: d.last_seen,
+                    acked_seq: d.acked_seq,
+                    revoked_at_ms: d.revoked_at,
+                })
+                .collect())
+        })
+    }
+
+    async fn positions(&self, user: &str, conv: Option<ConvId>) -> Result<Positions, StoreError> {
+        self.read(|s| {
+            let id = s.user_id(user).ok_or_else(|| no_user(user))?;
+            let devices = s
+                .devices
+                .range((id, String::new())..)
+                .take_while(|((u, _), _)| *u == id)
+                .filter(|(_, d)| d.revoked_at.is_none())
+                .map(|((_, device), d)| DevicePosition {
+                    device: device.clone(),
+                    acked_seq: d.acked_seq,
+                    conv_delivered_seq: conv.map(|c| s.conv_delivered(id, d.acked_seq, c)),
+                })
+                .collect();
+            Ok(Positions {
+                head: s.head(id),
+                devices,
+            })
+        })
+    }
+
+    async fn create_api_key(&self, name: &str) -> Result<(i64, String), StoreError> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(StoreError::refused(
+                keepwire_proto::ErrorCode::Invalid,
+                "an API key name is 1-128 bytes",
+            ));
+        }
+        let key = self.random_secret("kwk_");
+        let name = name.to_owned();
+        self.write(move |s, w| {
+            let id = s.api_keys.last().map_or(1, |k| k.id + 1);
+            s.api_keys.push(ApiKey {
+                id,
+                name,
+                hash: hash(&key),
+                created_at: w.now_ms,
+                revoked_at: None,
+            });
+            Ok((id, key))
+        })
+        .await
+    }
+
+    async fn check_api_key(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        if !key.starts_with("kwk_") || key.len() > 128 {
+            return Ok(None);
+        }
+        let h = hash(key);
+        self.read(|s| {
+            Ok(s.api_keys
+                .iter()
+                .find(|k| k.hash == h && k.revoked_at.is_none())
+                .map(|k| k.id))
+        })
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        self.read(|s| {
+            Ok(s.api_keys
+                .iter()
+                .map(|k| ApiKeyInfo {
+                    id: k.id,
+                    name: k.name.clone(),
+                    created_at_ms: k.created_at,
+                    revoked_at_ms: k.revoked_at,
+                })
+                .collect())
+        })
+    }
+
+    async fn revoke_api_key(&self, id: i64) -> Result<bool, StoreError> {
+        self.write(move |s, w| {
+            Ok(
+                match s
+                    .api_keys
+                    .iter_mut()
+                    .find(|k| k.id == id && k.revoked_at.is_none())
+                {
+                    Some(k) => {
+                        k.revoked_at = Some(w.now_ms);
+                        true
+                    }
+                    None => false,
+                },
+            )
+        })
+        .await
+    }
+
+    async fn issue_token(&self, user: &str, ttl: Duration) -> Result<IssuedToken, StoreError> {
+        let token = self.random_secret("kw_");
+        let name = user.to_owned();
+        self.write(move |s, w| {
+            let user = s.user_id(&name).ok_or_else(|| no_user(&name))?;
+            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            let expires = w.now_ms.saturating_add(ttl_ms);
+            let id = s.tokens.last().map_or(1, |t| t.id + 1);
+            s.tokens.push(Token {
+                id,
+                user,
+                hash: hash(&token),
+                created_at: w.now_ms,
+                expires_at: expires,
+                revoked_at: None,
+            });
+            Ok(IssuedToken {
+                token,
+                id,
+                expires_at_ms: expires,
+            })
+        })
+        .await
+    }
+
+    async fn revoke(&self, target: RevokeTarget) -> Result<u64, StoreError> {
+        self.write(move |s, w| {
+            let next_rev = s.revocations.last().map_or(1, |r| r.id + 1);
+            match target {
+                RevokeTarget::Token(_) | RevokeTarget::Id(_) => {
+                    let t = s
+                        .tokens
+                        .iter_mut()
+                        .find(|t| match &target {
+                            RevokeTarget::Token(secret) => t.hash == hash(secret),
+                            RevokeTarget::Id(id) => t.id == *id,
+                            RevokeTarget::User(_) => false,
+                        })
+                        .ok_or_else(|| StoreError::NotFound("no such token".into()))?;
+                    if t.revoked_at.is_some() {
+                        return Ok(0);
+                    }
+                    t.revoked_at = Some(w.now_ms);
+                    let (user, token) = (t.user, t.id);
+                    s.revocations.push(Revocation {
+                        id: next_rev,
+                        user_id: user,
+                        token_id: Some(token),
+                        device: None,
+                    });
+                    Ok(1)
+                }
+                RevokeTarget::User(name) => {
+                    let user = s.user_id(&name).ok_or_else(|| no_user(&name))?;
+                    let mut n = 0;
+                    for t in s
+                        .tokens
+                        .iter_mut()
+                        .filter(|t| t.user == user && t.revoked_at.is_none())
+                    {
+                        t.revoked_at = Some(w.now_ms);
+                        n += 1;
+                    }
+                    s.revocations.push(Revocation {
+                        id: next_rev,
+                        user_id: user,
+                        token_id: None,
+                        device: None,
+                    });
+                    if let Some(u) = s.users.get_mut(&user) {
+                        u.tokens_revoked_at = Some(w.now_ms);
+                    }
+                    Ok(n)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn list_tokens(&self, user: &str) -> Result<Vec<TokenInfo>, StoreError> {
+        self.read(|s| {
+            let id = s.user_id(user).ok_or_else(|| no_user(user))?;
+            Ok(s.tokens
+                .iter()
+                .filter(|t| t.user == id)
+                .map(|t| TokenInfo {
+                    id: t.id,
+                    user: user.to_owned(),
+                    created_at_ms: t.created_at,
+                    expires_at_ms: t.expires_at,
+                    revoked_at_ms: t.revoked_at,
+                })
+                .collect())
+        })
+    }
+
+    async fn trim(&self) -> Result<TrimReport, StoreError> {
+        let retention = self.retention;
+        self.write(move |s, w| Ok(s.trim(retention, w.now_ms)))
+            .await
+    }
+}

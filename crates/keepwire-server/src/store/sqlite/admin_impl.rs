@@ -1,0 +1,316 @@
+//! [`AdminStore`] for [`SqliteStore`]: users, devices, tokens, API keys,
+//! retention.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use keepwire_proto::{ConvId, ErrorCode, is_valid_user_name};
+use rand::RngCore as _;
+use rusqlite::{OptionalExtension, params};
+
+use super::queries::user_id_by_name;
+use super::{SqliteStore, hash_token, inbox};
+use crate::store::{
+    AdminStore, ApiKeyInfo, DeviceInfo, DevicePosition, IssuedToken, Positions, RevokeTarget,
+    StoreError, TokenInfo, TrimReport, UserId,
+};
+
+fn new_token() -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    format!(
+        "kw_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    )
+}
+
+#[async_trait::async_trait]
+impl AdminStore for SqliteStore {
+    async fn create_user(&self, name: &str) -> Result<UserId, StoreError> {
+        if !is_valid_user_name(name) {
+            return Err(StoreError::refused(
+                ErrorCode::Invalid,
+                format!(
+                    "{name:?} is not a valid user name: use 1-64 characters of [A-Za-z0-9_.@-]"
+                ),
+            ));
+        }
+        let name = name.to_owned();
+        let clock = self.ctx.clock.clone();
+        self.write(move |c, _| {
+            if user_id_by_name(c, &name)?.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "user {name:?} already exists"
+                )));
+            }
+            c.execute(
+                "INSERT INTO users (name, created_at) VALUES (?1, ?2)",
+                params![name, clock.now_ms()],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError> {
+        let name = name.to_owned();
+        self.read(move |c| user_id_by_name(c, &name)).await
+    }
+
+    async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
+        let (name, device) = (user.to_owned(), device.to_owned());
+        let clock = self.ctx.clock.clone();
+        self.write(move |c, _| {
+            let user = user_id_by_name(c, &name)?
+                .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+            let now = clock.now_ms();
+            // Revoking a device that never connected still bars it.
+            let n = c.execute(
+                "INSERT INTO devices (user_id, device, first_seen, last_seen, revoked_at) VALUES (?1, ?2, ?3, ?3, ?3)
+                 ON CONFLICT (user_id, device) DO UPDATE SET revoked_at = excluded.revoked_at
+                 WHERE devices.revoked_at IS NULL",
+                params![user, device, now],
+            )?;
+            if n > 0 {
+                c.execute(
+                    "INSERT INTO revocations (user_id, token_id, device, at) VALUES (?1, NULL, ?2, ?3)",
+                    params![user, device, now],
+                )?;
+            }
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn list_devices(&self, user: &str) -> Result<Vec<DeviceInfo>, StoreError> {
+        let name = user.to_owned();
+        self.read(move |c| {
+            let user = user_id_by_name(c, &name)?
+                .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT device, first_seen, last_seen, acked_seq, revoked_at FROM devices
+                 WHERE user_id = ?1 ORDER BY device",
+            )?;
+            let rows = stmt
+                .query_map([user], |r| {
+                    Ok(DeviceInfo {
+                        device: r.get(0)?,
+                        first_seen_ms: r.get(1)?,
+                        last_seen_ms: r.get(2)?,
+                        acked_seq: r.get::<_, i64>(3)? as u64,
+                        revoked_at_ms: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn positions(&self, user: &str, conv: Option<ConvId>) -> Result<Positions, StoreError> {
+        let name = user.to_owned();
+        self.read(move |c| {
+            let user = user_id_by_name(c, &name)?
+                .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+            let head: i64 = c
+                .prepare_cached("SELECT inbox_head FROM users WHERE id = ?1")?
+                .query_row([user], |r| r.get(0))?;
+            let mut stmt = c.prepare_cached(
+                "SELECT device, acked_seq FROM devices WHERE user_id = ?1 AND revoked_at IS NULL ORDER BY device",
+            )?;
+            let devs = stmt
+                .query_map([user], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut devices = Vec::with_capacity(devs.len());
+            for (device, acked) in devs {
+                let conv_delivered_seq = match conv {
+                    None => None,
+                    Some(conv) => Some(
+                        c.prepare_cached(
+                            "SELECT COALESCE(MAX(m.conv_seq), 0) FROM inbox i JOIN messages m ON m.id = i.message_id
+                             WHERE i.user_id = ?1 AND i.seq <= ?2 AND m.conv_id = ?3",
+                        )?
+                        .query_row(params![user, acked, conv as i64], |r| r.get::<_, i64>(0))? as u64,
+                    ),
+                };
+                devices.push(DevicePosition { device, acked_seq: acked as u64, conv_delivered_seq });
+            }
+            Ok(Positions { head: head as u64, devices })
+        })
+        .await
+    }
+
+    async fn create_api_key(&self, name: &str) -> Result<(i64, String), StoreError> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(StoreError::refused(
+                ErrorCode::Invalid,
+                "an API key name is 1-128 bytes",
+            ));
+        }
+        let name = name.to_owned();
+        let clock = self.ctx.clock.clone();
+        self.write(move |c, _| {
+            let mut b = [0u8; 32];
+            rand::rng().fill_bytes(&mut b);
+            let key = format!(
+                "kwk_{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+            );
+            c.execute(
+                "INSERT INTO api_keys (name, hash, created_at) VALUES (?1, ?2, ?3)",
+                params![name, hash_token(&key), clock.now_ms()],
+            )?;
+            Ok((c.last_insert_rowid(), key))
+        })
+        .await
+    }
+
+    async fn check_api_key(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        if !key.starts_with("kwk_") || key.len() > 128 {
+            return Ok(None);
+        }
+        let hash = hash_token(key);
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT id FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL")?
+                    .query_row([hash], |r| r.get(0))
+                    .optional()?,
+            )
+        })
+        .await
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare("SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY id")?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(ApiKeyInfo {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        created_at_ms: r.get(2)?,
+                        revoked_at_ms: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn revoke_api_key(&self, id: i64) -> Result<bool, StoreError> {
+        let clock = self.ctx.clock.clone();
+        self.write(move |c, _| {
+            Ok(c.execute(
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, clock.now_ms()],
+            )? > 0)
+        })
+        .await
+    }
+
+    async fn issue_token(&self, user: &str, ttl: Duration) -> Result<IssuedToken, StoreError> {
+        let name = user.to_owned();
+        let clock = self.ctx.clock.clone();
+        self.write(move |c, _| {
+            let id = user_id_by_name(c, &name)?
+                .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+            let token = new_token();
+            let now = clock.now_ms();
+            let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            let expires = now.saturating_add(ttl_ms);
+            c.execute(
+                "INSERT INTO tokens (user_id, hash, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, hash_token(&token), now, expires],
+            )?;
+            Ok(IssuedToken { token, id: c.last_insert_rowid(), expires_at_ms: expires })
+        })
+        .await
+    }
+
+    async fn revoke(&self, target: RevokeTarget) -> Result<u64, StoreError> {
+        let clock = self.ctx.clock.clone();
+        self.write(move |c, _| {
+            let now = clock.now_ms();
+            match target {
+                RevokeTarget::Token(_) | RevokeTarget::Id(_) => {
+                    let row: Option<(i64, i64, Option<i64>)> = match &target {
+                        RevokeTarget::Token(t) => c
+                            .query_row(
+                                "SELECT id, user_id, revoked_at FROM tokens WHERE hash = ?1",
+                                [hash_token(t)],
+                                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                            )
+                            .optional()?,
+                        RevokeTarget::Id(id) => c
+                            .query_row(
+                                "SELECT id, user_id, revoked_at FROM tokens WHERE id = ?1",
+                                [id],
+                                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                            )
+                            .optional()?,
+                        RevokeTarget::User(_) => None,
+                    };
+                    let Some((id, user, revoked)) = row else {
+                        return Err(StoreError::NotFound("no such token".into()));
+                    };
+                    if revoked.is_some() {
+                        return Ok(0);
+                    }
+                    c.execute("UPDATE tokens SET revoked_at = ?2 WHERE id = ?1", params![id, now])?;
+                    c.execute(
+                        "INSERT INTO revocations (user_id, token_id, at) VALUES (?1, ?2, ?3)",
+                        params![user, id, now],
+                    )?;
+                    Ok(1)
+                }
+                RevokeTarget::User(name) => {
+                    let user = user_id_by_name(c, &name)?
+                        .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+                    let n = c.execute(
+                        "UPDATE tokens SET revoked_at = ?2 WHERE user_id = ?1 AND revoked_at IS NULL",
+                        params![user, now],
+                    )?;
+                    c.execute(
+                        "INSERT INTO revocations (user_id, token_id, at) VALUES (?1, NULL, ?2)",
+                        params![user, now],
+                    )?;
+                    // App-issued tokens are stateless: revoke by issue time.
+                    c.execute("UPDATE users SET tokens_revoked_at = ?2 WHERE id = ?1", params![user, now])?;
+                    Ok(n as u64)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn list_tokens(&self, user: &str) -> Result<Vec<TokenInfo>, StoreError> {
+        let name = user.to_owned();
+        self.read(move |c| {
+            let id = user_id_by_name(c, &name)?
+                .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
+            let mut stmt = c.prepare(
+                "SELECT id, created_at, expires_at, revoked_at FROM tokens WHERE user_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map([id], |r| {
+                    Ok(TokenInfo {
+                        id: r.get(0)?,
+                        user: name.clone(),
+                        created_at_ms: r.get(1)?,
+                        expires_at_ms: r.get(2)?,
+                        revoked_at_ms: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn trim(&self) -> Result<TrimReport, StoreError> {
+        let ctx = self.ctx.clone();
+        self.write(move |c, _| inbox::trim(c, &ctx)).await
+    }
+}
