@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use keepwire_testkit::{RelayProcess, TempDir};
 
-use crate::{FAST, add_user, bin};
+use crate::{FAST, KillOnDrop, add_user, bin};
 
 /// One `Notify` call: (app name, replaces id, summary, body).
 type Call = (String, u32, String, String);
@@ -65,22 +65,6 @@ impl FakeNotifications {
     }
 
     fn close_notification(&self, _id: u32) {}
-}
-
-/// A child process killed (and reaped) on drop, also when a test fails.
-struct KillOnDrop(Child);
-
-impl KillOnDrop {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A private session bus; killed on drop.

@@ -5,24 +5,14 @@
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use keepwire_testkit::TempDir;
 
-use crate::{FAST, add_user, bin, keepwire, kw_ok};
-
-/// A child process killed (and reaped) on drop, also when a test fails.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::{FAST, KillOnDrop, add_user, bin, keepwire, kw_ok};
 
 /// `keepwire serve` on a free port with `KEEPWIRE_LOG=log`, stderr to `err`.
-fn relay_logging_to(db: &Path, log: &str, err: &Path, extra: &[&str]) -> (Guard, String) {
+fn relay_logging_to(db: &Path, log: &str, err: &Path, extra: &[&str]) -> (KillOnDrop, String) {
     let mut child = Command::new(bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--db"])
         .arg(db)
@@ -40,7 +30,7 @@ fn relay_logging_to(db: &Path, log: &str, err: &Path, extra: &[&str]) -> (Guard,
         .unwrap();
     let url = line.trim().to_owned();
     assert!(url.starts_with("ws"), "first line {url:?}");
-    (Guard(child), url)
+    (KillOnDrop(child), url)
 }
 
 /// `keepwire ARGS` on `home` with extra environment and optional stdin.
@@ -71,6 +61,38 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Two devices on a relay: alice and bob log in (token from `KEEPWIRE_TOKEN`,
+/// plus `login_args`) to the relay started with `relay_args` in `dir`,
+/// reached at `host`, and alice opens a direct conversation with bob.
+struct Pair {
+    relay: keepwire_testkit::RelayProcess,
+    alice: std::path::PathBuf,
+    bob: std::path::PathBuf,
+    conv: String,
+}
+
+fn alice_and_bob(dir: &TempDir, host: &str, relay_args: &[&str], login_args: &[&str]) -> Pair {
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = keepwire_testkit::RelayProcess::start(&bin(), &db, relay_args);
+    let url = relay.url.replace("127.0.0.1", host);
+    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
+    for (home, token) in [(&alice, &ta), (&bob, &tb)] {
+        let mut args = vec!["login", "--server", &url];
+        args.extend_from_slice(login_args);
+        let out = kw_with(home, &args, &[("KEEPWIRE_TOKEN", token)], None);
+        assert!(text(&out).contains("logged in as"), "{}", text(&out));
+    }
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    Pair {
+        relay,
+        alice,
+        bob,
+        conv,
+    }
 }
 
 #[test]
@@ -226,26 +248,17 @@ fn a_jwks_url_over_plain_http_is_refused_unless_on_loopback() {
 fn hostile_message_text_is_escaped_on_the_terminal_and_exact_in_json() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = TempDir::new("escapes");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let relay = keepwire_testkit::RelayProcess::start(&bin(), &db, FAST);
-    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
-    for (home, token) in [(&alice, &ta), (&bob, &tb)] {
-        let out = kw_with(
-            home,
-            &["login", "--server", &relay.url],
-            &[("KEEPWIRE_TOKEN", token)],
-            None,
-        );
-        assert!(out.status.success(), "{}", text(&out));
-    }
-    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let Pair {
+        relay: _relay,
+        alice,
+        bob,
+        conv,
+    } = alice_and_bob(&dir, "127.0.0.1", FAST, &[]);
     // Clear the screen, retitle the window, fake a second line, flip text.
     let hostile = "\u{1b}[2J\u{1b}]0;pwned\u{7}hi\r\n2030-01-01 conv 1 #9 root: fake \u{9b}31m \u{202E}gnp.exe";
     kw_ok(&alice, &["send", &conv, hostile]);
     // bob's tail prints it as it arrives.
-    let mut tail = Guard(
+    let mut tail = KillOnDrop(
         Command::new(bin())
             .arg("tail")
             .env("KEEPWIRE_HOME", &bob)
@@ -321,23 +334,14 @@ fn the_agent_serves_only_its_own_user_and_bounds_request_lines() {
     use std::os::unix::fs::PermissionsExt as _;
     use std::os::unix::process::CommandExt as _;
     let dir = TempDir::new("agent-peer");
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
-    let relay = keepwire_testkit::RelayProcess::start(&bin(), &db, FAST);
-    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
-    for (home, token) in [(&alice, &ta), (&bob, &tb)] {
-        let out = kw_with(
-            home,
-            &["login", "--server", &relay.url],
-            &[("KEEPWIRE_TOKEN", token)],
-            None,
-        );
-        assert!(out.status.success(), "{}", text(&out));
-    }
-    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let Pair {
+        relay: _relay,
+        alice,
+        bob,
+        conv,
+    } = alice_and_bob(&dir, "127.0.0.1", FAST, &[]);
     let agent_err = dir.join("agent.err");
-    let _agent = Guard(
+    let _agent = KillOnDrop(
         Command::new(bin())
             .args(["agent", "--no-desktop"])
             .env("KEEPWIRE_HOME", &alice)
@@ -462,29 +466,24 @@ fn tls_init_makes_a_ca_and_a_relay_certificate_that_clients_trust_across_renewal
     let mode = |f: &Path| std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
     assert_eq!((mode(&key), mode(&pki.join("ca.key"))), (0o600, 0o600));
 
-    let db = dir.join("relay.db");
-    let ta = add_user(&db, "alice");
-    let tb = add_user(&db, "bob");
     let tls = [
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",
         key.to_str().unwrap(),
     ];
-    let relay = keepwire_testkit::RelayProcess::start(&bin(), &db, &tls);
-    let url = relay.url.replace("127.0.0.1", "localhost");
-    assert!(url.starts_with("wss://localhost:"), "{url}");
-    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
-    for (home, token) in [(&alice, &ta), (&bob, &tb)] {
-        let out = kw_with(
-            home,
-            &["login", "--server", &url, "--ca-cert", ca.to_str().unwrap()],
-            &[("KEEPWIRE_TOKEN", token)],
-            None,
-        );
-        assert!(text(&out).contains("logged in as"), "{}", text(&out));
-    }
-    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let Pair {
+        relay,
+        alice,
+        bob,
+        conv,
+    } = alice_and_bob(
+        &dir,
+        "localhost",
+        &tls,
+        &["--ca-cert", ca.to_str().unwrap()],
+    );
+    assert!(relay.url.starts_with("wss://"), "{}", relay.url);
     assert_eq!(
         kw_ok(&alice, &["send", &conv, "over tls-init"]).trim(),
         "sent"
@@ -510,7 +509,8 @@ fn tls_init_makes_a_ca_and_a_relay_certificate_that_clients_trust_across_renewal
     assert_ne!(std::fs::read(&cert).unwrap(), before);
     let addr = relay.host_port().to_owned();
     drop(relay);
-    let _relay = keepwire_testkit::RelayProcess::start_at(&bin(), &db, &addr, &tls);
+    let _relay =
+        keepwire_testkit::RelayProcess::start_at(&bin(), &dir.join("relay.db"), &addr, &tls);
     kw_ok(&bob, &["sync"]);
     assert!(kw_ok(&bob, &["log"]).contains("over tls-init"));
 }

@@ -21,6 +21,23 @@ pub const FAST: &[&str] = &[
     "100000",
 ];
 
+/// A child process killed (and reaped) on drop, also when a test fails.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// `kill -9` and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// The binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_keepwire"))
