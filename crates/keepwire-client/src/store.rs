@@ -128,13 +128,19 @@ impl Store {
         let path = db_path(home);
         // Created owner-only before SQLite opens it (never readable by others,
         // not even for a moment); SQLite gives its WAL and -shm files the
-        // database file's mode.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
+        // database file's mode. `create_new`: an existing database is never
+        // opened (and closed) here, since closing any descriptor of a file
+        // drops every POSIX lock this process holds on it, SQLite's included.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(home_err)?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(home_err(e)),
+        }
         let mut conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
