@@ -1479,7 +1479,8 @@ impl Driver {
             Some(reply) => {
                 let _ = reply.send(Ok(frame));
             }
-            None => tracing::debug!(target: "keepwire::client", ?frame, "unsolicited frame"),
+            // Not the frame itself: a history page holds message bodies.
+            None => tracing::debug!(target: "keepwire::client", "unsolicited reply frame"),
         }
     }
 

@@ -130,9 +130,32 @@ impl Notifier for CallbackNotifier {
 /// Desktop notifications over D-Bus (`org.freedesktop.Notifications`, as
 /// shown by GNOME, KDE, dunst, mako...). One notification per conversation,
 /// replaced in place as messages come in.
+///
+/// Message text is written by other users. Where the notification server
+/// renders markup in the body (it advertises `body-markup`: GNOME, KDE,
+/// dunst...), `&`, `<` and `>` are escaped, so a message cannot inject links,
+/// images or formatting; the summary is plain text by the specification.
 #[cfg(feature = "desktop")]
 pub struct DesktopNotifier {
     shown: std::sync::Mutex<std::collections::HashMap<u64, notify_rust::NotificationHandle>>,
+    body_markup: std::sync::OnceLock<bool>,
+}
+
+/// `text` for a notification body that the server renders as markup
+/// (Desktop Notifications Specification, "Markup"): `&`, `<` and `>` as
+/// entities. A NUL (which D-Bus strings cannot carry) becomes U+FFFD.
+pub fn escape_markup(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\0' => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(feature = "desktop")]
@@ -141,7 +164,18 @@ impl DesktopNotifier {
     pub fn new() -> Self {
         DesktopNotifier {
             shown: std::sync::Mutex::new(std::collections::HashMap::new()),
+            body_markup: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Whether the server renders markup in bodies (asked once; when it
+    /// cannot be asked, assumed, so text is escaped rather than rendered).
+    fn body_markup(&self) -> bool {
+        *self.body_markup.get_or_init(|| {
+            notify_rust::get_capabilities()
+                .map(|caps| caps.iter().any(|c| c == "body-markup"))
+                .unwrap_or(true)
+        })
     }
 }
 
@@ -156,10 +190,15 @@ impl Default for DesktopNotifier {
 impl Notifier for DesktopNotifier {
     fn notify(&self, n: &Notification) -> Result<(), String> {
         let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+        let body = if self.body_markup() {
+            escape_markup(&n.body)
+        } else {
+            n.body.replace('\0', "\u{FFFD}")
+        };
         let mut note = notify_rust::Notification::new();
         note.appname("keepwire")
-            .summary(&n.title)
-            .body(&n.body)
+            .summary(&n.title.replace('\0', "\u{FFFD}"))
+            .body(&body)
             .hint(notify_rust::Hint::Category("im.received".into()))
             .hint(notify_rust::Hint::Custom(
                 "x-keepwire-conv".into(),
@@ -352,6 +391,17 @@ pub fn coalesce(c: &Claimed, conv_name: Option<&str>, previews: bool) -> Notific
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn markup_is_escaped_for_the_notification_body() {
+        assert_eq!(
+            escape_markup("<b>1 & 2</b> <a href=\"https://evil\">x</a> <img src=\"file:///\"/>"),
+            "&lt;b&gt;1 &amp; 2&lt;/b&gt; &lt;a href=\"https://evil\"&gt;x&lt;/a&gt; &lt;img src=\"file:///\"/&gt;"
+        );
+        assert_eq!(escape_markup("&amp;"), "&amp;amp;");
+        assert_eq!(escape_markup("nul\0"), "nul\u{FFFD}");
+        assert_eq!(escape_markup("plain ✓"), "plain ✓");
+    }
 
     #[test]
     fn quiet_hours_wrap_midnight() {

@@ -95,10 +95,30 @@ pub fn db_path(home: &Path) -> PathBuf {
     home.join("client.db")
 }
 
+/// Sets the database and its WAL and shared-memory files (those that exist)
+/// to 0600.
+fn tighten_modes(home: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let db = db_path(home);
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.clone().into_os_string();
+        name.push(suffix);
+        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Opens (creating if needed, with owner-only permissions) the store in `home`.
+    /// Opens (creating if needed) the store in `home`. The home is made
+    /// owner-only (0700) and the database with its WAL and shared-memory
+    /// files 0600 on every open, not only when new: the token and every
+    /// message live in there, and a mode loosened since (by hand, a backup
+    /// tool, an older version) is tightened again.
     pub fn open(home: &Path) -> Result<Store, StoreError> {
-        use std::os::unix::fs::PermissionsExt as _;
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         let home_err = |error| StoreError::Home {
             path: home.to_owned(),
             error,
@@ -106,17 +126,27 @@ impl Store {
         std::fs::create_dir_all(home).map_err(home_err)?;
         std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(home_err)?;
         let path = db_path(home);
-        let fresh = !path.exists();
-        let mut conn = Connection::open(&path)?;
-        if fresh {
-            // The token lives in here: owner-only.
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(home_err)?;
+        // Created owner-only before SQLite opens it (never readable by others,
+        // not even for a moment); SQLite gives its WAL and -shm files the
+        // database file's mode. `create_new`: an existing database is never
+        // opened (and closed) here, since closing any descriptor of a file
+        // drops every POSIX lock this process holds on it, SQLite's included.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(home_err(e)),
         }
+        let mut conn = Connection::open(&path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         migrate(&mut conn)?;
+        tighten_modes(home).map_err(home_err)?;
         Ok(Store {
             conn,
             home: home.to_owned(),
@@ -737,6 +767,45 @@ mod tests {
                 ts: 0,
             }),
         }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    fn with_suffix(p: &Path, suffix: &str) -> PathBuf {
+        let mut s = p.to_owned().into_os_string();
+        s.push(suffix);
+        s.into()
+    }
+
+    #[test]
+    fn the_home_and_database_files_are_owner_only_on_every_open() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let h = home();
+        let db = db_path(&h);
+        let (wal, shm) = (with_suffix(&db, "-wal"), with_suffix(&db, "-shm"));
+        let first = Store::open(&h).unwrap();
+        first.save_login(&["ws://x".into()], "kw_secret").unwrap();
+        assert_eq!(mode(&h), 0o700);
+        for f in [&db, &wal, &shm] {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+        // Loosened while the store is open (another process, a backup tool):
+        // the next open, by any process, tightens everything again.
+        std::fs::set_permissions(&h, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for f in [&db, &wal, &shm] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let second = Store::open(&h).unwrap();
+        assert_eq!(second.token().unwrap().as_deref(), Some("kw_secret"));
+        assert_eq!(mode(&h), 0o700);
+        for f in [&db, &wal, &shm] {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+        drop((first, second));
+        std::fs::remove_dir_all(&h).unwrap();
     }
 
     #[test]

@@ -237,6 +237,24 @@ mod tests {
     }
     use crate::frames::*;
 
+    #[test]
+    fn a_hello_debug_print_hides_the_token() {
+        let hello = Hello {
+            token: "kw_secret-token-value".into(),
+            device: "phone".into(),
+            cursor: None,
+            heartbeat_ms: Some(30_000),
+            history: None,
+            agent: None,
+        };
+        let shown = format!("{:?}", ClientFrame::Hello(hello));
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("phone") && shown.contains("<21 bytes>"),
+            "{shown}"
+        );
+    }
+
     fn lim() -> Limits {
         Limits::default()
     }

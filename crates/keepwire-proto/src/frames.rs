@@ -77,9 +77,10 @@ pub enum ClientFrame {
     },
 }
 
-/// The `hello` frame.
+/// The `hello` frame. Its `Debug` output hides the token, so a logged frame
+/// never carries a credential.
 #[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     /// The bearer token. Never sent anywhere else (not in the URL).
     pub token: String,
@@ -97,6 +98,19 @@ pub struct Hello {
     /// Free-form client name and version, for logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field("device", &self.device)
+            .field("cursor", &self.cursor)
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("history", &self.history)
+            .field("agent", &self.agent)
+            .finish()
+    }
 }
 
 /// The `send` frame.

@@ -34,6 +34,8 @@ pub(crate) struct Problem {
     code: &'static str,
     detail: String,
     retry_after: Option<u64>,
+    /// Close the connection after the answer (the request was not read whole).
+    close: bool,
 }
 
 impl Problem {
@@ -43,6 +45,7 @@ impl Problem {
             code,
             detail: detail.into(),
             retry_after: None,
+            close: false,
         }
     }
 
@@ -72,6 +75,10 @@ impl IntoResponse for Problem {
             && let Ok(v) = HeaderValue::from_str(&s.to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        if self.close {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -107,19 +114,32 @@ impl From<StoreError> for Problem {
 
 type ApiResult = Result<Response, Problem>;
 
-/// A JSON body whose rejections are problems.
+/// A JSON body whose rejections are problems. The whole body must arrive
+/// within `request_body_timeout` (a body trickled a byte at a time would
+/// otherwise hold a task and a connection for ever).
 pub(crate) struct ApiJson<T>(T);
 
-impl<S, T> FromRequest<S> for ApiJson<T>
+impl<T> FromRequest<Arc<Shared>> for ApiJson<T>
 where
     T: serde::de::DeserializeOwned,
-    S: Send + Sync,
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    axum::Json<T>: FromRequest<Arc<Shared>, Rejection = JsonRejection>,
 {
     type Rejection = Problem;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+    async fn from_request(req: Request, state: &Arc<Shared>) -> Result<Self, Self::Rejection> {
+        let deadline = state.config.request_body_timeout;
+        let Ok(read) =
+            tokio::time::timeout(deadline, axum::Json::<T>::from_request(req, state)).await
+        else {
+            let mut p = Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the request body did not arrive within {deadline:?}"),
+            );
+            p.close = true;
+            return Err(p);
+        };
+        match read {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(Problem::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -196,8 +216,7 @@ async fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<i64, Problem>
     let key = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer)
         .ok_or_else(unauthorized)?;
     let id = shared
         .store
@@ -225,6 +244,14 @@ async fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<i64, Problem>
         return Err(p);
     }
     Ok(id)
+}
+
+/// The credentials of an `Authorization: Bearer ...` value. The scheme is
+/// case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` work too.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim().split_once(' ')?;
+    let credentials = credentials.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credentials.is_empty()).then_some(credentials)
 }
 
 fn check_user(name: &str) -> Result<(), Problem> {
@@ -562,4 +589,24 @@ async fn positions(
     let conv = q.conv.filter(|&c| c <= i64::MAX as u64);
     let p = s.store.positions(&user, conv).await?;
     Ok(ok(StatusCode::OK, json!(p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in [
+            "Bearer kwk_1",
+            "bearer kwk_1",
+            "BEARER kwk_1",
+            "Bearer   kwk_1 ",
+        ] {
+            assert_eq!(bearer(v), Some("kwk_1"), "{v:?}");
+        }
+        for v in ["Basic kwk_1", "Bearer", "Bearer ", "Bearerkwk_1", "kwk_1"] {
+            assert_eq!(bearer(v), None, "{v:?}");
+        }
+    }
 }

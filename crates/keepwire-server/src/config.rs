@@ -55,6 +55,12 @@ pub struct Config {
     /// Time a new TCP connection has to finish its TLS handshake and send
     /// a complete HTTP request head (slowloris defence).
     pub request_head_timeout: Duration,
+    /// Largest HTTP request head (request line and headers), in bytes; a
+    /// larger one gets 431 and is never buffered whole. At least 8 KiB.
+    pub max_request_head_bytes: usize,
+    /// Time an HTTP API request has to deliver its body once the relay reads
+    /// it; a body trickled slower gets 408 and the connection is closed.
+    pub request_body_timeout: Duration,
     /// Origins browsers may open WebSockets from (`https://app.example`);
     /// empty: any. Requests without an `Origin` header (native apps) are
     /// always allowed: keepwire tokens travel in the hello, never in cookies.
@@ -98,6 +104,8 @@ impl Default for Config {
             api_max_body_bytes: 64 * 1024,
             tls: None,
             request_head_timeout: Duration::from_secs(10),
+            max_request_head_bytes: 16 * 1024,
+            request_body_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
             conformance_echo: false,
         }

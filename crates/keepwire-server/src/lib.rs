@@ -161,7 +161,10 @@ impl RelayServer {
                 listener,
                 app,
                 tls,
-                shared.config.request_head_timeout,
+                listener::HttpLimits {
+                    head_timeout: shared.config.request_head_timeout,
+                    max_head_bytes: shared.config.max_request_head_bytes,
+                },
                 stop,
                 shared.config.shutdown_grace,
             )

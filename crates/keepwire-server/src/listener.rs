@@ -51,21 +51,36 @@ pub(crate) fn tls_acceptor(files: &TlsFiles) -> io::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Smallest read buffer hyper accepts (it panics below this).
+const MIN_HEAD_BYTES: usize = 8192;
+
+/// How connections are read: deadlines and sizes.
+pub(crate) struct HttpLimits {
+    /// Deadline for the TLS handshake and the request head.
+    pub(crate) head_timeout: Duration,
+    /// Largest request head buffered (larger: 431).
+    pub(crate) max_head_bytes: usize,
+}
+
 /// Serves `app` on `listener` until `stop`, then waits up to `grace` for
 /// HTTP requests in flight (upgraded WebSockets are tracked elsewhere).
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     tls: Option<TlsAcceptor>,
-    head_timeout: Duration,
+    limits: HttpLimits,
     stop: CancellationToken,
     grace: Duration,
 ) {
+    let head_timeout = limits.head_timeout;
     let mut http = http1::Builder::new();
     // The head deadline runs from the connection's start, so a connection
-    // that sends nothing, or a trickle, is cut as well.
+    // that sends nothing, or a trickle, is cut as well. The read buffer is
+    // capped, so an oversized head is refused (431) before it is all read,
+    // instead of hyper's default of ~400 KB per connection.
     http.timer(TokioTimer::new())
         .header_read_timeout(head_timeout)
+        .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BYTES))
         .keep_alive(true);
     let http = Arc::new(http);
     let requests = TaskTracker::new();

@@ -50,6 +50,10 @@ fn with2(mut base: serde_json::Map<String, Value>, a: (&str, Value), b: (&str, V
 
 fn body_errors() -> Vec<(&'static str, &'static str)> {
     vec![
+        (
+            "408",
+            "The body did not arrive in time; the connection is closed",
+        ),
         ("413", "Body too large"),
         ("415", "The body is not application/json"),
     ]

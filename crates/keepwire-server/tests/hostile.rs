@@ -10,6 +10,8 @@ use keepwire_testkit::{Incoming, WsClient, upgrade_status};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
+use keepwire_server::AdminStore as _;
+
 use crate::support::{TestRelay, test_config};
 
 /// Reads until the peer closes; returns how long that took.
@@ -153,4 +155,150 @@ async fn wss_with_a_private_ca_and_stalled_tls_handshakes_are_cut() {
     // A TCP connection that never starts its TLS handshake is cut.
     let mut s = TcpStream::connect(&relay.host_port).await.unwrap();
     time_until_closed(&mut s, Duration::from_secs(10)).await;
+}
+
+/// Writes `head` (an HTTP request head) while reading the answer; returns the
+/// status line's code, or `None` if the relay closed without one.
+async fn status_of_head(host_port: &str, head: Vec<u8>) -> Option<u16> {
+    let s = TcpStream::connect(host_port).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    // The relay may answer and close before the head is all written: write
+    // in the background and ignore write errors.
+    let writer = tokio::spawn(async move {
+        for chunk in head.chunks(4096) {
+            if w.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.flush().await;
+        // Keep the write side open until the reader is done.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            match r.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the relay answered or closed within 10 s");
+    writer.abort();
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+}
+
+fn head_with(extra_bytes: usize) -> Vec<u8> {
+    let mut head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..extra_bytes / 1000 {
+        head.extend_from_slice(format!("X-Pad-{i}: {}\r\n", "a".repeat(980)).as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_heads_over_16_kib_are_refused_before_they_are_buffered() {
+    let relay = TestRelay::start().await;
+    // A head of a few KiB is served.
+    assert_eq!(
+        status_of_head(&relay.host_port, head_with(8_000)).await,
+        Some(200)
+    );
+    // 20 KB and 400 KB heads, without any credentials, get 431 once the
+    // first 16 KiB are in: hyper's default would buffer ~400 KB first.
+    for size in [20_000, 400_000] {
+        assert_eq!(
+            status_of_head(&relay.host_port, head_with(size)).await,
+            Some(431),
+            "{size}-byte head"
+        );
+    }
+    // The relay is fine.
+    let (status, body) = keepwire_testkit::http_get(&relay.host_port, "/healthz").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_api_body_is_cut_off_with_408() {
+    let mut config = test_config();
+    config.request_body_timeout = Duration::from_millis(500);
+    let relay = TestRelay::start_with(config, Default::default()).await;
+    let (_, key) = relay.store.create_api_key("backend").await.unwrap();
+    relay.user("alice").await;
+    let body = br#"{"kind":"group","members":["alice"],"key":"k1","name":"a slow group name"}"#;
+    let mut s = TcpStream::connect(&relay.host_port).await.unwrap();
+    let head = format!(
+        "POST /v1/conversations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let (mut r, mut w) = s.into_split();
+    // One byte every 100 ms: the body would take 7 s.
+    let trickle = tokio::spawn(async move {
+        for b in body {
+            if w.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut answer))
+        .await
+        .expect("the relay cut the trickle and closed the connection")
+        .ok();
+    let took = started.elapsed();
+    trickle.abort();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(took < Duration::from_secs(3), "cut after {took:?}");
+    // Nothing was created: the same request, sent whole, creates it now.
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/conversations", relay.host_port))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(&body[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let relay = TestRelay::start().await;
+    let (_, key) = relay.store.create_api_key("backend").await.unwrap();
+    relay.user("alice").await;
+    let url = format!("http://{}/v1/users/alice/devices", relay.host_port);
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let r = reqwest::Client::new()
+            .get(&url)
+            .header("authorization", format!("{scheme} {key}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    let r = reqwest::Client::new()
+        .get(&url)
+        .header("authorization", format!("Basic {key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }

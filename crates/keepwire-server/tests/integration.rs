@@ -534,3 +534,132 @@ async fn rs256_tokens_with_keys_from_a_jwks_file() {
         Some(CloseCode::AuthFailed.code())
     );
 }
+
+/// A token with a hand-made JOSE header, signed HS256 with `SECRET`.
+fn hs256_with_header(header: &Value, claims: &Value) -> String {
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = jsonwebtoken::crypto::sign(
+        input.as_bytes(),
+        &EncodingKey::from_secret(SECRET),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{input}.{sig}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripped_or_malformed_claims_and_critical_headers_are_refused_with_4001() {
+    let k1 = EcKey::new("k1");
+    let jwks = jwks_server(vec![k1.jwk.clone()]).await;
+    let mut config = test_config();
+    config.jwt = Some(jwt_config(Some(JwksSource::Url(jwks.url.clone()))));
+    let relay = TestRelay::start_with(config, Default::default()).await;
+    let strip = |key: &str| {
+        let mut c = claims("zoe", 60);
+        c.as_object_mut().unwrap().remove(key);
+        c
+    };
+    let set = |key: &str, v: Value| {
+        let mut c = claims("zoe", 60);
+        c[key] = v;
+        c
+    };
+    let cases = [
+        // Another service's token from the same auth server: no audience.
+        ("no aud", strip("aud")),
+        ("numeric aud", set("aud", json!(12345))),
+        ("no iss", strip("iss")),
+        (
+            "string nbf in the future",
+            set("nbf", json!((now() + 3600).to_string())),
+        ),
+        ("string exp", set("exp", json!((now() + 3600).to_string()))),
+        ("string iat", set("iat", json!(now().to_string()))),
+    ];
+    // Over HS256 and over JWKS (ES256) alike.
+    for (what, c) in &cases {
+        for (alg, token) in [("HS256", hs256(c, SECRET)), ("ES256", k1.sign(c))] {
+            assert_eq!(
+                close_code(&relay.url, &token, "d").await,
+                Some(CloseCode::AuthFailed.code()),
+                "{alg} token with {what}"
+            );
+        }
+    }
+    // RFC 7515 §4.1.11: a critical extension the relay does not know.
+    let crit = json!({"alg": "HS256", "typ": "JWT", "crit": ["exp"], "exp": 1});
+    assert_eq!(
+        close_code(
+            &relay.url,
+            &hs256_with_header(&crit, &claims("zoe", 60)),
+            "d"
+        )
+        .await,
+        Some(CloseCode::AuthFailed.code())
+    );
+    // The same claims with everything in place pass, so the refusals above
+    // are for what was stripped.
+    let plain = json!({"alg": "HS256", "typ": "JWT"});
+    assert_eq!(
+        close_code(
+            &relay.url,
+            &hs256_with_header(&plain, &claims("zoe", 60)),
+            "d"
+        )
+        .await,
+        None
+    );
+    assert_eq!(
+        close_code(&relay.url, &k1.sign(&claims("zoe", 60)), "d").await,
+        None
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_claiming_an_iat_within_the_leeway_does_not_survive_a_revocation() {
+    let leeway = 30;
+    let mut config = test_config();
+    config.jwt = Some(JwtConfig {
+        leeway: Duration::from_secs(leeway),
+        ..jwt_config(None)
+    });
+    let relay = TestRelay::start_with(config, Default::default()).await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    // Minted now by an auth server whose clock runs 20 s ahead: accepted.
+    let mut ahead = claims("zoe", 600);
+    ahead["iat"] = json!(now() + 20);
+    let ahead = hs256(&ahead, SECRET);
+    assert_eq!(close_code(&relay.url, &ahead, "zoe-phone").await, None);
+    // The user's tokens are revoked: that token was minted before, so it is
+    // refused, although its iat claims a time after the revocation.
+    let r = post(&key, format!("{base}/v1/users/zoe/tokens/revoke")).await;
+    assert_eq!(r.status(), 200);
+    let revoked_second = now();
+    assert_eq!(
+        close_code(&relay.url, &ahead, "zoe-phone").await,
+        Some(CloseCode::TokenRevoked.code())
+    );
+    // A token minted after the revocation whose iat cannot be before it
+    // (iat - leeway is past the revocation) is accepted.
+    while now() <= revoked_second {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut fresh = claims("zoe", 600);
+    fresh["iat"] = json!(now() + leeway as i64);
+    assert_eq!(
+        close_code(&relay.url, &hs256(&fresh, SECRET), "zoe-phone").await,
+        None
+    );
+    // One claiming "now" could have been minted up to the leeway earlier, by
+    // a clock running behind, so before the revocation: refused until the
+    // leeway has passed (README, "Revoking tokens").
+    assert_eq!(
+        close_code(&relay.url, &hs256(&claims("zoe", 600), SECRET), "zoe-phone").await,
+        Some(CloseCode::TokenRevoked.code())
+    );
+}

@@ -3,20 +3,47 @@
 //! serves a Unix socket (`HOME/agent.sock`, mode 0600) through which
 //! `keepwire send`, `sync` and `status` use its connection.
 //!
-//! Socket protocol: one JSON request per line, one JSON answer per line.
-//! `{"op":"status"}`, `{"op":"sync","deadline_ms":30000}`,
+//! Socket protocol: one JSON request per line (at most 256 KiB), one JSON
+//! answer per line. `{"op":"status"}`, `{"op":"sync","deadline_ms":30000}`,
 //! `{"op":"send","conv":1,"text":"hi","timeout_ms":10000}`.
+//!
+//! Only the agent's own user may use it: besides the socket's mode (0600, in
+//! a 0700 home), the agent checks each peer's uid (`SO_PEERCRED`) and drops
+//! connections from any other user, so a loosened mode does not hand the
+//! connection (and the user's identity on the relay) to other local users.
+//! Commands check the agent's uid the same way before trusting its answers.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures_util::StreamExt as _;
 use keepwire_client::{BackgroundPolicy, Client, SyncOutcome};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::{init_logging, wait_for_signal};
+
+/// Longest request line the agent reads. A send carries at most the relay's
+/// body limit (16 KiB by default, escaped in JSON): this leaves room and
+/// still bounds what a client can make the agent hold.
+pub(crate) const MAX_REQUEST_LINE: usize = 256 * 1024;
+
+/// The uid this process runs as.
+fn own_uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Whether the other end of `stream` runs as `uid` (`SO_PEERCRED`).
+fn peer_is(stream: &UnixStream, uid: u32) -> Result<(), String> {
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == uid => Ok(()),
+        Ok(cred) => Err(format!("uid {}", cred.uid())),
+        Err(e) => Err(format!("unknown uid ({e})")),
+    }
+}
 
 /// The agent's socket in a home.
 pub(crate) fn socket_path(home: &Path) -> PathBuf {
@@ -51,12 +78,21 @@ pub(crate) async fn run(
     tracing::info!(target: "keepwire::background", socket = %path.display(), "agent running");
     let stop = wait_for_signal();
     tokio::pin!(stop);
+    let owner = own_uid();
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
-                    tokio::spawn(serve(stream, client.clone()));
+                    match peer_is(&stream, owner) {
+                        Ok(()) => {
+                            tokio::spawn(serve(stream, client.clone()));
+                        }
+                        Err(who) => {
+                            // Dropped unanswered: the agent acts as its user.
+                            tracing::warn!(target: "keepwire::background", peer = %who, "refused a connection from another user");
+                        }
+                    }
                 }
             }
         }
@@ -68,13 +104,23 @@ pub(crate) async fn run(
 
 async fn serve(stream: UnixStream, client: Client) {
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let answer = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => handle(&client, &req).await,
-            Err(e) => json!({"error": format!("not JSON: {e}")}),
+    let mut lines = FramedRead::new(r, LinesCodec::new_with_max_length(MAX_REQUEST_LINE));
+    while let Some(line) = lines.next().await {
+        let (answer, last) = match line {
+            Ok(line) => match serde_json::from_str::<Value>(&line) {
+                Ok(req) => (handle(&client, &req).await, false),
+                Err(e) => (json!({"error": format!("not JSON: {e}")}), false),
+            },
+            Err(LinesCodecError::MaxLineLengthExceeded) => (
+                json!({"error": format!(
+                    "request line longer than {} KiB: connection closed",
+                    MAX_REQUEST_LINE / 1024
+                )}),
+                true,
+            ),
+            Err(LinesCodecError::Io(e)) => (json!({"error": format!("bad request: {e}")}), true),
         };
-        if w.write_all(format!("{answer}\n").as_bytes()).await.is_err() {
+        if w.write_all(format!("{answer}\n").as_bytes()).await.is_err() || last {
             return;
         }
     }
@@ -133,6 +179,12 @@ pub(crate) async fn ask(home: &Path, req: &Value, timeout: Duration) -> Option<V
     .await
     .ok()?
     .ok()?;
+    // A socket another user put there (in a home whose mode was loosened)
+    // is not our agent: do not hand it the request, nor believe its answer.
+    if let Err(who) = peer_is(&stream, own_uid()) {
+        tracing::warn!(target: "keepwire::background", peer = %who, "the agent socket belongs to another user; ignoring it");
+        return None;
+    }
     stream.write_all(format!("{req}\n").as_bytes()).await.ok()?;
     let mut lines = BufReader::new(stream).lines();
     let line = tokio::time::timeout(timeout, lines.next_line())
@@ -140,4 +192,17 @@ pub(crate) async fn ask(home: &Path, req: &Value, timeout: Duration) -> Option<V
         .ok()?
         .ok()??;
     serde_json::from_str(&line).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_peers_of_the_same_uid_pass() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(peer_is(&a, own_uid()), Ok(()));
+        let other = own_uid().wrapping_add(1);
+        assert_eq!(peer_is(&a, other), Err(format!("uid {}", own_uid())));
+    }
 }

@@ -14,6 +14,7 @@ use keepwire_client::{
 };
 use keepwire_proto::Message;
 
+use crate::terminal::printable;
 use crate::{Exit, init_logging, wait_for_signal};
 
 /// `keepwire sync` exit codes (also in the README). 0: caught up; 1: other
@@ -52,9 +53,14 @@ pub(crate) struct LoginArgs {
     /// Relay URL (ws://HOST:PORT or wss://HOST:PORT); repeat for several relays.
     #[arg(long = "server", required = true, value_name = "URL")]
     servers: Vec<String>,
-    /// The token (from `keepwire admin user add` or your app's backend).
-    #[arg(long)]
-    token: String,
+    /// The token (from `keepwire admin user add` or your app's backend); `-`
+    /// reads it from standard input. Other local users can read command
+    /// lines: prefer `--token-file`, `--token -` or KEEPWIRE_TOKEN.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+    /// Read the token from this file (one line).
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// How long to try to verify the token with the relay.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
@@ -176,7 +182,7 @@ pub(crate) struct StatusArgs {
 pub(crate) fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
     if !keepwire_client::store::db_path(home).exists() {
         bail!(
-            "{} is not a keepwire home yet; run `keepwire login --server URL --token TOKEN` first",
+            "{} is not a keepwire home yet; run `keepwire login --server URL --token-file FILE` first",
             home.display()
         );
     }
@@ -214,7 +220,7 @@ pub(crate) async fn background_client(
 fn login_hint(home: &std::path::Path, e: ClientError) -> anyhow::Error {
     match e {
         ClientError::NotLoggedIn(_) => anyhow::anyhow!(
-            "{} has no relay URL or token; run `keepwire login --server URL --token TOKEN`",
+            "{} has no relay URL or token; run `keepwire login --server URL --token-file FILE`",
             home.display()
         ),
         other => other.into(),
@@ -306,10 +312,7 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
             bail!("invalid relay URL {u:?}: use ws://HOST:PORT or wss://HOST:PORT");
         }
     }
-    let token = args.token.trim().to_owned();
-    if token.is_empty() {
-        bail!("the token is empty");
-    }
+    let token = crate::token_input::required(args.token.as_deref(), args.token_file.as_deref())?;
     let store = Store::open(&home)?;
     if let Some(path) = &args.ca_cert {
         let pem = std::fs::read(path)
@@ -406,11 +409,14 @@ pub(crate) async fn conv(args: ConvArgs) -> anyhow::Result<()> {
                         keepwire_proto::ConvKind::Direct => "direct",
                         keepwire_proto::ConvKind::Group => "group",
                     };
-                    let name = c.name.map(|n| format!(" {n:?}")).unwrap_or_default();
+                    let name = c
+                        .name
+                        .map(|n| format!(" \"{}\"", printable(&n)))
+                        .unwrap_or_default();
                     println!(
                         "{}\t{kind}{name}\t{}\t{} messages",
                         c.id,
-                        c.members.join(","),
+                        printable(&c.members.join(",")),
                         c.last_seq
                     );
                 }
@@ -568,9 +574,13 @@ fn print_message(m: &Message, json: bool) -> anyhow::Result<()> {
         });
         println!("{v}");
     } else {
+        // Other users wrote these: no terminal escapes (JSON above stays exact).
         println!(
             "{time} conv {} #{} {}: {}",
-            m.conv, m.conv_seq, m.from, m.body
+            m.conv,
+            m.conv_seq,
+            printable(&m.from),
+            printable(&m.body)
         );
     }
     Ok(())
@@ -676,7 +686,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("servers:  {}", store.urls()?.join(", "));
         println!("state:    {state}");
         if let Some(e) = last_error {
-            println!("last error: {e}");
+            println!("last error: {}", printable(&e));
         }
         println!(
             "cursor:   {}",

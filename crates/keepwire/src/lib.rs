@@ -17,6 +17,9 @@ mod chaos_cmds;
 mod client_cmds;
 mod demo;
 mod relay_cmds;
+mod terminal;
+mod tls_init;
+mod token_input;
 
 /// keepwire: keeps a chat app's users reachable.
 #[derive(Parser)]
@@ -131,14 +134,41 @@ fn run_to_exit(command: impl std::future::Future<Output = anyhow::Result<()>>) -
     }
 }
 
+/// Libraries whose trace-level events print what goes over the wire (a
+/// `hello` with its token, message bodies, request heads): never above debug,
+/// whatever `KEEPWIRE_LOG` asks for, so logs hold no tokens or bodies.
+const WIRE_LOGGERS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+    "rustls",
+];
+
+/// Whether an event may be logged: nothing at trace level from [`WIRE_LOGGERS`].
+fn not_wire_contents(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() != tracing::Level::TRACE
+        || !WIRE_LOGGERS.iter().any(|w| {
+            meta.target()
+                .strip_prefix(w)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+}
+
 pub(crate) fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEEPWIRE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::{EnvFilter, Layer as _};
+    let filter =
+        EnvFilter::try_from_env("KEEPWIRE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_filter(filter.and(tracing_subscriber::filter::filter_fn(not_wire_contents)));
+    let _ = tracing_subscriber::registry().with(layer).try_init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

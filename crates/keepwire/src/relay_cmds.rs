@@ -80,7 +80,8 @@ pub(crate) struct ServeArgs {
     /// Accept app-issued HS256 JWTs signed with the secret in this file.
     #[arg(long, value_name = "PATH")]
     jwt_secret_file: Option<PathBuf>,
-    /// Accept RS256/ES256 JWTs with keys from this JWKS URL (cached, refreshed on an unknown kid).
+    /// Accept RS256/ES256 JWTs with keys from this JWKS URL (cached, refreshed
+    /// on an unknown kid); https, or http to a loopback address only.
     #[arg(long, value_name = "URL", conflicts_with = "jwks_file")]
     jwks_url: Option<String>,
     /// Accept RS256/ES256 JWTs with keys from this JWKS file.
@@ -158,6 +159,19 @@ enum AdminCommand {
         /// The backup file.
         src: PathBuf,
     },
+    /// Make a private CA and a relay certificate it signs (for wss:// without
+    /// a public CA); run again on the same DIR to renew, keeping the CA.
+    #[command(name = "tls-init")]
+    TlsInit {
+        /// Where to write ca.pem, ca.key, relay.pem and relay.key (made 0700).
+        dir: PathBuf,
+        /// A host name or IP address clients use to reach the relay; repeat for several.
+        #[arg(long = "host", value_name = "NAME", required = true)]
+        hosts: Vec<String>,
+        /// How long the relay's certificate is valid, in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -217,8 +231,12 @@ enum TokenCommand {
     /// Revoke a token (by its value, or `--id`), or every token of `--user`.
     /// Live connections using it are closed at once.
     Revoke {
-        /// The token itself; `-` reads it from standard input.
+        /// The token itself; `-` reads it from standard input. Without TOKEN,
+        /// --token-file, --id or --user: the KEEPWIRE_TOKEN environment variable.
         token: Option<String>,
+        /// Read the token to revoke from this file (one line).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["token", "id", "user"])]
+        token_file: Option<PathBuf>,
         /// Token id (from `token list`).
         #[arg(long, conflicts_with_all = ["token", "user"])]
         id: Option<i64>,
@@ -323,8 +341,8 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let jwks = match (&args.jwks_url, &args.jwks_file) {
         (Some(u), _) => {
-            if !(u.starts_with("https://") || u.starts_with("http://")) {
-                bail!("--jwks-url must be an http(s) URL");
+            if let Err(e) = keepwire_server::auth::check_jwks_url(u) {
+                bail!("--jwks-url {e}");
             }
             Some(keepwire_server::auth::JwksSource::Url(u.clone()))
         }
@@ -372,6 +390,9 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
+    if let AdminCommand::TlsInit { dir, hosts, days } = &args.command {
+        return tls_init(dir, hosts, *days);
+    }
     let path = args.db.path()?;
     match args.command {
         AdminCommand::Backup { dest } => {
@@ -413,23 +434,24 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             let t = store.issue_token(&name, ttl).await?;
             println!("{}", t.token);
         }
-        AdminCommand::Token(TokenCommand::Revoke { token, id, user }) => {
+        AdminCommand::Token(TokenCommand::Revoke {
+            token,
+            token_file,
+            id,
+            user,
+        }) => {
+            let token = match (&id, &user) {
+                (None, None) => crate::token_input::token(token.as_deref(), token_file.as_deref())?,
+                _ => None,
+            };
             let target = match (token, id, user) {
-                (Some(t), None, None) => {
-                    let t = if t == "-" {
-                        let mut line = String::new();
-                        std::io::stdin()
-                            .read_line(&mut line)
-                            .context("reading the token from stdin")?;
-                        line.trim().to_owned()
-                    } else {
-                        t
-                    };
-                    RevokeTarget::Token(t)
-                }
+                (Some(t), None, None) => RevokeTarget::Token(t),
                 (None, Some(id), None) => RevokeTarget::Id(id),
                 (None, None, Some(u)) => RevokeTarget::User(u),
-                _ => bail!("name what to revoke: a TOKEN, --id ID or --user NAME"),
+                _ => bail!(
+                    "name what to revoke: a TOKEN (or {}), --id ID or --user NAME",
+                    crate::token_input::HOW
+                ),
             };
             let n = store.revoke(target).await?;
             println!("revoked {n} token{}", if n == 1 { "" } else { "s" });
@@ -504,10 +526,46 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             let done = store.revoke_device(&user, &device).await?;
             println!("{}", if done { "revoked" } else { "already revoked" });
         }
-        AdminCommand::Backup { .. } | AdminCommand::Restore { .. } => {
-            bail!("backup and restore do not open the store")
+        AdminCommand::Backup { .. }
+        | AdminCommand::Restore { .. }
+        | AdminCommand::TlsInit { .. } => {
+            bail!("backup, restore and tls-init do not open the store")
         }
     }
+    Ok(())
+}
+
+/// `keepwire admin tls-init`: writes the files and says how to use them.
+fn tls_init(dir: &std::path::Path, hosts: &[String], days: u32) -> anyhow::Result<()> {
+    let w = crate::tls_init::tls_init(dir, hosts, days)?;
+    let abs = |p: &std::path::Path| {
+        std::fs::canonicalize(p)
+            .unwrap_or_else(|_| p.to_owned())
+            .display()
+            .to_string()
+    };
+    let host = match hosts[0].parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+        _ => hosts[0].clone(),
+    };
+    println!(
+        "{} a certificate for {} (valid {days} days), signed by the private CA in {}",
+        if w.reused_ca { "renewed" } else { "made" },
+        hosts.join(", "),
+        abs(dir)
+    );
+    println!(
+        "relay:   keepwire serve --listen 0.0.0.0:7447 --tls-cert {} --tls-key {}",
+        abs(&w.cert),
+        abs(&w.key)
+    );
+    println!(
+        "clients: keepwire login --server wss://{host}:7447 --ca-cert {} --token-file FILE",
+        abs(&w.ca_pem)
+    );
+    println!(
+        "Copy ca.pem to the clients; keep ca.key secret (whoever holds it can impersonate the relay to them)."
+    );
     Ok(())
 }
 

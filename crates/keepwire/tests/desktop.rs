@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use keepwire_testkit::{RelayProcess, TempDir};
 
-use crate::{FAST, add_user, bin};
+use crate::{FAST, KillOnDrop, add_user, bin};
 
 /// One `Notify` call: (app name, replaces id, summary, body).
 type Call = (String, u32, String, String);
@@ -18,6 +18,8 @@ type Call = (String, u32, String, String);
 struct FakeNotifications {
     calls: Arc<Mutex<Vec<Call>>>,
     next_id: u32,
+    /// Advertise `body-markup` (the server renders markup in bodies).
+    markup: bool,
 }
 
 #[zbus::interface(name = "org.freedesktop.Notifications")]
@@ -46,7 +48,11 @@ impl FakeNotifications {
     }
 
     fn get_capabilities(&self) -> Vec<String> {
-        vec!["body".into()]
+        let mut caps = vec!["body".to_string()];
+        if self.markup {
+            caps.push("body-markup".into());
+        }
+        caps
     }
 
     fn get_server_information(&self) -> (String, String, String, String) {
@@ -59,22 +65,6 @@ impl FakeNotifications {
     }
 
     fn close_notification(&self, _id: u32) {}
-}
-
-/// A child process killed (and reaped) on drop, also when a test fails.
-struct KillOnDrop(Child);
-
-impl KillOnDrop {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// A private session bus; killed on drop.
@@ -111,6 +101,13 @@ impl Drop for Bus {
 }
 
 async fn serve_notifications(address: &str) -> (zbus::Connection, Arc<Mutex<Vec<Call>>>) {
+    serve_notifications_with(address, false).await
+}
+
+async fn serve_notifications_with(
+    address: &str,
+    markup: bool,
+) -> (zbus::Connection, Arc<Mutex<Vec<Call>>>) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let conn = zbus::connection::Builder::address(address)
         .name("org.freedesktop.Notifications")
@@ -119,6 +116,7 @@ async fn serve_notifications(address: &str) -> (zbus::Connection, Arc<Mutex<Vec<
             FakeNotifications {
                 calls: calls.clone(),
                 next_id: 0,
+                markup,
             },
         )
         .build()
@@ -235,4 +233,48 @@ async fn background_messages_become_one_replaced_desktop_notification() {
     );
     assert_eq!(got[2].2, "5 new messages from bob");
     assert_eq!(got[2].3, "live 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_text_cannot_inject_markup_into_desktop_notifications() {
+    let (markup_bus, plain_bus) = (Bus::start(), Bus::start());
+    let (_m, markup_calls) = serve_notifications_with(&markup_bus.address, true).await;
+    let (_p, plain_calls) = serve_notifications_with(&plain_bus.address, false).await;
+    let dir = TempDir::new("markup");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let relay = RelayProcess::start(&bin(), &db, FAST);
+    let (alice, bob) = (dir.join("alice"), dir.join("bob"));
+    let bus = &markup_bus.address;
+    kw_bus(
+        &alice,
+        bus,
+        &["login", "--server", &relay.url, "--token", &ta],
+    );
+    kw_bus(
+        &bob,
+        bus,
+        &["login", "--server", &relay.url, "--token", &tb],
+    );
+    let conv = kw_bus(&bob, bus, &["conv", "create", "alice"])
+        .trim()
+        .to_owned();
+    kw_bus(&alice, bus, &["sync"]);
+    let hostile = r#"<a href="https://evil.example">update</a> & <img src="file:///x"/>"#;
+    kw_bus(&bob, bus, &["send", &conv, hostile]);
+    // A server that renders markup gets it escaped: shown as the text it is.
+    kw_bus(&alice, bus, &["sync", "--desktop"]);
+    let got = markup_calls.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        got[0].3,
+        r#"&lt;a href="https://evil.example"&gt;update&lt;/a&gt; &amp; &lt;img src="file:///x"/&gt;"#
+    );
+    // One that shows plain text gets it as is.
+    kw_bus(&bob, bus, &["send", &conv, hostile]);
+    kw_bus(&alice, &plain_bus.address, &["sync", "--desktop"]);
+    let got = plain_calls.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].3, hostile);
 }

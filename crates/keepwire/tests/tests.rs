@@ -6,6 +6,7 @@ mod cli;
 mod client_process;
 mod desktop;
 mod relay_process;
+mod security;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -19,6 +20,23 @@ pub const FAST: &[&str] = &[
     "--user-sends-per-sec",
     "100000",
 ];
+
+/// A child process killed (and reaped) on drop, also when a test fails.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// `kill -9` and reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
 
 /// The binary under test.
 pub fn bin() -> PathBuf {
