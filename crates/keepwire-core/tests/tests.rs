@@ -1,4 +1,3 @@
 //! Tests of the sans-IO client core.
 
 mod scenarios;
-mod sim;

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keepwire_core::{
-    AppState, BackgroundPolicy, Config as CoreConfig, Connection, Event, FailureKind, Network,
-    OutboxItem, SeededRng, State, StopReason, Transmit, TransportEvent,
+    AppState, BackgroundPolicy, Config as CoreConfig, Connection, ConnectionError, Event,
+    FailureKind, Network, OutboxItem, SeededRng, State, StopReason, Transmit, TransportEvent,
 };
 use keepwire_proto::{
     ConvCreate, ConvKind, Cursor, EntryItem, GapReason, InboxEntry, Instant, MemberChange,
@@ -521,6 +521,12 @@ impl Sim {
                     assert!(at - now <= cap, "seed {}: backoff over the cap", self.seed);
                 }
             }
+            Event::Error(ConnectionError::Protocol(p)) => {
+                panic!("seed {}: the relay broke the protocol: {p}", self.seed)
+            }
+            Event::Error(ConnectionError::Closed(4011)) => {
+                panic!("seed {}: 4011 without retention", self.seed)
+            }
             Event::StateChanged(_)
             | Event::Error(_)
             | Event::Reply(_)
@@ -760,6 +766,13 @@ impl Sim {
                     self.seed
                 );
             }
+            if core.state() == State::Dormant {
+                assert!(
+                    !core.transport_open() && !core.syncing(),
+                    "seed {}: dormant with a transport",
+                    self.seed
+                );
+            }
         }
     }
 
@@ -927,11 +940,27 @@ impl Sim {
                 } else {
                     Network::Offline
                 };
+                let back_online = self.network == Network::Offline;
                 self.network = next.clone();
                 for i in 0..self.clients.len() {
                     if let Some(core) = self.clients[i].core.as_mut() {
                         core.handle_network(next.clone(), now);
+                        let state = core.state();
                         self.drain(i);
+                        // After the network returns, the next attempt starts at once.
+                        if back_online
+                            && !matches!(
+                                state,
+                                State::Stopped(_) | State::RefreshingToken | State::Dormant
+                            )
+                        {
+                            let core = self.clients[i].core.as_ref().unwrap();
+                            assert!(
+                                core.transport_open(),
+                                "seed {}: no attempt at network up",
+                                self.seed
+                            );
+                        }
                     }
                 }
             }
@@ -1239,11 +1268,12 @@ pub fn run_seed(seed: u64, variant: Variant) -> BTreeMap<&'static str, u32> {
         }
     }
     sim.heal();
-    let deadline = sim.now + Duration::from_secs(3600);
+    // Foreground backoff is capped at 30 s: ten minutes is plenty.
+    let deadline = sim.now + Duration::from_secs(600);
     while !sim.quiescent() {
         assert!(
             sim.now < deadline,
-            "seed {seed}: not quiescent an hour after healing: {:?}",
+            "seed {seed}: not quiescent ten minutes after healing: {:?}",
             sim.clients
                 .iter()
                 .map(|c| c.core.as_ref().map(|k| k.state()))
@@ -1328,7 +1358,7 @@ fn real_clients_and_the_real_relay_lose_nothing_and_duplicate_nothing() {
     if replay(variant) {
         return;
     }
-    let seeds = seeds_from_env(1500);
+    let seeds = seeds_from_env(2000);
     let totals = run_seeds(0, seeds, variant);
     println!("{seeds} seeds, one node, faults injected: {totals:?}");
     assert_every_fault(&totals);

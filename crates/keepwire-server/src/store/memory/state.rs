@@ -262,7 +262,7 @@ impl State {
         let u = self.users.get_mut(&user).expect("members are users");
         u.head += 1;
         #[cfg(any(test, feature = "testing"))]
-        if w.sabotaged(super::Sabotage::SkipSequence) && u.head % 17 == 0 {
+        if w.sabotaged(super::Sabotage::SkipSequence) && u.head.is_multiple_of(17) {
             u.head += 1;
         }
         let seq = u.head;
