@@ -29,8 +29,8 @@ pub use frames::*;
 pub use limits::Limits;
 pub use time::Instant;
 pub use validate::{
-    ValidationError, is_valid_cid, is_valid_device_id, is_valid_epoch, is_valid_request_id,
-    is_valid_user_name,
+    ValidationError, is_safe_display_text, is_valid_cid, is_valid_device_id, is_valid_epoch,
+    is_valid_request_id, is_valid_user_name,
 };
 
 /// The WebSocket subprotocol a v1 client must offer (`Sec-WebSocket-Protocol`).

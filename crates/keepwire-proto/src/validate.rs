@@ -55,6 +55,17 @@ pub fn is_valid_user_name(s: &str) -> bool {
         && s.bytes().all(|c| is_id_char(c) || c == b'.' || c == b'@')
 }
 
+/// Whether a display string (a conversation name) is safe to show: no C0 or
+/// C1 control characters (which covers CR, LF and the ESC of terminal
+/// escapes) and no bidirectional overrides or isolates, which can make a name
+/// read as something else.
+pub fn is_safe_display_text(s: &str) -> bool {
+    !s.chars().any(|c| {
+        c.is_control()
+            || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+    })
+}
+
 fn check_rid(rid: &str) -> Result<(), ValidationError> {
     if is_valid_request_id(rid) {
         Ok(())
@@ -156,6 +167,11 @@ impl ClientFrame {
                         limits.max_name_bytes
                     )));
                 }
+                if c.name.as_deref().is_some_and(|n| !is_safe_display_text(n)) {
+                    return Err(ValidationError::invalid(
+                        "name has control characters or bidirectional overrides",
+                    ));
+                }
                 for m in &c.members {
                     check_user(m)?;
                 }
@@ -214,5 +230,16 @@ mod tests {
         assert!(is_valid_user_name("alice@example.com"));
         assert!(!is_valid_user_name("-rf"));
         assert!(!is_valid_user_name("a b"));
+        assert!(is_safe_display_text("team ✨ café"));
+        for bad in [
+            "a\nb",
+            "a\rb",
+            "\u{1b}[31mred",
+            "\u{202E}evil",
+            "x\u{2066}y",
+            "\u{85}",
+        ] {
+            assert!(!is_safe_display_text(bad), "{bad:?}");
+        }
     }
 }

@@ -351,6 +351,14 @@ async fn create_conversation(
     {
         return Err(Problem::bad_request("name is too long"));
     }
+    if b.name
+        .as_deref()
+        .is_some_and(|n| !keepwire_proto::is_safe_display_text(n))
+    {
+        return Err(Problem::bad_request(
+            "name has control characters or bidirectional overrides",
+        ));
+    }
     let want = if actor == Actor::System { 2 } else { 1 };
     if b.kind == ConvKind::Direct && b.members.len() != want {
         return Err(Problem::bad_request(format!(

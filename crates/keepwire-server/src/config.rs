@@ -68,6 +68,8 @@ pub struct Config {
     /// Serve a WebSocket echo at `/conformance/echo` on the same stack, for
     /// the Autobahn|Testsuite (off in production).
     pub conformance_echo: bool,
+    /// Who may put users into conversations.
+    pub member_adds: MemberAdds,
 }
 
 /// PEM files for TLS.
@@ -108,6 +110,34 @@ impl Default for Config {
             request_body_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
             conformance_echo: false,
+            member_adds: MemberAdds::Members,
+        }
+    }
+}
+
+/// The consent model for membership: who may put a user into a
+/// conversation (PROTOCOL.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemberAdds {
+    /// Any member may add existing users (and create conversations with
+    /// them); every add is charged to the adder's send budget by the inboxes
+    /// it reaches, and anyone may leave.
+    #[default]
+    Members,
+    /// Only the backend's HTTP API adds users (the app decides who may talk
+    /// to whom: contacts, invitations); users may still create conversations
+    /// with themselves alone, and leave.
+    Backend,
+}
+
+impl std::str::FromStr for MemberAdds {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "members" => Ok(MemberAdds::Members),
+            "backend" => Ok(MemberAdds::Backend),
+            other => Err(format!("{other:?}: use `members` or `backend`")),
         }
     }
 }
@@ -142,6 +172,7 @@ impl Config {
             heartbeat: self.heartbeat_bounds(),
             history_window: self.history_window,
             max_history_window: self.max_history_window,
+            member_adds: self.member_adds,
             user_budget,
             metrics,
         }

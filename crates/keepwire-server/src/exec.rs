@@ -73,9 +73,11 @@ impl Executor {
                     (u, valid_for)
                 }))
             }
-            StoreRequest::TouchDevice { user, device } => {
-                StoreAnswer::Done(s.touch_device(user, &device).await)
-            }
+            StoreRequest::TouchDevice {
+                user,
+                device,
+                token_id,
+            } => StoreAnswer::Done(s.touch_device(user, &device, token_id).await),
             StoreRequest::Resume {
                 user,
                 cursor,

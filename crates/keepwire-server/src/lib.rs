@@ -39,7 +39,7 @@ pub mod ratelimit;
 pub mod session;
 pub mod store;
 
-pub use config::{Config, TlsFiles};
+pub use config::{Config, MemberAdds, TlsFiles};
 pub use hub::Hub;
 pub use metrics::Metrics;
 pub use session::Session;

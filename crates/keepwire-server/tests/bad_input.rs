@@ -123,6 +123,18 @@ async fn transport_level_violations_close_with_their_codes() {
     let huge = "x".repeat(relay_limits().max_frame_bytes + 10);
     c.send_text(&huge).await;
     assert_eq!(c.expect_close().await, code(CloseCode::MessageTooBig));
+    // A text frame that is not UTF-8: 1007 (RFC 6455 §7.4.1), with a close frame.
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut c = relay.connect(&ta, "utf8").await;
+    let bad = Frame::message(vec![0xff_u8, 0xfe, 0x80], OpCode::Data(Data::Text), true);
+    c.send_raw(Message::Frame(bad)).await;
+    assert_eq!(c.expect_close().await, code(CloseCode::InvalidPayload));
+    // A reserved opcode: 1002, with a close frame.
+    let mut c = relay.connect(&ta, "opcode").await;
+    let bad = Frame::message(vec![1_u8], OpCode::Data(Data::Reserved(3)), true);
+    c.send_raw(Message::Frame(bad)).await;
+    assert_eq!(c.expect_close().await, code(CloseCode::ProtocolError));
     // No hello at all.
     let mut c = WsClient::open(&relay.url).await.unwrap();
     assert_eq!(c.expect_close().await, code(CloseCode::HandshakeTimeout));

@@ -68,6 +68,11 @@ pub(crate) struct ServeArgs {
     /// Largest group.
     #[arg(long, value_name = "N")]
     max_group_size: Option<usize>,
+    /// Who may put users into conversations: `members` (any member adds
+    /// others, the default) or `backend` (only the backend's HTTP API; users
+    /// can still leave).
+    #[arg(long, value_name = "WHO")]
+    member_adds: Option<keepwire_server::MemberAdds>,
     /// Inbox entries replayed to a new device.
     #[arg(long, value_name = "N")]
     history_window: Option<u64>,
@@ -304,6 +309,9 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.history_window {
         config.history_window = v;
+    }
+    if let Some(v) = args.member_adds {
+        config.member_adds = v;
     }
     if let Some(v) = args.trim_interval {
         config.trim_interval = v.max(Duration::from_millis(10));

@@ -109,6 +109,8 @@ pub struct SessionConfig {
     pub history_window: u64,
     /// The largest replay window a `hello` may ask for (larger ones are clamped).
     pub max_history_window: u64,
+    /// Who may put users into conversations.
+    pub member_adds: crate::MemberAdds,
     /// The budget each user's connections share.
     pub user_budget: Arc<dyn SendBudget>,
     /// Where to count.
@@ -192,6 +194,8 @@ pub enum StoreRequest {
         user: UserId,
         /// The device.
         device: String,
+        /// The keepwire token it used.
+        token_id: Option<i64>,
     },
     /// Plan the resume ([`StoreAnswer::Resume`]).
     Resume {
@@ -560,6 +564,7 @@ impl Session {
                 let req = StoreRequest::TouchDevice {
                     user: peer.user.id,
                     device: peer.device.clone(),
+                    token_id: peer.user.token_id,
                 };
                 self.phase = Phase::Opening(hello);
                 self.control_request = Some(self.issue_now(req));

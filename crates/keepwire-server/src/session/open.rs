@@ -328,6 +328,15 @@ impl Session {
                     Verdict::Abuse => self.close(CloseCode::RateLimited),
                 }
             }
+            ClientFrame::ConvCreate(c)
+                if self.cfg.member_adds == crate::MemberAdds::Backend
+                    && c.members.iter().any(|m| *m != self.peer_name()) =>
+            {
+                self.refuse_adds(ty, &c.rid);
+            }
+            ClientFrame::ConvAdd(m) if self.cfg.member_adds == crate::MemberAdds::Backend => {
+                self.refuse_adds(ty, &m.rid);
+            }
             ClientFrame::ConvCreate(c) => {
                 let reach = 1 + c.members.len() as u32;
                 let verdict = self.fanout_verdict(reach, now);
@@ -404,6 +413,25 @@ impl Session {
                 ));
             }
         }
+    }
+
+    fn peer_name(&self) -> String {
+        self.peer
+            .as_ref()
+            .map(|p| p.user.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Under `--member-adds backend`, users put nobody else into conversations.
+    fn refuse_adds(&mut self, ty: &str, rid: &str) {
+        self.count_error(ErrorCode::Forbidden);
+        self.answer_now(error_frame(
+            Some(ty),
+            Some(rid),
+            None,
+            ErrorCode::Forbidden,
+            "this relay lets only the app's backend add users to conversations",
+        ));
     }
 
     fn limiter(&mut self) -> &mut crate::ratelimit::Limiter {

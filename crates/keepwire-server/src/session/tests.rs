@@ -17,7 +17,11 @@ fn at(ms: u64) -> Instant {
 }
 
 fn config(limits: Limits) -> Arc<SessionConfig> {
-    Arc::new(SessionConfig {
+    Arc::new(config_of(limits))
+}
+
+fn config_of(limits: Limits) -> SessionConfig {
+    SessionConfig {
         limits,
         send_burst: 100,
         handshake_timeout: Duration::from_secs(10),
@@ -29,9 +33,10 @@ fn config(limits: Limits) -> Arc<SessionConfig> {
         },
         history_window: 100,
         max_history_window: 10_000,
+        member_adds: crate::MemberAdds::Members,
         user_budget: Arc::new(Unlimited),
         metrics: Arc::new(Metrics::default()),
-    })
+    }
 }
 
 /// A session plus a record of what it asked for.
@@ -45,8 +50,12 @@ struct Harness {
 
 impl Harness {
     fn new(limits: Limits) -> Harness {
+        Self::with_config(config(limits))
+    }
+
+    fn with_config(cfg: Arc<SessionConfig>) -> Harness {
         Harness {
-            s: Session::new(config(limits), 7, at(0)),
+            s: Session::new(cfg, 7, at(0)),
             requests: Vec::new(),
             frames: Vec::new(),
             close: None,
@@ -88,7 +97,11 @@ impl Harness {
 
     /// Runs the handshake to an open session with an inbox head of `head`.
     fn open(limits: Limits, head: u64) -> Harness {
-        let mut h = Harness::new(limits);
+        Self::open_with(config(limits), head)
+    }
+
+    fn open_with(cfg: Arc<SessionConfig>, head: u64) -> Harness {
+        let mut h = Harness::with_config(cfg);
         h.text(r#"{"type":"hello","token":"kw_x","device":"phone"}"#, at(1));
         let (id, req) = h.take_request();
         assert!(matches!(req, StoreRequest::Authenticate { .. }));
@@ -520,6 +533,56 @@ fn group_writes_are_charged_by_the_members_they_reach() {
     h.text(&send(CID_A, "x"), at(12));
     assert!(
         matches!(h.frames.last(), Some(ServerFrame::Rejected(r)) if r.code == ErrorCode::RateLimited)
+    );
+}
+
+#[test]
+fn under_backend_adds_users_put_nobody_else_into_conversations() {
+    let mut cfg = config_of(Limits::default());
+    cfg.member_adds = crate::MemberAdds::Backend;
+    let mut h = Harness::open_with(Arc::new(cfg), 0);
+    h.text(
+        r#"{"type":"conv_add","rid":"a1","conv":3,"user":"bob"}"#,
+        at(10),
+    );
+    h.text(
+        r#"{"type":"conv_create","rid":"c1","key":"k","kind":"group","members":["bob"]}"#,
+        at(11),
+    );
+    h.text(
+        r#"{"type":"conv_remove","rid":"r1","conv":3,"user":"alice"}"#,
+        at(12),
+    );
+    h.text(
+        r#"{"type":"conv_create","rid":"c2","key":"k2","kind":"group","members":[]}"#,
+        at(13),
+    );
+    let refused: Vec<_> = h
+        .frames
+        .iter()
+        .map(|f| match f {
+            ServerFrame::Error(e) => (e.rid.clone().unwrap(), e.code),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        vec![
+            ("a1".to_string(), ErrorCode::Forbidden),
+            ("c1".to_string(), ErrorCode::Forbidden),
+        ]
+    );
+    // Leaving and a conversation of one's own go to the store.
+    assert!(
+        matches!(
+            &h.requests[..],
+            [
+                (_, StoreRequest::ConvMember { add: false, .. }),
+                (_, StoreRequest::ConvCreate { .. })
+            ]
+        ),
+        "{:?}",
+        h.requests
     );
 }
 

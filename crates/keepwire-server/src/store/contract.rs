@@ -186,7 +186,7 @@ pub async fn devices_acks_and_revocation(f: &dyn StoreFactory) {
         unreachable!()
     };
     let conv = group(&*s, a, "g", &["b"]).await;
-    s.touch_device(b, "phone").await.unwrap();
+    s.touch_device(b, "phone", None).await.unwrap();
     for i in 0..3 {
         s.send(Actor::User(a), "d", msg(conv, &format!("{i}"), "x"))
             .await
@@ -212,6 +212,32 @@ pub async fn devices_acks_and_revocation(f: &dyn StoreFactory) {
     let devices = s.list_devices("b").await.unwrap();
     assert_eq!(devices.len(), 2);
     assert!(devices.iter().all(|d| d.revoked_at_ms.is_some()));
+    s.close().await;
+}
+
+/// Revoking a device revokes the keepwire tokens it connected with, so a
+/// stolen device's token cannot connect under another device id; the
+/// user's other tokens keep working.
+pub async fn revoking_a_device_revokes_its_tokens(f: &dyn StoreFactory) {
+    let s = open(f);
+    let [a] = users(&*s, &["a"]).await[..] else {
+        unreachable!()
+    };
+    let stolen = s.issue_token("a", Duration::from_secs(600)).await.unwrap();
+    let other = s.issue_token("a", Duration::from_secs(600)).await.unwrap();
+    let u = s.authenticate(&stolen.token).await.unwrap();
+    s.touch_device(a, "phone", u.token_id).await.unwrap();
+    s.touch_device(a, "laptop", Some(other.id)).await.unwrap();
+    assert!(s.revoke_device("a", "phone").await.unwrap());
+    assert!(matches!(
+        s.authenticate(&stolen.token).await,
+        Err(StoreError::Auth(AuthFailure::Revoked))
+    ));
+    assert_eq!(s.authenticate(&other.token).await.unwrap().id, a);
+    // The log names the token, so its connections on any device close.
+    let revs = s.revocations_after(0).await.unwrap();
+    assert!(revs.iter().any(|r| r.token_id == Some(stolen.id)));
+    assert!(revs.iter().all(|r| r.token_id != Some(other.id)));
     s.close().await;
 }
 
@@ -915,6 +941,7 @@ macro_rules! store_contract_tests {
         $crate::store_contract_tests!(@tests $factory;
             tokens_authenticate_expire_and_revoke,
             devices_acks_and_revocation,
+            revoking_a_device_revokes_its_tokens,
             sends_fan_out_with_gap_free_inboxes_and_dedupe,
             gap_free_sequences_under_concurrent_writers,
             concurrent_duplicates_store_once,

@@ -379,8 +379,14 @@ pub trait RelayStore: Send + Sync + 'static {
     ) -> Result<UserId, StoreError>;
     /// Whether a device was revoked.
     async fn device_revoked(&self, user: UserId, device: &str) -> Result<bool, StoreError>;
-    /// Records that a device connected.
-    async fn touch_device(&self, user: UserId, device: &str) -> Result<(), StoreError>;
+    /// Records that a device connected, with the keepwire token it used
+    /// (revoking the device revokes that token too).
+    async fn touch_device(
+        &self,
+        user: UserId,
+        device: &str,
+        token_id: Option<i64>,
+    ) -> Result<(), StoreError>;
     /// Plans a resume from `cursor` (or a new device's start, `new_window`
     /// entries before the head).
     async fn resume(
@@ -449,8 +455,10 @@ pub trait AdminStore: Send + Sync + 'static {
     async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;
     /// A user's id by name.
     async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError>;
-    /// Revokes a device: its connections close and it cannot reconnect.
-    /// Returns false if it was already revoked.
+    /// Revokes a device: its connections close, it cannot reconnect, and
+    /// every keepwire token it connected with is revoked (so a stolen
+    /// device's token cannot connect under another device id). Returns false
+    /// if it was already revoked.
     async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError>;
     /// A user's devices.
     async fn list_devices(&self, user: &str) -> Result<Vec<DeviceInfo>, StoreError>;

@@ -461,10 +461,15 @@ impl RelayStore for MemoryStore {
         })
     }
 
-    async fn touch_device(&self, user: UserId, device: &str) -> Result<(), StoreError> {
+    async fn touch_device(
+        &self,
+        user: UserId,
+        device: &str,
+        token_id: Option<i64>,
+    ) -> Result<(), StoreError> {
         let device = device.to_owned();
         self.write(move |s, w| {
-            s.touch_device(user, &device, w.now_ms);
+            s.touch_device(user, &device, token_id, w.now_ms);
             Ok(())
         })
         .await
@@ -603,11 +608,13 @@ impl AdminStore for MemoryStore {
                     first_seen: w.now_ms,
                     last_seen: w.now_ms,
                     revoked_at: None,
+                    tokens: Vec::new(),
                 });
             if d.revoked_at.is_some() {
                 return Ok(false);
             }
             d.revoked_at = Some(w.now_ms);
+            let used = d.tokens.clone();
             let id = s.revocations.last().map_or(1, |r| r.id + 1);
             s.revocations.push(Revocation {
                 id,
@@ -615,6 +622,21 @@ impl AdminStore for MemoryStore {
                 token_id: None,
                 device: Some(device),
             });
+            // The tokens it connected with are revoked too.
+            for t in s
+                .tokens
+                .iter_mut()
+                .filter(|t| used.contains(&t.id) && t.revoked_at.is_none())
+            {
+                t.revoked_at = Some(w.now_ms);
+                let id = s.revocations.last().map_or(1, |r| r.id + 1);
+                s.revocations.push(Revocation {
+                    id,
+                    user_id: user,
+                    token_id: Some(t.id),
+                    device: None,
+                });
+            }
             Ok(true)
         })
         .await

@@ -52,6 +52,8 @@ pub(super) struct Device {
     pub(super) first_seen: i64,
     pub(super) last_seen: i64,
     pub(super) revoked_at: Option<i64>,
+    /// The keepwire tokens it connected with.
+    pub(super) tokens: Vec<i64>,
 }
 
 /// A conversation.
@@ -729,16 +731,29 @@ impl State {
 
     // -- devices and positions ------------------------------------------------
 
-    pub(super) fn touch_device(&mut self, user: UserId, device: &str, now_ms: i64) {
-        self.devices
+    pub(super) fn touch_device(
+        &mut self,
+        user: UserId,
+        device: &str,
+        token_id: Option<i64>,
+        now_ms: i64,
+    ) {
+        let d = self
+            .devices
             .entry((user, device.to_owned()))
-            .and_modify(|d| d.last_seen = now_ms)
             .or_insert(Device {
                 acked_seq: 0,
                 first_seen: now_ms,
                 last_seen: now_ms,
                 revoked_at: None,
+                tokens: Vec::new(),
             });
+        d.last_seen = now_ms;
+        if let Some(t) = token_id
+            && !d.tokens.contains(&t)
+        {
+            d.tokens.push(t);
+        }
     }
 
     pub(super) fn record_ack(&mut self, user: UserId, device: &str, seq: Seq, now_ms: i64) {

@@ -76,6 +76,22 @@ impl AdminStore for SqliteStore {
                     "INSERT INTO revocations (user_id, token_id, device, at) VALUES (?1, NULL, ?2, ?3)",
                     params![user, device, now],
                 )?;
+                // The tokens it connected with are revoked too: each gets a
+                // log entry, so connections using them elsewhere close.
+                let tokens: Vec<i64> = c
+                    .prepare_cached(
+                        "SELECT t.id FROM device_tokens d JOIN tokens t ON t.id = d.token_id
+                         WHERE d.user_id = ?1 AND d.device = ?2 AND t.revoked_at IS NULL",
+                    )?
+                    .query_map(params![user, device], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for t in tokens {
+                    c.execute("UPDATE tokens SET revoked_at = ?2 WHERE id = ?1", params![t, now])?;
+                    c.execute(
+                        "INSERT INTO revocations (user_id, token_id, at) VALUES (?1, ?2, ?3)",
+                        params![user, t, now],
+                    )?;
+                }
             }
             Ok(n > 0)
         })

@@ -24,6 +24,7 @@ use writer::{Heads, Job, WriterMsg};
 
 mod admin_impl;
 mod conversations;
+mod files;
 mod inbox;
 mod queries;
 mod read_pool;
@@ -112,15 +113,13 @@ fn hash_token(token: &str) -> Vec<u8> {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and starts the writer.
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<Arc<SqliteStore>, StoreError> {
-        if let Some(dir) = path.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::incompatible(format!("cannot create {}: {e}", dir.display()))
-            })?;
+        if let Some(dir) = path.parent() {
+            files::create_private_dir(dir)?;
         }
+        files::create_private_file(path)?;
         let mut conn = Connection::open(path)?;
         schema::configure(&conn)?;
+        files::restrict(path)?;
         // The writer: savepoints' sub-journals in memory (not a temp file
         // written per job), and a page cache that holds the hot inbox pages.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
@@ -187,8 +186,13 @@ impl SqliteStore {
                 dest.display()
             )));
         }
+        if let Some(dir) = dest.parent() {
+            files::create_private_dir(dir)?;
+        }
+        files::create_private_file(dest)?;
         let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.execute("VACUUM INTO ?1", [dest.to_string_lossy()])?;
+        files::restrict(dest)?;
         Ok(())
     }
 
@@ -208,6 +212,7 @@ impl SqliteStore {
         }
         let tmp = db.with_extension("restoring");
         let _ = std::fs::remove_file(&tmp);
+        files::create_private_file(&tmp)?;
         {
             let conn = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
             conn.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])?;

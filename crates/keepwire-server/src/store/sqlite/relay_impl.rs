@@ -127,7 +127,12 @@ impl RelayStore for SqliteStore {
         .await
     }
 
-    async fn touch_device(&self, user: UserId, device: &str) -> Result<(), StoreError> {
+    async fn touch_device(
+        &self,
+        user: UserId,
+        device: &str,
+        token_id: Option<i64>,
+    ) -> Result<(), StoreError> {
         let device = device.to_owned();
         let clock = self.ctx.clock.clone();
         self.write(move |c, _| {
@@ -137,6 +142,12 @@ impl RelayStore for SqliteStore {
                  ON CONFLICT (user_id, device) DO UPDATE SET last_seen = excluded.last_seen",
             )?
             .execute(params![user, device, now])?;
+            if let Some(t) = token_id {
+                c.prepare_cached(
+                    "INSERT OR IGNORE INTO device_tokens (user_id, device, token_id) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![user, device, t])?;
+            }
             Ok(())
         })
         .await

@@ -19,6 +19,10 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "0004_inbox_without_ts_index",
         include_str!("migrations/0004_inbox_without_ts_index.sql"),
     ),
+    (
+        "0005_device_tokens",
+        include_str!("migrations/0005_device_tokens.sql"),
+    ),
 ];
 
 pub(super) fn configure(conn: &Connection) -> Result<(), StoreError> {

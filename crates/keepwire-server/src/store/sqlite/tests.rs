@@ -135,3 +135,40 @@ async fn rejects_foreign_databases() {
         Err(StoreError::Infra(crate::store::InfraError::Incompatible(_)))
     ));
 }
+
+#[cfg(unix)]
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// The database, its WAL, its directory and backups are the owner's alone,
+/// also after an open that finds them loosened.
+#[cfg(unix)]
+#[tokio::test]
+async fn files_are_private_after_start_backup_and_a_loosened_chmod() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempdir::Dir::new();
+    let p = dir.path().join("data").join("relay.db");
+    let store = SqliteStore::open(&p, SqliteOptions::default()).unwrap();
+    store.create_user("alice").await.unwrap();
+    assert_eq!(mode(p.parent().unwrap()), 0o700);
+    assert_eq!(mode(&p), 0o600);
+    let wal = std::path::PathBuf::from(format!("{}-wal", p.display()));
+    assert_eq!(mode(&wal), 0o600);
+    let backup = dir.path().join("backups").join("b.db");
+    SqliteStore::backup(&p, &backup).unwrap();
+    assert_eq!(mode(&backup), 0o600);
+    assert_eq!(mode(backup.parent().unwrap()), 0o700);
+    store.close().await;
+    for f in [&p, &wal] {
+        if f.exists() {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let store = SqliteStore::open(&p, SqliteOptions::default()).unwrap();
+    assert_eq!(mode(&p), 0o600);
+    store.close().await;
+    SqliteStore::restore(&backup, &p).unwrap();
+    assert_eq!(mode(&p), 0o600);
+}
