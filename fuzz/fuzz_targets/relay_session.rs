@@ -172,6 +172,7 @@ fn hello(
         heartbeat_ms: hb,
         history,
         agent: None,
+        generation: None,
     }))
 }
 

@@ -286,6 +286,7 @@ async fn hello(ws: &mut Ws, token: &str, device: &str) -> anyhow::Result<()> {
         heartbeat_ms: Some(300_000),
         history: Some(0),
         agent: Some("keepwire-bench".into()),
+        generation: None,
     });
     ws.send(Message::Text(encode(&h).into())).await?;
     while let Some(m) = ws.next().await {

@@ -899,13 +899,9 @@ impl Driver {
         let now = boot_clock();
         let cursor = store.cursor()?;
         let seed = rand::random::<u64>();
-        let mut core = Connection::new(
-            sup.config.clone(),
-            sup.token.clone(),
-            cursor.clone(),
-            seed,
-            now,
-        );
+        let mut config = sup.config.clone();
+        config.boot = store.next_boot()?;
+        let mut core = Connection::new(config, sup.token.clone(), cursor.clone(), seed, now);
         for (net, (interval, settled)) in store.learned_heartbeats()? {
             core.set_learned_heartbeat(&net, interval, settled);
         }

@@ -167,6 +167,20 @@ impl Store {
             .optional()?)
     }
 
+    /// The next boot number of this home (one more than the last): a process
+    /// takes one when it takes the connection (see `keepwire_core::Config::boot`).
+    pub fn next_boot(&self) -> Result<u64, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('boot', '1')
+                 ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
+                 RETURNING value",
+            )?
+            .query_row([], |r| r.get::<_, String>(0))?;
+        Ok(n.parse().unwrap_or(0))
+    }
+
     /// Sets a meta value.
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.conn

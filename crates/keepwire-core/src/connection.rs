@@ -47,6 +47,12 @@ pub struct Config {
     /// Learn the background heartbeat per network (`None`: use
     /// `heartbeat_background` as is).
     pub adaptive_heartbeat: Option<AdaptiveHeartbeat>,
+    /// How many times a process of this installation has taken the
+    /// connection (persisted by the driver, one more at every start): with
+    /// the transport id it makes `hello.generation`, so the relay keeps the
+    /// newer of two connections of this device even when an old process's
+    /// late `hello` arrives after a new one's.
+    pub boot: u64,
 }
 
 /// Adaptive background heartbeat (WeChat-style "smart heartbeat"): start at
@@ -102,6 +108,14 @@ pub enum BackgroundPolicy {
     WakeOnly,
 }
 
+/// `hello.generation`: the boot in the high bits, the transport id below
+/// (below 2^53 as the protocol requires).
+fn generation(boot: u64, transport: u64) -> u64 {
+    const TRANSPORT_BITS: u32 = 20;
+    let boot = boot.min((1 << (53 - TRANSPORT_BITS)) - 1);
+    boot << TRANSPORT_BITS | transport.min((1 << TRANSPORT_BITS) - 1)
+}
+
 impl Config {
     /// Defaults for a device id and relay URLs.
     pub fn new(device: impl Into<String>, urls: Vec<String>) -> Config {
@@ -129,6 +143,7 @@ impl Config {
             agent: concat!("keepwire-core/", env!("CARGO_PKG_VERSION")).to_owned(),
             background_policy: BackgroundPolicy::Linger(Duration::from_secs(60)),
             adaptive_heartbeat: Some(AdaptiveHeartbeat::default()),
+            boot: 0,
         }
     }
 }
@@ -720,6 +735,7 @@ impl Connection {
                         heartbeat_ms: Some(self.wanted_heartbeat().as_millis() as u64),
                         history: Some(self.cfg.history),
                         agent: Some(self.cfg.agent.clone()),
+                        generation: Some(generation(self.cfg.boot, id)),
                     });
                     self.transmits.push_back(Transmit::Frame {
                         id,

@@ -246,6 +246,7 @@ mod tests {
             heartbeat_ms: Some(30_000),
             history: None,
             agent: None,
+            generation: None,
         };
         let shown = format!("{:?}", ClientFrame::Hello(hello));
         assert!(!shown.contains("secret"), "{shown}");
@@ -270,6 +271,7 @@ mod tests {
                 heartbeat_ms: None,
                 history: None,
                 agent: None,
+                generation: None,
             }),
             ClientFrame::Ping {},
             ClientFrame::Ack { seq: 1 },

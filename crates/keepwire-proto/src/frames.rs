@@ -98,6 +98,11 @@ pub struct Hello {
     /// Free-form client name and version, for logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The connection's generation: higher for every later connection
+    /// attempt of this installation, across process restarts. Of two
+    /// connections of one device, the relay keeps the higher generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 impl std::fmt::Debug for Hello {
@@ -109,6 +114,7 @@ impl std::fmt::Debug for Hello {
             .field("heartbeat_ms", &self.heartbeat_ms)
             .field("history", &self.history)
             .field("agent", &self.agent)
+            .field("generation", &self.generation)
             .finish()
     }
 }

@@ -106,6 +106,9 @@ impl ClientFrame {
                         "cursor.epoch must be 1-64 characters",
                     ));
                 }
+                if h.generation.is_some_and(|g| g > crate::MAX_INT) {
+                    return Err(ValidationError::invalid("generation is above 2^53"));
+                }
                 if h.agent.as_ref().is_some_and(|a| a.len() > 128) {
                     return Err(ValidationError::invalid("agent is longer than 128 bytes"));
                 }

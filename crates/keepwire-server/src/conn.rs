@@ -83,6 +83,7 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
                     user,
                     device,
                     token_id,
+                    generation,
                 } => {
                     let span = tracing::Span::current();
                     if let Some((u, d)) = s.peer() {
@@ -99,12 +100,14 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
                                 user,
                                 &device,
                                 token_id,
+                                generation,
                                 shared.config.max_connections_per_user,
                                 control.clone(),
                                 clock.now(),
                             )
-                            .map_err(|RegisterError::TooManyConnections| {
-                                CloseCode::TooManyConnections
+                            .map_err(|e| match e {
+                                RegisterError::TooManyConnections => CloseCode::TooManyConnections,
+                                RegisterError::Superseded => CloseCode::Replaced,
                             })
                     };
                     let result = result.map(|r| {

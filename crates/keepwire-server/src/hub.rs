@@ -85,6 +85,7 @@ impl ControlQueue {
 struct ConnEntry {
     id: u64,
     device: String,
+    generation: Option<u64>,
     token_id: Option<i64>,
     control: Arc<ControlQueue>,
 }
@@ -102,6 +103,9 @@ struct UserSlot {
 pub enum RegisterError {
     /// The user already holds the maximum number of connections.
     TooManyConnections,
+    /// A newer connection of the device (a higher `hello.generation`) is
+    /// registered: this one is the stale one.
+    Superseded,
 }
 
 /// The registry of live connections.
@@ -154,12 +158,15 @@ impl Hub {
     }
 
     /// Registers a connection. An older connection of the same device is told
-    /// to close with [`CloseCode::Replaced`].
+    /// to close with [`CloseCode::Replaced`] — older by `generation` when both
+    /// have one (a dead process's late `hello` must not stop the live
+    /// process), else by registration.
     pub fn register(
         self: &Arc<Self>,
         user: UserId,
         device: &str,
         token_id: Option<i64>,
+        generation: Option<u64>,
         max_per_user: usize,
         control: Arc<ControlQueue>,
         now: Instant,
@@ -176,6 +183,13 @@ impl Hub {
         if others >= max_per_user {
             return Err(RegisterError::TooManyConnections);
         }
+        let newer_exists = slot.conns.iter().any(|c| {
+            c.device == device
+                && matches!((c.generation, generation), (Some(theirs), Some(ours)) if theirs > ours)
+        });
+        if newer_exists {
+            return Err(RegisterError::Superseded);
+        }
         slot.conns.retain(|c| {
             if c.device == device {
                 c.control.push(Control::Close(CloseCode::Replaced));
@@ -188,6 +202,7 @@ impl Hub {
         slot.conns.push(ConnEntry {
             id,
             device: device.to_owned(),
+            generation,
             token_id,
             control,
         });

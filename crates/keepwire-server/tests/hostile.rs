@@ -133,6 +133,7 @@ async fn wss_with_a_private_ca_and_stalled_tls_handshakes_are_cut() {
             heartbeat_ms: None,
             history: None,
             agent: None,
+            generation: None,
         }))
         .await;
         match c.recv().await {

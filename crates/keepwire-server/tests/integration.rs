@@ -434,8 +434,15 @@ async fn revoking_a_device_closes_it_at_once_and_bars_it() {
     let relay = TestRelay::start().await;
     let key = api_key(&relay).await;
     let base = format!("http://{}", relay.host_port);
-    let ta = relay.user("alice").await;
-    let mut phone = relay.connect(&ta, "alice-phone").await;
+    let phone_token = relay.user("alice").await;
+    // Each device logged in with its own token, as apps do.
+    let ta = relay
+        .store
+        .issue_token("alice", Duration::from_secs(3600))
+        .await
+        .unwrap()
+        .token;
+    let mut phone = relay.connect(&phone_token, "alice-phone").await;
     let mut laptop = relay.connect(&ta, "alice-laptop").await;
     let started = std::time::Instant::now();
     let r = post(
@@ -452,9 +459,15 @@ async fn revoking_a_device_closes_it_at_once_and_bars_it() {
         started.elapsed() < Duration::from_secs(1),
         "closed within a second"
     );
+    // The device id is barred, whatever the token...
     assert_eq!(
         close_code(&relay.url, &ta, "alice-phone").await,
         Some(CloseCode::DeviceRevoked.code())
+    );
+    // ...and the stolen phone's token is revoked, under any device id.
+    assert_eq!(
+        close_code(&relay.url, &phone_token, "another-id").await,
+        Some(CloseCode::TokenRevoked.code())
     );
     laptop.barrier().await;
     // Revoking all of alice's tokens closes the rest and bars the token.

@@ -318,6 +318,7 @@ async fn cursor_from_another_epoch_or_ahead_gets_a_gap() {
         heartbeat_ms: None,
         history: Some(2),
         agent: None,
+        generation: None,
     }))
     .await;
     let w = nb

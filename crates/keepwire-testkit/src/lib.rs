@@ -112,6 +112,7 @@ impl WsClient {
             heartbeat_ms,
             history: Some(1_000_000),
             agent: Some("keepwire-testkit".into()),
+            generation: None,
         }))
         .await;
         match c.recv().await {

@@ -157,6 +157,8 @@ pub enum Event {
         device: String,
         /// The token's id, for revocations.
         token_id: Option<i64>,
+        /// The hello's connection generation.
+        generation: Option<u64>,
     },
     /// Deliver a signal to these users' other connections (best effort).
     Signal {
@@ -671,6 +673,7 @@ impl Session {
                         user: user.id,
                         device: hello.device.clone(),
                         token_id: user.token_id,
+                        generation: hello.generation,
                     });
                     self.peer = Some(Box::new(Peer {
                         user,

@@ -332,13 +332,10 @@ impl Sim {
         let seed = self.rng.next_u64();
         let urls = self.urls();
         let c = &mut self.clients[i];
-        let mut core = Connection::new(
-            client_config(c.device, self.seed.wrapping_add(i as u64), urls),
-            c.token.clone(),
-            c.cursor.clone(),
-            seed,
-            self.now,
-        );
+        let mut config = client_config(c.device, self.seed.wrapping_add(i as u64), urls);
+        // The boot number the driver persists: one more for each process.
+        config.boot = c.generation + 1;
+        let mut core = Connection::new(config, c.token.clone(), c.cursor.clone(), seed, self.now);
         core.handle_network(self.network.clone(), self.now);
         core.handle_app_state(self.app, self.now);
         for item in c.outbox.clone() {
@@ -375,6 +372,9 @@ impl Sim {
     }
 
     fn transmit(&mut self, i: usize, t: Transmit) {
+        if std::env::var("KEEPWIRE_SIM_TRACE").is_ok() {
+            println!("{:?} client {i} transmits {t:?}", self.now);
+        }
         match t {
             Transmit::Open { id, url } => {
                 let id = tag(self.clients[i].generation, id);
@@ -449,6 +449,9 @@ impl Sim {
 
     fn event(&mut self, i: usize, e: Event) {
         let now = self.now;
+        if std::env::var("KEEPWIRE_SIM_TRACE").is_ok() {
+            println!("{:?} client {i}: {e:?}", self.now);
+        }
         match e {
             Event::Entries(entries) => {
                 let c = &mut self.clients[i];
@@ -567,6 +570,19 @@ impl Sim {
     /// Runs a server connection's outputs: frames to the client, store work.
     fn drive_conn(&mut self, node: usize, conn: u64) {
         let out = self.nodes[node].drive(conn, self.now, &self.setup.config);
+        if std::env::var("KEEPWIRE_SIM_TRACE").is_ok() && (out.close.is_some() || out.ended) {
+            let link = self.link_of_conn(node, conn).map(|k| {
+                (
+                    self.links[k].client,
+                    self.links[k].tid,
+                    self.links[k].blackholed,
+                )
+            });
+            println!(
+                "{:?} relay conn {conn} (client, tid, blackholed) {link:?} ends with {:?}",
+                self.now, out.close
+            );
+        }
         let Some(k) = self.link_of_conn(node, conn) else {
             self.after_relay_work(node);
             return;

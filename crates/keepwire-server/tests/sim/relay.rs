@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Waker};
 use keepwire_proto::{CloseCode, Instant};
 use keepwire_server::auth::Authenticator;
 use keepwire_server::exec::{AnswerFuture, Executor};
-use keepwire_server::hub::{ControlQueue, Registration};
+use keepwire_server::hub::{ControlQueue, RegisterError, Registration};
 use keepwire_server::session::{
     Event, RequestId, Session, SessionConfig, StoreAnswer, Transmit, TransportEvent,
 };
@@ -181,6 +181,7 @@ impl Node {
                         user,
                         device,
                         token_id,
+                        generation,
                     } => {
                         let r = self
                             .hub
@@ -188,11 +189,15 @@ impl Node {
                                 user,
                                 &device,
                                 token_id,
+                                generation,
                                 config.max_connections_per_user,
                                 c.control.clone(),
                                 now,
                             )
-                            .map_err(|_| CloseCode::TooManyConnections)
+                            .map_err(|e| match e {
+                                RegisterError::TooManyConnections => CloseCode::TooManyConnections,
+                                RegisterError::Superseded => CloseCode::Replaced,
+                            })
                             .map(|r| {
                                 let head = *r.head.borrow();
                                 c.reg = Some(r);
