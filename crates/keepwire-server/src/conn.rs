@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite;
 use tracing::Instrument as _;
 
 use crate::Shared;
-use crate::hub::{ControlQueue, RegisterError, Registration};
+use crate::hub::{ControlQueue, Joining, RegisterError, Registration};
 use crate::session::{Event, RequestId, Session, StoreAnswer, Transmit, TransportEvent};
 
 /// How long to wait for the peer's close reply after sending a close frame.
@@ -97,10 +97,12 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
                         shared
                             .hub
                             .register(
-                                user,
-                                &device,
-                                token_id,
-                                generation,
+                                Joining {
+                                    user,
+                                    device: &device,
+                                    token_id,
+                                    generation,
+                                },
                                 shared.config.max_connections_per_user,
                                 control.clone(),
                                 clock.now(),

@@ -98,6 +98,19 @@ struct UserSlot {
     tail: VecDeque<(Seq, Arc<str>)>,
 }
 
+/// A connection asking to be registered.
+#[derive(Debug, Clone, Copy)]
+pub struct Joining<'a> {
+    /// The user.
+    pub user: UserId,
+    /// The device.
+    pub device: &'a str,
+    /// The token's id, for revocations.
+    pub token_id: Option<i64>,
+    /// The hello's connection generation.
+    pub generation: Option<u64>,
+}
+
 /// Why a connection could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegisterError {
@@ -163,14 +176,17 @@ impl Hub {
     /// process), else by registration.
     pub fn register(
         self: &Arc<Self>,
-        user: UserId,
-        device: &str,
-        token_id: Option<i64>,
-        generation: Option<u64>,
+        who: Joining<'_>,
         max_per_user: usize,
         control: Arc<ControlQueue>,
         now: Instant,
     ) -> Result<Registration, RegisterError> {
+        let Joining {
+            user,
+            device,
+            token_id,
+            generation,
+        } = who;
         let mut users = self.lock();
         let (rate, burst) = self.user_rate;
         let slot = users.entry(user).or_insert_with(|| UserSlot {

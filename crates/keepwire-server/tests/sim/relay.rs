@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Waker};
 use keepwire_proto::{CloseCode, Instant};
 use keepwire_server::auth::Authenticator;
 use keepwire_server::exec::{AnswerFuture, Executor};
-use keepwire_server::hub::{ControlQueue, RegisterError, Registration};
+use keepwire_server::hub::{ControlQueue, Joining, RegisterError, Registration};
 use keepwire_server::session::{
     Event, RequestId, Session, SessionConfig, StoreAnswer, Transmit, TransportEvent,
 };
@@ -186,10 +186,12 @@ impl Node {
                         let r = self
                             .hub
                             .register(
-                                user,
-                                &device,
-                                token_id,
-                                generation,
+                                Joining {
+                                    user,
+                                    device: &device,
+                                    token_id,
+                                    generation,
+                                },
                                 config.max_connections_per_user,
                                 c.control.clone(),
                                 now,
