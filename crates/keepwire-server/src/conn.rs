@@ -77,66 +77,7 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
     let mut close: Option<CloseCode> = None;
     loop {
         // Carry out everything the session asked for.
-        while let Some(ev) = s.poll_event() {
-            match ev {
-                Event::Register {
-                    user,
-                    device,
-                    token_id,
-                    generation,
-                } => {
-                    let span = tracing::Span::current();
-                    if let Some((u, d)) = s.peer() {
-                        span.record("user", u.name.as_str());
-                        span.record("device", d);
-                    }
-                    // Shutdown reaches registered sessions through the hub.
-                    let result = if shared.shutdown.is_cancelled() {
-                        Err(CloseCode::GoingAway)
-                    } else {
-                        shared
-                            .hub
-                            .register(
-                                Joining {
-                                    user,
-                                    device: &device,
-                                    token_id,
-                                    generation,
-                                },
-                                shared.config.max_connections_per_user,
-                                control.clone(),
-                                clock.now(),
-                            )
-                            .map_err(|e| match e {
-                                RegisterError::TooManyConnections => CloseCode::TooManyConnections,
-                                RegisterError::Superseded => CloseCode::Replaced,
-                            })
-                    };
-                    let result = result.map(|r| {
-                        let head = *r.head.borrow();
-                        reg = Some(r);
-                        head
-                    });
-                    s.handle_registered(result, clock.now());
-                }
-                Event::Signal { members, frame } => {
-                    if let Some(r) = &reg {
-                        shared.hub.signal(&members, r.id, &frame);
-                    }
-                }
-                Event::Opened {
-                    user,
-                    device,
-                    from,
-                    head,
-                } => {
-                    opened = true;
-                    shared.metrics.connections_opened.inc();
-                    shared.metrics.connections_open.inc();
-                    tracing::info!(target: "keepwire::ws", %user, %device, from, head, "connected");
-                }
-            }
-        }
+        carry_out_events(&mut s, &shared, &control, &mut reg, &mut opened);
         while let Some((id, req)) = s.poll_store_request() {
             in_flight.push(Box::pin(shared.exec.run(req).map(move |a| (id, a))));
         }
@@ -203,6 +144,77 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
         tracing::info!(target: "keepwire::ws", delivered_to = next.saturating_sub(1), acked, "disconnected");
     }
     drop(reg);
+}
+
+/// The session's hub work: registration, signals, the open notice.
+fn carry_out_events(
+    s: &mut Session,
+    shared: &Shared,
+    control: &Arc<ControlQueue>,
+    reg: &mut Option<Registration>,
+    opened: &mut bool,
+) {
+    let clock = shared.clock;
+    while let Some(ev) = s.poll_event() {
+        match ev {
+            Event::Register {
+                user,
+                device,
+                token_id,
+                generation,
+            } => {
+                let span = tracing::Span::current();
+                if let Some((u, d)) = s.peer() {
+                    span.record("user", u.name.as_str());
+                    span.record("device", d);
+                }
+                // Shutdown reaches registered sessions through the hub.
+                let result = if shared.shutdown.is_cancelled() {
+                    Err(CloseCode::GoingAway)
+                } else {
+                    shared
+                        .hub
+                        .register(
+                            Joining {
+                                user,
+                                device: &device,
+                                token_id,
+                                generation,
+                            },
+                            shared.config.max_connections_per_user,
+                            control.clone(),
+                            clock.now(),
+                        )
+                        .map_err(|e| match e {
+                            RegisterError::TooManyConnections => CloseCode::TooManyConnections,
+                            RegisterError::Superseded => CloseCode::Replaced,
+                        })
+                };
+                let result = result.map(|r| {
+                    let head = *r.head.borrow();
+                    *reg = Some(r);
+                    head
+                });
+                s.handle_registered(result, clock.now());
+            }
+            Event::Signal { members, frame } => {
+                if let Some(r) = reg.as_ref() {
+                    shared.hub.signal(&members, r.id, &frame);
+                }
+            }
+            Event::Opened {
+                user,
+                device,
+                from,
+                head,
+            } => {
+                *opened = true;
+                shared.metrics.connections_opened.inc();
+                shared.metrics.connections_open.inc();
+                tracing::info!(target: "keepwire::ws", %user, %device, from, head, "connected");
+            }
+        }
+    }
 }
 
 /// Writes the session's frames in one batch; returns the close code when

@@ -297,37 +297,65 @@ impl Session {
                 };
                 self.transmits.push_back(Transmit::Text(encode(&set)));
             }
-            ClientFrame::Send(s) => {
-                let budget = self.cfg.user_budget.clone();
-                let verdict = self.limiter().send(&s.cid, user, &*budget, now);
-                match verdict {
-                    Verdict::Accept => {
-                        let device = self
-                            .peer
-                            .as_ref()
-                            .map(|p| p.device.clone())
-                            .unwrap_or_default();
-                        self.enqueue(
-                            SlotKind::Send(s.cid.as_str().into()),
-                            StoreRequest::Send {
-                                user,
-                                device,
-                                send: s,
-                            },
-                        );
-                    }
-                    Verdict::Reject(wait) => {
-                        self.cfg.metrics.send_result("rate_limited");
-                        self.answer_now(rejected(
-                            &s.cid,
-                            ErrorCode::RateLimited,
-                            "too many sends; wait retry_after_ms, then resend from the first rejected send",
-                            Some((wait.as_millis() as u64).max(1)),
-                        ));
-                    }
-                    Verdict::Abuse => self.close(CloseCode::RateLimited),
-                }
+            ClientFrame::Send(s) => self.handle_send(s, user, now),
+            f @ (ClientFrame::ConvCreate(_)
+            | ClientFrame::ConvAdd(_)
+            | ClientFrame::ConvRemove(_)) => self.handle_membership(f, user, now),
+            f @ (ClientFrame::History(_)
+            | ClientFrame::ConvList { .. }
+            | ClientFrame::Read { .. }
+            | ClientFrame::Signal { .. }) => self.handle_request(f, user, now),
+            _ => {
+                self.count_error(ErrorCode::UnknownType);
+                self.answer_now(error_frame(
+                    Some(ty),
+                    None,
+                    None,
+                    ErrorCode::UnknownType,
+                    "frame type not supported",
+                ));
             }
+        }
+    }
+
+    /// A `send`: rate-limited, then stored (answered in order).
+    fn handle_send(&mut self, s: keepwire_proto::Send, user: crate::store::UserId, now: Instant) {
+        let budget = self.cfg.user_budget.clone();
+        let verdict = self.limiter().send(&s.cid, user, &*budget, now);
+        match verdict {
+            Verdict::Accept => {
+                let device = self
+                    .peer
+                    .as_ref()
+                    .map(|p| p.device.clone())
+                    .unwrap_or_default();
+                self.enqueue(
+                    SlotKind::Send(s.cid.as_str().into()),
+                    StoreRequest::Send {
+                        user,
+                        device,
+                        send: s,
+                    },
+                );
+            }
+            Verdict::Reject(wait) => {
+                self.cfg.metrics.send_result("rate_limited");
+                self.answer_now(rejected(
+                    &s.cid,
+                    ErrorCode::RateLimited,
+                    "too many sends; wait retry_after_ms, then resend from the first rejected send",
+                    Some((wait.as_millis() as u64).max(1)),
+                ));
+            }
+            Verdict::Abuse => self.close(CloseCode::RateLimited),
+        }
+    }
+
+    /// `conv_create`, `conv_add`, `conv_remove`: the consent model, charged
+    /// by the inboxes they reach, then stored.
+    fn handle_membership(&mut self, frame: ClientFrame, user: crate::store::UserId, now: Instant) {
+        let ty = frame.type_name();
+        match frame {
             ClientFrame::ConvCreate(c)
                 if self.cfg.member_adds == crate::MemberAdds::Backend
                     && c.members.iter().any(|m| *m != self.peer_name()) =>
@@ -363,6 +391,14 @@ impl Session {
                     self.enqueue(SlotKind::Member(rid), req);
                 }
             }
+            _ => {}
+        }
+    }
+
+    /// The other requests: one rate bucket, then the store.
+    fn handle_request(&mut self, frame: ClientFrame, user: crate::store::UserId, now: Instant) {
+        let ty = frame.type_name();
+        match frame {
             ClientFrame::History(h) => {
                 let verdict = self.limiter().frame(now);
                 if self.admit(verdict, ty, Some(&h.rid), Some(h.conv)) {
@@ -402,16 +438,7 @@ impl Session {
                     self.enqueue(SlotKind::Signal(conv, Box::new(data)), req);
                 }
             }
-            _ => {
-                self.count_error(ErrorCode::UnknownType);
-                self.answer_now(error_frame(
-                    Some(ty),
-                    None,
-                    None,
-                    ErrorCode::UnknownType,
-                    "frame type not supported",
-                ));
-            }
+            _ => {}
         }
     }
 

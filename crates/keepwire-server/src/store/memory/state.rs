@@ -9,9 +9,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use keepwire_proto::{
-    Confirm, ConvCreate, ConvId, ConvInfo, ConvKind, Cursor, EntryItem, ErrorCode, FetchHint,
-    GapReason, HistoryPage, InboxEntry, MemberChange, MemberEvent, Message, ReadMark, Resume,
-    ResumeStatus, Send as SendMsg, Seq, SeqRange, is_valid_user_name,
+    Confirm, ConvId, ConvInfo, ConvKind, Cursor, EntryItem, ErrorCode, FetchHint, GapReason,
+    InboxEntry, Message, Resume, ResumeStatus, Send as SendMsg, Seq, SeqRange, is_valid_user_name,
 };
 
 use crate::store::{
@@ -59,50 +58,50 @@ pub(super) struct Device {
 /// A conversation.
 #[derive(Debug, Clone)]
 pub(super) struct Conv {
-    kind: ConvKind,
-    name: Option<String>,
-    created_by: UserId,
-    create_key: String,
-    last_seq: u64,
-    members: BTreeSet<UserId>,
+    pub(super) kind: ConvKind,
+    pub(super) name: Option<String>,
+    pub(super) created_by: UserId,
+    pub(super) create_key: String,
+    pub(super) last_seq: u64,
+    pub(super) members: BTreeSet<UserId>,
     /// The id of its newest message (0 = none): recency for fetch hints.
-    last_message: u64,
+    pub(super) last_message: u64,
 }
 
 /// A stored message.
 #[derive(Debug, Clone)]
-struct StoredMessage {
-    conv: ConvId,
-    conv_seq: u64,
-    sender: UserId,
-    cid: String,
-    kind: String,
-    body: String,
-    ts: i64,
+pub(super) struct StoredMessage {
+    pub(super) conv: ConvId,
+    pub(super) conv_seq: u64,
+    pub(super) sender: UserId,
+    pub(super) cid: String,
+    pub(super) kind: String,
+    pub(super) body: String,
+    pub(super) ts: i64,
 }
 
 /// An inbox entry: a message by id, or an event.
 #[derive(Debug, Clone)]
-enum Slot {
+pub(super) enum Slot {
     Message(u64),
     Event(EntryItem),
 }
 
 #[derive(Debug, Clone)]
-struct Entry {
-    slot: Slot,
-    ts: i64,
+pub(super) struct Entry {
+    pub(super) slot: Slot,
+    pub(super) ts: i64,
 }
 
 /// A dedupe key's record.
 #[derive(Debug, Clone)]
-struct SendRecord {
-    conv: ConvId,
-    kind: String,
-    body: String,
-    message: u64,
-    conv_seq: u64,
-    ts: i64,
+pub(super) struct SendRecord {
+    pub(super) conv: ConvId,
+    pub(super) kind: String,
+    pub(super) body: String,
+    pub(super) message: u64,
+    pub(super) conv_seq: u64,
+    pub(super) ts: i64,
 }
 
 /// An API key (by hash).
@@ -123,16 +122,16 @@ pub(super) struct State {
     pub(super) tokens: Vec<Token>,
     pub(super) revocations: Vec<Revocation>,
     pub(super) devices: BTreeMap<(UserId, String), Device>,
-    convs: BTreeMap<ConvId, Conv>,
-    direct: HashMap<(UserId, UserId), ConvId>,
-    messages: BTreeMap<u64, StoredMessage>,
-    inbox: HashMap<UserId, BTreeMap<Seq, Entry>>,
-    sends: HashMap<(UserId, String, String), SendRecord>,
-    reads: HashMap<(UserId, ConvId), u64>,
+    pub(super) convs: BTreeMap<ConvId, Conv>,
+    pub(super) direct: HashMap<(UserId, UserId), ConvId>,
+    pub(super) messages: BTreeMap<u64, StoredMessage>,
+    pub(super) inbox: HashMap<UserId, BTreeMap<Seq, Entry>>,
+    pub(super) sends: HashMap<(UserId, String, String), SendRecord>,
+    pub(super) reads: HashMap<(UserId, ConvId), u64>,
     pub(super) api_keys: Vec<ApiKey>,
-    next_message: u64,
+    pub(super) next_message: u64,
     /// The latest log time handed out (entry times never go back).
-    last_ts: i64,
+    pub(super) last_ts: i64,
 }
 
 /// What a write operation needs besides the state.
@@ -146,16 +145,16 @@ pub(super) struct WriteCtx<'a> {
 
 impl WriteCtx<'_> {
     #[cfg(any(test, feature = "testing"))]
-    fn sabotaged(&self, s: super::Sabotage) -> bool {
+    pub(super) fn sabotaged(&self, s: super::Sabotage) -> bool {
         self.sabotage == Some(s)
     }
 }
 
-fn refused(code: ErrorCode, msg: impl Into<String>) -> StoreError {
+pub(super) fn refused(code: ErrorCode, msg: impl Into<String>) -> StoreError {
     StoreError::Refused(code, msg.into())
 }
 
-fn no_such_conv(conv: ConvId) -> StoreError {
+pub(super) fn no_such_conv(conv: ConvId) -> StoreError {
     refused(
         ErrorCode::NoSuchConv,
         format!("conversation {conv} does not exist"),
@@ -164,7 +163,7 @@ fn no_such_conv(conv: ConvId) -> StoreError {
 
 impl State {
     /// A log time: the wall clock, never earlier than the last one.
-    fn log_ts(&mut self, now_ms: i64) -> i64 {
+    pub(super) fn log_ts(&mut self, now_ms: i64) -> i64 {
         self.last_ts = self.last_ts.max(now_ms);
         self.last_ts
     }
@@ -196,7 +195,7 @@ impl State {
         id
     }
 
-    fn actor_id(&mut self, actor: Actor) -> UserId {
+    pub(super) fn actor_id(&mut self, actor: Actor) -> UserId {
         match actor {
             Actor::User(u) => u,
             Actor::System => match self.user_id(SYSTEM_USER) {
@@ -206,7 +205,7 @@ impl State {
         }
     }
 
-    fn require_member(&self, conv: ConvId, user: UserId) -> Result<&Conv, StoreError> {
+    pub(super) fn require_member(&self, conv: ConvId, user: UserId) -> Result<&Conv, StoreError> {
         let c = self.convs.get(&conv).ok_or_else(|| no_such_conv(conv))?;
         if c.members.contains(&user) {
             Ok(c)
@@ -218,14 +217,14 @@ impl State {
         }
     }
 
-    fn require_actor(&self, conv: ConvId, actor: Actor) -> Result<&Conv, StoreError> {
+    pub(super) fn require_actor(&self, conv: ConvId, actor: Actor) -> Result<&Conv, StoreError> {
         match actor {
             Actor::User(u) => self.require_member(conv, u),
             Actor::System => self.convs.get(&conv).ok_or_else(|| no_such_conv(conv)),
         }
     }
 
-    fn conv_info(&self, id: ConvId) -> Option<ConvInfo> {
+    pub(super) fn conv_info(&self, id: ConvId) -> Option<ConvInfo> {
         let c = self.convs.get(&id)?;
         let mut members: Vec<String> = c.members.iter().map(|&u| self.user_name(u)).collect();
         members.sort();
@@ -238,7 +237,7 @@ impl State {
         })
     }
 
-    fn message(&self, id: u64) -> Option<Message> {
+    pub(super) fn message(&self, id: u64) -> Option<Message> {
         let m = self.messages.get(&id)?;
         Some(Message {
             id,
@@ -253,7 +252,7 @@ impl State {
     }
 
     /// Appends an entry to `user`'s inbox and applies the count retention.
-    fn append(
+    pub(super) fn append(
         &mut self,
         w: &mut WriteCtx<'_>,
         user: UserId,
@@ -373,251 +372,6 @@ impl State {
             duplicate: false,
             echo_seq,
         })
-    }
-
-    // -- conversations ------------------------------------------------------
-
-    fn member_entries(&mut self, w: &mut WriteCtx<'_>, recipients: &[UserId], event: &MemberEvent) {
-        for &r in recipients {
-            self.append(
-                w,
-                r,
-                Slot::Event(EntryItem::Member(event.clone())),
-                event.ts,
-                None,
-            );
-        }
-    }
-
-    pub(super) fn conv_create(
-        &mut self,
-        w: &mut WriteCtx<'_>,
-        actor: Actor,
-        req: ConvCreate,
-        max_group_size: usize,
-    ) -> Result<(ConvInfo, bool), StoreError> {
-        let user = self.actor_id(actor);
-        let mut ids: BTreeSet<UserId> = match actor {
-            Actor::User(u) => BTreeSet::from([u]),
-            Actor::System => BTreeSet::new(),
-        };
-        for name in &req.members {
-            let id = self.user_id(name).ok_or_else(|| {
-                refused(ErrorCode::UnknownUser, format!("no user named {name:?}"))
-            })?;
-            ids.insert(id);
-        }
-        let existing = match req.kind {
-            ConvKind::Direct => {
-                if ids.len() != 2 {
-                    return Err(refused(
-                        ErrorCode::Invalid,
-                        "a direct conversation needs another user",
-                    ));
-                }
-                let mut it = ids.iter();
-                let pair = (*it.next().expect("two"), *it.next().expect("two"));
-                self.direct.get(&pair).copied()
-            }
-            ConvKind::Group => self
-                .convs
-                .iter()
-                .find(|(_, c)| c.created_by == user && c.create_key == req.key)
-                .map(|(&id, _)| id),
-        };
-        if let Some(id) = existing {
-            // Only a member learns what an earlier create made (a creator
-            // who left does not get the members back through its key).
-            if let Actor::User(u) = actor {
-                self.require_member(id, u)?;
-            }
-            return Ok((self.conv_info(id).expect("exists"), false));
-        }
-        if ids.len() > max_group_size {
-            return Err(refused(
-                ErrorCode::GroupTooLarge,
-                format!("a group has at most {max_group_size} members"),
-            ));
-        }
-        let now = self.log_ts(w.now_ms);
-        let id = self.convs.keys().next_back().copied().unwrap_or(0) + 1;
-        if req.kind == ConvKind::Direct {
-            let mut it = ids.iter();
-            let pair = (*it.next().expect("two"), *it.next().expect("two"));
-            self.direct.insert(pair, id);
-        }
-        self.convs.insert(
-            id,
-            Conv {
-                kind: req.kind,
-                name: req.name,
-                created_by: user,
-                create_key: req.key,
-                last_seq: 0,
-                members: ids.clone(),
-                last_message: 0,
-            },
-        );
-        let info = self.conv_info(id).expect("inserted");
-        let by = self.user_name(user);
-        for &m in &ids {
-            let event = MemberEvent {
-                conv: info.clone(),
-                user: self.user_name(m),
-                change: MemberChange::Added,
-                by: by.clone(),
-                ts: now,
-            };
-            self.member_entries(w, &[m], &event);
-        }
-        Ok((info, true))
-    }
-
-    pub(super) fn conv_member(
-        &mut self,
-        w: &mut WriteCtx<'_>,
-        actor: Actor,
-        conv: ConvId,
-        target: &str,
-        add: bool,
-        max_group_size: usize,
-    ) -> Result<(ConvInfo, bool), StoreError> {
-        self.require_actor(conv, actor)?;
-        let user = self.actor_id(actor);
-        let c = self.convs.get(&conv).ok_or_else(|| no_such_conv(conv))?;
-        if c.kind == ConvKind::Direct {
-            return Err(refused(
-                ErrorCode::Forbidden,
-                "the members of a direct conversation cannot change",
-            ));
-        }
-        let target_id = self
-            .user_id(target)
-            .ok_or_else(|| refused(ErrorCode::UnknownUser, format!("no user named {target:?}")))?;
-        let c = self.convs.get(&conv).expect("checked");
-        if c.members.contains(&target_id) == add {
-            return Ok((self.conv_info(conv).expect("exists"), false));
-        }
-        if add && c.members.len() >= max_group_size {
-            return Err(refused(
-                ErrorCode::GroupTooLarge,
-                format!("a group has at most {max_group_size} members"),
-            ));
-        }
-        if !add && actor != Actor::System && target_id != user && user != c.created_by {
-            return Err(refused(
-                ErrorCode::Forbidden,
-                "only the creator can remove other members",
-            ));
-        }
-        let now = self.log_ts(w.now_ms);
-        let c = self.convs.get_mut(&conv).expect("checked");
-        // The added user learns of it with the others; the removed one too.
-        let recipients: Vec<UserId> = if add {
-            c.members.insert(target_id);
-            c.members.iter().copied().collect()
-        } else {
-            let r = c.members.iter().copied().collect();
-            c.members.remove(&target_id);
-            r
-        };
-        #[cfg(any(test, feature = "testing"))]
-        if !add && w.sabotaged(super::Sabotage::RemovedMemberLosesMessages) {
-            let messages = &self.messages;
-            if let Some(inbox) = self.inbox.get_mut(&target_id) {
-                inbox.retain(|_, e| {
-                    !matches!(e.slot, Slot::Message(id) if messages.get(&id).is_some_and(|m| m.conv == conv))
-                });
-            }
-        }
-        let info = self.conv_info(conv).expect("exists");
-        let event = MemberEvent {
-            conv: info.clone(),
-            user: target.to_owned(),
-            change: if add {
-                MemberChange::Added
-            } else {
-                MemberChange::Removed
-            },
-            by: self.user_name(user),
-            ts: now,
-        };
-        self.member_entries(w, &recipients, &event);
-        Ok((info, true))
-    }
-
-    pub(super) fn conv_list(&self, user: UserId) -> Vec<ConvInfo> {
-        self.convs
-            .iter()
-            .filter(|(_, c)| c.members.contains(&user))
-            .filter_map(|(&id, _)| self.conv_info(id))
-            .collect()
-    }
-
-    pub(super) fn conv_member_ids(
-        &self,
-        user: UserId,
-        conv: ConvId,
-    ) -> Result<Vec<UserId>, StoreError> {
-        Ok(self
-            .require_member(conv, user)?
-            .members
-            .iter()
-            .copied()
-            .collect())
-    }
-
-    pub(super) fn history(
-        &self,
-        actor: Actor,
-        conv: ConvId,
-        before: Option<u64>,
-        limit: u32,
-    ) -> Result<HistoryPage, StoreError> {
-        self.require_actor(conv, actor)?;
-        let before = before.unwrap_or(u64::MAX);
-        let mut messages: Vec<Message> = self
-            .messages
-            .iter()
-            .rev()
-            .filter(|(_, m)| m.conv == conv && m.conv_seq < before)
-            .take(limit as usize + 1)
-            .filter_map(|(&id, _)| self.message(id))
-            .collect();
-        let more = messages.len() > limit as usize;
-        messages.truncate(limit as usize);
-        messages.reverse();
-        Ok(HistoryPage {
-            rid: String::new(),
-            conv,
-            messages,
-            more,
-        })
-    }
-
-    pub(super) fn mark_read(
-        &mut self,
-        w: &mut WriteCtx<'_>,
-        user: UserId,
-        conv: ConvId,
-        up_to: u64,
-    ) -> Result<bool, StoreError> {
-        let last = self.require_member(conv, user)?.last_seq;
-        let up_to = up_to.min(last);
-        let mark = self.reads.entry((user, conv)).or_insert(0);
-        if up_to <= *mark {
-            return Ok(false);
-        }
-        *mark = up_to;
-        let ts = self.log_ts(w.now_ms);
-        self.append(
-            w,
-            user,
-            Slot::Event(EntryItem::Read(ReadMark { conv, up_to, ts })),
-            ts,
-            None,
-        );
-        Ok(true)
     }
 
     // -- inbox reads --------------------------------------------------------
