@@ -86,7 +86,7 @@ impl Callbacks {
                 }
             })
             .map_err(|e| KeepwireError::Storage {
-                message: format!("cannot start the callback thread: {e}"),
+                detail: format!("cannot start the callback thread: {e}"),
             })?;
         Ok(Arc::new(Callbacks {
             tx: Mutex::new(tx),
@@ -322,12 +322,12 @@ impl Client {
         self.check_open()?;
         if !(server.starts_with("ws://") || server.starts_with("wss://")) {
             return Err(KeepwireError::InvalidInput {
-                message: format!("relay URL {server:?}: use ws://HOST:PORT or wss://HOST:PORT"),
+                detail: format!("relay URL {server:?}: use ws://HOST:PORT or wss://HOST:PORT"),
             });
         }
         if token.trim().is_empty() {
             return Err(KeepwireError::InvalidInput {
-                message: "the token is empty".into(),
+                detail: "the token is empty".into(),
             });
         }
         lock(&self.store).save_login(&[server], token.trim())?;
@@ -340,7 +340,7 @@ impl Client {
     /// next `login` or `start`.
     pub fn set_trusted_certificates(&self, pem: String) -> Result<(), KeepwireError> {
         keepwire_client::parse_pem_certificates(pem.as_bytes())
-            .map_err(|message| KeepwireError::InvalidInput { message })?;
+            .map_err(|detail| KeepwireError::InvalidInput { detail })?;
         lock(&self.store).set_meta(keepwire_client::CA_META, &pem)?;
         Ok(())
     }

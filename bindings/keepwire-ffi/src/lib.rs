@@ -36,17 +36,17 @@ uniffi::setup_scaffolding!("keepwire_ffi");
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, uniffi::Error)]
 pub enum KeepwireError {
     /// The home has no relay URL or token: call `login` first.
-    #[error("not logged in: {message}")]
+    #[error("not logged in: {detail}")]
     NotLoggedIn {
         /// Detail.
-        message: String,
+        detail: String,
     },
     /// An argument is not acceptable (a relay URL that is not `ws://` or
     /// `wss://`, bad quiet hours, an oversized push payload...).
-    #[error("invalid input: {message}")]
+    #[error("invalid input: {detail}")]
     InvalidInput {
         /// What is wrong and what to pass instead.
-        message: String,
+        detail: String,
     },
     /// The request needs the connection and there is none now (or another
     /// process on this home holds it): retry when `StateChanged` says
@@ -54,12 +54,12 @@ pub enum KeepwireError {
     #[error("not connected to the relay")]
     NotConnected,
     /// The relay refused the request.
-    #[error("refused by the relay: {code}: {message}")]
+    #[error("refused by the relay: {code}: {detail}")]
     Refused {
         /// The relay's error code (PROTOCOL.md §10), e.g. `not_member`.
         code: String,
         /// Detail.
-        message: String,
+        detail: String,
     },
     /// The client stopped for good (token or device refused): log in again.
     #[error("the client stopped: {reason:?}")]
@@ -72,10 +72,10 @@ pub enum KeepwireError {
     Timeout,
     /// The device's store failed (disk full, no permission, a store from a
     /// newer keepwire, TLS roots that cannot be read).
-    #[error("storage: {message}")]
+    #[error("storage: {detail}")]
     Storage {
         /// Detail.
-        message: String,
+        detail: String,
     },
     /// The client was closed.
     #[error("the client is closed")]
@@ -87,21 +87,21 @@ impl From<keepwire_client::ClientError> for KeepwireError {
         use keepwire_client::ClientError as E;
         match e {
             E::NotLoggedIn(_) => KeepwireError::NotLoggedIn {
-                message: e.to_string(),
+                detail: e.to_string(),
             },
             E::BadUrl(_) | E::BadPushPayload(_) => KeepwireError::InvalidInput {
-                message: e.to_string(),
+                detail: e.to_string(),
             },
             E::NotConnected => KeepwireError::NotConnected,
             E::Refused { code, message } => KeepwireError::Refused {
                 code: code.to_string(),
-                message,
+                detail: message,
             },
             E::Stopped(r) => KeepwireError::Stopped { reason: r.into() },
             E::Timeout => KeepwireError::Timeout,
             E::Closed => KeepwireError::Closed,
             other => KeepwireError::Storage {
-                message: other.to_string(),
+                detail: other.to_string(),
             },
         }
     }
@@ -110,7 +110,7 @@ impl From<keepwire_client::ClientError> for KeepwireError {
 impl From<keepwire_client::store::StoreError> for KeepwireError {
     fn from(e: keepwire_client::store::StoreError) -> Self {
         KeepwireError::Storage {
-            message: e.to_string(),
+            detail: e.to_string(),
         }
     }
 }
@@ -130,8 +130,8 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime, KeepwireError> {
                 .map_err(|e| format!("cannot start the keepwire runtime: {e}"))
         })
         .as_ref()
-        .map_err(|message| KeepwireError::Storage {
-            message: message.clone(),
+        .map_err(|detail| KeepwireError::Storage {
+            detail: detail.clone(),
         })
 }
 

@@ -481,14 +481,14 @@ impl Prefs {
             None => None,
             Some(q) => Some(
                 QuietHours::parse(q).ok_or_else(|| KeepwireError::InvalidInput {
-                    message: format!("quiet hours {q:?}: use HH:MM-HH:MM, e.g. 22:00-07:00"),
+                    detail: format!("quiet hours {q:?}: use HH:MM-HH:MM, e.g. 22:00-07:00"),
                 })?,
             ),
         };
         base.previews = self.previews;
         if let BackgroundPolicy::Linger { seconds: 0 } = self.background {
             return Err(KeepwireError::InvalidInput {
-                message: "a linger of 0 s is wake-only: use WakeOnly".into(),
+                detail: "a linger of 0 s is wake-only: use WakeOnly".into(),
             });
         }
         base.background = Some(self.background.pref());
