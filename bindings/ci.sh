@@ -27,7 +27,10 @@ step "cargo build: keepwire-ffi, uniffi-bindgen, the keepwire binary"
 cargo build --locked -p keepwire-ffi
 cargo build --locked -p uniffi-bindgen
 cargo build --locked -p keepwire --bin keepwire
-LIB="$ROOT/target/debug/libkeepwire_ffi.so"
+# A copy: maturin's build below replaces target/debug's.
+mkdir -p "$WORK/lib"
+cp "$ROOT/target/debug/libkeepwire_ffi.so" "$WORK/lib/"
+LIB="$WORK/lib/libkeepwire_ffi.so"
 BINDGEN="$ROOT/target/debug/uniffi-bindgen"
 KEEPWIRE_BIN="$ROOT/target/debug/keepwire"
 export KEEPWIRE_BIN
@@ -76,13 +79,12 @@ if want kotlin; then
     JNA=/usr/share/java/jna.jar
     CP="$JNA:$KLIB/kotlinx-coroutines-core-jvm.jar"
     step "Kotlin: compile the generated bindings and the tests"
-    rm -rf "$WORK/kotlin" && mkdir -p "$WORK/kotlin/lib"
+    rm -rf "$WORK/kotlin" && mkdir -p "$WORK/kotlin"
     java -cp "$KLIB/kotlin-compiler.jar" org.jetbrains.kotlin.cli.jvm.K2JVMCompiler \
         -no-reflect -jvm-target 17 -nowarn -cp "$CP" -d "$WORK/kotlin/test.jar" \
         bindings/kotlin/generated/dev/keepwire/keepwire_ffi.kt bindings/kotlin/KeepwireTest.kt
-    cp "$LIB" "$WORK/kotlin/lib/"
     step "Kotlin: JVM tests against a real relay"
-    java -Djna.library.path="$WORK/kotlin/lib" \
+    java -Djna.library.path="$WORK/lib" \
         -cp "$WORK/kotlin/test.jar:$KLIB/kotlin-stdlib.jar:$CP" \
         KeepwireTestKt "$KEEPWIRE_BIN" "$WORK/kotlin/run"
 fi

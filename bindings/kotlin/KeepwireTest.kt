@@ -64,11 +64,15 @@ class Relay(val dir: File, val extra: List<String> = emptyList()) {
     }
 }
 
+/** The OS name of the calling thread (JNA gives attached native threads
+ * Java names of its own; the kernel keeps Rust's, cut to 15 bytes). */
+fun nativeThreadName(): String = File("/proc/thread-self/comm").readText().trim()
+
 class Recorder : EventListener {
     val events = CopyOnWriteArrayList<Event>()
     val threads = CopyOnWriteArrayList<String>()
     override fun onEvent(event: Event) {
-        threads.add(Thread.currentThread().name)
+        threads.add(nativeThreadName())
         events.add(event)
     }
     fun messages() = events.filterIsInstance<Event.MessageReceived>().map { it.message }
@@ -106,10 +110,10 @@ fun twoClientsSendAndReceive(relay: Relay) {
     waitUntil("alice's confirmations") { heardA.events.filterIsInstance<Event.SendConfirmed>().size == 10 }
     val bodies = bob.messages(conv.id, 100u).map { it.body }
     check(bodies == (0 until 10).map { "a$it" }) { "bob's store: $bodies" }
-    check(heardA.threads.toSet() == setOf("keepwire-callbacks")) { "callback thread: ${heardA.threads.toSet()}" }
+    check(heardA.threads.toSet() == setOf("keepwire-callba")) { "callback thread: ${heardA.threads.toSet()}" }
     check(alice.status().state == ConnectionState.Connected) { "connected" }
-    alice.close()
-    bob.close()
+    alice.shutdown()
+    bob.shutdown()
 }
 
 fun backgroundNotificationsAndCallbacksCallingTheClient(relay: Relay) {
@@ -143,8 +147,8 @@ fun backgroundNotificationsAndCallbacksCallingTheClient(relay: Relay) {
         bob.messages(conv.id, 100u).count { it.body.startsWith("re: later") } == 3
     }
     alice.notificationOpened(conv.id)
-    alice.close()
-    bob.close()
+    alice.shutdown()
+    bob.shutdown()
 }
 
 fun syncOnceDownThenUpAndOnPush(relay: Relay) {
@@ -168,19 +172,23 @@ fun syncOnceDownThenUpAndOnPush(relay: Relay) {
     relay.start()
     val up = alice.syncOnce(T.toULong())
     check(up.outcome == SyncOutcome.CaughtUp && up.received == 5uL) { "$up" }
+    // Queued before syncOnce returned; delivered on the callback thread.
+    waitUntil("the notification event") { heard.notifications().isNotEmpty() }
     check(heard.notifications().size == 1) { "one coalesced notification: ${heard.notifications()}" }
     for (i in 0 until 3) bob.send(conv.id, "pushed $i")
     waitUntil("bob's sends") { bob.status().outbox == 0uL }
     val result = alice.onPush("registration-id".toByteArray(), 8000u)
-    check(result.report.outcome == SyncOutcome.CaughtUp && result.show.size == 1 && result.show[0].unread == 3uL) { "$result" }
+    // Three new messages; eight unread in all (nobody opened the app since the sync).
+    check(result.report.outcome == SyncOutcome.CaughtUp && result.show.size == 1 &&
+        result.show[0].messageIds.size == 3 && result.show[0].unread == 8uL) { "$result" }
     check(alice.onPush(ByteArray(0), 8000u).show.isEmpty()) { "at most once" }
     try {
         alice.onPush(ByteArray(5000), 1000u)
         throw AssertionError("an oversized payload was accepted")
     } catch (e: KeepwireException.InvalidInput) {
     }
-    alice.close()
-    bob.close()
+    alice.shutdown()
+    bob.shutdown()
 }
 
 fun tokenProviderRefreshesOnce() {
@@ -198,7 +206,8 @@ fun tokenProviderRefreshesOnce() {
                 return jwt("alice", 3600)
             }
         })
-        alice.login(relay.url, jwt("alice", 2))
+        // Expires while connected: 25 s past exp, within the relay's 30 s leeway.
+        alice.login(relay.url, jwt("alice", -25))
         alice.waitConnected(T.toULong())
         waitUntil("the refresh") { calls.size == 1 }
         val bob = Client(home("bob4"))
@@ -208,8 +217,8 @@ fun tokenProviderRefreshesOnce() {
         bob.send(conv.id, "after the refresh")
         waitUntil("the message") { heard.messages().size == 1 }
         check(calls.size == 1) { "exactly one refresh: $calls" }
-        alice.close()
-        bob.close()
+        alice.shutdown()
+        bob.shutdown()
     } finally {
         relay.stop()
     }

@@ -268,7 +268,10 @@ impl Client {
             if tokio::runtime::Handle::try_current().is_ok() {
                 rt.spawn(async move { c.stop().await });
             } else {
-                let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(2), c.stop()));
+                // The timer needs the runtime: made inside block_on.
+                rt.block_on(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), c.stop()).await;
+                });
             }
         }
         if let Some(f) = lock(&self.forwarder).take() {

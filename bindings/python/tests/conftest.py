@@ -119,6 +119,16 @@ def jwt(user: str, ttl: int) -> str:
     return f"{head}.{body}.{b64(sig)}"
 
 
+def thread_name() -> str:
+    """The OS name of the calling thread (Python calls threads it did not
+    start "Dummy-N"; the kernel knows the name Rust gave it, cut to 15 bytes)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return threading.current_thread().name
+
+
 class Recorder:
     """An event listener that keeps what it hears (thread-safe)."""
 
@@ -130,7 +140,7 @@ class Recorder:
     def on_event(self, event: keepwire.Event) -> None:
         with self.lock:
             self.events.append(event)
-            self.threads.add(threading.current_thread().name)
+            self.threads.add(thread_name())
 
     def of(self, kind: str) -> List[keepwire.Event]:
         with self.lock:

@@ -1498,8 +1498,12 @@ impl Driver {
                 self.log_state();
             }
             Cmd::Start => {
-                self.started = true;
-                self.core.start(now);
+                // Already started: nothing to do (starting again would reset
+                // a connection in progress). After a stop, start over.
+                if !self.started || matches!(self.core.state(), State::Stopped(_)) {
+                    self.started = true;
+                    self.core.start(now);
+                }
             }
             Cmd::Request(frame, reply) => {
                 let rid = frame.rid().unwrap_or_default().to_owned();
@@ -1884,6 +1888,17 @@ impl Driver {
                 .and_then(|()| self.store.set_meta("epoch", &w.epoch)),
             _ => Ok(()),
         };
+        // A device without a cursor (new, or its epoch reset) starts where
+        // the relay starts it, even if nothing arrives in this session: the
+        // next session then resumes from there, and what arrives meanwhile
+        // comes through the inbox (and notifies) instead of as old history.
+        let result = result.and_then(|()| match self.store.cursor()? {
+            Some(_) => Ok(()),
+            None => self
+                .store
+                .set_meta("cursor", &w.resume.from.saturating_sub(1).to_string())
+                .and_then(|()| self.store.set_meta("epoch", &w.epoch)),
+        });
         if let Err(e) = result {
             tracing::error!(target: "keepwire::client", error = %e, "recording the resume failed");
         }

@@ -63,6 +63,20 @@ async fn background_under_wake_only_closes_and_releases_the_home_before_returnin
     a.wait_connected(T).await.unwrap();
     assert!(!lock_is_free(ha.path()), "the holder has the lock");
 
+    // Starting a started client changes nothing (an app calls start freely).
+    let mut events = a.events();
+    a.start();
+    a.wait_connected(T).await.unwrap();
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            futures_util::StreamExt::next(&mut events)
+        )
+        .await
+        .is_err(),
+        "no state change"
+    );
+
     a.apply_app_state(AppState::Background).await;
     // Everything is done by the time the call returns.
     assert!(lock_is_free(ha.path()), "released before returning");
