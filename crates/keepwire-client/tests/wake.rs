@@ -243,10 +243,8 @@ async fn a_second_push_joins_the_first_and_a_black_hole_still_returns_by_the_dea
             .await;
     let cid = b.send_message(conv.id, "hello").await;
     b.confirm(&cid).await;
-    let (first, second) = tokio::join!(a.on_push(b"p1", T), async {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        a.on_push(b"p2", T).await
-    });
+    // join! polls the first, which starts the wake-up, then the second.
+    let (first, second) = tokio::join!(a.on_push(b"p1", T), a.on_push(b"p2", T));
     let (first, second) = (first.unwrap(), second.unwrap());
     assert!(!first.joined && second.joined, "{first:?} {second:?}");
     assert_eq!(first.show, second.show, "the joiner gets the same result");
