@@ -67,6 +67,14 @@ if want python; then
     fi
     cargo build --locked -p keepwire --bin keepwire >/dev/null 2>&1
     BIN="$ROOT/target/debug/keepwire"
+    # The installed package with the release library (stripped) in place of
+    # CI's dev build.
+    cargo build --locked --release -p keepwire-ffi >/dev/null 2>&1
+    SITE=$("$PY" -c 'import keepwire, os; print(os.path.dirname(os.path.dirname(keepwire.__file__)))')
+    mkdir -p "$WORK/py"
+    cp -r "$SITE/keepwire" "$WORK/py/"
+    strip -o "$WORK/py/keepwire/keepwire_ffi/libkeepwire_ffi.so" "$ROOT/target/release/libkeepwire_ffi.so"
+    export PYTHONPATH="$WORK/py"
     "$BIN" serve --listen 127.0.0.1:0 --db "$WORK/relay.db" >"$WORK/url" 2>/dev/null &
     RELAY_PID=$!
     for _ in $(seq 1 100); do [ -s "$WORK/url" ] && break; sleep 0.1; done
