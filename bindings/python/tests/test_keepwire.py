@@ -76,6 +76,18 @@ def test_two_clients_send_and_receive(relay, tmp_path: Path) -> None:
     bob.close()
 
 
+def test_the_network_state_from_the_os_is_obeyed(relay, tmp_path: Path) -> None:
+    alice = keepwire.Client(str(tmp_path / "alice"))
+    alice.login(relay.url, relay.user("alice"))
+    connected(alice)
+    alice.set_network(keepwire.Network.OFFLINE())
+    wait_until(lambda: alice.status().state == keepwire.ConnectionState.WAITING_FOR_NETWORK(),
+               "no attempts while the OS says offline")
+    alice.set_network(keepwire.Network.ONLINE(id="wifi:test"))
+    connected(alice)
+    alice.close()
+
+
 def test_background_raises_a_notification_through_the_listener(relay, tmp_path: Path) -> None:
     ta, tb = relay.user("alice"), relay.user("bob")
     alice = keepwire.Client(str(tmp_path / "alice"))
