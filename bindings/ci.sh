@@ -7,7 +7,7 @@
 # JVM tests. Installs what it needs itself: a venv from PyPI, the Kotlin
 # compiler from npm (`kotlin-compiler`), JNA from Debian (`libjna-java`).
 #
-# Usage: bash bindings/ci.sh [python|kotlin|swift ...]   (default: all)
+# Usage: bash bindings/ci.sh [verifier|swift|python|kotlin ...]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTUP_TOOLCHAIN=stable
@@ -17,7 +17,7 @@ WORK="$ROOT/target/bindings"
 KOTLIN_VERSION=2.4.20
 mkdir -p "$WORK"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(swift python kotlin)
+[ ${#parts[@]} -eq 0 ] && parts=(verifier swift python kotlin)
 want() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 started=$SECONDS
 step() { echo "== bindings: $* (+$((SECONDS - started))s)"; }
@@ -34,6 +34,14 @@ LIB="$WORK/lib/libkeepwire_ffi.so"
 BINDGEN="$ROOT/target/debug/uniffi-bindgen"
 KEEPWIRE_BIN="$ROOT/target/debug/keepwire"
 export KEEPWIRE_BIN
+
+if want verifier; then
+    # Mobile builds verify wss:// with the platform's verifier: on Linux it
+    # must trust a given private root and refuse an unknown one, like the
+    # default (rustls-native-certs) build.
+    step "the platform-verifier feature: wss:// with a private root, refused without it"
+    cargo test --locked -q -p keepwire-client --features platform-verifier --test tests wss
+fi
 
 generate() { # LANGUAGE OUT_DIR
     rm -rf "$2"

@@ -163,7 +163,8 @@ fun syncOnceDownThenUpAndOnPush(relay: Relay) {
     check(alice.syncOnce(T.toULong()).outcome == SyncOutcome.CaughtUp) { "first sync" }
     val conv = bob.createConversation(listOf("alice3"), null, false)
     for (i in 0 until 5) bob.send(conv.id, "m$i")
-    waitUntil("bob's sends") { bob.status().outbox == 0uL }
+    // Stored by the relay: bob's own copies came back through his inbox.
+    waitUntil("bob's sends stored") { bob.messages(conv.id, 100u).size == 5 }
     relay.stop()
     val started = System.currentTimeMillis()
     val down = alice.syncOnce(1500u)
@@ -176,7 +177,7 @@ fun syncOnceDownThenUpAndOnPush(relay: Relay) {
     waitUntil("the notification event") { heard.notifications().isNotEmpty() }
     check(heard.notifications().size == 1) { "one coalesced notification: ${heard.notifications()}" }
     for (i in 0 until 3) bob.send(conv.id, "pushed $i")
-    waitUntil("bob's sends") { bob.status().outbox == 0uL }
+    waitUntil("bob's sends stored") { bob.messages(conv.id, 100u).size == 8 }
     val result = alice.onPush("registration-id".toByteArray(), 8000u)
     // Three new messages; eight unread in all (nobody opened the app since the sync).
     check(result.report.outcome == SyncOutcome.CaughtUp && result.show.size == 1 &&

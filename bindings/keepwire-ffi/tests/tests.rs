@@ -206,7 +206,10 @@ fn a_push_wake_up_hands_back_one_notification_and_parks_again() {
     for i in 0..30 {
         bob.send(conv.id, format!("m{i}")).unwrap();
     }
-    wait_until("bob's sends", || bob.status().outbox == 0);
+    // Stored by the relay: bob's own copies came back through his inbox.
+    wait_until("bob's sends stored", || {
+        bob.messages(conv.id, 100).unwrap().len() == 30
+    });
     let r = alice.on_push(b"kw".to_vec(), 8_000).unwrap();
     assert_eq!(r.report.outcome, SyncOutcome::CaughtUp, "{r:?}");
     assert_eq!(r.show.len(), 1, "{r:?}");

@@ -42,7 +42,8 @@ def wait_until(cond: Callable[[], bool], what: str, within: float = T) -> None:
 
 
 class Relay:
-    """A `keepwire serve` child process."""
+    """A `keepwire serve` child process (KW_RELAY_LOG=1 keeps its stderr in
+    relay.db.log; with KEEPWIRE_LOG=info it logs every session's resume)."""
 
     def __init__(self, tmp: Path, extra: Optional[List[str]] = None) -> None:
         self.db = tmp / "relay.db"
@@ -56,7 +57,7 @@ class Relay:
         self.proc = subprocess.Popen(
             [keepwire_bin(), "serve", "--listen", self.listen, "--db", str(self.db), *self.extra],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=open(str(self.db) + ".log", "a") if os.environ.get("KW_RELAY_LOG") else subprocess.DEVNULL,
             text=True,
         )
         assert self.proc.stdout is not None
