@@ -274,3 +274,39 @@ async fn a_second_push_joins_the_first_and_a_black_hole_still_returns_by_the_dea
     assert!(lock_is_free(ha.path()), "released before returning");
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_first_sync_found_nothing_gets_later_messages_through_its_inbox() {
+    let r = TestRelay::start().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let ha = TempDir::new("alice");
+    let (n, shown) = recorder();
+    // A fresh device with an empty inbox: the sync stores no entry, but the
+    // device keeps the relay's starting point.
+    let a = wake_only(ha.path(), &r.url, &ta, n, AppState::Background).await;
+    assert_eq!(a.sync_once(T).await.outcome, SyncOutcome::CaughtUp);
+    assert_eq!(a.status().cursor, Some(0));
+    // Then a conversation and messages arrive while it sleeps.
+    let mut b = keepwire_testkit::WsClient::connect(&r.url, &tb, "bob", None)
+        .await
+        .unwrap();
+    let conv =
+        keepwire_testkit::relay::create_conv(&mut b, keepwire_proto::ConvKind::Direct, &["alice"])
+            .await;
+    for i in 0..3 {
+        let cid = b.send_message(conv.id, &format!("m{i}")).await;
+        b.confirm(&cid).await;
+    }
+    // The next sync resumes from there: inbox entries, counted and notified
+    // (not history fetched for a new device).
+    let report = a.sync_once(T).await;
+    assert_eq!(
+        (report.outcome.clone(), report.received, report.notified),
+        (SyncOutcome::CaughtUp, 3, 1),
+        "{report:?}"
+    );
+    assert_eq!(a.status().cursor, Some(4));
+    assert_eq!(shown.lock().unwrap()[0].unread, 3);
+    a.stop().await;
+}
