@@ -16,7 +16,7 @@ use keepwire_proto::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::notify::{Notifier, coalesce};
+use crate::notify::{Notification, Notifier, coalesce};
 use crate::store::{Store, StoreError};
 use crate::transport::{self, BoxFuture, CachingResolver, Outgoing, Resolver, SystemResolver};
 
@@ -56,6 +56,34 @@ pub enum ClientError {
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
+    /// A push payload that cannot be one (larger than [`MAX_PUSH_PAYLOAD`]).
+    #[error("bad push payload: {0}")]
+    BadPushPayload(String),
+}
+
+/// The largest push payload [`Client::on_push`] accepts (the Web Push limit).
+pub const MAX_PUSH_PAYLOAD: usize = 4096;
+
+/// How long a sync (or push wake-up) waits for the home's lock when another
+/// process holds it. A process that the OS suspended while holding the lock
+/// would otherwise eat the whole deadline.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
+
+/// What a push wake-up ([`Client::on_push`]) leaves the app to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushResult {
+    /// The sync it ran.
+    pub report: SyncReport,
+    /// Notifications to show, one per conversation, coalesced (the first is
+    /// the one an iOS notification service extension hands back; show the
+    /// others beside it). Each message is in at most one notification, ever,
+    /// whichever process or path stored it.
+    pub show: Vec<Notification>,
+    /// Conversations whose notification to remove (read on another device).
+    pub clear: Vec<u64>,
+    /// This call joined a push wake-up already running in this process and
+    /// carries its result (show it in place: same tags).
+    pub joined: bool,
 }
 
 /// Why a send did not go through.
@@ -364,6 +392,8 @@ impl ClientBuilder {
             status_changed: status_tx,
             waiters: Arc::new(Mutex::new(HashMap::new())),
             holder: Arc::new(AtomicBool::new(false)),
+            sync_gate: tokio::sync::Mutex::new(()),
+            push: Mutex::new(None),
         });
         let provider = self.token_provider.unwrap_or_else(|| {
             Arc::new(StoredToken {
@@ -397,24 +427,85 @@ struct Inner {
     status_changed: watch::Sender<()>,
     waiters: Arc<Mutex<Waiters>>,
     holder: Arc<AtomicBool>,
+    /// One sync at a time in this process (`sync_once`, `on_push`).
+    sync_gate: tokio::sync::Mutex<()>,
+    /// The push wake-up running in this process, for later ones to join.
+    push: Mutex<Option<SharedPush>>,
 }
+
+type SharedPush = futures_util::future::Shared<BoxFuture<'static, Option<PushResult>>>;
 
 type Waiters = HashMap<String, Vec<oneshot::Sender<Result<(), SendError>>>>;
 
 enum Cmd {
     OutboxChanged,
-    AppState(AppState),
+    /// A new app state; the sender (if any) is answered once the client acted
+    /// on it (released the home if it parks).
+    AppState(AppState, Option<oneshot::Sender<()>>),
     Network(Network),
     Start,
     Request(
         ClientFrame,
         oneshot::Sender<Result<ServerFrame, ClientError>>,
     ),
-    Sync(Duration),
+    /// Starts a sync; answered `true` once this process runs it, `false` if
+    /// another process kept the home's lock for [`LOCK_WAIT`].
+    Sync(SyncRequest),
     MarkRead(u64, u64, oneshot::Sender<Result<(), ClientError>>),
-    /// Ends a sync; answered once its deferred notifications were shown.
-    EndSync(oneshot::Sender<()>),
+    /// Ends a sync; answered once its deferred notifications were shown (or
+    /// collected) and, if the client parks, the home released.
+    EndSync(EndSync),
     Stop(oneshot::Sender<()>),
+}
+
+struct SyncRequest {
+    /// When it was asked for.
+    asked: tokio::time::Instant,
+    /// When the sync must end.
+    until: tokio::time::Instant,
+    /// Hand the notifications back instead of showing them (push wake-ups).
+    collect: bool,
+    started: oneshot::Sender<bool>,
+}
+
+struct EndSync {
+    done: oneshot::Sender<Collected>,
+}
+
+/// Notifications a collecting sync gathered.
+#[derive(Debug, Default)]
+struct Collected {
+    show: Vec<Notification>,
+    clear: Vec<u64>,
+}
+
+/// Waiters answered once the driver gave the home back.
+enum Ack {
+    App(oneshot::Sender<()>),
+    EndSync(oneshot::Sender<Collected>, Collected),
+}
+
+impl Ack {
+    fn send(self) {
+        match self {
+            Ack::App(tx) => {
+                let _ = tx.send(());
+            }
+            Ack::EndSync(tx, c) => {
+                let _ = tx.send(c);
+            }
+        }
+    }
+}
+
+/// Why the driver returned.
+enum Exit {
+    /// Stopped (or every handle dropped): the supervisor ends.
+    Stopped,
+    /// Background under wake-only with no sync open: the connection is
+    /// closed, the store closed; the supervisor releases the lock, then
+    /// answers these.
+    Released(Vec<Ack>),
 }
 
 /// A keepwire client for one device home. Cheap to clone: every part of the
@@ -538,7 +629,21 @@ impl Client {
 
     /// Tells the client the app moved to the foreground or background.
     pub fn set_app_state(&self, s: AppState) {
-        let _ = self.inner.cmd.send(Cmd::AppState(s));
+        let _ = self.inner.cmd.send(Cmd::AppState(s, None));
+    }
+
+    /// Like [`Client::set_app_state`], and returns once the client acted on
+    /// it. Going to the background under the `wake-only` policy (with no sync
+    /// running) closes the connection, closes the connection's store
+    /// handle (no transaction stays open) and releases the home's lock
+    /// (`HOME/lock`) before this returns: iOS kills a suspended process that
+    /// holds a file lock in a shared container, so an app calls this inside
+    /// its background task, before it is suspended.
+    pub async fn apply_app_state(&self, s: AppState) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.cmd.send(Cmd::AppState(s, Some(tx))).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Tells the client what the OS says about the network.
@@ -720,36 +825,206 @@ impl Client {
     /// notifications, and lets the connection go dormant again, all within
     /// `deadline`: the entry point for periodic tasks and push wake-ups. What
     /// was done stays done; the next call continues.
+    ///
+    /// If another process holds the home's connection, this waits at most
+    /// [`LOCK_WAIT`] for it, then reports [`SyncOutcome::Busy`]. A process
+    /// that takes the lock for the sync while it would otherwise be parked
+    /// (in the background under `wake-only`) gives it back, with the
+    /// connection closed, before this returns. Syncs in one process run one
+    /// after the other.
     pub async fn sync_once(&self, deadline: Duration) -> SyncReport {
+        self.sync(deadline, false).await.0
+    }
+
+    async fn sync(&self, deadline: Duration, collect: bool) -> (SyncReport, Collected) {
         let started = std::time::Instant::now();
-        let before = self.status();
-        let _ = self.inner.cmd.send(Cmd::Sync(deadline));
-        // The session must be a new one: a head learnt earlier says nothing.
-        let waited = self
-            .wait_for(deadline, |s| {
-                (s.sessions > before.sessions || s.heads_heard > before.heads_heard)
-                    && s.caught_up()
-            })
-            .await;
-        let (done, shown) = oneshot::channel();
-        if self.inner.cmd.send(Cmd::EndSync(done)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), shown).await;
-        }
-        let after = self.status();
-        let outcome = match waited {
-            Ok(_) => SyncOutcome::CaughtUp,
-            Err(ClientError::Stopped(r)) => SyncOutcome::Stopped(r),
-            Err(_) if !after.holder => SyncOutcome::Busy,
-            Err(_) if after.sessions > before.sessions => SyncOutcome::Partial,
-            Err(_) => SyncOutcome::Unreachable(after.last_error.clone()),
-        };
-        SyncReport {
+        // Keep the end of the deadline for ending the sync: showing or
+        // handing back what it claimed, and releasing the home.
+        let end_by = tokio::time::Instant::now() + deadline;
+        let until = end_by - (deadline / 4).min(Duration::from_secs(1));
+        let report = |outcome, before: &Status, after: &Status| SyncReport {
             outcome,
             received: after.received - before.received,
             confirmed: after.confirmed - before.confirmed,
             notified: after.notified - before.notified,
             elapsed: started.elapsed(),
+        };
+        let Ok(_gate) = tokio::time::timeout_at(until, self.inner.sync_gate.lock()).await else {
+            let s = self.status();
+            return (report(SyncOutcome::Partial, &s, &s), Collected::default());
+        };
+        let before = self.status();
+        let (tx, rx) = oneshot::channel();
+        let request = Cmd::Sync(SyncRequest {
+            asked: tokio::time::Instant::now(),
+            until,
+            collect,
+            started: tx,
+        });
+        if self.inner.cmd.send(request).is_err() {
+            return (
+                report(
+                    SyncOutcome::Stopped(keepwire_core::StopReason::ClosedByApp),
+                    &before,
+                    &before,
+                ),
+                Collected::default(),
+            );
         }
+        let ours = matches!(tokio::time::timeout_at(until, rx).await, Ok(Ok(true)));
+        // The session must be a new one: a head learnt earlier says nothing.
+        let waited = if ours {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            self.wait_for(left, |s| {
+                (s.sessions > before.sessions || s.heads_heard > before.heads_heard)
+                    && s.caught_up()
+            })
+            .await
+        } else {
+            Err(ClientError::NotConnected)
+        };
+        let (done, shown) = oneshot::channel();
+        let mut collected = Collected::default();
+        let end_by = end_by.max(tokio::time::Instant::now() + Duration::from_millis(200));
+        if self.inner.cmd.send(Cmd::EndSync(EndSync { done })).is_ok()
+            && let Ok(Ok(c)) = tokio::time::timeout_at(end_by, shown).await
+        {
+            collected = c;
+        }
+        let after = self.status();
+        let outcome = match waited {
+            Ok(_) => SyncOutcome::CaughtUp,
+            Err(ClientError::Stopped(r)) => SyncOutcome::Stopped(r),
+            Err(_) if !ours => SyncOutcome::Busy,
+            Err(_) if after.sessions > before.sessions => SyncOutcome::Partial,
+            Err(_) => SyncOutcome::Unreachable(after.last_error.clone()),
+        };
+        (report(outcome, &before, &after), collected)
+    }
+
+    /// Handles a push wake-up (FCM, APNs, UnifiedPush): runs a bounded sync
+    /// within `deadline` (a best attempt even when DNS or the relay hangs)
+    /// and returns what to show instead of showing it, so an iOS
+    /// notification service extension or an Android messaging service can
+    /// post it itself. Each message is in at most one notification ever,
+    /// also when it later arrives over the socket or through another
+    /// process on this home.
+    ///
+    /// `payload` is what the push carried: keepwire's pushes are content-free
+    /// (an opaque registration id the app may use to pick the home), so any
+    /// payload up to [`MAX_PUSH_PAYLOAD`] bytes triggers the sync. A second
+    /// call while one runs in this process joins it and returns its result
+    /// (`joined`), or a `Partial` report if its own deadline comes first.
+    pub async fn on_push(
+        &self,
+        payload: &[u8],
+        deadline: Duration,
+    ) -> Result<PushResult, ClientError> {
+        if payload.len() > MAX_PUSH_PAYLOAD {
+            return Err(ClientError::BadPushPayload(format!(
+                "{} bytes, more than the {MAX_PUSH_PAYLOAD} a push can carry",
+                payload.len()
+            )));
+        }
+        // Web Push payloads encrypted to this device's keys (RFC 8291) are
+        // decrypted here once the relay sends them; today every payload is
+        // a content-free wake-up.
+        let started = std::time::Instant::now();
+        let (running, joined) = {
+            let mut slot = self.inner.push.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some(f) if f.peek().is_none() => (f.clone(), true),
+                _ => {
+                    let client = self.clone();
+                    let task = tokio::spawn(async move {
+                        let (report, c) = client.sync(deadline, true).await;
+                        PushResult {
+                            report,
+                            show: c.show,
+                            clear: c.clear,
+                            joined: false,
+                        }
+                    });
+                    let f: BoxFuture<'static, Option<PushResult>> =
+                        Box::pin(async move { task.await.ok() });
+                    let f = futures_util::FutureExt::shared(f);
+                    *slot = Some(f.clone());
+                    (f, false)
+                }
+            }
+        };
+        // The wake-up's own caller waits for it (it is bounded by the
+        // deadline); a joiner waits at most its own deadline.
+        let outcome = if joined {
+            tokio::time::timeout(deadline, running).await
+        } else {
+            Ok(running.await)
+        };
+        match outcome {
+            Ok(Some(mut r)) => {
+                r.joined = joined;
+                Ok(r)
+            }
+            Ok(None) => Err(ClientError::Closed),
+            // Only a joiner with a shorter deadline gets here: the running
+            // wake-up goes on and shows its result to its own caller.
+            Err(_) => Ok(PushResult {
+                report: SyncReport {
+                    outcome: SyncOutcome::Partial,
+                    received: 0,
+                    confirmed: 0,
+                    notified: 0,
+                    elapsed: started.elapsed(),
+                },
+                show: Vec::new(),
+                clear: Vec::new(),
+                joined,
+            }),
+        }
+    }
+
+    /// The user opened a notification of `conv` (or the conversation): the
+    /// app is in the foreground and `conv` is read up to its newest stored
+    /// message, here (its notification is not raised again) and, once
+    /// connected, on the user's other devices (theirs are cleared). Waits
+    /// up to `timeout` for the connection; `NotConnected` if it did not come
+    /// (the local mark is kept).
+    pub async fn notification_opened(
+        &self,
+        conv: u64,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let up_to = {
+            let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+            let up_to = store.max_conv_seq(conv)?;
+            store.set_read_mark(conv, up_to)?;
+            up_to
+        };
+        self.set_app_state(AppState::Foreground);
+        self.wait_connected(timeout).await?;
+        self.mark_read(conv, up_to).await
+    }
+
+    /// The user's preferences (notifications, background policy).
+    pub fn prefs(&self) -> Result<crate::notify::Prefs, ClientError> {
+        Ok(self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prefs()?)
+    }
+
+    /// Saves the user's preferences. Mutes, quiet hours and previews apply
+    /// to the next notification; the background policy applies from the
+    /// next start of a client on this home.
+    pub fn set_prefs(&self, p: &crate::notify::Prefs) -> Result<(), ClientError> {
+        Ok(self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_prefs(p)?)
     }
 
     /// Marks `conv` read up to `up_to` (a `conv_seq`) on this device and, through
@@ -812,39 +1087,108 @@ fn try_lock(home: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
 }
 
 impl Supervisor {
+    /// Parked: in the background under `wake-only`. A parked client does not
+    /// hold the home's lock; a sync or the foreground takes it again.
+    fn parked(&self) -> bool {
+        self.app_state == AppState::Background
+            && self.config.background_policy == BackgroundPolicy::WakeOnly
+    }
+
     async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
-        // Wait for the home's lock; meanwhile answer what can be answered.
-        let lock = loop {
-            if let Some(l) = try_lock(&self.inner.home) {
-                break l;
+        let mut sync: Option<SyncRequest> = None;
+        loop {
+            // Wait for the home's lock while it is wanted (always, unless
+            // parked with no sync asked for); meanwhile answer what can be
+            // answered.
+            let lock = loop {
+                let wanted = sync.is_some() || !self.parked();
+                if wanted && let Some(l) = try_lock(&self.inner.home) {
+                    break l;
+                }
+                let now = tokio::time::Instant::now();
+                // A sync waits at most LOCK_WAIT for the lock.
+                let give_up = sync.as_ref().map(|r| r.until.min(r.asked + LOCK_WAIT));
+                if let Some(at) = give_up
+                    && now >= at
+                    && let Some(r) = sync.take()
+                {
+                    let _ = r.started.send(false);
+                    continue;
+                }
+                let poll = match (give_up, wanted) {
+                    (Some(at), _) => (now + Duration::from_millis(50)).min(at),
+                    (None, true) => now + Duration::from_millis(250),
+                    (None, false) => now + Duration::from_secs(3600),
+                };
+                tokio::select! {
+                    cmd = cmd_rx.recv() => match cmd {
+                        None => return,
+                        Some(Cmd::Stop(done)) => { let _ = done.send(()); return; }
+                        Some(Cmd::Request(_, reply)) => { let _ = reply.send(Err(ClientError::NotConnected)); }
+                        Some(Cmd::AppState(s, ack)) => {
+                            self.app_state = s;
+                            if let Some(ack) = ack {
+                                let _ = ack.send(());
+                            }
+                        }
+                        Some(Cmd::Network(n)) => self.network = n,
+                        Some(Cmd::Start) => self.started = true,
+                        Some(Cmd::OutboxChanged) => {}
+                        Some(Cmd::Sync(r)) => {
+                            if let Some(old) = sync.replace(r) {
+                                let _ = old.started.send(false);
+                            }
+                        }
+                        Some(Cmd::EndSync(e)) => { let _ = e.done.send(Collected::default()); }
+                        Some(Cmd::MarkRead(conv, up_to, reply)) => {
+                            // Kept here; the relay hears of it from the holder's next read.
+                            let local = self.inner.store.lock().unwrap_or_else(|p| p.into_inner()).set_read_mark(conv, up_to);
+                            let _ = reply.send(match local {
+                                Ok(()) => Err(ClientError::NotConnected),
+                                Err(e) => Err(e.into()),
+                            });
+                        }
+                    },
+                    _ = tokio::time::sleep_until(poll) => {}
+                }
+            };
+            self.inner.holder.store(true, Ordering::SeqCst);
+            let mut driver = match Driver::new(&self) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(target: "keepwire::client", error = %e, "cannot open the client store");
+                    return;
+                }
+            };
+            if let Some(r) = sync.take() {
+                driver.begin_sync(r);
             }
-            tokio::select! {
-                cmd = cmd_rx.recv() => match cmd {
-                    None => return,
-                    Some(Cmd::Stop(done)) => { let _ = done.send(()); return; }
-                    Some(Cmd::Request(_, reply)) => { let _ = reply.send(Err(ClientError::NotConnected)); }
-                    Some(Cmd::AppState(s)) => self.app_state = s,
-                    Some(Cmd::Network(n)) => self.network = n,
-                                        Some(Cmd::Start) => self.started = true,
-                    Some(Cmd::OutboxChanged | Cmd::Sync(_) | Cmd::EndSync(_)) => {}
-                    Some(Cmd::MarkRead(_, _, reply)) => {
-                        let _ = reply.send(Err(ClientError::NotConnected));
+            match driver.run(&mut cmd_rx).await {
+                Exit::Stopped => {
+                    self.inner.holder.store(false, Ordering::SeqCst);
+                    drop(lock);
+                    return;
+                }
+                Exit::Released(acks) => {
+                    self.app_state = driver.app_state;
+                    self.network = driver.network_state.clone();
+                    self.started = driver.started;
+                    drop(driver);
+                    self.inner.holder.store(false, Ordering::SeqCst);
+                    {
+                        let mut s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+                        s.holder = false;
+                        s.state = State::Dormant;
                     }
-                },
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    drop(lock);
+                    tracing::debug!(target: "keepwire::background", "parked: connection closed, home released");
+                    self.inner.status_changed.send_replace(());
+                    for a in acks {
+                        a.send();
+                    }
+                }
             }
-        };
-        self.inner.holder.store(true, Ordering::SeqCst);
-        let driver = match Driver::new(&self) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(target: "keepwire::client", error = %e, "cannot open the client store");
-                return;
-            }
-        };
-        driver.run(cmd_rx).await;
-        self.inner.holder.store(false, Ordering::SeqCst);
-        drop(lock);
+        }
     }
 }
 
@@ -891,6 +1235,22 @@ struct Driver {
     deferred: Vec<crate::store::Claimed>,
     /// The network the OS reports (for analytics).
     network: Option<String>,
+    /// The network as the OS reports it (handed back when parking).
+    network_state: Network,
+    /// Whether the app started the connection.
+    started: bool,
+    /// The background policy.
+    policy: BackgroundPolicy,
+    /// A sync is open (from `Cmd::Sync` to `Cmd::EndSync`).
+    sync_open: bool,
+    /// The open sync hands its notifications back instead of showing them.
+    collect: bool,
+    /// Conversations read elsewhere during the open sync.
+    deferred_clears: Vec<u64>,
+    /// Waiters to answer after the command at hand (or after parking).
+    acks: Vec<Ack>,
+    /// The task running the current transport.
+    transport_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Driver {
@@ -935,6 +1295,14 @@ impl Driver {
                 Network::Online(id) => Some(id.clone()),
                 Network::Offline => None,
             },
+            network_state: sup.network.clone(),
+            started: sup.started,
+            policy: sup.config.background_policy,
+            sync_open: false,
+            collect: false,
+            deferred_clears: Vec::new(),
+            acks: Vec::new(),
+            transport_task: None,
         };
         d.pick_up_outbox(now)?;
         if sup.started {
@@ -951,7 +1319,53 @@ impl Driver {
         Ok(())
     }
 
-    async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
+    /// Opens a sync for `r` and tells its caller this process runs it.
+    fn begin_sync(&mut self, r: SyncRequest) {
+        let now = boot_clock();
+        let left = r
+            .until
+            .saturating_duration_since(tokio::time::Instant::now());
+        self.sync_open = true;
+        self.collect = r.collect;
+        self.core.request_sync(now + left, now);
+        let _ = r.started.send(true);
+    }
+
+    /// In the background under `wake-only` with no sync open: nothing here
+    /// needs the connection or the home.
+    fn should_park(&self) -> bool {
+        self.app_state == AppState::Background
+            && self.policy == BackgroundPolicy::WakeOnly
+            && !self.sync_open
+            && self.stop_waiters.is_empty()
+    }
+
+    /// Closes the connection (the core is dormant) and hands the waiters to
+    /// the supervisor, which releases the lock before answering them. The
+    /// store closes with the driver: no transaction stays open.
+    async fn park(&mut self) -> Exit {
+        self.flush();
+        if let Some(mut task) = self.transport_task.take() {
+            // The close frame gets a moment; then the socket is dropped.
+            if tokio::time::timeout(Duration::from_millis(300), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+        self.outgoing = None;
+        let _ = self.store.save_status("Dormant", None);
+        Exit::Released(std::mem::take(&mut self.acks))
+    }
+
+    fn answer_acks(&mut self) {
+        for a in self.acks.drain(..) {
+            a.send();
+        }
+    }
+
+    async fn run(&mut self, cmd_rx: &mut mpsc::UnboundedReceiver<Cmd>) -> Exit {
         let mut poll_outbox = tokio::time::interval(Duration::from_millis(100));
         poll_outbox.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -959,6 +1373,10 @@ impl Driver {
             if !self.stop_waiters.is_empty() {
                 break;
             }
+            if self.should_park() {
+                return self.park().await;
+            }
+            self.answer_acks();
             let now = boot_clock();
             let sleep = self
                 .core
@@ -1008,9 +1426,11 @@ impl Driver {
             }
         }
         let _ = self.store.save_status("stopped", None);
+        self.answer_acks();
         for w in self.stop_waiters.drain(..) {
             let _ = w.send(());
         }
+        Exit::Stopped
     }
 
     fn handle_cmd(&mut self, cmd: Cmd) {
@@ -1021,7 +1441,10 @@ impl Driver {
                     tracing::warn!(target: "keepwire::client", error = %e, "reading the outbox failed");
                 }
             }
-            Cmd::AppState(s) => {
+            Cmd::AppState(s, ack) => {
+                if let Some(ack) = ack {
+                    self.acks.push(Ack::App(ack));
+                }
                 self.app_state = s;
                 if s == AppState::Foreground {
                     // The user is looking: everything counts as seen.
@@ -1030,7 +1453,7 @@ impl Driver {
                 self.core.handle_app_state(s, now);
                 self.log_state();
             }
-            Cmd::Sync(d) => self.core.request_sync(now + d, now),
+            Cmd::Sync(r) => self.begin_sync(r),
             Cmd::MarkRead(conv, up_to, reply) => {
                 let local = self.store.set_read_mark(conv, up_to);
                 self.read_elsewhere(conv, up_to);
@@ -1043,13 +1466,26 @@ impl Driver {
                     (Ok(()), Ok(())) => Ok(()),
                 });
             }
-            Cmd::EndSync(done) => {
+            Cmd::EndSync(end) => {
                 self.core.end_sync(now);
+                self.sync_open = false;
                 let deferred = std::mem::take(&mut self.deferred);
-                self.show(deferred);
-                let _ = done.send(());
+                let clears = std::mem::take(&mut self.deferred_clears);
+                let mut collected = Collected::default();
+                if self.collect {
+                    collected.show = self.render(deferred);
+                    collected.clear = clears;
+                } else {
+                    self.show(deferred);
+                    for conv in clears {
+                        self.clear_shown(conv);
+                    }
+                }
+                self.collect = false;
+                self.acks.push(Ack::EndSync(end.done, collected));
             }
             Cmd::Network(n) => {
+                self.network_state = n.clone();
                 self.network = match &n {
                     Network::Online(id) => Some(id.clone()),
                     Network::Offline => None,
@@ -1057,7 +1493,14 @@ impl Driver {
                 self.core.handle_network(n, now);
                 self.log_state();
             }
-            Cmd::Start => self.core.start(now),
+            Cmd::Start => {
+                // Already started: nothing to do (starting again would reset
+                // a connection in progress). After a stop, start over.
+                if !self.started || matches!(self.core.state(), State::Stopped(_)) {
+                    self.started = true;
+                    self.core.start(now);
+                }
+            }
             Cmd::Request(frame, reply) => {
                 let rid = frame.rid().unwrap_or_default().to_owned();
                 match self.core.send_request(&frame, now) {
@@ -1101,14 +1544,14 @@ impl Driver {
                 let (tx, rx) = mpsc::channel(1024);
                 self.outgoing = Some((id, tx));
                 tracing::debug!(target: "keepwire::ws", id, %url, "opening");
-                tokio::spawn(transport::run(
+                self.transport_task = Some(tokio::spawn(transport::run(
                     id,
                     url,
                     self.resolver.clone(),
                     self.tls.clone(),
                     self.transport_tx.clone(),
                     rx,
-                ));
+                )));
             }
             Transmit::Frame { id, text } => {
                 if let Some((cur, tx)) = &self.outgoing
@@ -1298,7 +1741,10 @@ impl Driver {
 
     /// Raises notifications for new messages while the app is not in the foreground.
     fn notify(&mut self, messages: &[Message]) {
-        if self.notifier.is_none() || self.app_state == AppState::Foreground || messages.is_empty()
+        let collecting = self.sync_open && self.collect;
+        if (self.notifier.is_none() && !collecting)
+            || self.app_state == AppState::Foreground
+            || messages.is_empty()
         {
             return;
         }
@@ -1332,7 +1778,7 @@ impl Driver {
                 return;
             }
         };
-        if self.core.syncing() {
+        if self.sync_open {
             // One coalesced notification per conversation for the whole sync.
             for c in claimed {
                 match self.deferred.iter_mut().find(|d| d.conv == c.conv) {
@@ -1359,6 +1805,17 @@ impl Driver {
             }
         }
         self.deferred.retain(|d| !d.shown.is_empty());
+        if self.sync_open {
+            // Cleared (or handed back) when the sync ends.
+            if !self.deferred_clears.contains(&conv) {
+                self.deferred_clears.push(conv);
+            }
+        } else {
+            self.clear_shown(conv);
+        }
+    }
+
+    fn clear_shown(&self, conv: u64) {
         if let Some(n) = &self.notifier
             && let Err(e) = n.clear(conv)
         {
@@ -1366,23 +1823,44 @@ impl Driver {
         }
     }
 
+    /// The coalesced notifications for what was claimed.
+    fn coalesced(&self, claimed: Vec<crate::store::Claimed>) -> Vec<Notification> {
+        let previews = self.store.prefs().map(|p| p.previews).unwrap_or(true);
+        claimed
+            .iter()
+            .map(|c| {
+                let name = self.store.conv_name(c.conv).ok().flatten();
+                coalesce(c, name.as_deref(), previews)
+            })
+            .collect()
+    }
+
+    /// What was claimed, for the app to show (counted as shown).
+    fn render(&mut self, claimed: Vec<crate::store::Claimed>) -> Vec<Notification> {
+        let out = self.coalesced(claimed);
+        for n in &out {
+            self.shown(n);
+        }
+        out
+    }
+
+    /// Counts and logs a notification shown (or handed to the app to show).
+    fn shown(&self, n: &Notification) {
+        let _ = self.store.log_notification(n.conv, n.unread);
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notified += 1;
+    }
+
     fn show(&mut self, claimed: Vec<crate::store::Claimed>) {
         let Some(notifier) = self.notifier.clone() else {
             return;
         };
-        let previews = self.store.prefs().map(|p| p.previews).unwrap_or(true);
-        for c in claimed {
-            let name = self.store.conv_name(c.conv).ok().flatten();
-            let n = coalesce(&c, name.as_deref(), previews);
+        for n in self.coalesced(claimed) {
             match notifier.notify(&n) {
-                Ok(()) => {
-                    let _ = self.store.log_notification(n.conv, n.unread);
-                    self.inner
-                        .status
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .notified += 1;
-                }
+                Ok(()) => self.shown(&n),
                 Err(e) => {
                     tracing::warn!(target: "keepwire::notify", error = %e, "showing a notification failed")
                 }
@@ -1406,6 +1884,17 @@ impl Driver {
                 .and_then(|()| self.store.set_meta("epoch", &w.epoch)),
             _ => Ok(()),
         };
+        // A device without a cursor (new, or its epoch reset) starts where
+        // the relay starts it, even if nothing arrives in this session: the
+        // next session then resumes from there, and what arrives meanwhile
+        // comes through the inbox (and notifies) instead of as old history.
+        let result = result.and_then(|()| match self.store.cursor()? {
+            Some(_) => Ok(()),
+            None => self
+                .store
+                .set_meta("cursor", &w.resume.from.saturating_sub(1).to_string())
+                .and_then(|()| self.store.set_meta("epoch", &w.epoch)),
+        });
         if let Err(e) = result {
             tracing::error!(target: "keepwire::client", error = %e, "recording the resume failed");
         }

@@ -104,7 +104,45 @@ pub(crate) enum Outgoing {
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// TLS settings for `wss://` relays.
+/// TLS settings for `wss://` relays: the platform's verifier and trust store
+/// (Android's trust manager, Apple's Security framework; on Linux the system
+/// roots through webpki) plus `extra_roots`.
+#[cfg(feature = "platform-verifier")]
+pub(crate) fn tls_config(
+    extra_roots: &[Vec<u8>],
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    #[cfg(target_os = "android")]
+    let verifier = {
+        // Android's verifier takes no extra roots: an app trusts a private CA
+        // through its network security configuration.
+        if !extra_roots.is_empty() {
+            return Err(rustls::Error::General(
+                "extra root certificates are not supported with Android's verifier: \
+                 trust the CA in the app's network security configuration"
+                    .into(),
+            ));
+        }
+        rustls_platform_verifier::Verifier::new(provider.clone())?
+    };
+    #[cfg(not(target_os = "android"))]
+    let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(
+        extra_roots
+            .iter()
+            .map(|d| rustls::pki_types::CertificateDer::from(d.clone())),
+        provider.clone(),
+    )?;
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// TLS settings for `wss://` relays: the system's root certificates
+/// (`rustls-native-certs`) plus `extra_roots`.
+#[cfg(not(feature = "platform-verifier"))]
 pub(crate) fn tls_config(
     extra_roots: &[Vec<u8>],
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {

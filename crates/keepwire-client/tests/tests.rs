@@ -2,3 +2,4 @@
 //! sockets on 127.0.0.1.
 
 mod e2e;
+mod wake;
