@@ -68,6 +68,7 @@ fn run(adaptive: bool) -> Outcome {
                                 fetch: vec![],
                             },
                             limits: Limits::default().wire(),
+                            push: None,
                         })),
                         ClientFrame::Ping {} => {
                             pings += 1;

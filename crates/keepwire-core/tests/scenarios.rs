@@ -90,6 +90,7 @@ fn welcome(head: u64) -> ServerFrame {
             fetch: vec![],
         },
         limits: Limits::default().wire(),
+        push: None,
     })
 }
 

@@ -20,6 +20,8 @@ const CLIENT_TYPES: &[&str] = &[
     "conv_list",
     "read",
     "signal",
+    "push_register",
+    "mute",
 ];
 
 /// Frame types a v1 relay sends.
@@ -35,6 +37,8 @@ const SERVER_TYPES: &[&str] = &[
     "convs",
     "signal",
     "error",
+    "push",
+    "muted",
 ];
 
 /// True if `text` is a JSON object whose `type` is not a v1 server frame
@@ -190,6 +194,8 @@ impl ClientFrame {
             ClientFrame::ConvCreate(c) => Some(&c.rid),
             ClientFrame::ConvAdd(m) | ClientFrame::ConvRemove(m) => Some(&m.rid),
             ClientFrame::ConvList { rid } => Some(rid),
+            ClientFrame::PushRegister(p) => Some(&p.rid),
+            ClientFrame::Mute { rid, .. } => Some(rid),
             _ => None,
         }
     }
@@ -209,6 +215,8 @@ impl ClientFrame {
             ClientFrame::ConvList { .. } => "conv_list",
             ClientFrame::Read { .. } => "read",
             ClientFrame::Signal { .. } => "signal",
+            ClientFrame::PushRegister(_) => "push_register",
+            ClientFrame::Mute { .. } => "mute",
         }
     }
 }

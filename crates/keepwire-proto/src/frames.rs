@@ -75,6 +75,37 @@ pub enum ClientFrame {
         #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::frames::arbitrary_json))]
         data: serde_json::Value,
     },
+    /// Register, replace or remove this device's push registration
+    /// (`registration: null` removes it). Answered with [`ServerFrame::Push`].
+    PushRegister(PushRegister),
+    /// Mute or unmute a conversation for all of the user's devices: a muted
+    /// conversation sends no push. Answered with [`ServerFrame::Muted`]; every
+    /// device of the user gets a `mute` inbox entry.
+    Mute {
+        /// Request id echoed in the answer.
+        rid: String,
+        /// The conversation.
+        conv: ConvId,
+        /// Muted (or not).
+        muted: bool,
+    },
+}
+
+/// The `push_register` request.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushRegister {
+    /// Request id echoed in the answer.
+    pub rid: String,
+    /// The registration, as PROTOCOL.md §8b spells it (`{"provider":"fcm",
+    /// "token":...}`, `apns`, `webpush`); `null` removes this device's.
+    #[cfg_attr(feature = "arbitrary", arbitrary(with = crate::frames::arbitrary_json))]
+    pub registration: serde_json::Value,
+    /// Whether the user allows message previews in pushes (sent only
+    /// encrypted to the registration's RFC 8291 keys, and only if the relay
+    /// allows previews).
+    #[serde(default)]
+    pub previews: bool,
 }
 
 /// The `hello` frame. Its `Debug` output hides the token, so a logged frame
@@ -257,6 +288,27 @@ pub enum ServerFrame {
     },
     /// A recoverable problem with one frame; the connection stays open.
     Error(ErrorFrame),
+    /// Answer to `push_register`: the registration id pushes carry (opaque,
+    /// random; an app with several accounts picks the account by it), or
+    /// `null` when the registration was removed.
+    Push {
+        /// The request id.
+        rid: String,
+        /// The registration id.
+        #[serde(default)]
+        id: Option<String>,
+    },
+    /// Answer to `mute`.
+    Muted {
+        /// The request id.
+        rid: String,
+        /// The conversation.
+        conv: ConvId,
+        /// Muted now (or not).
+        muted: bool,
+        /// True if this request changed it.
+        changed: bool,
+    },
 }
 
 /// The `welcome` frame.
@@ -281,6 +333,9 @@ pub struct Welcome {
     pub resume: Resume,
     /// Limits the client must respect.
     pub limits: WireLimits,
+    /// Push wake-ups this relay can send (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushInfo>,
 }
 
 /// Resume outcome in `welcome`.
@@ -397,6 +452,32 @@ pub enum EntryItem {
     Member(MemberEvent),
     /// The user read a conversation on one of their devices.
     Read(ReadMark),
+    /// The user muted or unmuted a conversation on one of their devices.
+    Mute(MuteMark),
+}
+
+/// What a relay offers for push wake-ups (in `welcome`).
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushInfo {
+    /// The providers a registration may name (`fcm`, `apns`, `webpush`).
+    pub providers: Vec<String>,
+    /// The relay's VAPID public key (base64url, uncompressed P-256), which a
+    /// browser or UnifiedPush distributor needs to subscribe for Web Push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vapid: Option<String>,
+}
+
+/// A conversation muted or unmuted, synced across the user's devices.
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MuteMark {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Muted now (or not).
+    pub muted: bool,
+    /// When, ms since the Unix epoch.
+    pub ts: i64,
 }
 
 /// A read marker, synced across the user's devices.

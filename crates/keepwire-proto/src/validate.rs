@@ -199,6 +199,25 @@ impl ClientFrame {
                 check_user(&m.user)
             }
             ClientFrame::ConvList { rid } => check_rid(rid),
+            ClientFrame::Mute { rid, .. } => check_rid(rid),
+            ClientFrame::PushRegister(p) => {
+                check_rid(&p.rid)?;
+                if !(p.registration.is_null() || p.registration.is_object()) {
+                    return Err(ValidationError::invalid(
+                        "registration must be an object or null",
+                    ));
+                }
+                // Tokens and endpoints are small; keys are 65 + 16 bytes.
+                let len = serde_json::to_vec(&p.registration)
+                    .map(|v| v.len())
+                    .unwrap_or(usize::MAX);
+                if len > 4096 {
+                    return Err(ValidationError::invalid(
+                        "registration is larger than 4096 bytes",
+                    ));
+                }
+                Ok(())
+            }
             ClientFrame::Signal { data, .. } => {
                 // Encoding a Value cannot fail; measure the bytes it would take.
                 let len = serde_json::to_vec(data)

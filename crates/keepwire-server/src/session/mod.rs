@@ -760,6 +760,7 @@ impl Session {
             head: plan.head,
             resume: plan.resume,
             limits: limits.wire(),
+            push: None,
         });
         self.events.push_back(Event::Opened {
             user: peer.user.name.clone(),

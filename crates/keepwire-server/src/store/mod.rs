@@ -259,6 +259,9 @@ pub struct DeviceInfo {
     pub acked_seq: u64,
     /// Revocation time, if revoked.
     pub revoked_at_ms: Option<i64>,
+    /// Its push registration, if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push: Option<DevicePush>,
 }
 
 /// Delivery positions of a user's devices (for "delivered" ticks).
@@ -338,6 +341,96 @@ pub struct HeadAdvance {
     /// The entry's item encoded as JSON once, shared by every member it
     /// went to.
     pub item: Option<Arc<str>>,
+    /// Where the entry came from, for push decisions (`None`: membership
+    /// and mute entries, which wake nobody).
+    pub origin: Option<Origin>,
+}
+
+/// Where an inbox entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The conversation.
+    pub conv: ConvId,
+    /// Who wrote it (for a read marker, the reader).
+    pub sender: UserId,
+    /// What it is.
+    pub kind: OriginKind,
+}
+
+/// The kind of entry an [`Origin`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginKind {
+    /// A message.
+    Message,
+    /// A read marker (the user's other devices clear notifications).
+    Read,
+}
+
+/// A push registration to store for a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewPush {
+    /// The provider (`fcm`, `apns`, `webpush`).
+    pub provider: String,
+    /// What identifies the registration at its provider (a digest of the
+    /// token or endpoint): registering it on another device moves it.
+    pub key: Vec<u8>,
+    /// The registration as JSON (a secret: never logged).
+    pub registration: String,
+    /// Whether the user allows encrypted previews.
+    pub previews: bool,
+}
+
+/// One device's push registration and where its pushes stand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushTarget {
+    /// The device.
+    pub device: String,
+    /// The opaque registration id pushes carry.
+    pub reg_id: String,
+    /// The registration as JSON.
+    pub registration: String,
+    /// Whether the user allows encrypted previews.
+    pub previews: bool,
+    /// The device's acknowledged position (as persisted).
+    pub acked_seq: Seq,
+    /// The position the last push was sent for (0: none).
+    pub pushed_seq: Seq,
+    /// The position of the last push a provider accepted.
+    pub delivered_seq: Seq,
+    /// When the last push was sent, ms since the Unix epoch.
+    pub pushed_at_ms: Option<i64>,
+    /// Pushes sent for `pushed_seq` so far.
+    pub attempts: u32,
+    /// The newest entry after `acked_seq` that wakes the device: a message
+    /// from another user in a conversation the user has not muted.
+    pub wake_seq: Option<Seq>,
+}
+
+/// What a provider did with a push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    /// Accepted, for this position.
+    Delivered(Seq),
+    /// Failed (temporarily, or a configuration error): kept.
+    Failed(String),
+    /// The registration is dead at the provider: deleted.
+    Unregistered(String),
+}
+
+/// A device's push registration, as the admin API shows it (never the
+/// token or keys).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DevicePush {
+    /// The provider.
+    pub provider: String,
+    /// When it was last registered or refreshed, ms since the Unix epoch.
+    pub refreshed_at_ms: i64,
+    /// The last push a provider accepted, ms since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_success_ms: Option<i64>,
+    /// The last failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// The store operations a relay session needs: authentication, the inbox,
@@ -442,6 +535,33 @@ pub trait RelayStore: Send + Sync + 'static {
     async fn mark_read(&self, user: UserId, conv: ConvId, up_to: u64) -> Result<bool, StoreError>;
     /// The revocation log after `after`.
     async fn revocations_after(&self, after: i64) -> Result<Vec<Revocation>, StoreError>;
+    /// Sets, refreshes or (with `None`) removes a device's push registration.
+    /// A registration another device holds (same provider key) moves here.
+    /// Returns the registration id pushes carry: new for a new registration,
+    /// kept when the same one is registered again.
+    async fn set_push(
+        &self,
+        user: UserId,
+        device: &str,
+        push: Option<NewPush>,
+    ) -> Result<Option<String>, StoreError>;
+    /// Mutes or unmutes a conversation for the user (a member); when that
+    /// changed something, appends a `mute` entry to the user's inbox.
+    async fn mute(&self, user: UserId, conv: ConvId, muted: bool) -> Result<bool, StoreError>;
+    /// The user's devices with a push registration, and where they stand.
+    async fn push_targets(&self, user: UserId) -> Result<Vec<PushTarget>, StoreError>;
+    /// Every user with a push registration (to look for wake-ups still due
+    /// after a restart).
+    async fn push_users(&self) -> Result<Vec<UserId>, StoreError>;
+    /// Records, durably and before the provider is called, that a push for
+    /// `seq` goes to the registration (one more attempt if `seq` is the same
+    /// as before).
+    async fn record_push(&self, reg_id: &str, seq: Seq) -> Result<(), StoreError>;
+    /// Records what the provider did with a push.
+    async fn push_outcome(&self, reg_id: &str, outcome: PushOutcome) -> Result<(), StoreError>;
+    /// A value kept in the store's meta data, set to `init` if absent
+    /// (the VAPID key: stable across restarts and restores).
+    async fn meta_or_init(&self, key: &str, init: &str) -> Result<String, StoreError>;
     /// Flushes pending writes and stops the writer. Later calls fail with
     /// [`InfraError::Closed`].
     async fn close(&self);

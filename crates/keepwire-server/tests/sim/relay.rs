@@ -306,6 +306,7 @@ impl Node {
                     user,
                     seq: head,
                     item: None,
+                    origin: None,
                 }]);
             }
         }

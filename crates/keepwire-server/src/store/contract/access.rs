@@ -1,6 +1,7 @@
 //! Contract: authentication, devices, membership, conversations, API keys.
 
 use super::*;
+use crate::store::{NewPush, PushOutcome};
 
 /// Tokens authenticate until they expire or are revoked; revocations are logged.
 pub async fn tokens_authenticate_expire_and_revoke(f: &dyn StoreFactory) {
@@ -329,5 +330,107 @@ pub async fn api_keys(f: &dyn StoreFactory) {
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(s.list_tokens("x").await.unwrap().len(), 0);
+    s.close().await;
+}
+
+fn fcm(token: &str) -> NewPush {
+    NewPush {
+        provider: "fcm".into(),
+        key: token.as_bytes().to_vec(),
+        registration: format!(r#"{{"provider":"fcm","token":"{token}"}}"#),
+        previews: false,
+    }
+}
+
+/// Push registrations: one per device, kept ids on refresh, moved when
+/// registered elsewhere, removed with the device; mutes and own messages
+/// wake nobody; push state survives a reopen.
+pub async fn push_registrations_and_wake_positions(f: &dyn StoreFactory) {
+    let s = open(f);
+    let [a, b] = users(&*s, &["a", "b"]).await[..] else {
+        unreachable!()
+    };
+    s.touch_device(b, "phone", None).await.unwrap();
+    s.touch_device(b, "tablet", None).await.unwrap();
+    let id = s.set_push(b, "phone", Some(fcm("t1"))).await.unwrap().unwrap();
+    assert!(id.starts_with("r_") && id.len() > 16, "{id}");
+    let again = s.set_push(b, "phone", Some(fcm("t1"))).await.unwrap();
+    assert_eq!(again.as_deref(), Some(id.as_str()), "a refresh keeps the id");
+    // The same token on the tablet moves there (a token is one device's).
+    let moved = s.set_push(b, "tablet", Some(fcm("t1"))).await.unwrap().unwrap();
+    assert_ne!(moved, id);
+    let t = s.push_targets(b).await.unwrap();
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].device, "tablet");
+    assert_eq!(s.set_push(b, "tablet", None).await.unwrap(), None);
+    assert!(s.push_targets(b).await.unwrap().is_empty());
+    let id = s.set_push(b, "phone", Some(fcm("t2"))).await.unwrap().unwrap();
+    assert_eq!(s.push_users().await.unwrap(), vec![b]);
+
+    // What wakes the phone: messages from others, not its own, not muted.
+    let conv = group(&*s, a, "g", &["b"]).await;
+    let quiet = group(&*s, a, "q", &["b"]).await;
+    assert_eq!(s.push_targets(b).await.unwrap()[0].wake_seq, None);
+    s.send(Actor::User(b), "phone", msg(conv, "own", "mine"))
+        .await
+        .unwrap();
+    assert_eq!(s.push_targets(b).await.unwrap()[0].wake_seq, None);
+    assert!(s.mute(b, quiet, true).await.unwrap());
+    assert!(!s.mute(b, quiet, true).await.unwrap());
+    s.send(Actor::User(a), "d", msg(quiet, "q1", "hush"))
+        .await
+        .unwrap();
+    assert_eq!(s.push_targets(b).await.unwrap()[0].wake_seq, None);
+    let c = s
+        .send(Actor::User(a), "d", msg(conv, "m1", "hi"))
+        .await
+        .unwrap();
+    let wake = s.push_targets(b).await.unwrap()[0].wake_seq.unwrap();
+    let e = s.read_inbox(b, wake, 1).await.unwrap();
+    assert!(matches!(&e[0].item, EntryItem::Message(m) if m.id == c.id));
+    // The mute reached b's inbox, once.
+    let mutes = inbox(&*s, b)
+        .await
+        .into_iter()
+        .filter(|e| matches!(e.item, EntryItem::Mute(_)))
+        .count();
+    assert_eq!(mutes, 1);
+    assert!(matches!(
+        s.mute(b, 999, true).await,
+        Err(StoreError::Refused(ErrorCode::NoSuchConv, _))
+    ));
+
+    // Push state: attempts per position, delivery, and after an ack nothing wakes.
+    s.record_push(&id, wake).await.unwrap();
+    s.record_push(&id, wake).await.unwrap();
+    let t = &s.push_targets(b).await.unwrap()[0];
+    assert_eq!((t.pushed_seq, t.attempts, t.delivered_seq), (wake, 2, 0));
+    assert!(t.pushed_at_ms.is_some());
+    s.push_outcome(&id, PushOutcome::Delivered(wake)).await.unwrap();
+    s.record_ack(b, "phone", wake).await.unwrap();
+    let t = &s.push_targets(b).await.unwrap()[0];
+    assert_eq!((t.delivered_seq, t.acked_seq, t.wake_seq), (wake, wake, None));
+    let devices = s.list_devices("b").await.unwrap();
+    let phone = devices.iter().find(|d| d.device == "phone").unwrap();
+    let push = phone.push.as_ref().expect("the phone shows its registration");
+    assert_eq!(push.provider, "fcm");
+    assert!(push.last_success_ms.is_some());
+    let vapid = s.meta_or_init("vapid", "k1").await.unwrap();
+    assert_eq!(s.meta_or_init("vapid", "k2").await.unwrap(), vapid);
+    s.close().await;
+
+    // All of it survives a restart; a dead registration is removed, and so
+    // is a revoked device's.
+    let s = open(f);
+    assert_eq!(s.meta_or_init("vapid", "k3").await.unwrap(), "k1");
+    let t = &s.push_targets(b).await.unwrap()[0];
+    assert_eq!((t.reg_id.as_str(), t.pushed_seq), (id.as_str(), wake));
+    s.push_outcome(&id, PushOutcome::Unregistered("gone".into()))
+        .await
+        .unwrap();
+    assert!(s.push_targets(b).await.unwrap().is_empty());
+    s.set_push(b, "phone", Some(fcm("t3"))).await.unwrap();
+    s.revoke_device("b", "phone").await.unwrap();
+    assert!(s.push_targets(b).await.unwrap().is_empty());
     s.close().await;
 }

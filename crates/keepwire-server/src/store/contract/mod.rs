@@ -153,6 +153,7 @@ macro_rules! store_contract_tests {
             read_markers,
             reopen_keeps_everything,
             api_keys,
+            push_registrations_and_wake_positions,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use super::state::{self, ApiKey, Token};
 use super::{MemoryStore, hash, no_user};
 use crate::store::{
-    AdminStore, ApiKeyInfo, DeviceInfo, DevicePosition, IssuedToken, Positions, Revocation,
-    RevokeTarget, StoreError, TokenInfo, TrimReport, UserId,
+    AdminStore, ApiKeyInfo, DeviceInfo, DevicePosition, DevicePush, IssuedToken, Positions,
+    Revocation, RevokeTarget, StoreError, TokenInfo, TrimReport, UserId,
 };
 use keepwire_proto::ConvId;
 
@@ -46,6 +46,7 @@ impl AdminStore for MemoryStore {
             }
             d.revoked_at = Some(w.now_ms);
             let used = d.tokens.clone();
+            s.push.remove(&(user, device.clone()));
             let id = s.revocations.last().map_or(1, |r| r.id + 1);
             s.revocations.push(Revocation {
                 id,
@@ -85,6 +86,12 @@ impl AdminStore for MemoryStore {
                     last_seen_ms: d.last_seen,
                     acked_seq: d.acked_seq,
                     revoked_at_ms: d.revoked_at,
+                    push: s.push.get(&(id, device.clone())).map(|r| DevicePush {
+                        provider: r.provider.clone(),
+                        refreshed_at_ms: r.refreshed_at,
+                        last_success_ms: r.last_success,
+                        last_error: r.last_error.clone(),
+                    }),
                 })
                 .collect())
         })
@@ -278,7 +285,12 @@ impl AdminStore for MemoryStore {
 
     async fn trim(&self) -> Result<TrimReport, StoreError> {
         let retention = self.retention;
-        self.write(move |s, w| Ok(s.trim(retention, w.now_ms)))
-            .await
+        self.write(move |s, w| {
+            let now = w.now_ms;
+            s.push
+                .retain(|_, r| r.refreshed_at >= now - super::push::STALE_AFTER_MS);
+            Ok(s.trim(retention, now))
+        })
+        .await
     }
 }

@@ -22,6 +22,7 @@ impl State {
                 Slot::Event(EntryItem::Member(event.clone())),
                 event.ts,
                 None,
+                None,
             );
         }
     }
@@ -253,6 +254,11 @@ impl State {
             Slot::Event(EntryItem::Read(ReadMark { conv, up_to, ts })),
             ts,
             None,
+            Some(crate::store::Origin {
+                conv,
+                sender: user,
+                kind: crate::store::OriginKind::Read,
+            }),
         );
         Ok(true)
     }

@@ -29,6 +29,7 @@ use state::{State, WriteCtx};
 
 mod admin;
 mod conversations;
+mod push;
 mod state;
 
 /// Options for [`MemoryStore::new`].
@@ -569,6 +570,65 @@ impl RelayStore for MemoryStore {
                 .cloned()
                 .collect())
         })
+    }
+
+    async fn set_push(
+        &self,
+        user: UserId,
+        device: &str,
+        push: Option<crate::store::NewPush>,
+    ) -> Result<Option<String>, StoreError> {
+        let device = device.to_owned();
+        let new_id = self.random_secret("r_");
+        self.write(move |s, w| Ok(s.set_push(w.now_ms, new_id, user, &device, push)))
+            .await
+    }
+
+    async fn mute(&self, user: UserId, conv: ConvId, muted: bool) -> Result<bool, StoreError> {
+        self.write(move |s, w| s.mute(w, user, conv, muted)).await
+    }
+
+    async fn push_targets(
+        &self,
+        user: UserId,
+    ) -> Result<Vec<crate::store::PushTarget>, StoreError> {
+        self.read(|s| Ok(s.push_targets(user)))
+    }
+
+    async fn push_users(&self) -> Result<Vec<UserId>, StoreError> {
+        self.read(|s| {
+            let mut users: Vec<UserId> = s.push.keys().map(|(u, _)| *u).collect();
+            users.dedup();
+            Ok(users)
+        })
+    }
+
+    async fn record_push(&self, reg_id: &str, seq: Seq) -> Result<(), StoreError> {
+        let reg_id = reg_id.to_owned();
+        self.write(move |s, w| {
+            s.record_push(w.now_ms, &reg_id, seq);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn push_outcome(
+        &self,
+        reg_id: &str,
+        outcome: crate::store::PushOutcome,
+    ) -> Result<(), StoreError> {
+        let reg_id = reg_id.to_owned();
+        self.write(move |s, w| {
+            s.push_outcome(w.now_ms, &reg_id, outcome);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn meta_or_init(&self, key: &str, init: &str) -> Result<String, StoreError> {
+        let (key, init) = (key.to_owned(), init.to_owned());
+        self.write(move |s, _| Ok(s.meta.entry(key).or_insert(init).clone()))
+            .await
     }
 
     async fn close(&self) {

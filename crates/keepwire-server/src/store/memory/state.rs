@@ -14,8 +14,8 @@ use keepwire_proto::{
 };
 
 use crate::store::{
-    Actor, HeadAdvance, ResumePlan, Retention, Revocation, SYSTEM_USER, StoreError, TrimReport,
-    UserId,
+    Actor, HeadAdvance, Origin, OriginKind, ResumePlan, Retention, Revocation, SYSTEM_USER,
+    StoreError, TrimReport, UserId,
 };
 
 /// Most fetch hints in a `welcome`.
@@ -104,6 +104,23 @@ pub(super) struct SendRecord {
     pub(super) ts: i64,
 }
 
+/// A push registration and where its pushes stand.
+#[derive(Debug, Clone)]
+pub(super) struct PushReg {
+    pub(super) reg_id: String,
+    pub(super) key: Vec<u8>,
+    pub(super) provider: String,
+    pub(super) registration: String,
+    pub(super) previews: bool,
+    pub(super) refreshed_at: i64,
+    pub(super) pushed_seq: Seq,
+    pub(super) delivered_seq: Seq,
+    pub(super) pushed_at: Option<i64>,
+    pub(super) attempts: u32,
+    pub(super) last_success: Option<i64>,
+    pub(super) last_error: Option<String>,
+}
+
 /// An API key (by hash).
 #[derive(Debug, Clone)]
 pub(super) struct ApiKey {
@@ -129,6 +146,12 @@ pub(super) struct State {
     pub(super) sends: HashMap<(UserId, String, String), SendRecord>,
     pub(super) reads: HashMap<(UserId, ConvId), u64>,
     pub(super) api_keys: Vec<ApiKey>,
+    /// Push registrations by (user, device).
+    pub(super) push: BTreeMap<(UserId, String), PushReg>,
+    /// Muted (user, conversation) pairs.
+    pub(super) mutes: std::collections::BTreeSet<(UserId, ConvId)>,
+    /// Meta data (the VAPID key).
+    pub(super) meta: BTreeMap<String, String>,
     pub(super) next_message: u64,
     /// The latest log time handed out (entry times never go back).
     pub(super) last_ts: i64,
@@ -259,6 +282,7 @@ impl State {
         slot: Slot,
         ts: i64,
         item: Option<&Arc<str>>,
+        origin: Option<Origin>,
     ) -> Seq {
         let u = self.users.get_mut(&user).expect("members are users");
         u.head += 1;
@@ -282,6 +306,7 @@ impl State {
             user,
             seq,
             item: item.cloned(),
+            origin,
         });
         seq
     }
@@ -347,7 +372,12 @@ impl State {
             keepwire_proto::encode(&EntryItem::Message(self.message(id).expect("inserted"))).into();
         let mut echo_seq = None;
         for m in members {
-            let seq = self.append(w, m, Slot::Message(id), ts, Some(&item));
+            let origin = Origin {
+                conv: send.conv,
+                sender: user,
+                kind: OriginKind::Message,
+            };
+            let seq = self.append(w, m, Slot::Message(id), ts, Some(&item), Some(origin));
             if m == user {
                 echo_seq = Some(seq);
             }

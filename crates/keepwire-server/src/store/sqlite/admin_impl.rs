@@ -76,6 +76,10 @@ impl AdminStore for SqliteStore {
                     "INSERT INTO revocations (user_id, token_id, device, at) VALUES (?1, NULL, ?2, ?3)",
                     params![user, device, now],
                 )?;
+                c.execute(
+                    "DELETE FROM push_registrations WHERE user_id = ?1 AND device = ?2",
+                    params![user, device],
+                )?;
                 // The tokens it connected with are revoked too: each gets a
                 // log entry, so connections using them elsewhere close.
                 let tokens: Vec<i64> = c
@@ -104,17 +108,30 @@ impl AdminStore for SqliteStore {
             let user = user_id_by_name(c, &name)?
                 .ok_or_else(|| StoreError::NotFound(format!("no user named {name:?}")))?;
             let mut stmt = c.prepare_cached(
-                "SELECT device, first_seen, last_seen, acked_seq, revoked_at FROM devices
-                 WHERE user_id = ?1 ORDER BY device",
+                "SELECT d.device, d.first_seen, d.last_seen, d.acked_seq, d.revoked_at,
+                        p.provider, p.refreshed_at, p.last_success, p.last_error
+                 FROM devices d LEFT JOIN push_registrations p
+                   ON p.user_id = d.user_id AND p.device = d.device
+                 WHERE d.user_id = ?1 ORDER BY d.device",
             )?;
             let rows = stmt
                 .query_map([user], |r| {
+                    let provider: Option<String> = r.get(5)?;
                     Ok(DeviceInfo {
                         device: r.get(0)?,
                         first_seen_ms: r.get(1)?,
                         last_seen_ms: r.get(2)?,
                         acked_seq: r.get::<_, i64>(3)? as u64,
                         revoked_at_ms: r.get(4)?,
+                        push: match provider {
+                            Some(provider) => Some(crate::store::DevicePush {
+                                provider,
+                                refreshed_at_ms: r.get(6)?,
+                                last_success_ms: r.get(7)?,
+                                last_error: r.get(8)?,
+                            }),
+                            None => None,
+                        },
                     })
                 })?
                 .collect::<Result<Vec<_>, _>>()?;

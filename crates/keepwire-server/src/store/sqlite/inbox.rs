@@ -15,7 +15,9 @@ use sha2::{Digest as _, Sha256};
 use super::Ctx;
 use super::queries::{MESSAGE_COLUMNS, actor_id, message_from_row, require_actor, require_member};
 use super::writer::Heads;
-use crate::store::{Actor, HeadAdvance, ResumePlan, Retention, StoreError, TrimReport, UserId};
+use crate::store::{
+    Actor, HeadAdvance, Origin, OriginKind, ResumePlan, Retention, StoreError, TrimReport, UserId,
+};
 
 /// Most fetch hints in a `welcome` (the client lists conversations for the rest).
 const MAX_FETCH_HINTS: usize = 500;
@@ -29,20 +31,16 @@ pub(super) fn send_digest(send: &SendMsg) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// Appends one entry to a user's inbox and applies the count retention.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call site per entry kind; a struct would only rename them"
-)]
-pub(super) fn append_inbox(
+/// Appends an event entry (membership, read or mute marker, stored as its
+/// JSON) to a user's inbox and applies the count retention.
+pub(super) fn append_event(
     conn: &Connection,
     user: UserId,
-    message_id: Option<i64>,
-    event: Option<&str>,
+    event: &str,
     ts: i64,
     max_entries: Option<u64>,
     heads: &mut Heads,
-    item: Option<&Arc<str>>,
+    origin: Option<Origin>,
 ) -> Result<Seq, StoreError> {
     let (head, floor): (i64, i64) = conn
         .prepare_cached(
@@ -53,12 +51,13 @@ pub(super) fn append_inbox(
     conn.prepare_cached(
         "INSERT INTO inbox (user_id, seq, message_id, event, ts) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![user, head, message_id, event, ts])?;
+    .execute(params![user, head, None::<i64>, event, ts])?;
     trim_to_max_entries(conn, user, head, floor, max_entries)?;
     heads.push(HeadAdvance {
         user,
         seq: head as Seq,
-        item: item.cloned(),
+        item: None,
+        origin,
     });
     Ok(head as Seq)
 }
@@ -99,6 +98,11 @@ pub(super) fn append_message_to_members(
             user,
             seq: head as Seq,
             item: Some(item.clone()),
+            origin: Some(Origin {
+                conv,
+                sender,
+                kind: OriginKind::Message,
+            }),
         });
         if user == sender {
             echo = Some(head as Seq);
@@ -138,16 +142,7 @@ pub(super) fn membership_entries(
     let json = serde_json::to_string(event)
         .map_err(|e| StoreError::commit(format!("encoding a membership event: {e}")))?;
     for &r in recipients {
-        append_inbox(
-            conn,
-            r,
-            None,
-            Some(&json),
-            event.ts,
-            max_entries,
-            heads,
-            None,
-        )?;
+        append_event(conn, r, &json, event.ts, max_entries, heads, None)?;
     }
     Ok(())
 }
@@ -430,15 +425,19 @@ pub(super) fn mark_read(
     });
     let json = serde_json::to_string(&mark)
         .map_err(|e| StoreError::commit(format!("encoding a read marker: {e}")))?;
-    append_inbox(
+    let origin = Origin {
+        conv,
+        sender: user,
+        kind: OriginKind::Read,
+    };
+    append_event(
         c,
         user,
-        None,
-        Some(&json),
+        &json,
         ts,
         ctx.retention.max_entries,
         heads,
-        None,
+        Some(origin),
     )?;
     Ok(true)
 }
@@ -486,5 +485,10 @@ pub(super) fn trim(c: &Connection, ctx: &Ctx) -> Result<TrimReport, StoreError> 
         .max(retention.max_age.unwrap_or_default());
     let cutoff = now - i64::try_from(dedupe.as_millis()).unwrap_or(i64::MAX);
     report.dedupe_keys = c.execute("DELETE FROM sends WHERE ts < ?1", [cutoff])? as u64;
+    // Push registrations not refreshed for 60 days are dead.
+    c.execute(
+        "DELETE FROM push_registrations WHERE refreshed_at < ?1",
+        [now - super::push::STALE_AFTER_MS],
+    )?;
     Ok(report)
 }

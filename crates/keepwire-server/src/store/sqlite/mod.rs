@@ -26,6 +26,7 @@ mod admin_impl;
 mod conversations;
 mod files;
 mod inbox;
+mod push;
 mod queries;
 mod read_pool;
 mod relay_impl;

@@ -281,6 +281,69 @@ Ok(Revocation { id: r.get(0)?, user_id: r.get(1)?, token_id: r.get(2)?, device: 
         .await
     }
 
+    async fn set_push(
+        &self,
+        user: UserId,
+        device: &str,
+        push: Option<crate::store::NewPush>,
+    ) -> Result<Option<String>, StoreError> {
+        let device = device.to_owned();
+        let ctx = self.ctx.clone();
+        self.write(move |c, _| super::push::set(c, &ctx, user, &device, push))
+            .await
+    }
+
+    async fn mute(&self, user: UserId, conv: ConvId, muted: bool) -> Result<bool, StoreError> {
+        let ctx = self.ctx.clone();
+        self.write(move |c, heads| super::push::mute(c, heads, &ctx, user, conv, muted))
+            .await
+    }
+
+    async fn push_targets(
+        &self,
+        user: UserId,
+    ) -> Result<Vec<crate::store::PushTarget>, StoreError> {
+        self.read(move |c| super::push::targets(c, user)).await
+    }
+
+    async fn push_users(&self) -> Result<Vec<UserId>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT DISTINCT user_id FROM push_registrations ORDER BY user_id",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    async fn record_push(&self, reg_id: &str, seq: Seq) -> Result<(), StoreError> {
+        let (reg_id, ctx) = (reg_id.to_owned(), self.ctx.clone());
+        self.write(move |c, _| super::push::record(c, &ctx, &reg_id, seq))
+            .await
+    }
+
+    async fn push_outcome(
+        &self,
+        reg_id: &str,
+        outcome: crate::store::PushOutcome,
+    ) -> Result<(), StoreError> {
+        let (reg_id, ctx) = (reg_id.to_owned(), self.ctx.clone());
+        self.write(move |c, _| super::push::outcome(c, &ctx, &reg_id, outcome))
+            .await
+    }
+
+    async fn meta_or_init(&self, key: &str, init: &str) -> Result<String, StoreError> {
+        let (key, init) = (key.to_owned(), init.to_owned());
+        self.write(move |c, _| {
+            c.prepare_cached("INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)")?
+                .execute(params![key, init])?;
+            Ok(c.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+                .query_row([key], |r| r.get(0))?)
+        })
+        .await
+    }
+
     async fn close(&self) {
         // Reads end too: later ones fail with `Closed`.
         self.readers.permits.close();

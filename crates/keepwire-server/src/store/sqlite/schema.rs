@@ -23,6 +23,7 @@ pub(super) const MIGRATIONS: &[(&str, &str)] = &[
         "0005_device_tokens",
         include_str!("migrations/0005_device_tokens.sql"),
     ),
+    ("0006_push", include_str!("migrations/0006_push.sql")),
 ];
 
 pub(super) fn configure(conn: &Connection) -> Result<(), StoreError> {
