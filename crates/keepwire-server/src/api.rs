@@ -308,6 +308,11 @@ pub(crate) fn routes(max_body: usize) -> Router<Arc<Shared>> {
         )
         .route("/v1/users/{user}/tokens/revoke", post(revoke_tokens))
         .route("/v1/users/{user}/positions", get(positions))
+        .route(
+            "/v1/users/{user}/devices/{device}/push",
+            axum::routing::put(set_device_push).delete(delete_device_push),
+        )
+        .route("/v1/push/vapid", get(vapid_key))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
 }
 
@@ -568,6 +573,61 @@ async fn revoke_device(
     // Close at once in this relay; others learn it from the revocation log.
     s.hub.revoke(id, None, Some(&device));
     Ok(ok(StatusCode::OK, json!({"revoked": revoked})))
+}
+
+/// The body of `PUT /v1/users/{user}/devices/{device}/push`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPush {
+    registration: serde_json::Value,
+    #[serde(default)]
+    previews: bool,
+}
+
+async fn set_device_push(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath((user, device)): ApiPath<(String, String)>,
+    ApiJson(b): ApiJson<SetPush>,
+) -> ApiResult {
+    let id = user_id(&s, &user).await?;
+    if !keepwire_proto::is_valid_device_id(&device) {
+        return Err(Problem::not_found(format!("no device {device:?}")));
+    }
+    let Some(push) = &s.push else {
+        return Err(Problem::bad_request(
+            "this relay sends no push wake-ups (start it with --push-config)",
+        ));
+    };
+    let reg = crate::session::PushPolicy::check(&**push, &b.registration, b.previews)
+        .map_err(Problem::bad_request)?;
+    let reg_id = s.store.set_push(id, &device, Some(reg)).await?;
+    push.registered(id);
+    Ok(ok(StatusCode::OK, json!({"id": reg_id})))
+}
+
+async fn delete_device_push(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath((user, device)): ApiPath<(String, String)>,
+) -> ApiResult {
+    let id = user_id(&s, &user).await?;
+    if !keepwire_proto::is_valid_device_id(&device) {
+        return Err(Problem::not_found(format!("no device {device:?}")));
+    }
+    s.store.set_push(id, &device, None).await?;
+    Ok(ok(StatusCode::OK, json!({"removed": true})))
+}
+
+/// The relay's VAPID public key: a browser or UnifiedPush distributor needs
+/// it to subscribe. Public (no API key).
+async fn vapid_key(State(s): State<Arc<Shared>>) -> ApiResult {
+    match s.push.as_ref().and_then(|p| p.vapid_public_key()) {
+        Some(k) => Ok(ok(StatusCode::OK, json!({"vapid": k}))),
+        None => Err(Problem::not_found(
+            "this relay has no Web Push configuration",
+        )),
+    }
 }
 
 async fn revoke_tokens(

@@ -70,6 +70,11 @@ pub struct Config {
     pub conformance_echo: bool,
     /// Who may put users into conversations.
     pub member_adds: MemberAdds,
+    /// The push configuration file (TOML; see `keepwire_push::config`); no
+    /// push wake-ups without one.
+    pub push_config: Option<std::path::PathBuf>,
+    /// When to push.
+    pub push_settings: crate::push::PushSettings,
 }
 
 /// PEM files for TLS.
@@ -111,6 +116,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             conformance_echo: false,
             member_adds: MemberAdds::Members,
+            push_config: None,
+            push_settings: crate::push::PushSettings::default(),
         }
     }
 }
@@ -173,6 +180,7 @@ impl Config {
             history_window: self.history_window,
             max_history_window: self.max_history_window,
             member_adds: self.member_adds,
+            push: None,
             user_budget,
             metrics,
         }

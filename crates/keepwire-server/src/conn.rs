@@ -121,6 +121,9 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
                     Some(Err(e)) => s.handle_transport(transport_error(&e), now),
                     None => s.handle_transport(TransportEvent::Closed, now),
                 }
+                // For push decisions: a live connection that sends nothing
+                // while entries wait is frozen (an iOS app in the background).
+                control.activity.frame(shared.wall.now_ms(), s.positions().1);
             }
             _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
                 s.handle_timeout(clock.now());
@@ -209,6 +212,7 @@ fn carry_out_events(
                 head,
             } => {
                 *opened = true;
+                control.activity.opened(shared.wall.now_ms());
                 shared.metrics.connections_opened.inc();
                 shared.metrics.connections_open.inc();
                 tracing::info!(target: "keepwire::ws", %user, %device, from, head, "connected");

@@ -26,6 +26,7 @@ pub struct Executor {
     hub: Arc<Hub>,
     wall: Arc<dyn WallClock>,
     max_group_size: usize,
+    on_push_registered: Option<Arc<dyn Fn(crate::store::UserId) + Send + Sync>>,
 }
 
 impl Executor {
@@ -43,7 +44,18 @@ impl Executor {
             hub,
             wall,
             max_group_size,
+            on_push_registered: None,
         }
+    }
+
+    /// Calls `f` with the user after a push registration was stored (the
+    /// push engine starts watching the user's entries).
+    pub fn on_push_registered(
+        mut self,
+        f: Arc<dyn Fn(crate::store::UserId) + Send + Sync>,
+    ) -> Self {
+        self.on_push_registered = Some(f);
+        self
     }
 
     /// Starts a request. Inbox reads that the hub's tail holds are answered
@@ -115,6 +127,16 @@ impl Executor {
             }
             StoreRequest::ConvMembers { user, conv } => {
                 StoreAnswer::Members(s.conv_member_ids(user, conv).await)
+            }
+            StoreRequest::SetPush { user, device, push } => {
+                let r = s.set_push(user, &device, push).await;
+                if let (Ok(Some(_)), Some(f)) = (&r, &self.on_push_registered) {
+                    f(user);
+                }
+                StoreAnswer::Push(r)
+            }
+            StoreRequest::Mute { user, conv, muted } => {
+                StoreAnswer::Muted(s.mute(user, conv, muted).await)
             }
             StoreRequest::RecordAck { user, device, seq } => {
                 StoreAnswer::Done(s.record_ack(user, &device, seq).await)

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use std::collections::VecDeque;
@@ -41,6 +41,42 @@ pub enum Control {
 pub struct ControlQueue {
     queue: Mutex<VecDeque<Control>>,
     notify: Notify,
+    /// What the connection's driver last saw, for push decisions.
+    pub activity: Activity,
+}
+
+/// A connection's activity, as its driver records it (atomics: no lock on
+/// the frame path).
+#[derive(Debug, Default)]
+pub struct Activity {
+    opened_ms: AtomicI64,
+    last_frame_ms: AtomicI64,
+    acked: AtomicU64,
+}
+
+impl Activity {
+    /// The handshake finished at `now_ms` (wall clock).
+    pub fn opened(&self, now_ms: i64) {
+        self.opened_ms.store(now_ms, Ordering::Relaxed);
+        self.last_frame_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// A frame arrived at `now_ms`; the device has acknowledged `acked`.
+    pub fn frame(&self, now_ms: i64, acked: Seq) {
+        self.last_frame_ms.store(now_ms, Ordering::Relaxed);
+        self.acked.store(acked, Ordering::Relaxed);
+    }
+}
+
+/// What the hub knows of a device's live connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceActivity {
+    /// When its handshake finished, ms since the Unix epoch (0: not yet).
+    pub opened_ms: i64,
+    /// When it last sent a frame.
+    pub last_frame_ms: i64,
+    /// What it has acknowledged.
+    pub acked: Seq,
 }
 
 impl ControlQueue {
@@ -288,6 +324,26 @@ impl Hub {
     /// Number of live connections.
     pub fn connection_count(&self) -> usize {
         self.lock().values().map(|s| s.conns.len()).sum()
+    }
+
+    /// The newest open connection of a device, if it has one here.
+    pub fn device_activity(&self, user: UserId, device: &str) -> Option<DeviceActivity> {
+        let users = self.lock();
+        users
+            .get(&user)?
+            .conns
+            .iter()
+            .filter(|c| c.device == device)
+            .map(|c| {
+                let a = &c.control.activity;
+                DeviceActivity {
+                    opened_ms: a.opened_ms.load(Ordering::Relaxed),
+                    last_frame_ms: a.last_frame_ms.load(Ordering::Relaxed),
+                    acked: a.acked.load(Ordering::Relaxed),
+                }
+            })
+            .filter(|a| a.opened_ms > 0)
+            .max_by_key(|a| a.opened_ms)
     }
 
     /// The users with a live connection here, and the inbox head known for

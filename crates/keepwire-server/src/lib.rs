@@ -35,6 +35,7 @@ pub mod hub;
 mod listener;
 pub mod metrics;
 mod openapi;
+pub mod push;
 pub mod ratelimit;
 pub mod session;
 pub mod store;
@@ -81,6 +82,8 @@ pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: RelayClock,
     pub(crate) session: Arc<session::SessionConfig>,
+    pub(crate) wall: Arc<dyn store::WallClock>,
+    pub(crate) push: Option<Arc<push::Push>>,
     pub(crate) exec: exec::Executor,
     pub(crate) hub: Arc<Hub>,
     pub(crate) config: Config,
@@ -110,11 +113,35 @@ impl RelayServer {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let hub = Arc::new(Hub::new(config.user_sends_per_sec, config.user_send_burst));
-        store.set_head_listener(hub.clone());
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let push = match &config.push_config {
+            None => None,
+            Some(path) => {
+                let pc = keepwire_push::PushConfig::load(path)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+                let p = push::Push::start(
+                    pc,
+                    config.push_settings,
+                    store.clone(),
+                    hub.clone(),
+                    Arc::new(store::SystemClock),
+                    &metrics,
+                    shutdown.clone(),
+                )
+                .await
+                .map_err(|e| io::Error::other(format!("push: {e}")))?;
+                Some(p)
+            }
+        };
+        match &push {
+            Some(p) => store.set_head_listener(p.listener(hub.clone())),
+            None => store.set_head_listener(hub.clone()),
+        }
         let auth = Arc::new(auth::Authenticator::new(store.clone(), config.jwt.clone()));
-        let session = Arc::new(config.session_config(hub.clone(), metrics.clone()));
+        let mut session = config.session_config(hub.clone(), metrics.clone());
+        session.push = push.clone().map(|p| p as Arc<dyn session::PushPolicy>);
+        let session = Arc::new(session);
         let exec = exec::Executor::new(
             store.clone(),
             auth.clone(),
@@ -122,7 +149,16 @@ impl RelayServer {
             Arc::new(store::SystemClock),
             config.limits.max_group_size,
         );
+        let exec = match &push {
+            Some(p) => {
+                let p = p.clone();
+                exec.on_push_registered(Arc::new(move |user| p.registered(user)))
+            }
+            None => exec,
+        };
         let shared = Arc::new(Shared {
+            wall: Arc::new(store::SystemClock),
+            push,
             clock: RelayClock::new(),
             session,
             exec,

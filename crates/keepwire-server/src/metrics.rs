@@ -42,6 +42,7 @@ pub struct Metrics {
     pub errors: Family<ResultLabel, Counter>,
     /// WebSocket upgrades refused, by reason (`origin`, `token_in_url`, `subprotocol`).
     pub refused_upgrades: Family<ResultLabel, Counter>,
+    attached: std::sync::OnceLock<Registry>,
 }
 
 impl Default for Metrics {
@@ -104,6 +105,7 @@ impl Default for Metrics {
             connections_open,
             closes,
             errors,
+            attached: std::sync::OnceLock::new(),
         }
     }
 }
@@ -115,7 +117,22 @@ impl Metrics {
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
+        if let Some(extra) = self.attached.get() {
+            let mut more = String::new();
+            if prometheus_client::encoding::text::encode(&mut more, extra).is_ok() {
+                // One exposition: a single `# EOF` at the end.
+                if let Some(body) = out.strip_suffix("# EOF\n") {
+                    out = format!("{body}{more}");
+                }
+            }
+        }
         out
+    }
+
+    /// Adds another component's metrics (push) to the exposition. Only the
+    /// first registry attached is kept.
+    pub fn attach(&self, registry: Registry) {
+        let _ = self.attached.set(registry);
     }
 
     /// Counts one refused WebSocket upgrade.

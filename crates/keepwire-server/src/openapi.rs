@@ -184,6 +184,31 @@ pub(crate) fn document() -> Value {
                     "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["revoked_tokens"], "properties": {"revoked_tokens": {"type": "integer", "minimum": 0}}})))
                 }
             },
+            "/v1/users/{user}/devices/{device}/push": {
+                "parameters": [user_param(), {"name": "device", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}],
+                "put": {
+                    "operationId": "setDevicePush",
+                    "summary": "Set or replace a device's push registration (FCM, APNs or Web Push); registering a token another device holds moves it",
+                    "requestBody": json_body("SetPush"),
+                    "responses": with(errors(&body_errors()), "200", ok("The registration id pushes carry", json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}})))
+                },
+                "delete": {
+                    "operationId": "deleteDevicePush",
+                    "summary": "Remove a device's push registration",
+                    "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["removed"], "properties": {"removed": {"type": "boolean"}}})))
+                }
+            },
+            "/v1/push/vapid": {
+                "get": {
+                    "operationId": "vapidKey",
+                    "summary": "The relay's VAPID public key (Web Push); no API key needed",
+                    "security": [],
+                    "responses": {
+                        "200": ok("The key", json!({"type": "object", "required": ["vapid"], "properties": {"vapid": {"type": "string"}}})),
+                        "404": problem("No Web Push configuration")
+                    }
+                }
+            },
             "/v1/users/{user}/positions": {
                 "parameters": [user_param()],
                 "get": {
@@ -197,6 +222,20 @@ pub(crate) fn document() -> Value {
         "components": {
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "kwk_... from `keepwire admin api-key create NAME`"}},
             "schemas": {
+                "SetPush": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "required": ["registration"],
+                    "properties": {
+                        "registration": {
+                            "type": "object",
+                            "description": "{\"provider\":\"fcm\",\"token\":...}, {\"provider\":\"apns\",\"token\":...,\"environment\":\"production\",\"topic\":...} or {\"provider\":\"webpush\",\"endpoint\":...,\"keys\":{\"p256dh\":...,\"auth\":...}}",
+                            "required": ["provider"],
+                            "properties": {"provider": {"type": "string", "enum": ["fcm", "apns", "webpush"]}}
+                        },
+                        "previews": {"type": "boolean", "description": "the user allows encrypted previews"}
+                    }
+                },
                 "Problem": {
                     "type": "object",
                     "required": ["type", "title", "status", "detail"],

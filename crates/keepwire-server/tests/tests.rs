@@ -11,6 +11,7 @@ mod group_commit;
 mod hostile;
 mod integration;
 mod lifecycle;
+mod push;
 mod resume;
 mod sim;
 mod store_contract;

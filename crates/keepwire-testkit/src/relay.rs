@@ -17,7 +17,7 @@ pub struct TestRelay {
     pub store: Arc<SqliteStore>,
     pub url: String,
     pub host_port: String,
-    _dir: TempDir,
+    _dir: Option<TempDir>,
 }
 
 /// Limits loose enough that only tests about limits meet them.
@@ -42,6 +42,17 @@ impl TestRelay {
 
     pub async fn start_with(config: Config, retention: Retention) -> TestRelay {
         let dir = TempDir::new("relay");
+        let mut relay = Self::open(&dir, config, retention).await;
+        relay._dir = Some(dir);
+        relay
+    }
+
+    /// A relay on `dir/relay.db` (kept after it stops: start another on it).
+    pub async fn start_at(dir: &TempDir, config: Config) -> TestRelay {
+        Self::open(dir, config, Retention::default()).await
+    }
+
+    async fn open(dir: &TempDir, config: Config, retention: Retention) -> TestRelay {
         let metrics = Arc::new(Metrics::default());
         let store = SqliteStore::open(
             &dir.join("relay.db"),
@@ -62,7 +73,7 @@ impl TestRelay {
             store,
             url,
             host_port,
-            _dir: dir,
+            _dir: None,
         }
     }
 

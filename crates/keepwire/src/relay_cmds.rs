@@ -73,6 +73,18 @@ pub(crate) struct ServeArgs {
     /// can still leave).
     #[arg(long, value_name = "WHO")]
     member_adds: Option<keepwire_server::MemberAdds>,
+    /// Push wake-ups (FCM, APNs, Web Push): the TOML configuration file
+    /// (see README, "Push wake-ups").
+    #[arg(long, value_name = "FILE")]
+    push_config: Option<std::path::PathBuf>,
+    /// A connection silent this long while entries wait counts as frozen
+    /// and gets a push (default 5s).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    push_frozen_after: Option<Duration>,
+    /// An unanswered push is sent again after this, doubling up to 6 h
+    /// (default 10m).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    push_rearm: Option<Duration>,
     /// Inbox entries replayed to a new device.
     #[arg(long, value_name = "N")]
     history_window: Option<u64>,
@@ -312,6 +324,13 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.member_adds {
         config.member_adds = v;
+    }
+    config.push_config = args.push_config.clone();
+    if let Some(v) = args.push_frozen_after {
+        config.push_settings.frozen_after = v;
+    }
+    if let Some(v) = args.push_rearm {
+        config.push_settings.rearm = v.max(Duration::from_millis(100));
     }
     if let Some(v) = args.trim_interval {
         config.trim_interval = v.max(Duration::from_millis(10));

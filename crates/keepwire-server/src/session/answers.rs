@@ -25,6 +25,10 @@ pub(super) enum SlotKind {
     Read(ConvId),
     /// `signal`: relayed to the members, or an error naming the conversation.
     Signal(ConvId, Box<serde_json::Value>),
+    /// `push_register`: `push` with its rid.
+    Push(Box<str>),
+    /// `mute`: `muted` with its rid, conversation and wish.
+    Mute(Box<str>, ConvId, bool),
 }
 
 #[derive(Debug)]

@@ -111,10 +111,27 @@ pub struct SessionConfig {
     pub max_history_window: u64,
     /// Who may put users into conversations.
     pub member_adds: crate::MemberAdds,
+    /// Push wake-ups, when configured.
+    pub push: Option<Arc<dyn PushPolicy>>,
     /// The budget each user's connections share.
     pub user_budget: Arc<dyn SendBudget>,
     /// Where to count.
     pub metrics: Arc<Metrics>,
+}
+
+/// Checks push registrations against the relay's push configuration (pure:
+/// no I/O).
+pub trait PushPolicy: Send + Sync {
+    /// What to store for a `push_register`'s registration, or why it is
+    /// refused (an unknown provider, one not configured, an APNs topic that
+    /// is not one of the app's, a malformed token or key).
+    fn check(
+        &self,
+        registration: &serde_json::Value,
+        previews: bool,
+    ) -> Result<crate::store::NewPush, String>;
+    /// What `welcome.push` says.
+    fn info(&self) -> keepwire_proto::PushInfo;
 }
 
 /// A WebSocket message or socket event, for [`Session::handle_transport`].
@@ -277,6 +294,24 @@ pub enum StoreRequest {
         /// The conversation.
         conv: ConvId,
     },
+    /// Set or remove the device's push registration ([`StoreAnswer::Push`]).
+    SetPush {
+        /// The user.
+        user: UserId,
+        /// The device.
+        device: String,
+        /// The registration (`None` removes it).
+        push: Option<crate::store::NewPush>,
+    },
+    /// Mute or unmute a conversation ([`StoreAnswer::Muted`]).
+    Mute {
+        /// The user.
+        user: UserId,
+        /// The conversation.
+        conv: ConvId,
+        /// Muted (or not).
+        muted: bool,
+    },
     /// Persist the device's acknowledged position ([`StoreAnswer::Done`]).
     RecordAck {
         /// The user.
@@ -299,6 +334,8 @@ impl StoreRequest {
                 | StoreRequest::ConvCreate { .. }
                 | StoreRequest::ConvMember { .. }
                 | StoreRequest::MarkRead { .. }
+                | StoreRequest::SetPush { .. }
+                | StoreRequest::Mute { .. }
                 | StoreRequest::RecordAck { .. }
         )
     }
@@ -352,6 +389,10 @@ pub enum StoreAnswer {
     Convs(Result<Vec<ConvInfo>, StoreError>),
     /// Members.
     Members(Result<Vec<UserId>, StoreError>),
+    /// The registration id (or none, after a removal).
+    Push(Result<Option<String>, StoreError>),
+    /// Whether a mute changed something.
+    Muted(Result<bool, StoreError>),
 }
 
 /// The session's state (rustls style: each state says what it waits for).
@@ -760,7 +801,7 @@ impl Session {
             head: plan.head,
             resume: plan.resume,
             limits: limits.wire(),
-            push: None,
+            push: self.cfg.push.as_ref().map(|p| p.info()),
         });
         self.events.push_back(Event::Opened {
             user: peer.user.name.clone(),

@@ -304,7 +304,9 @@ impl Session {
             f @ (ClientFrame::History(_)
             | ClientFrame::ConvList { .. }
             | ClientFrame::Read { .. }
-            | ClientFrame::Signal { .. }) => self.handle_request(f, user, now),
+            | ClientFrame::Signal { .. }
+            | ClientFrame::PushRegister(_)
+            | ClientFrame::Mute { .. }) => self.handle_request(f, user, now),
             _ => {
                 self.count_error(ErrorCode::UnknownType);
                 self.answer_now(error_frame(
@@ -436,6 +438,43 @@ impl Session {
                 if self.admit(verdict, ty, None, Some(conv)) {
                     let req = StoreRequest::ConvMembers { user, conv };
                     self.enqueue(SlotKind::Signal(conv, Box::new(data)), req);
+                }
+            }
+            ClientFrame::PushRegister(p) => {
+                let verdict = self.limiter().frame(now);
+                if !self.admit(verdict, ty, Some(&p.rid), None) {
+                    return;
+                }
+                let push = if p.registration.is_null() {
+                    Ok(None)
+                } else {
+                    match &self.cfg.push {
+                        None => Err("this relay sends no push wake-ups".to_owned()),
+                        Some(policy) => policy.check(&p.registration, p.previews).map(Some),
+                    }
+                };
+                match push {
+                    Ok(push) => {
+                        let device = self
+                            .peer
+                            .as_ref()
+                            .map(|p| p.device.clone())
+                            .unwrap_or_default();
+                        let req = StoreRequest::SetPush { user, device, push };
+                        self.enqueue(SlotKind::Push(p.rid.as_str().into()), req);
+                    }
+                    Err(why) => {
+                        self.count_error(ErrorCode::Invalid);
+                        let f = error_frame(Some(ty), Some(&p.rid), None, ErrorCode::Invalid, why);
+                        self.answer_now(f);
+                    }
+                }
+            }
+            ClientFrame::Mute { rid, conv, muted } => {
+                let verdict = self.limiter().frame(now);
+                if self.admit(verdict, ty, Some(&rid), Some(conv)) {
+                    let req = StoreRequest::Mute { user, conv, muted };
+                    self.enqueue(SlotKind::Mute(rid.as_str().into(), conv, muted), req);
                 }
             }
             _ => {}
@@ -595,6 +634,22 @@ impl Session {
                 }
                 Err(e) => Some(self.request_error("signal", None, Some(conv), e)),
             },
+            (SlotKind::Push(rid), StoreAnswer::Push(res)) => Some(match res {
+                Ok(id) => encode(&ServerFrame::Push {
+                    rid: rid.into(),
+                    id,
+                }),
+                Err(e) => self.request_error("push_register", Some(&rid), None, e),
+            }),
+            (SlotKind::Mute(rid, conv, muted), StoreAnswer::Muted(res)) => Some(match res {
+                Ok(changed) => encode(&ServerFrame::Muted {
+                    rid: rid.into(),
+                    conv,
+                    muted,
+                    changed,
+                }),
+                Err(e) => self.request_error("mute", Some(&rid), Some(conv), e),
+            }),
             (kind, answer) => {
                 tracing::error!(target: "keepwire::ws", ?kind, ?answer, "a store answer of the wrong kind");
                 Some(error_frame(

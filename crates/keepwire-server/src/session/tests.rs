@@ -34,6 +34,7 @@ fn config_of(limits: Limits) -> SessionConfig {
         history_window: 100,
         max_history_window: 10_000,
         member_adds: crate::MemberAdds::Members,
+        push: None,
         user_budget: Arc::new(Unlimited),
         metrics: Arc::new(Metrics::default()),
     }

@@ -352,19 +352,35 @@ pub async fn push_registrations_and_wake_positions(f: &dyn StoreFactory) {
     };
     s.touch_device(b, "phone", None).await.unwrap();
     s.touch_device(b, "tablet", None).await.unwrap();
-    let id = s.set_push(b, "phone", Some(fcm("t1"))).await.unwrap().unwrap();
+    let id = s
+        .set_push(b, "phone", Some(fcm("t1")))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(id.starts_with("r_") && id.len() > 16, "{id}");
     let again = s.set_push(b, "phone", Some(fcm("t1"))).await.unwrap();
-    assert_eq!(again.as_deref(), Some(id.as_str()), "a refresh keeps the id");
+    assert_eq!(
+        again.as_deref(),
+        Some(id.as_str()),
+        "a refresh keeps the id"
+    );
     // The same token on the tablet moves there (a token is one device's).
-    let moved = s.set_push(b, "tablet", Some(fcm("t1"))).await.unwrap().unwrap();
+    let moved = s
+        .set_push(b, "tablet", Some(fcm("t1")))
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(moved, id);
     let t = s.push_targets(b).await.unwrap();
     assert_eq!(t.len(), 1);
     assert_eq!(t[0].device, "tablet");
     assert_eq!(s.set_push(b, "tablet", None).await.unwrap(), None);
     assert!(s.push_targets(b).await.unwrap().is_empty());
-    let id = s.set_push(b, "phone", Some(fcm("t2"))).await.unwrap().unwrap();
+    let id = s
+        .set_push(b, "phone", Some(fcm("t2")))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(s.push_users().await.unwrap(), vec![b]);
 
     // What wakes the phone: messages from others, not its own, not muted.
@@ -406,13 +422,21 @@ pub async fn push_registrations_and_wake_positions(f: &dyn StoreFactory) {
     let t = &s.push_targets(b).await.unwrap()[0];
     assert_eq!((t.pushed_seq, t.attempts, t.delivered_seq), (wake, 2, 0));
     assert!(t.pushed_at_ms.is_some());
-    s.push_outcome(&id, PushOutcome::Delivered(wake)).await.unwrap();
+    s.push_outcome(&id, PushOutcome::Delivered(wake))
+        .await
+        .unwrap();
     s.record_ack(b, "phone", wake).await.unwrap();
     let t = &s.push_targets(b).await.unwrap()[0];
-    assert_eq!((t.delivered_seq, t.acked_seq, t.wake_seq), (wake, wake, None));
+    assert_eq!(
+        (t.delivered_seq, t.acked_seq, t.wake_seq),
+        (wake, wake, None)
+    );
     let devices = s.list_devices("b").await.unwrap();
     let phone = devices.iter().find(|d| d.device == "phone").unwrap();
-    let push = phone.push.as_ref().expect("the phone shows its registration");
+    let push = phone
+        .push
+        .as_ref()
+        .expect("the phone shows its registration");
     assert_eq!(push.provider, "fcm");
     assert!(push.last_success_ms.is_some());
     let vapid = s.meta_or_init("vapid", "k1").await.unwrap();
