@@ -407,6 +407,10 @@ struct Session {
     expected: Seq,
     /// Highest sequence acknowledged to the relay.
     acked: Seq,
+    /// Highest sequence stored (acknowledged by `ack_at` at the latest).
+    persisted: Seq,
+    /// When the stored position must be acknowledged.
+    ack_at: Option<Instant>,
     next_ping: Instant,
     pong_deadline: Option<Instant>,
     /// The outstanding ping was sent after a full idle interval (it tests
@@ -415,6 +419,11 @@ struct Session {
     /// The heartbeat we asked for last (to renegotiate on app state changes).
     requested_heartbeat: Duration,
 }
+
+/// Entries stored before the relay is told at once (PROTOCOL.md §4).
+pub const ACK_EVERY: Seq = 64;
+/// The longest a stored entry waits to be acknowledged.
+pub const ACK_DELAY: Duration = Duration::from_millis(100);
 
 /// The sans-IO client connection (quinn-proto style).
 ///
@@ -671,22 +680,42 @@ impl Connection {
         }
     }
 
-    /// The driver persisted every entry up to `seq` (and the cursor with them).
-    pub fn handle_persisted(&mut self, seq: Seq, _now: Instant) {
+    /// The driver persisted every entry up to `seq` (and the cursor with
+    /// them). The relay hears of it (PROTOCOL.md §4) after [`ACK_EVERY`]
+    /// entries, or [`ACK_DELAY`] after the first one not yet acknowledged,
+    /// whichever comes first: while entries flow that is one ack per 64 of
+    /// them, and when they stop the position is known within 100 ms.
+    pub fn handle_persisted(&mut self, seq: Seq, now: Instant) {
         let Some(t) = &mut self.transport else { return };
-        let id = t.id;
         let Some(s) = &mut t.session else { return };
-        if seq <= s.acked || seq >= s.expected {
+        if seq <= s.persisted || seq >= s.expected {
             return;
         }
-        s.acked = seq;
+        s.persisted = seq;
         self.cursor = Some(Cursor {
             epoch: s.epoch.clone(),
             seq,
         });
+        if seq - s.acked >= ACK_EVERY {
+            self.send_ack();
+        } else if s.ack_at.is_none() {
+            s.ack_at = Some(now + ACK_DELAY);
+        }
+    }
+
+    /// Acknowledges the stored position now.
+    fn send_ack(&mut self) {
+        let Some(t) = &mut self.transport else { return };
+        let id = t.id;
+        let Some(s) = &mut t.session else { return };
+        s.ack_at = None;
+        if s.persisted <= s.acked {
+            return;
+        }
+        s.acked = s.persisted;
         self.transmits.push_back(Transmit::Frame {
             id,
-            text: encode(&ClientFrame::Ack { seq }),
+            text: encode(&ClientFrame::Ack { seq: s.acked }),
         });
     }
 
@@ -768,6 +797,15 @@ impl Connection {
 
     /// A timer fired. Spurious calls are no-ops.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self
+            .transport
+            .as_ref()
+            .and_then(|t| t.session.as_ref())
+            .and_then(|s| s.ack_at)
+            .is_some_and(|at| now >= at)
+        {
+            self.send_ack();
+        }
         if let Some(t) = &self.transport {
             match &t.session {
                 None if now >= t.started + self.cfg.connect_timeout => {
@@ -850,6 +888,7 @@ impl Connection {
                 Some(s) => {
                     consider(Some(s.next_ping));
                     consider(s.pong_deadline);
+                    consider(s.ack_at);
                     if s.pong_deadline.is_none() {
                         consider(
                             self.oldest_in_flight()
@@ -931,6 +970,9 @@ impl Connection {
     }
 
     fn drop_transport(&mut self, code: u16) {
+        // A deliberate close tells the relay what is stored first (a woken
+        // device that disconnects would otherwise look unwoken).
+        self.send_ack();
         if let Some(t) = self.transport.take() {
             self.transmits.push_back(Transmit::Close { id: t.id, code });
             self.requeue_in_flight();
@@ -1057,6 +1099,8 @@ impl Connection {
                         .max(1),
                     expected: from,
                     acked: from.saturating_sub(1),
+                    persisted: from.saturating_sub(1),
+                    ack_at: None,
                     next_ping: now + heartbeat,
                     pong_deadline: None,
                     scheduled_ping: false,

@@ -14,8 +14,9 @@ mod rng;
 
 pub use backoff::{Backoff, Jitter};
 pub use connection::{
-    AdaptiveHeartbeat, AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event,
-    FailureKind, Network, NotConnected, OutboxItem, State, StopReason, Transmit, TransportEvent,
+    ACK_DELAY, ACK_EVERY, AdaptiveHeartbeat, AppState, BackgroundPolicy, Config, Connection,
+    ConnectionError, Event, FailureKind, Network, NotConnected, OutboxItem, State, StopReason,
+    Transmit, TransportEvent,
 };
 pub use keepwire_proto::Instant;
 pub use rng::SeededRng;

@@ -377,6 +377,12 @@ fn the_cursor_moves_only_when_entries_are_persisted() {
     h.c.handle_persisted(2, t(2));
     h.drain();
     assert_eq!(h.c.cursor().map(|c| c.seq), Some(2));
+    // Acknowledged within ACK_DELAY (or after ACK_EVERY entries).
+    assert!(!h.sent.iter().any(|f| matches!(f, ClientFrame::Ack { .. })));
+    let due = h.c.poll_timeout().unwrap();
+    assert!(due <= t(2) + keepwire_core::ACK_DELAY);
+    h.c.handle_timeout(due);
+    h.drain();
     assert!(matches!(h.sent.last(), Some(ClientFrame::Ack { seq: 2 })));
     // An entry out of sequence is a protocol error: reconnect and resume.
     h.frame(entry(4), t(3));
