@@ -75,6 +75,8 @@ pub struct Config {
     pub push_config: Option<std::path::PathBuf>,
     /// When to push.
     pub push_settings: crate::push::PushSettings,
+    /// The cross-node bus, when several relays share one store.
+    pub bus: Option<crate::bus::BusConfig>,
 }
 
 /// PEM files for TLS.
@@ -118,6 +120,7 @@ impl Default for Config {
             member_adds: MemberAdds::Members,
             push_config: None,
             push_settings: crate::push::PushSettings::default(),
+            bus: None,
         }
     }
 }

@@ -196,6 +196,10 @@ fn carry_out_events(
                 let result = result.map(|r| {
                     let head = *r.head.borrow();
                     *reg = Some(r);
+                    // Other nodes close their older connection of the device.
+                    if let Some(b) = &shared.bus {
+                        b.registered(user, &device, generation);
+                    }
                     head
                 });
                 s.handle_registered(result, clock.now());

@@ -25,6 +25,9 @@ use crate::store::{HeadAdvance, HeadListener, UserId};
 /// Committed entries kept per user with a live connection.
 pub const TAIL: usize = 256;
 
+/// How long a device's generation registered on another node is remembered.
+const REMOTE_MEMORY: Duration = Duration::from_secs(120);
+
 /// Something the hub asks a connection to do.
 #[derive(Debug)]
 pub enum Control {
@@ -160,6 +163,9 @@ pub enum RegisterError {
 /// The registry of live connections.
 pub struct Hub {
     users: Mutex<HashMap<UserId, UserSlot>>,
+    /// The newest generation of devices registered on other nodes (with when
+    /// it was heard), so a late older `hello` here is refused.
+    remote: Mutex<HashMap<(UserId, String), (u64, Instant)>>,
     next_id: AtomicU64,
     user_rate: (u32, u32),
     /// Test-only: the tail hands out N+1 before N.
@@ -188,6 +194,7 @@ impl Hub {
     pub fn new(user_sends_per_sec: u32, user_send_burst: u32) -> Self {
         Hub {
             users: Mutex::new(HashMap::new()),
+            remote: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             user_rate: (user_sends_per_sec, user_send_burst),
             #[cfg(any(test, feature = "testing"))]
@@ -239,7 +246,14 @@ impl Hub {
             c.device == device
                 && matches!((c.generation, generation), (Some(theirs), Some(ours)) if theirs > ours)
         });
-        if newer_exists {
+        let newer_elsewhere = generation.is_some_and(|ours| {
+            self.remote
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(user, device.to_owned()))
+                .is_some_and(|(theirs, _)| *theirs > ours)
+        });
+        if newer_exists || newer_elsewhere {
             return Err(RegisterError::Superseded);
         }
         slot.conns.retain(|c| {
@@ -297,6 +311,55 @@ impl Hub {
             }
         }
         n
+    }
+
+    /// A device registered on another node with `generation`: close this
+    /// node's connections of it that are older (4005). Without a generation
+    /// the other one is newer by arrival.
+    pub fn superseded(
+        &self,
+        user: UserId,
+        device: &str,
+        generation: Option<u64>,
+        now: Instant,
+    ) -> usize {
+        if let Some(g) = generation {
+            let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+            // Remembered for a while: long enough for any late `hello`.
+            remote.retain(|_, (_, at)| now.saturating_duration_since(*at) < REMOTE_MEMORY);
+            let e = remote.entry((user, device.to_owned())).or_insert((g, now));
+            if g >= e.0 {
+                *e = (g, now);
+            }
+        }
+        let users = self.lock();
+        let Some(slot) = users.get(&user) else {
+            return 0;
+        };
+        let mut n = 0;
+        for c in slot.conns.iter().filter(|c| c.device == device) {
+            let older = match (c.generation, generation) {
+                (Some(ours), Some(theirs)) => ours < theirs,
+                _ => true,
+            };
+            if older {
+                c.control.push(Control::Close(CloseCode::Replaced));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The highest generation among this node's connections of a device.
+    pub fn newest_generation(&self, user: UserId, device: &str) -> Option<u64> {
+        let users = self.lock();
+        users
+            .get(&user)?
+            .conns
+            .iter()
+            .filter(|c| c.device == device)
+            .filter_map(|c| c.generation)
+            .max()
     }
 
     /// Asks every live connection to close with `code` (a graceful shutdown).

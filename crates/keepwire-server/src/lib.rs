@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 mod api;
 pub mod auth;
+pub mod bus;
 mod config;
 mod conn;
 pub mod exec;
@@ -60,7 +61,7 @@ pub(crate) struct RelayClock {
 }
 
 impl RelayClock {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         RelayClock {
             origin: tokio::time::Instant::now(),
         }
@@ -84,6 +85,7 @@ pub(crate) struct Shared {
     pub(crate) session: Arc<session::SessionConfig>,
     pub(crate) wall: Arc<dyn store::WallClock>,
     pub(crate) push: Option<Arc<push::Push>>,
+    pub(crate) bus: Option<bus::Bus>,
     pub(crate) exec: exec::Executor,
     pub(crate) hub: Arc<Hub>,
     pub(crate) config: Config,
@@ -134,9 +136,21 @@ impl RelayServer {
                 Some(p)
             }
         };
-        match &push {
-            Some(p) => store.set_head_listener(p.listener(hub.clone())),
-            None => store.set_head_listener(hub.clone()),
+        let heads: Arc<dyn store::HeadListener> = match &push {
+            Some(p) => p.listener(hub.clone()),
+            None => hub.clone(),
+        };
+        let bus = match &config.bus {
+            None => None,
+            Some(cfg) => Some(
+                bus::Bus::start(cfg.clone(), hub.clone(), store.clone(), shutdown.clone())
+                    .await
+                    .map_err(io::Error::other)?,
+            ),
+        };
+        match &bus {
+            Some(b) => store.set_head_listener(b.listener(heads)),
+            None => store.set_head_listener(heads),
         }
         let auth = Arc::new(auth::Authenticator::new(store.clone(), config.jwt.clone()));
         let mut session = config.session_config(hub.clone(), metrics.clone());
@@ -159,6 +173,7 @@ impl RelayServer {
         let shared = Arc::new(Shared {
             wall: Arc::new(store::SystemClock),
             push,
+            bus,
             clock: RelayClock::new(),
             session,
             exec,

@@ -81,6 +81,14 @@ pub(crate) struct ServeArgs {
     /// and gets a push (default 5s).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     push_frozen_after: Option<Duration>,
+    /// The cross-node bus, when several relays share one store
+    /// (`nats://HOST:PORT`): commits and device registrations are announced
+    /// to the other nodes (see README, "Several relays").
+    #[arg(long, value_name = "URL")]
+    bus: Option<String>,
+    /// The subject prefix the nodes of one cluster share.
+    #[arg(long, value_name = "PREFIX", default_value = "keepwire")]
+    bus_prefix: String,
     /// An unanswered push is sent again after this, doubling up to 6 h
     /// (default 10m).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -326,6 +334,11 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         config.member_adds = v;
     }
     config.push_config = args.push_config.clone();
+    config.bus = args.bus.clone().map(|url| keepwire_server::bus::BusConfig {
+        url,
+        prefix: args.bus_prefix.clone(),
+        refresh: Duration::from_secs(1),
+    });
     if let Some(v) = args.push_frozen_after {
         config.push_settings.frozen_after = v;
     }
