@@ -12,6 +12,8 @@ use crate::backoff::{Backoff, Jitter};
 use crate::rng::SeededRng;
 use keepwire_proto::Instant;
 
+use crate::timer::{Timer, TimerTable};
+
 /// Settings of a [`Connection`].
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -407,12 +409,9 @@ struct Session {
     expected: Seq,
     /// Highest sequence acknowledged to the relay.
     acked: Seq,
-    /// Highest sequence stored (acknowledged by `ack_at` at the latest).
+    /// Highest sequence stored (acknowledged when [`Timer::Ack`] fires at
+    /// the latest).
     persisted: Seq,
-    /// When the stored position must be acknowledged.
-    ack_at: Option<Instant>,
-    next_ping: Instant,
-    pong_deadline: Option<Instant>,
     /// The outstanding ping was sent after a full idle interval (it tests
     /// the heartbeat), not as a probe.
     scheduled_ping: bool,
@@ -453,14 +452,10 @@ pub struct Connection {
     next_transport_id: u64,
     url_index: usize,
     attempts: Vec<u32>,
-    retry_at: Option<Instant>,
-    send_pause_until: Option<Instant>,
+    /// Every deadline (see [`Timer`]).
+    timers: TimerTable,
     /// The background policy has disconnected (until foreground or a sync).
     dormant: bool,
-    /// When the background linger ends.
-    linger_until: Option<Instant>,
-    /// A sync was requested and runs until this deadline (or `end_sync`).
-    sync_until: Option<Instant>,
     /// Learnt background heartbeats per network id.
     learned: std::collections::HashMap<String, Learner>,
     outbox: VecDeque<Pending>,
@@ -497,11 +492,8 @@ impl Connection {
             transport: None,
             next_transport_id: 1,
             url_index,
-            retry_at: None,
-            send_pause_until: None,
+            timers: TimerTable::default(),
             dormant: false,
-            linger_until: None,
-            sync_until: None,
             learned: std::collections::HashMap::new(),
             outbox: VecDeque::new(),
             entries: Vec::new(),
@@ -555,7 +547,7 @@ impl Connection {
 
     /// The scheduled retry time while backing off.
     pub fn retry_at(&self) -> Option<Instant> {
-        self.retry_at
+        self.timers.get(Timer::Retry)
     }
 
     /// The backoff in force for the current app state.
@@ -574,7 +566,7 @@ impl Connection {
             self.refreshed = false;
         }
         self.wanted = true;
-        self.retry_at = None;
+        self.timers.stop(Timer::Retry);
         self.set_state(State::Idle);
         self.drive(now);
     }
@@ -598,13 +590,13 @@ impl Connection {
                 // The user is looking: connect now, skip any backoff wait,
                 // probe an open socket.
                 self.dormant = false;
-                self.linger_until = None;
-                self.retry_at = None;
+                self.timers.stop(Timer::Linger);
+                self.timers.stop(Timer::Retry);
                 self.probe(now);
             }
             AppState::Background => match self.cfg.background_policy {
                 BackgroundPolicy::KeepAlive => {}
-                BackgroundPolicy::Linger(d) => self.linger_until = Some(now + d),
+                BackgroundPolicy::Linger(d) => self.timers.set(Timer::Linger, now + d),
                 BackgroundPolicy::WakeOnly => self.dormant = true,
             },
         }
@@ -624,12 +616,12 @@ impl Connection {
                 // The OS is authoritative about "no network": drop the socket
                 // rather than wait for heartbeats to find it dead.
                 self.drop_transport(CloseCode::GoingAway.code());
-                self.retry_at = None;
+                self.timers.stop(Timer::Retry);
             }
             Network::Online(_) => {
                 // Back, or a different network: try at once. An open socket
                 // may be on the old interface: probe it.
-                self.retry_at = None;
+                self.timers.stop(Timer::Retry);
                 if was_online {
                     self.probe(now);
                 }
@@ -644,8 +636,8 @@ impl Connection {
     /// push wake-up), skipping any backoff wait, until `deadline` or
     /// [`Connection::end_sync`].
     pub fn request_sync(&mut self, deadline: Instant, now: Instant) {
-        self.sync_until = Some(deadline);
-        self.retry_at = None;
+        self.timers.set(Timer::Sync, deadline);
+        self.timers.stop(Timer::Retry);
         // Already connected: a pong tells the relay's current head.
         self.probe(now);
         self.drive(now);
@@ -653,13 +645,13 @@ impl Connection {
 
     /// The sync is done (or abandoned): a dormant connection disconnects.
     pub fn end_sync(&mut self, now: Instant) {
-        self.sync_until = None;
+        self.timers.stop(Timer::Sync);
         self.drive(now);
     }
 
     /// Whether a sync is in progress.
     pub fn syncing(&self) -> bool {
-        self.sync_until.is_some()
+        self.timers.is_set(Timer::Sync)
     }
 
     /// The app's token provider answered a [`Event::TokenNeeded`].
@@ -668,7 +660,7 @@ impl Connection {
             Some(t) if self.state == State::RefreshingToken => {
                 self.token = t;
                 self.refreshed = true;
-                self.retry_at = None;
+                self.timers.stop(Timer::Retry);
                 self.set_state(State::Idle);
                 self.drive(now);
             }
@@ -698,8 +690,8 @@ impl Connection {
         });
         if seq - s.acked >= ACK_EVERY {
             self.send_ack();
-        } else if s.ack_at.is_none() {
-            s.ack_at = Some(now + ACK_DELAY);
+        } else if !self.timers.is_set(Timer::Ack) {
+            self.timers.set(Timer::Ack, now + ACK_DELAY);
         }
     }
 
@@ -708,7 +700,7 @@ impl Connection {
         let Some(t) = &mut self.transport else { return };
         let id = t.id;
         let Some(s) = &mut t.session else { return };
-        s.ack_at = None;
+        self.timers.stop(Timer::Ack);
         if s.persisted <= s.acked {
             return;
         }
@@ -797,13 +789,7 @@ impl Connection {
 
     /// A timer fired. Spurious calls are no-ops.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self
-            .transport
-            .as_ref()
-            .and_then(|t| t.session.as_ref())
-            .and_then(|s| s.ack_at)
-            .is_some_and(|at| now >= at)
-        {
+        if self.timers.is_due(Timer::Ack, now) {
             self.send_ack();
         }
         if let Some(t) = &self.transport {
@@ -817,8 +803,8 @@ impl Connection {
                     self.transport_lost(None, ConnectionError::Timeout, now);
                 }
                 None => {}
-                Some(s) => {
-                    if s.pong_deadline.is_some_and(|d| now >= d) {
+                Some(_) => {
+                    if self.timers.is_due(Timer::Pong, now) {
                         let id = t.id;
                         self.transmits.push_back(Transmit::Close {
                             id,
@@ -826,7 +812,7 @@ impl Connection {
                         });
                         self.heartbeat_result(false, now);
                         self.transport_lost(None, ConnectionError::HeartbeatTimeout, now);
-                    } else if now >= s.next_ping {
+                    } else if self.timers.is_due(Timer::Ping, now) {
                         self.ping(now, true);
                     } else if self.send_probe_due(now) {
                         self.ping(now, false);
@@ -834,18 +820,18 @@ impl Connection {
                 }
             }
         }
-        if self.send_pause_until.is_some_and(|t| now >= t) {
-            self.send_pause_until = None;
+        if self.timers.is_due(Timer::SendPause, now) {
+            self.timers.stop(Timer::SendPause);
             self.pump_outbox(now);
         }
-        if self.linger_until.is_some_and(|t| now >= t) {
-            self.linger_until = None;
+        if self.timers.is_due(Timer::Linger, now) {
+            self.timers.stop(Timer::Linger);
             if self.app == AppState::Background {
                 self.dormant = true;
             }
         }
-        if self.sync_until.is_some_and(|t| now >= t) {
-            self.sync_until = None;
+        if self.timers.is_due(Timer::Sync, now) {
+            self.timers.stop(Timer::Sync);
         }
         self.drive(now);
     }
@@ -873,34 +859,25 @@ impl Connection {
     /// When [`Connection::handle_timeout`] should next be called.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t: Option<Instant> = None;
+        // The table, plus two deadlines computed from other state: the
+        // connect timeout of an opening transport, and the probe ping of a
+        // send waiting too long for its confirmation.
+        let mut t = self.timers.next();
         let mut consider = |x: Option<Instant>| {
             if let Some(x) = x {
                 t = Some(t.map_or(x, |t| t.min(x)));
             }
         };
-        if self.transport.is_none() {
-            consider(self.retry_at);
-        }
         if let Some(tr) = &self.transport {
             match &tr.session {
                 None => consider(Some(tr.started + self.cfg.connect_timeout)),
-                Some(s) => {
-                    consider(Some(s.next_ping));
-                    consider(s.pong_deadline);
-                    consider(s.ack_at);
-                    if s.pong_deadline.is_none() {
-                        consider(
-                            self.oldest_in_flight()
-                                .map(|t| t + self.cfg.send_probe_after),
-                        );
-                    }
-                }
+                Some(_) if !self.timers.is_set(Timer::Pong) => consider(
+                    self.oldest_in_flight()
+                        .map(|t| t + self.cfg.send_probe_after),
+                ),
+                Some(_) => {}
             }
         }
-        consider(self.send_pause_until);
-        consider(self.linger_until);
-        consider(self.sync_until);
         t
     }
 
@@ -931,9 +908,9 @@ impl Connection {
             self.set_state(State::Idle);
             return;
         }
-        if self.dormant && self.sync_until.is_none() {
+        if self.dormant && !self.timers.is_set(Timer::Sync) {
             self.drop_transport(CloseCode::Normal.code());
-            self.retry_at = None;
+            self.timers.stop(Timer::Retry);
             self.set_state(State::Dormant);
             return;
         }
@@ -944,12 +921,12 @@ impl Connection {
         if self.transport.is_some() {
             return;
         }
-        if let Some(at) = self.retry_at {
+        if let Some(at) = self.timers.get(Timer::Retry) {
             if now < at {
                 self.set_state(State::BackingOff);
                 return;
             }
-            self.retry_at = None;
+            self.timers.stop(Timer::Retry);
         }
         let id = self.next_transport_id;
         self.next_transport_id += 1;
@@ -959,6 +936,7 @@ impl Connection {
             .get(self.url_index)
             .cloned()
             .unwrap_or_default();
+        self.timers.stop(Timer::Retry);
         self.transport = Some(Transport {
             id,
             url_index: self.url_index,
@@ -975,7 +953,15 @@ impl Connection {
         self.send_ack();
         if let Some(t) = self.transport.take() {
             self.transmits.push_back(Transmit::Close { id: t.id, code });
+            self.end_session_timers();
             self.requeue_in_flight();
+        }
+    }
+
+    /// The session's timers end with its transport.
+    fn end_session_timers(&mut self) {
+        for t in Timer::SESSION {
+            self.timers.stop(t);
         }
     }
 
@@ -991,6 +977,7 @@ impl Connection {
         let Some(t) = self.transport.take() else {
             return;
         };
+        self.end_session_timers();
         self.requeue_in_flight();
         self.last_error = Some(error.clone());
         self.events.push_back(Event::Error(error));
@@ -1030,10 +1017,10 @@ impl Connection {
                 self.set_state(State::Stopped(reason));
                 return;
             }
-            Some(ClientAction::ReconnectNow) => self.retry_at = None,
+            Some(ClientAction::ReconnectNow) => self.timers.stop(Timer::Retry),
             Some(ClientAction::ReconnectSoon) => {
                 let d = self.rng.duration_up_to(self.cfg.going_away_jitter);
-                self.retry_at = Some(now + d);
+                self.timers.set(Timer::Retry, now + d);
             }
             _ => {
                 let mut backoff = self.backoff();
@@ -1045,7 +1032,7 @@ impl Connection {
                 self.url_index = (idx + 1) % n;
                 let attempt = self.attempts[self.url_index].saturating_sub(1);
                 let d = backoff.delay(attempt, &mut self.rng);
-                self.retry_at = Some(now + d);
+                self.timers.set(Timer::Retry, now + d);
             }
         }
         self.set_state(State::BackingOff);
@@ -1069,7 +1056,7 @@ impl Connection {
         if let Some(s) = &mut t.session {
             // Traffic from the relay proves the path: the next ping waits a
             // full interval of silence.
-            s.next_ping = now + s.heartbeat;
+            self.timers.set(Timer::Ping, now + s.heartbeat);
         }
         match frame {
             ServerFrame::Welcome(w) => {
@@ -1100,12 +1087,13 @@ impl Connection {
                     expected: from,
                     acked: from.saturating_sub(1),
                     persisted: from.saturating_sub(1),
-                    ack_at: None,
-                    next_ping: now + heartbeat,
-                    pong_deadline: None,
+
                     scheduled_ping: false,
                     requested_heartbeat: wanted_heartbeat,
                 });
+                self.timers.set(Timer::Ping, now + heartbeat);
+                self.timers.stop(Timer::Pong);
+                self.timers.stop(Timer::Ack);
                 if matches!(
                     w.resume.reason,
                     Some(GapReason::Epoch | GapReason::CursorAhead)
@@ -1150,8 +1138,11 @@ impl Connection {
                         p.status = SendStatus::NotSent;
                     }
                     let until = now + wait;
-                    self.send_pause_until =
-                        Some(self.send_pause_until.map_or(until, |u| u.max(until)));
+                    let until = self
+                        .timers
+                        .get(Timer::SendPause)
+                        .map_or(until, |u| u.max(until));
+                    self.timers.set(Timer::SendPause, until);
                 } else {
                     self.outbox.remove(i);
                     self.events.push_back(Event::SendFailed {
@@ -1168,7 +1159,7 @@ impl Connection {
                 }
                 let mut tested = false;
                 if let Some(s) = &mut t.session {
-                    s.pong_deadline = None;
+                    self.timers.stop(Timer::Pong);
                     tested = std::mem::take(&mut s.scheduled_ping);
                 }
                 if tested {
@@ -1178,7 +1169,7 @@ impl Connection {
             ServerFrame::HeartbeatSet { heartbeat_ms, .. } => {
                 if let Some(s) = &mut t.session {
                     s.heartbeat = Duration::from_millis(heartbeat_ms.max(1));
-                    s.next_ping = now + s.heartbeat;
+                    self.timers.set(Timer::Ping, now + s.heartbeat);
                 }
             }
             other => self.events.push_back(Event::Reply(Box::new(other))),
@@ -1214,15 +1205,15 @@ impl Connection {
         let pong_timeout = self.cfg.pong_timeout;
         let Some(t) = &mut self.transport else { return };
         let Some(s) = &mut t.session else { return };
-        if s.pong_deadline.is_none() {
-            s.pong_deadline = Some(now + pong_timeout);
+        if !self.timers.is_set(Timer::Pong) {
+            self.timers.set(Timer::Pong, now + pong_timeout);
             s.scheduled_ping = scheduled;
             self.transmits.push_back(Transmit::Frame {
                 id: t.id,
                 text: encode(&ClientFrame::Ping {}),
             });
         }
-        s.next_ping = now + s.heartbeat;
+        self.timers.set(Timer::Ping, now + s.heartbeat);
     }
 
     /// Checks an open session is alive (after a network change or foreground).
@@ -1361,7 +1352,7 @@ impl Connection {
 
     /// Transmits queued sends, in order, within the unconfirmed window.
     fn pump_outbox(&mut self, now: Instant) {
-        if self.send_pause_until.is_some_and(|t| now < t) {
+        if self.timers.get(Timer::SendPause).is_some_and(|t| now < t) {
             return;
         }
         let Some(t) = &self.transport else { return };

@@ -11,6 +11,7 @@
 mod backoff;
 mod connection;
 mod rng;
+mod timer;
 
 pub use backoff::{Backoff, Jitter};
 pub use connection::{
