@@ -32,8 +32,7 @@ use keepwire_proto::{
 };
 use keepwire_server::session::TransportEvent as ServerEvent;
 use keepwire_server::store::{
-    Actor, AdminStore as _, CrashPoint, HeadListener as _, MemoryOptions, MemoryStore,
-    RelayStore as _, Sabotage,
+    Actor, CrashPoint, HeadListener as _, MemoryOptions, MemoryStore, Sabotage,
 };
 
 mod relay;
@@ -61,9 +60,20 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// Which store backs the relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The memory store.
+    Memory,
+    /// SQLite, its writer driven by the simulation.
+    Sqlite,
+}
+
 /// What the simulation runs on.
 #[derive(Debug, Clone, Copy)]
 pub struct Variant {
+    /// The store.
+    pub store: StoreKind,
     /// Relay nodes over one store (3: a lossy bus between them).
     pub nodes: usize,
     /// A deliberate bug, to prove the simulation catches it.
@@ -148,6 +158,17 @@ struct Sim {
     commit_scheduled: Vec<bool>,
 }
 
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let relay::Backend::Sqlite(path, _) = &self.setup.backend
+            && let Some(dir) = path.parent()
+        {
+            self.nodes.clear();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 fn client_config(device: &str, policy: u64, urls: Vec<String>) -> CoreConfig {
     let mut c = CoreConfig::new(device, urls);
     c.history = 1_000_000;
@@ -172,17 +193,32 @@ fn relay_config() -> keepwire_server::Config {
 impl Sim {
     fn new(seed: u64, variant: Variant) -> Sim {
         let wall = Arc::new(SimWall(Mutex::new(BASE_MS)));
-        let setup_store = MemoryStore::new(MemoryOptions {
-            clock: wall.clone(),
-            seed,
-            ..Default::default()
-        });
+        let backend = match variant.store {
+            StoreKind::Memory => {
+                let disk = MemoryStore::new(MemoryOptions::default()).disk();
+                let opts = MemoryOptions {
+                    clock: wall.clone(),
+                    seed,
+                    sabotage: variant.sabotage,
+                    ..Default::default()
+                };
+                relay::Backend::Memory(disk, opts)
+            }
+            StoreKind::Sqlite => {
+                let dir = std::env::temp_dir().join(format!(
+                    "keepwire-sim-{}-{seed}-{:x}",
+                    std::process::id(),
+                    rand::random::<u32>()
+                ));
+                relay::Backend::Sqlite(dir.join("relay.db"), wall.clone())
+            }
+        };
+        let setup_store = backend.open();
         let mut user_ids = Vec::new();
         let mut tokens = Vec::new();
         for u in 0..USERS {
             let name = format!("u{u}");
-            let mut f = Box::pin(setup_store.create_user(&name));
-            user_ids.push(poll_once(&mut f).unwrap().unwrap());
+            user_ids.push(setup_store.run(setup_store.create_user(&name)).unwrap());
             let mut mine = Vec::new();
             for k in 1..=TOKENS {
                 let ttl = if k == TOKENS {
@@ -190,13 +226,14 @@ impl Sim {
                 } else {
                     TOKEN_STEP * k
                 };
-                let mut f = Box::pin(setup_store.issue_token(&name, ttl));
-                let t = poll_once(&mut f).unwrap().unwrap();
+                let t = setup_store
+                    .run(setup_store.issue_token(&name, ttl))
+                    .unwrap();
                 mine.push((t.token, t.expires_at_ms));
             }
             tokens.push(mine);
         }
-        let mut f = Box::pin(setup_store.conv_create(
+        let conv = setup_store.run(setup_store.conv_create(
             Actor::System,
             ConvCreate {
                 rid: "r".into(),
@@ -207,17 +244,12 @@ impl Sim {
             },
             1000,
         ));
-        let conv = poll_once(&mut f).unwrap().unwrap().0.id;
-        let disk = setup_store.disk();
+        let conv = conv.unwrap().0.id;
+        // The setup's handle goes the way of a relay that stopped.
+        setup_store.crash();
+        drop(setup_store);
         let setup = NodeSetup {
-            disk,
-            opts: MemoryOptions {
-                clock: wall.clone(),
-                seed,
-                manual_commit: true,
-                sabotage: variant.sabotage,
-                ..Default::default()
-            },
+            backend,
             config: relay_config(),
         };
         let nodes = (0..variant.nodes).map(|_| Node::start(&setup)).collect();
@@ -1303,7 +1335,7 @@ pub fn run_seed(seed: u64, variant: Variant) -> BTreeMap<&'static str, u32> {
     sim.final_check();
     let resyncs: u32 = sim.nodes.iter().map(|n| n.resyncs).sum();
     assert_eq!(resyncs, 0, "seed {seed}: 4011 without retention");
-    sim.faults
+    std::mem::take(&mut sim.faults)
 }
 
 /// Runs `seeds` seeds from `first`; panics with the replay command on failure.
@@ -1368,6 +1400,7 @@ fn assert_every_fault(totals: &BTreeMap<&'static str, u64>) {
 #[test]
 fn real_clients_and_the_real_relay_lose_nothing_and_duplicate_nothing() {
     let variant = Variant {
+        store: StoreKind::Memory,
         nodes: 1,
         sabotage: None,
     };
@@ -1383,6 +1416,7 @@ fn real_clients_and_the_real_relay_lose_nothing_and_duplicate_nothing() {
 #[test]
 fn three_nodes_over_one_store_with_a_lossy_bus() {
     let variant = Variant {
+        store: StoreKind::Memory,
         nodes: 3,
         sabotage: None,
     };
@@ -1395,11 +1429,29 @@ fn three_nodes_over_one_store_with_a_lossy_bus() {
     assert_every_fault(&totals);
 }
 
+/// The same, with SQLite's real writer driven by the simulation (group
+/// commits, crash points, reopening the file after a crash).
+#[test]
+fn real_clients_and_the_real_relay_on_sqlite() {
+    let variant = Variant {
+        store: StoreKind::Sqlite,
+        nodes: 1,
+        sabotage: None,
+    };
+    if std::env::var("KEEPWIRE_SIM_STORE").as_deref() == Ok("sqlite") && replay(variant) {
+        return;
+    }
+    let seeds = seeds_from_env(2000) / 10;
+    let totals = run_seeds(2_000_000, seeds, variant);
+    println!("{seeds} seeds on SQLite, faults injected: {totals:?}");
+}
+
 /// Each sabotage must be caught within the seeds CI runs.
 #[test]
 fn the_simulation_catches_each_sabotage() {
     for sabotage in Sabotage::ALL {
         let variant = Variant {
+            store: StoreKind::Memory,
             nodes: 1,
             sabotage: Some(sabotage),
         };

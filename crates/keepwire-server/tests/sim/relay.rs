@@ -13,8 +13,8 @@ use keepwire_server::session::{
     Event, RequestId, Session, SessionConfig, StoreAnswer, Transmit, TransportEvent,
 };
 use keepwire_server::store::{
-    CrashPoint, HeadAdvance, HeadListener, MemoryDisk, MemoryOptions, MemoryStore, RelayStore as _,
-    WallClock,
+    CrashPoint, HeadAdvance, HeadListener, MemoryDisk, MemoryOptions, MemoryStore, SqliteOptions,
+    SqliteStore, WallClock,
 };
 use keepwire_server::{Hub, Metrics};
 
@@ -75,7 +75,7 @@ pub struct Pending {
 /// One relay node.
 pub struct Node {
     pub up: bool,
-    pub store: Arc<MemoryStore>,
+    pub store: SimStore,
     pub hub: Arc<Hub>,
     exec: Executor,
     cfg: Arc<SessionConfig>,
@@ -85,20 +85,130 @@ pub struct Node {
     pub resyncs: u32,
 }
 
+/// Where the nodes' data lives.
+#[derive(Clone)]
+pub enum Backend {
+    /// The memory store (its "disk" survives node crashes).
+    Memory(Arc<MemoryDisk>, MemoryOptions),
+    /// The SQLite store, its writer driven by the simulation.
+    Sqlite(std::path::PathBuf, Arc<dyn WallClock>),
+}
+
+impl Backend {
+    /// A store handle in manual-commit mode.
+    pub fn open(&self) -> SimStore {
+        match self {
+            Backend::Memory(disk, opts) => SimStore::Memory(MemoryStore::on_disk(
+                disk.clone(),
+                MemoryOptions {
+                    manual_commit: true,
+                    ..opts.clone()
+                },
+            )),
+            Backend::Sqlite(path, clock) => SimStore::Sqlite(
+                SqliteStore::open(
+                    path,
+                    SqliteOptions {
+                        clock: Some(clock.clone()),
+                        manual_commit: true,
+                        ..Default::default()
+                    },
+                )
+                .expect("open the simulation's SQLite store"),
+            ),
+        }
+    }
+
+    fn sabotage(&self) -> Option<keepwire_server::store::Sabotage> {
+        match self {
+            Backend::Memory(_, o) => o.sabotage,
+            Backend::Sqlite(..) => None,
+        }
+    }
+
+    fn clock(&self) -> Arc<dyn WallClock> {
+        match self {
+            Backend::Memory(_, o) => o.clock.clone(),
+            Backend::Sqlite(_, c) => c.clone(),
+        }
+    }
+}
+
+/// A store whose commits the simulation drives.
+#[derive(Clone)]
+pub enum SimStore {
+    /// Memory.
+    Memory(Arc<MemoryStore>),
+    /// SQLite.
+    Sqlite(Arc<SqliteStore>),
+}
+
+impl SimStore {
+    pub fn commit(&self, n: usize, crash: Option<CrashPoint>) -> usize {
+        match self {
+            SimStore::Memory(s) => s.commit(n, crash),
+            SimStore::Sqlite(s) => s.commit(n, crash),
+        }
+    }
+
+    pub fn pending_writes(&self) -> usize {
+        match self {
+            SimStore::Memory(s) => s.pending_writes(),
+            SimStore::Sqlite(s) => s.pending_writes(),
+        }
+    }
+
+    pub fn crash(&self) {
+        match self {
+            SimStore::Memory(s) => s.crash(),
+            SimStore::Sqlite(s) => s.crash(),
+        }
+    }
+
+    pub fn dyn_store(&self) -> Arc<dyn keepwire_server::Store> {
+        match self {
+            SimStore::Memory(s) => s.clone(),
+            SimStore::Sqlite(s) => s.clone(),
+        }
+    }
+
+    /// Runs a store call to its end: polls, commits what it queued, polls.
+    pub fn run<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        let mut f = Box::pin(f);
+        loop {
+            if let Some(v) = poll_once(&mut f) {
+                return v;
+            }
+            assert!(self.pending_writes() > 0, "a store call waits on nothing");
+            self.commit(usize::MAX, None);
+        }
+    }
+}
+
+impl std::ops::Deref for SimStore {
+    type Target = dyn keepwire_server::Store;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            SimStore::Memory(s) => &**s,
+            SimStore::Sqlite(s) => &**s,
+        }
+    }
+}
+
 /// What a node needs to start.
 #[derive(Clone)]
 pub struct NodeSetup {
-    pub disk: Arc<MemoryDisk>,
-    pub opts: MemoryOptions,
+    pub backend: Backend,
     pub config: keepwire_server::Config,
 }
 
 impl Node {
     pub fn start(setup: &NodeSetup) -> Node {
-        let store = MemoryStore::on_disk(setup.disk.clone(), setup.opts.clone());
+        let store = setup.backend.open();
         let cfg = &setup.config;
         let hub = Arc::new(Hub::new(cfg.user_sends_per_sec, cfg.user_send_burst));
-        if setup.opts.sabotage == Some(keepwire_server::store::Sabotage::TailOutOfOrder) {
+        if setup.backend.sabotage() == Some(keepwire_server::store::Sabotage::TailOutOfOrder) {
             hub.sabotage_tail();
         }
         let bus = Arc::new(Outbox::default());
@@ -106,13 +216,13 @@ impl Node {
             hub: hub.clone(),
             bus: bus.clone(),
         }));
-        let dyn_store: Arc<dyn keepwire_server::Store> = store.clone();
+        let dyn_store = store.dyn_store();
         let auth = Arc::new(Authenticator::new(dyn_store.clone(), None));
         let exec = Executor::new(
             dyn_store,
             auth,
             hub.clone(),
-            setup.opts.clock.clone(),
+            setup.backend.clock(),
             cfg.limits.max_group_size,
         );
         let session_cfg = Arc::new(cfg.session_config(hub.clone(), Arc::new(Metrics::default())));

@@ -56,6 +56,18 @@ pub struct SqliteOptions {
     pub metrics: Option<Arc<Metrics>>,
     /// The wall clock for entry times; the system clock when `None`.
     pub clock: Option<Arc<dyn WallClock>>,
+    /// No writer thread: writes wait until [`SqliteStore::commit`] runs a
+    /// group commit on the caller's thread, and reads run inline (the
+    /// simulation drives the real writer this way).
+    #[cfg(any(test, feature = "testing"))]
+    pub manual_commit: bool,
+}
+
+/// The writer's connection and queue when the owner drives commits.
+struct Manual {
+    conn: Connection,
+    rx: mpsc::Receiver<WriterMsg>,
+    metrics: Arc<Metrics>,
 }
 
 /// The embedded SQLite store. Cheap to share behind an `Arc`.
@@ -67,6 +79,7 @@ pub struct SqliteStore {
     readers: Arc<ReadPool>,
     listener: Arc<OnceLock<Arc<dyn HeadListener>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    manual: Option<Mutex<Manual>>,
 }
 
 /// What every operation needs besides its connection.
@@ -151,11 +164,22 @@ impl SqliteStore {
         let metrics = opts.metrics.unwrap_or_default();
         let listener: Arc<OnceLock<Arc<dyn HeadListener>>> = Arc::new(OnceLock::new());
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-        let thread_listener = listener.clone();
-        let handle = std::thread::Builder::new()
-            .name("keepwire-writer".into())
-            .spawn(move || writer::writer_loop(conn, rx, thread_listener, metrics))
-            .map_err(|e| StoreError::incompatible(format!("cannot start writer thread: {e}")))?;
+        #[cfg(any(test, feature = "testing"))]
+        let manual_commit = opts.manual_commit;
+        #[cfg(not(any(test, feature = "testing")))]
+        let manual_commit = false;
+        let (handle, manual) = if manual_commit {
+            (None, Some(Mutex::new(Manual { conn, rx, metrics })))
+        } else {
+            let thread_listener = listener.clone();
+            let handle = std::thread::Builder::new()
+                .name("keepwire-writer".into())
+                .spawn(move || writer::writer_loop(conn, rx, thread_listener, metrics))
+                .map_err(|e| {
+                    StoreError::incompatible(format!("cannot start writer thread: {e}"))
+                })?;
+            (Some(handle), None)
+        };
         Ok(Arc::new(SqliteStore {
             path: path.to_owned(),
             epoch,
@@ -170,13 +194,57 @@ impl SqliteStore {
                 permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_READS),
             }),
             listener,
-            writer_thread: Mutex::new(Some(handle)),
+            writer_thread: Mutex::new(handle),
+            manual,
         }))
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Writes waiting for [`SqliteStore::commit`] (manual commit mode).
+    pub fn pending_writes(&self) -> usize {
+        self.manual
+            .as_ref()
+            .map_or(0, |m| m.lock().unwrap_or_else(|p| p.into_inner()).rx.len())
+    }
+
+    /// Runs the first `n` queued writes as one group commit on this thread,
+    /// or crashes at `crash` (then this handle is closed). Manual commit mode
+    /// only; returns how many were taken.
+    pub fn commit(&self, n: usize, crash: Option<crate::store::CrashPoint>) -> usize {
+        let Some(m) = &self.manual else { return 0 };
+        let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+        let mut batch: Vec<Job> = Vec::new();
+        while batch.len() < n {
+            match m.rx.try_recv() {
+                Ok(WriterMsg::Job(j)) => batch.push(j),
+                Ok(WriterMsg::Close(done)) => {
+                    let _ = done.send(());
+                }
+                Err(_) => break,
+            }
+        }
+        let taken = batch.len();
+        writer::run_batch(&m.conn, batch, &self.listener, &m.metrics, crash);
+        if crash.is_some() {
+            m.rx.close();
+            self.readers.permits.close();
+        }
+        taken
+    }
+
+    /// Stops this handle as a crash would (manual commit mode): queued
+    /// writes are dropped unanswered, later calls fail.
+    pub fn crash(&self) {
+        if let Some(m) = &self.manual {
+            let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+            m.rx.close();
+            while m.rx.try_recv().is_ok() {}
+        }
+        self.readers.permits.close();
     }
 
     /// Writes a consistent copy of the database to `dest` (which must not exist).
@@ -290,6 +358,13 @@ impl SqliteStore {
             .acquire()
             .await
             .map_err(|_| StoreError::closed())?;
+        if self.manual.is_some() {
+            // Driven by the caller: no blocking thread.
+            let mut conn = self.readers.take()?;
+            let r = f(&mut conn);
+            self.readers.put(conn);
+            return r;
+        }
         let pool = self.readers.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = pool.take()?;

@@ -347,6 +347,13 @@ Ok(Revocation { id: r.get(0)?, user_id: r.get(1)?, token_id: r.get(2)?, device: 
     async fn close(&self) {
         // Reads end too: later ones fail with `Closed`.
         self.readers.permits.close();
+        if self.manual.is_some() {
+            while self.pending_writes() > 0 {
+                self.commit(usize::MAX, None);
+            }
+            self.crash();
+            return;
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self
             .writer

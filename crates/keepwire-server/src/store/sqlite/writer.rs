@@ -8,7 +8,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
-use crate::store::{HeadAdvance, HeadListener};
+use crate::store::{CrashPoint, HeadAdvance, HeadListener};
 
 /// Most jobs one group commit takes.
 const MAX_BATCH: usize = 1024;
@@ -63,7 +63,7 @@ pub(super) fn writer_loop(
             }
             continue;
         }
-        run_batch(&conn, std::mem::take(&mut batch), &listener, &metrics);
+        run_batch(&conn, std::mem::take(&mut batch), &listener, &metrics, None);
     }
     rx.close();
     // Jobs that raced the close still get an answer.
@@ -73,7 +73,7 @@ pub(super) fn writer_loop(
         }
     }
     if !batch.is_empty() {
-        run_batch(&conn, batch, &listener, &metrics);
+        run_batch(&conn, batch, &listener, &metrics, None);
     }
     // Leave a clean database: fold the WAL back into the main file.
     let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
@@ -83,12 +83,20 @@ pub(super) fn writer_loop(
     }
 }
 
-fn run_batch(
+/// Runs one group commit: every job in one transaction, one fsync, then the
+/// head notices, then the answers. `crash` (tests) stops it at that point:
+/// nothing stored, stored without notices, or stored and noticed without
+/// answers.
+pub(super) fn run_batch(
     conn: &Connection,
     batch: Vec<Job>,
     listener: &OnceLock<Arc<dyn HeadListener>>,
     metrics: &Metrics,
+    crash: Option<CrashPoint>,
 ) {
+    if crash == Some(CrashPoint::BeforeCommit) {
+        return;
+    }
     let mut heads = Heads::new();
     let jobs = batch.len() as u64;
     let mut wrote_then_failed = false;
@@ -122,6 +130,9 @@ fn run_batch(
     } else {
         Err("could not begin a transaction".to_owned())
     };
+    if crash == Some(CrashPoint::AfterCommit) {
+        return;
+    }
     if commit.is_ok() {
         metrics.commits.inc();
         metrics.committed_jobs.inc_by(jobs);
@@ -130,6 +141,9 @@ fn run_batch(
         {
             l.heads_advanced(&heads);
         }
+    }
+    if crash == Some(CrashPoint::AfterHeads) {
+        return;
     }
     for c in completions {
         c(commit.clone());
