@@ -8,12 +8,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{FuturesUnordered, SplitSink, SplitStream};
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use keepwire_proto::{CloseCode, Seq};
 use tokio::time::{sleep_until, timeout};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tracing::Instrument as _;
 
 use crate::Shared;
@@ -23,13 +25,16 @@ use crate::session::{Event, RequestId, Session, StoreAnswer, Transmit, Transport
 /// How long to wait for the peer's close reply after sending a close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-type Tx = SplitSink<WebSocket, Message>;
-type Rx = SplitStream<WebSocket>;
+/// The socket under a session (see `upgrade.rs`).
+pub(crate) type Socket =
+    WebSocketStream<crate::upgrade::Batched<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
+type Tx = SplitSink<Socket, Message>;
+type Rx = SplitStream<Socket>;
 type Answer = Pin<Box<dyn Future<Output = (RequestId, StoreAnswer)> + Send>>;
 
 /// Runs a connection to completion.
 pub(crate) fn run(
-    socket: WebSocket,
+    socket: Socket,
     shared: Arc<Shared>,
     peer: SocketAddr,
 ) -> impl std::future::Future<Output = ()> {
@@ -112,7 +117,7 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
                 match msg {
                     Some(Ok(Message::Text(t))) => s.handle_transport(TransportEvent::Text(t.as_str()), now),
                     Some(Ok(Message::Binary(_))) => s.handle_transport(TransportEvent::Binary, now),
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => s.handle_transport(TransportEvent::Control, now),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => s.handle_transport(TransportEvent::Control, now),
                     Some(Ok(Message::Close(_))) => {
                         // tungstenite queued the close reply; push it out.
                         let _ = tx.flush().await;
@@ -273,26 +278,18 @@ fn far_future() -> tokio::time::Instant {
 }
 
 /// What a WebSocket read error means for the session.
-fn transport_error(err: &axum::Error) -> TransportEvent<'static> {
-    use std::error::Error as _;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = err.source();
-    while let Some(e) = source {
-        if let Some(t) = e.downcast_ref::<tungstenite::Error>() {
-            return match t {
-                tungstenite::Error::Capacity(_) => TransportEvent::TooBig,
-                tungstenite::Error::Utf8(_) => TransportEvent::InvalidUtf8,
-                tungstenite::Error::Protocol(_) => TransportEvent::ProtocolError,
-                _ => TransportEvent::Closed,
-            };
-        }
-        source = e.source();
+fn transport_error(err: &tungstenite::Error) -> TransportEvent<'static> {
+    match err {
+        tungstenite::Error::Capacity(_) => TransportEvent::TooBig,
+        tungstenite::Error::Utf8(_) => TransportEvent::InvalidUtf8,
+        tungstenite::Error::Protocol(_) => TransportEvent::ProtocolError,
+        _ => TransportEvent::Closed,
     }
-    TransportEvent::Closed
 }
 
 async fn close_socket(tx: &mut Tx, rx: &mut Rx, code: CloseCode) {
     let frame = CloseFrame {
-        code: code.code(),
+        code: code.code().into(),
         reason: code.reason().into(),
     };
     if timeout(CLOSE_LINGER, tx.send(Message::Close(Some(frame))))

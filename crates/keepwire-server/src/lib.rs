@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -40,6 +40,7 @@ pub mod push;
 pub mod ratelimit;
 pub mod session;
 pub mod store;
+mod upgrade;
 
 pub use config::{Config, MemberAdds, TlsFiles};
 pub use hub::Hub;
@@ -289,12 +290,11 @@ fn bad_request(msg: &str) -> Response {
 async fn ws_handler(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    RawQuery(query): RawQuery,
-    headers: axum::http::HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    mut req: axum::extract::Request,
 ) -> Response {
+    let headers = req.headers();
     // Tokens must never travel in URLs (they end up in logs and proxies).
-    if let Some(q) = query
+    if let Some(q) = req.uri().query()
         && q.split('&').any(|kv| {
             let k = kv.split('=').next().unwrap_or("");
             k.eq_ignore_ascii_case("token") || k.eq_ignore_ascii_case("access_token")
@@ -315,21 +315,21 @@ async fn ws_handler(
         )
             .into_response();
     }
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(_) => {
-            return (
-                StatusCode::UPGRADE_REQUIRED,
-                [(header::UPGRADE, "websocket")],
-                format!("keepwire relay: connect with a WebSocket and subprotocol {SUBPROTOCOL}\n"),
-            )
-                .into_response();
-        }
-    };
-    let offered = ws.requested_protocols().any(|p| {
-        p.to_str()
-            .is_ok_and(|s| s.split(',').any(|v| v.trim() == SUBPROTOCOL))
-    });
+    if upgrade::not_an_upgrade(req.method(), headers) {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            [(header::UPGRADE, "websocket")],
+            format!("keepwire relay: connect with a WebSocket and subprotocol {SUBPROTOCOL}\n"),
+        )
+            .into_response();
+    }
+    let offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .any(|p| {
+            p.to_str()
+                .is_ok_and(|s| s.split(',').any(|v| v.trim() == SUBPROTOCOL))
+        });
     if !offered {
         shared.metrics.refused_upgrade("subprotocol");
         return bad_request(&format!("offer the WebSocket subprotocol {SUBPROTOCOL}"));
@@ -337,22 +337,36 @@ async fn ws_handler(
     if shared.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let response = upgrade::switching_protocols(headers, SUBPROTOCOL);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    drop(req);
     let max = shared.config.limits.max_frame_bytes;
-    let tracker = shared.tracker.clone();
-    ws.protocols([SUBPROTOCOL])
-        // Small buffers: a relay holds many mostly idle connections.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        // Small buffers: a relay holds many mostly idle connections. Frames
+        // go to the batched writer at once; it writes a wake-up's frames
+        // in one go and frees its buffer (upgrade.rs).
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(max * 4 + 64 * 1024)
-        .max_message_size(max)
-        .max_frame_size(max)
-        // The session runs in a task of its own: the upgrade's future holds
-        // request headers that share hyper's read buffer, and would keep
-        // them (and itself) for the connection's whole life.
-        .on_upgrade(move |socket| {
-            tracker.spawn(conn::run(socket, shared, peer));
-            std::future::ready(())
-        })
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let tracker = shared.tracker.clone();
+    // The session runs in a task of its own: this handler's future holds
+    // the request, whose headers share hyper's read buffer.
+    tracker.spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let io = upgrade::Batched::new(hyper_util::rt::TokioIo::new(upgraded));
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            io,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            Some(config),
+        )
+        .await;
+        conn::run(ws, shared, peer).await;
+    });
+    response
 }
 
 /// Whether a browser `Origin` is on the allow-list (empty list: any; `*`: any).
