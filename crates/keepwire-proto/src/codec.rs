@@ -284,13 +284,29 @@ mod tests {
             ClientFrame::Ping {},
             ClientFrame::Ack { seq: 1 },
             ClientFrame::ConvList { rid: "r".into() },
+            ClientFrame::PushRegister(PushRegister {
+                rid: "r".into(),
+                registration: serde_json::Value::Null,
+                previews: false,
+            }),
+            ClientFrame::Mute {
+                rid: "r".into(),
+                conv: 7,
+                muted: true,
+            },
         ];
-        for f in frames {
-            assert!(CLIENT_TYPES.contains(&f.type_name()));
-            let text = encode(&f);
-            assert_eq!(decode_client(&text, &lim()).unwrap(), f);
+        for f in &frames {
+            assert!(CLIENT_TYPES.contains(&f.type_name()), "{}", f.type_name());
+            let text = encode(f);
+            assert_eq!(&decode_client(&text, &lim()).unwrap(), f);
         }
-        assert_eq!(CLIENT_TYPES.len(), 12);
+        // No stale or duplicate names in the table: its length is the
+        // number of distinct variants (update both when adding a frame).
+        let mut names: Vec<&str> = CLIENT_TYPES.to_vec();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), CLIENT_TYPES.len());
+        assert_eq!(CLIENT_TYPES.len(), 14);
     }
 
     #[test]
