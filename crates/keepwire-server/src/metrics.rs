@@ -42,6 +42,9 @@ pub struct Metrics {
     pub errors: Family<ResultLabel, Counter>,
     /// WebSocket upgrades refused, by reason (`origin`, `token_in_url`, `subprotocol`).
     pub refused_upgrades: Family<ResultLabel, Counter>,
+    /// Store transactions retried, by cause (`deadlock`, `serialization`,
+    /// `unique`, `connection`; PostgreSQL store).
+    pub store_retries: Family<ResultLabel, Counter>,
     attached: std::sync::OnceLock<Registry>,
 }
 
@@ -94,9 +97,16 @@ impl Default for Metrics {
             "WebSocket upgrades refused, by reason",
             refused_upgrades.clone(),
         );
+        let store_retries = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "store_retries",
+            "Store transactions retried, by cause",
+            store_retries.clone(),
+        );
         Metrics {
             registry,
             refused_upgrades,
+            store_retries,
             commits,
             committed_jobs,
             sends,
@@ -133,6 +143,15 @@ impl Metrics {
     /// first registry attached is kept.
     pub fn attach(&self, registry: Registry) {
         let _ = self.attached.set(registry);
+    }
+
+    /// Counts one retried store transaction.
+    pub fn store_retry(&self, cause: &str) {
+        self.store_retries
+            .get_or_create(&ResultLabel {
+                result: cause.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts one refused WebSocket upgrade.

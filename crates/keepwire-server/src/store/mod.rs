@@ -3,7 +3,8 @@
 //! Everything the relay persists goes through two traits: [`RelayStore`], the
 //! hot path a session needs (its contract is in its doc comment), and
 //! [`AdminStore`], the admin CLI's and HTTP API's operations. [`Store`] is
-//! both. Backends: [`SqliteStore`] (embedded, the default) and
+//! both. Backends: [`SqliteStore`] (embedded, the default),
+//! [`PostgresStore`] (several relay nodes over one database) and
 //! [`MemoryStore`] (tests and the simulation). One contract suite
 //! ([`contract`], behind the `testing` feature) runs against each.
 
@@ -18,11 +19,13 @@ use keepwire_proto::{
 #[cfg(any(test, feature = "testing"))]
 pub mod contract;
 mod memory;
+mod postgres;
 mod sqlite;
 
 #[cfg(any(test, feature = "testing"))]
 pub use memory::Sabotage;
 pub use memory::{CrashPoint, MemoryDisk, MemoryOptions, MemorySnapshot, MemoryStore};
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// The wall clock a store stamps entries and records with (ms since the
