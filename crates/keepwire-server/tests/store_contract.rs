@@ -385,6 +385,43 @@ mod postgres_nodes {
         }
     }
 
+    /// A device's sends started in order (a connection pipelining them) are
+    /// stored in that order, though each runs in its own transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_devices_pipelined_sends_keep_their_order() {
+        use futures_util::StreamExt as _;
+        if skipped() {
+            return;
+        }
+        let db = TestDb::create();
+        let [s, _] = two_nodes(&db);
+        let (ids, conv) = group_of(&*s, 3).await;
+        // Like a connection: every send started before any is answered.
+        let mut in_flight = futures_util::stream::FuturesUnordered::new();
+        for i in 0..60 {
+            in_flight.push(s.send(
+                Actor::User(ids[0]),
+                "phone",
+                msg(conv, format!("{i:0>16}"), format!("{i}")),
+            ));
+        }
+        while let Some(r) = in_flight.next().await {
+            r.expect("send");
+        }
+        let got: Vec<String> = s
+            .read_inbox(ids[2], 1, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e.item {
+                EntryItem::Message(m) => Some(m.body),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, (0..60).map(|i| i.to_string()).collect::<Vec<_>>());
+        s.close().await;
+    }
+
     /// The epoch is the database's id and the server's timeline; a second
     /// node gets the same one, a new database another.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@
 //! announced to nobody; the client's retry with the same cid finds the
 //! original if it did commit.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -32,7 +33,9 @@ use sha2::{Digest as _, Sha256};
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::error::SqlState;
 
-use super::{HeadAdvance, HeadListener, InfraError, Retention, StoreError, SystemClock, WallClock};
+use super::{
+    HeadAdvance, HeadListener, InfraError, Retention, StoreError, SystemClock, UserId, WallClock,
+};
 use crate::metrics::Metrics;
 
 mod admin_impl;
@@ -76,6 +79,11 @@ pub struct PostgresStore {
     listener: OnceLock<Arc<dyn HeadListener>>,
     metrics: Arc<Metrics>,
     closed: AtomicBool,
+    /// One gate per `(user, device)` sending now: a device's sends commit
+    /// one at a time in the order they were made (a connection pipelines
+    /// them, and the protocol stores them in the order sent; concurrent
+    /// transactions would commit them in any order).
+    send_gates: Arc<SendGates>,
     /// Set when a new connection finds another timeline (a failover) or a
     /// server that lost its durability settings: the relay must restart
     /// with a new epoch, so every operation fails until then.
@@ -202,6 +210,52 @@ fn io_failure(e: &tokio_postgres::Error) -> bool {
     false
 }
 
+/// The senders with a send in progress, each with its FIFO gate.
+type SendGates = std::sync::Mutex<HashMap<(UserId, String), Arc<tokio::sync::Mutex<()>>>>;
+
+/// A device's turn to send; the next send of the device waits until it is
+/// dropped (FIFO: tokio's mutex wakes waiters in the order they came).
+pub(super) struct SendTurn {
+    gates: Arc<SendGates>,
+    key: (UserId, String),
+    gate: Option<Arc<tokio::sync::Mutex<()>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl SendTurn {
+    /// Waits for `key`'s earlier sends. Its first poll queues it, so turns
+    /// follow the order in which the sends were first polled.
+    pub(super) async fn take(gates: &Arc<SendGates>, key: (UserId, String)) -> SendTurn {
+        let gate = gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let mut turn = SendTurn {
+            gates: gates.clone(),
+            key,
+            gate: Some(gate.clone()),
+            guard: None,
+        };
+        turn.guard = Some(gate.lock_owned().await);
+        turn
+    }
+}
+
+impl Drop for SendTurn {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this one: nobody else waits, the entry can go.
+        if let Some(gate) = self.gate.take()
+            && Arc::strong_count(&gate) == 2
+        {
+            gates.remove(&self.key);
+        }
+    }
+}
+
 fn hash_token(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
 }
@@ -288,6 +342,7 @@ impl PostgresStore {
             listener: OnceLock::new(),
             metrics,
             closed: AtomicBool::new(false),
+            send_gates: Arc::default(),
             stale,
         }))
     }

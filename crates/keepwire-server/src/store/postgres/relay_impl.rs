@@ -11,7 +11,7 @@ use keepwire_proto::{
 };
 
 use super::queries::{exec, member_ids, one, opt, require_member};
-use super::{PostgresStore, conversations, hash_token, inbox, push};
+use super::{PostgresStore, SendTurn, conversations, hash_token, inbox, push};
 use crate::store::{
     Actor, AuthFailure, AuthedUser, HeadListener, NewPush, PushOutcome, PushTarget, RelayStore,
     ResumePlan, Revocation, StoreError, UserId,
@@ -223,6 +223,12 @@ impl RelayStore for PostgresStore {
     async fn send(&self, actor: Actor, device: &str, send: SendMsg) -> Result<Confirm, StoreError> {
         let device = device.to_owned();
         let ctx = self.ctx.clone();
+        let sender = match actor {
+            Actor::User(u) => u,
+            // The backend's sends (no user id before the transaction).
+            Actor::System => -1,
+        };
+        let _turn = SendTurn::take(&self.send_gates, (sender, device.clone())).await;
         self.write(move |tx, heads| {
             let (device, send, ctx) = (device.clone(), send.clone(), ctx.clone());
             Box::pin(async move { inbox::send(tx, heads, &ctx, actor, &device, send).await })
