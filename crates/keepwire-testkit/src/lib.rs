@@ -383,12 +383,28 @@ impl RelayProcess {
 
     /// Like [`RelayProcess::start`] on a given address (to restart a relay where it was).
     pub fn start_at(bin: &Path, db: &Path, addr: &str, args: &[&str]) -> RelayProcess {
+        Self::spawn(bin, "--db", db.as_os_str(), addr, args)
+    }
+
+    /// Starts `bin serve --listen 127.0.0.1:0 --store STORE ARGS...` (a
+    /// PostgreSQL URL, for instance).
+    pub fn start_store(bin: &Path, store: &str, args: &[&str]) -> RelayProcess {
+        Self::spawn(bin, "--store", store.as_ref(), "127.0.0.1:0", args)
+    }
+
+    fn spawn(
+        bin: &Path,
+        store_flag: &str,
+        store: &std::ffi::OsStr,
+        addr: &str,
+        args: &[&str],
+    ) -> RelayProcess {
         let mut child = Command::new(bin)
             .arg("serve")
             .arg("--listen")
             .arg(addr)
-            .arg("--db")
-            .arg(db)
+            .arg(store_flag)
+            .arg(store)
             .args(args)
             .env("KEEPWIRE_LOG", "warn")
             .stdin(Stdio::null())

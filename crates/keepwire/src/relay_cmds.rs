@@ -7,27 +7,85 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use keepwire_server::RelayStore as _;
-use keepwire_server::store::{Retention, RevokeTarget};
+use keepwire_server::store::{PostgresOptions, PostgresStore, Retention, RevokeTarget};
 use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
 
 use crate::{init_logging, wait_for_signal};
 
 #[derive(Args)]
 pub(crate) struct DbArg {
-    /// The relay database [default: <data dir>/keepwire/relay.db].
-    #[arg(long, env = "KEEPWIRE_DB", global = true)]
+    /// The relay database (SQLite) [default: <data dir>/keepwire/relay.db].
+    #[arg(long, env = "KEEPWIRE_DB", global = true, conflicts_with = "store")]
     db: Option<PathBuf>,
+    /// The store: `postgres://USER@HOST:PORT/DB` for PostgreSQL (several
+    /// relays may share it), or a path (or `sqlite:PATH`) for SQLite.
+    #[arg(long, env = "KEEPWIRE_STORE", global = true, value_name = "URL")]
+    store: Option<String>,
+}
+
+/// Where the relay's data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoreLocation {
+    /// An SQLite database file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (its URL, which may hold a password).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// For logs: the file, or the URL without its password.
+    fn describe(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(p) => p.display().to_string(),
+            StoreLocation::Postgres(url) => redact_password(url),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` without the secret.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+        }
+        _ => url.to_owned(),
+    }
 }
 
 impl DbArg {
-    fn path(&self) -> anyhow::Result<PathBuf> {
-        if let Some(p) = &self.db {
-            return Ok(p.clone());
+    pub(crate) fn location(&self) -> anyhow::Result<StoreLocation> {
+        if let Some(s) = &self.store {
+            if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+                return Ok(StoreLocation::Postgres(s.clone()));
+            }
+            if let Some((scheme, _)) = s.split_once("://")
+                && scheme != "sqlite"
+            {
+                bail!(
+                    "--store {scheme}:// is not a known store: use postgres://... or a file path"
+                );
+            }
+            let path = s
+                .strip_prefix("sqlite://")
+                .or_else(|| s.strip_prefix("sqlite:"))
+                .unwrap_or(s);
+            if path.is_empty() {
+                bail!("--store needs a PostgreSQL URL or a file path");
+            }
+            return Ok(StoreLocation::Sqlite(PathBuf::from(path)));
         }
-        let dir = dirs::data_dir()
-            .context("cannot find a data directory for the default database; pass --db PATH")?;
-        Ok(dir.join("keepwire").join("relay.db"))
+        if let Some(p) = &self.db {
+            return Ok(StoreLocation::Sqlite(p.clone()));
+        }
+        let dir = dirs::data_dir().context(
+            "cannot find a data directory for the default database; pass --db PATH or --store URL",
+        )?;
+        Ok(StoreLocation::Sqlite(dir.join("keepwire").join("relay.db")))
     }
 }
 
@@ -276,9 +334,32 @@ enum TokenCommand {
     },
 }
 
-fn open_store(path: &std::path::Path, opts: SqliteOptions) -> anyhow::Result<Arc<SqliteStore>> {
-    SqliteStore::open(path, opts)
-        .with_context(|| format!("cannot open the database {}", path.display()))
+async fn open_store(
+    at: &StoreLocation,
+    retention: Retention,
+    metrics: Option<Arc<Metrics>>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match at {
+        StoreLocation::Sqlite(path) => SqliteStore::open(
+            path,
+            SqliteOptions {
+                retention,
+                metrics,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("cannot open the database {}", path.display()))?,
+        StoreLocation::Postgres(url) => PostgresStore::open(
+            url,
+            PostgresOptions {
+                retention,
+                metrics,
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("cannot open the PostgreSQL store {}", at.describe()))?,
+    })
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -401,27 +482,20 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..Default::default()
         });
     }
-    let path = args.db.path()?;
+    let at = args.db.location()?;
     let metrics = Arc::new(Metrics::default());
     let retention = Retention {
         max_age: args.retention_age,
         max_entries: args.retention_entries,
         dedupe_age: None,
     };
-    let store = open_store(
-        &path,
-        SqliteOptions {
-            retention,
-            metrics: Some(metrics.clone()),
-            ..Default::default()
-        },
-    )?;
+    let store = open_store(&at, retention, Some(metrics.clone())).await?;
     let server = RelayServer::start(config, store, metrics)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     // Scripts read the first line of stdout to find the relay.
     println!("{}", server.url());
-    tracing::info!(target: "keepwire::server", db = %path.display(), "serving");
+    tracing::info!(target: "keepwire::server", store = %at.describe(), "serving");
     wait_for_signal().await?;
     tracing::info!(target: "keepwire::server", "shutting down");
     server.shutdown();
@@ -433,9 +507,23 @@ pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
     if let AdminCommand::TlsInit { dir, hosts, days } = &args.command {
         return tls_init(dir, hosts, *days);
     }
-    let path = args.db.path()?;
+    let at = args.db.location()?;
+    let sqlite_path = match (&at, &args.command) {
+        (StoreLocation::Sqlite(p), _) => Some(p.clone()),
+        (
+            StoreLocation::Postgres(_),
+            AdminCommand::Backup { .. } | AdminCommand::Restore { .. },
+        ) => {
+            bail!(
+                "backup and restore are for the SQLite store; back up PostgreSQL with its own \
+                 tools (pg_dump, or base backups with WAL archiving)"
+            )
+        }
+        (StoreLocation::Postgres(_), _) => None,
+    };
     match args.command {
         AdminCommand::Backup { dest } => {
+            let path = sqlite_path.context("backup needs an SQLite database")?;
             if !path.exists() {
                 bail!("there is no database at {}", path.display());
             }
@@ -444,6 +532,7 @@ pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         AdminCommand::Restore { src } => {
+            let path = sqlite_path.context("restore needs an SQLite database")?;
             if !src.exists() {
                 bail!("there is no backup at {}", src.display());
             }
@@ -457,7 +546,7 @@ pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
         }
         _ => {}
     }
-    let store = open_store(&path, SqliteOptions::default())?;
+    let store = open_store(&at, Retention::default(), None).await?;
     let result = admin_store(&*store, args.command).await;
     store.close().await;
     result
