@@ -444,6 +444,27 @@ mod postgres_nodes {
         }
     }
 
+    /// A server that could lose confirmed commits is refused, clearly (here
+    /// `synchronous_commit = off`, set on the test's database only).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refuses_a_server_without_synchronous_commit() {
+        if skipped() {
+            return;
+        }
+        let db = TestDb::create();
+        db.execute(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = off', \
+             current_database()); END $$",
+        );
+        match db.open(PostgresOptions::default()) {
+            Err(StoreError::Infra(InfraError::Incompatible(m))) => {
+                assert!(m.contains("synchronous_commit = off"), "{m}")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("opened a store on a server that may lose commits"),
+        }
+    }
+
     /// A database holding someone else's tables is refused, clearly.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refuses_a_foreign_database() {
