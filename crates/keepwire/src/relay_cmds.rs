@@ -714,3 +714,58 @@ pub(crate) fn raise_open_file_limit() {
         tracing::warn!(target: "keepwire::server", error = %e, soft, hard, "cannot raise the open-file limit");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(db: Option<&str>, store: Option<&str>) -> anyhow::Result<StoreLocation> {
+        DbArg {
+            db: db.map(PathBuf::from),
+            store: store.map(str::to_owned),
+        }
+        .location()
+    }
+
+    #[test]
+    fn store_urls_pick_the_backend() {
+        let pg = "postgres://kw@db:5432/kw";
+        assert_eq!(
+            at(None, Some(pg)).unwrap(),
+            StoreLocation::Postgres(pg.into())
+        );
+        assert!(matches!(
+            at(None, Some("postgresql://kw@db/kw")).unwrap(),
+            StoreLocation::Postgres(_)
+        ));
+        for s in ["/tmp/r.db", "sqlite:/tmp/r.db", "sqlite:///tmp/r.db"] {
+            assert_eq!(
+                at(None, Some(s)).unwrap(),
+                StoreLocation::Sqlite("/tmp/r.db".into()),
+                "{s}"
+            );
+        }
+        assert_eq!(
+            at(Some("/tmp/x.db"), None).unwrap(),
+            StoreLocation::Sqlite("/tmp/x.db".into())
+        );
+        assert!(at(None, Some("mysql://db/kw")).is_err());
+        assert!(at(None, Some("sqlite:")).is_err());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redact_password("postgres://kw:s3cret@db:5432/kw?sslmode=disable"),
+            "postgres://kw:***@db:5432/kw?sslmode=disable"
+        );
+        assert_eq!(
+            redact_password("postgres://kw@db/kw"),
+            "postgres://kw@db/kw"
+        );
+        assert_eq!(
+            StoreLocation::Postgres("postgres://a:b@h/d".into()).describe(),
+            "postgres://a:***@h/d"
+        );
+    }
+}
