@@ -302,21 +302,25 @@ impl PostgresStore {
                         {
                             Ok(_) => Ok(()),
                             Err(known) if known == tl => Ok(()),
-                            Err(known) => Err(StoreError::incompatible(format!(
-                                "PostgreSQL moved from timeline {known} to {tl} (a failover): \
-                                 restart the relay so that clients get a new epoch"
+                            Err(known) => Err(schema::Check::Refuse(StoreError::incompatible(
+                                format!(
+                                    "PostgreSQL moved from timeline {known} to {tl} (a failover): \
+                                     restart the relay so that clients get a new epoch"
+                                ),
                             ))),
                         }
                     };
                     match check.await {
                         Ok(()) => Ok(()),
-                        Err(e @ StoreError::Infra(InfraError::Incompatible(_))) => {
+                        Err(schema::Check::Refuse(e)) => {
                             let msg = e.to_string();
-                            tracing::error!(target: "keepwire::store", error = %msg, "refusing the PostgreSQL connection");
+                            tracing::error!(target: "keepwire::store", error = %msg, "refusing the PostgreSQL server");
                             let _ = stale.set(msg.clone());
                             Err(HookError::message(msg))
                         }
-                        Err(e) => Err(HookError::message(e.to_string())),
+                        // A connection that died during its check: the
+                        // pool tries another.
+                        Err(schema::Check::Failed(why)) => Err(HookError::message(why)),
                     }
                 })
             }))

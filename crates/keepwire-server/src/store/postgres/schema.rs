@@ -20,10 +20,22 @@ fn db(what: &str, e: tokio_postgres::Error) -> StoreError {
     StoreError::incompatible(format!("{what}: {}", describe(&e)))
 }
 
+/// Why a connection's check did not pass.
+pub(super) enum Check {
+    /// The server must not be used (a verdict: settings, standby, timeline).
+    Refuse(StoreError),
+    /// The check could not run (the connection failed): try another.
+    Failed(String),
+}
+
+fn failed(what: &str, e: tokio_postgres::Error) -> Check {
+    Check::Failed(format!("{what}: {}", describe(&e)))
+}
+
 /// Refuses a server that can lose acknowledged commits: with `fsync`,
 /// `full_page_writes` or `synchronous_commit` off, a crash of PostgreSQL
 /// or its machine can lose or tear what the relay already confirmed.
-pub(super) async fn check_durability(c: &Client) -> Result<(), StoreError> {
+pub(super) async fn check_durability(c: &Client) -> Result<(), Check> {
     let row = c
         .query_one(
             "SELECT current_setting('fsync'), current_setting('full_page_writes'),
@@ -31,12 +43,12 @@ pub(super) async fn check_durability(c: &Client) -> Result<(), StoreError> {
             &[],
         )
         .await
-        .map_err(|e| db("cannot read the server's settings", e))?;
+        .map_err(|e| failed("cannot read the server's settings", e))?;
     let (fsync, fpw, sync): (String, String, String) = (row.get(0), row.get(1), row.get(2));
     if row.get::<_, bool>(3) {
-        return Err(StoreError::incompatible(
+        return Err(Check::Refuse(StoreError::incompatible(
             "this PostgreSQL is a standby (in recovery): point the relay at the primary",
-        ));
+        )));
     }
     for (name, value) in [
         ("fsync", &fsync),
@@ -44,10 +56,10 @@ pub(super) async fn check_durability(c: &Client) -> Result<(), StoreError> {
         ("synchronous_commit", &sync),
     ] {
         if value == "off" {
-            return Err(StoreError::incompatible(format!(
+            return Err(Check::Refuse(StoreError::incompatible(format!(
                 "PostgreSQL runs with {name} = off: a crash could lose messages the relay \
                  confirmed; turn it on (the relay refuses to start without it)"
-            )));
+            ))));
         }
     }
     Ok(())
@@ -58,16 +70,20 @@ pub(super) async fn check_durability(c: &Client) -> Result<(), StoreError> {
 /// relay a new epoch instead of reusing lost sequences. Taken from the WAL
 /// position being written (exact right after a promotion) and from the
 /// last checkpoint's control data, whichever is newer.
-pub(super) async fn timeline(c: &Client) -> Result<i64, StoreError> {
+pub(super) async fn timeline(c: &Client) -> Result<i64, Check> {
     let wal: String = c
         .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
         .await
-        .map_err(|e| db("cannot read the server's timeline", e))?
+        .map_err(|e| failed("cannot read the server's timeline", e))?
         .get(0);
     let from_wal = wal
         .get(..8)
         .and_then(|h| i64::from_str_radix(h, 16).ok())
-        .ok_or_else(|| StoreError::incompatible(format!("unexpected WAL file name {wal:?}")))?;
+        .ok_or_else(|| {
+            Check::Refuse(StoreError::incompatible(format!(
+                "unexpected WAL file name {wal:?}"
+            )))
+        })?;
     // Needs pg_monitor (or superuser) on some setups: optional.
     let from_control = match c
         .query_one(
