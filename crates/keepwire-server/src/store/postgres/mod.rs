@@ -450,9 +450,18 @@ impl PostgresStore {
             }
             Ok(r) => match tx.commit().await {
                 Ok(()) => Ok(r),
-                // The server answered: the commit failed, nothing is stored.
-                Err(e) if e.as_db_error().is_some() => Err(before_commit(&e)),
-                // No answer: the transaction may or may not have committed.
+                // The server refused the commit (a serialization failure, a
+                // deferred constraint): nothing is stored.
+                Err(e)
+                    if e.code().is_some_and(|c| {
+                        c.code().starts_with("40") || c.code().starts_with("23")
+                    }) =>
+                {
+                    Err(before_commit(&e))
+                }
+                // No answer, or the connection ended (a terminated backend
+                // waiting for synchronous replication has committed
+                // locally): the transaction may or may not have committed.
                 // Nobody is told of its entries; the client's retry (same
                 // cid) finds the original if it committed.
                 Err(e) => {
