@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use keepwire_server::RelayStore as _;
-use keepwire_server::store::{Retention, RevokeTarget};
+use keepwire_server::store::{DbLock, LockMode, Retention, RevokeTarget};
 use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
 
 use crate::{init_logging, wait_for_signal};
@@ -162,6 +162,10 @@ pub(crate) struct AdminArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Create the relay database if it does not exist yet (`serve` also
+    /// creates it). Every other admin command needs an existing database, so
+    /// a mistyped --db fails instead of making a new, empty one.
+    Init,
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -179,7 +183,8 @@ enum AdminCommand {
         /// Destination file (must not exist).
         dest: PathBuf,
     },
-    /// Replace the database with a backup and start a new epoch (stop the relay first).
+    /// Replace the database with a backup and start a new epoch. Refused
+    /// while a relay runs on the database (stop it first).
     Restore {
         /// The backup file.
         src: PathBuf,
@@ -279,6 +284,19 @@ enum TokenCommand {
 fn open_store(path: &std::path::Path, opts: SqliteOptions) -> anyhow::Result<Arc<SqliteStore>> {
     SqliteStore::open(path, opts)
         .with_context(|| format!("cannot open the database {}", path.display()))
+}
+
+/// Fails unless the database exists: only `serve` and `admin init` create
+/// one (a mistyped --db would otherwise make a new, empty database and then
+/// report that nobody is in it).
+fn require_db(path: &std::path::Path) -> anyhow::Result<()> {
+    if !path.is_file() {
+        bail!(
+            "there is no relay database at {} (check --db or KEEPWIRE_DB; `keepwire admin init` or `keepwire serve` creates one)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -402,6 +420,26 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
     }
     let path = args.db.path()?;
+    // Held until the relay exits: `admin restore` is refused meanwhile, and
+    // so is a second relay on this file unless both run with a bus.
+    let mode = if args.bus.is_some() {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    let _lock = DbLock::acquire(&path, mode).map_err(|e| match (e, mode) {
+        (keepwire_server::StoreError::Conflict(_), LockMode::Exclusive) => anyhow::anyhow!(
+            "the database {} is in use by another relay (it holds {}); stop it, or run every node with --bus",
+            path.display(),
+            keepwire_server::store::lock_path(&path).display()
+        ),
+        (keepwire_server::StoreError::Conflict(_), LockMode::Shared) => anyhow::anyhow!(
+            "the database {} is in use by a relay without --bus or by a restore (it holds {})",
+            path.display(),
+            keepwire_server::store::lock_path(&path).display()
+        ),
+        (e, _) => e.into(),
+    })?;
     let metrics = Arc::new(Metrics::default());
     let retention = Retention {
         max_age: args.retention_age,
@@ -434,11 +472,23 @@ pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
         return tls_init(dir, hosts, *days);
     }
     let path = args.db.path()?;
+    if let AdminCommand::Init = args.command {
+        if path.is_file() {
+            println!("a database already exists at {}", path.display());
+            return Ok(());
+        }
+        let store = open_store(&path, SqliteOptions::default())?;
+        store.close().await;
+        println!("created {}", path.display());
+        return Ok(());
+    }
+    // Audit: every command below works on an existing database. Backup only
+    // reads it, and the others write through SQLite's own locking, which is
+    // safe beside a running relay; only restore replaces the file, and it
+    // takes the relay's lock (refused while a relay runs).
+    require_db(&path)?;
     match args.command {
         AdminCommand::Backup { dest } => {
-            if !path.exists() {
-                bail!("there is no database at {}", path.display());
-            }
             SqliteStore::backup(&path, &dest)?;
             println!("{}", dest.display());
             return Ok(());
@@ -566,10 +616,11 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             let done = store.revoke_device(&user, &device).await?;
             println!("{}", if done { "revoked" } else { "already revoked" });
         }
-        AdminCommand::Backup { .. }
+        AdminCommand::Init
+        | AdminCommand::Backup { .. }
         | AdminCommand::Restore { .. }
         | AdminCommand::TlsInit { .. } => {
-            bail!("backup, restore and tls-init do not open the store")
+            bail!("init, backup, restore and tls-init do not open the store")
         }
     }
     Ok(())

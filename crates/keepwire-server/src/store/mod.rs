@@ -23,7 +23,7 @@ mod sqlite;
 #[cfg(any(test, feature = "testing"))]
 pub use memory::Sabotage;
 pub use memory::{CrashPoint, MemoryDisk, MemoryOptions, MemorySnapshot, MemoryStore};
-pub use sqlite::{SqliteOptions, SqliteStore};
+pub use sqlite::{DbLock, LockMode, SqliteOptions, SqliteStore, lock_path};
 
 /// The wall clock a store stamps entries and records with (ms since the
 /// Unix epoch). Injected so that a simulation can run on virtual time.
