@@ -61,9 +61,17 @@ pub(crate) struct LoginArgs {
     /// Read the token from this file (one line).
     #[arg(long, value_name = "FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
-    /// How long to try to verify the token with the relay.
+    /// How long to try to verify the token with the relay. A refused
+    /// connection, a name that does not resolve or a TLS failure ends the
+    /// check at once.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
+    /// Save the URL and token without checking them with the relay (for a
+    /// device set up offline). Without it, a login that cannot check the
+    /// token saves nothing and exits with the `sync` exit codes (4: the
+    /// relay could not be reached, 5: the token was refused).
+    #[arg(long)]
+    no_check: bool,
     /// Also trust the root certificate(s) in this PEM file for wss:// (a
     /// private CA); saved for every command on this home.
     #[arg(long, value_name = "PEM")]
@@ -117,7 +125,8 @@ pub(crate) struct SendArgs {
     conv: u64,
     /// The message.
     text: String,
-    /// How long to wait for the relay's confirmation (0 = do not wait).
+    /// How long to wait for the relay's confirmation (0 = do not wait); a
+    /// refused connection or an unresolved name says "queued" at once.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
 }
@@ -140,7 +149,10 @@ pub(crate) struct SyncArgs {
     home: HomeArg,
     #[command(flatten)]
     notify: NotifyArgs,
-    /// Give up (keeping what was done) after this long.
+    /// Give up (keeping what was done) after this long. It exits 4 sooner
+    /// when the relay is plainly unreachable: 3 connection attempts in a
+    /// row per relay URL refused or unresolved, with no session opened
+    /// (other faults are retried until the deadline).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     deadline: Duration,
 }
@@ -322,13 +334,35 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
         store.set_meta(keepwire_client::CA_META, &String::from_utf8_lossy(&pem))?;
     }
     let device = store.device_id()?;
+    if args.no_check {
+        store.save_login(&args.servers, &token)?;
+        println!(
+            "saved (device {device}) for {}; the token was not checked",
+            args.servers.join(", ")
+        );
+        return Ok(());
+    }
     let client = Client::builder(&home)
         .servers(args.servers.clone())
         .token(token.clone())
         .token_provider(Arc::new(NoRefresh))
         .build()
         .await?;
-    match client.wait_connected(args.timeout).await {
+    // Connected, or known not to be possible now: refused or unresolved at
+    // every relay, or a TLS failure (retrying does not fix a certificate).
+    let checked = client
+        .wait_for(args.timeout, |s| {
+            s.state == State::Connected
+                || s.plainly_unreachable(1)
+                || s.last_error == Some(ConnectionError::Tls)
+        })
+        .await;
+    let connected = match checked {
+        Ok(s) if s.state == State::Connected => Ok(()),
+        Ok(_) => Err(ClientError::Timeout),
+        Err(e) => Err(e),
+    };
+    match connected {
         Ok(()) => {
             store.save_login(&args.servers, &token)?;
             // Store what is waiting (up to a moment), so the cursor starts here.
@@ -357,10 +391,13 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
                 .map(describe)
                 .unwrap_or_else(|| "no answer".into());
             client.stop().await;
-            println!(
-                "saved (device {device}); the relay could not be reached to check the token: {why}"
-            );
-            Ok(())
+            Err(Exit {
+                code: exit::UNREACHABLE,
+                message: format!(
+                    "cannot check the token: {why}; nothing was saved (fix the URL, start the relay, or pass --no-check to save it unchecked)"
+                ),
+            }
+            .into())
         }
         Err(e) => Err(e.into()),
     }
@@ -449,12 +486,17 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
         println!("queued");
         return Ok(());
     }
-    let result = tokio::time::timeout(args.timeout, handle.confirmed()).await;
+    // A refused connection or a name that does not resolve (at every relay)
+    // is known at once: say "queued" then, not after the whole timeout.
+    let result = tokio::select! {
+        r = tokio::time::timeout(args.timeout, handle.confirmed()) => r.ok(),
+        Ok(_) = client.wait_for(args.timeout, |s| s.holder && s.plainly_unreachable(1)) => None,
+    };
     client.stop().await;
     match result {
-        Ok(Ok(())) => println!("sent"),
-        Ok(Err(e)) => bail!("the relay refused the message: {e}"),
-        Err(_) => {
+        Some(Ok(())) => println!("sent"),
+        Some(Err(e)) => bail!("the relay refused the message: {e}"),
+        None => {
             let why = client.status().last_error.as_ref().map(describe);
             match why {
                 Some(w) => {
@@ -529,15 +571,23 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let report = client.sync_once(args.deadline).await;
     client.stop().await;
     let s = client.status();
-    let (pending, failed) = open_existing(&home)?.outbox_counts()?;
-    println!(
-        "synced in {:.1}s: {} messages received, {} sends confirmed, {} notifications, {pending} pending, {failed} failed, cursor {}",
-        report.elapsed.as_secs_f64(),
-        report.received,
-        report.confirmed,
-        report.notified,
-        s.cursor.unwrap_or(0)
-    );
+    let store = open_existing(&home)?;
+    let (pending, failed) = store.outbox_counts()?;
+    let cursor = store.cursor()?.map(|c| c.seq).unwrap_or(0);
+    if report.through_holder {
+        println!(
+            "synced in {:.1}s through the process holding this home's connection (a tail or agent): {pending} pending, {failed} failed, cursor {cursor}",
+            report.elapsed.as_secs_f64(),
+        );
+    } else {
+        println!(
+            "synced in {:.1}s: {} messages received, {} sends confirmed, {} notifications, {pending} pending, {failed} failed, cursor {cursor}",
+            report.elapsed.as_secs_f64(),
+            report.received,
+            report.confirmed,
+            report.notified,
+        );
+    }
     match report.outcome {
         SyncOutcome::CaughtUp => Ok(()),
         SyncOutcome::Partial => Err(Exit {
@@ -559,6 +609,18 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
             message: stopped_message(r),
         }
         .into()),
+        SyncOutcome::Unreachable(_) if report.through_holder => {
+            let why = store
+                .meta("last_error")?
+                .unwrap_or_else(|| "no answer".into());
+            Err(Exit {
+                code: exit::UNREACHABLE,
+                message: format!(
+                    "cannot reach the relay (the process holding this home's connection reports: {why})"
+                ),
+            }
+            .into())
+        }
         _ => Err(unreachable_exit(&s).into()),
     }
 }
