@@ -696,3 +696,69 @@ fn login_exits_non_zero_when_it_cannot_check_the_token() {
     let _relay = RelayProcess::start_at(&bin(), &db, url.trim_start_matches("ws://"), FAST);
     assert_eq!(kw(&home, &["sync"]).status.code(), Some(0));
 }
+
+#[test]
+fn messages_say_revoked_status_speaks_words_and_prefs_have_units() {
+    let Setup {
+        dir: _dir,
+        db,
+        mut relay,
+        alice,
+        bob: _bob,
+    } = setup("words");
+    // Preferences with units, and as JSON.
+    let prefs = kw_ok(&alice, &["prefs"]);
+    assert!(
+        prefs.contains(
+            "background:     linger 1m (stay connected 1m after going to the background) (default)"
+        ),
+        "{prefs}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&kw_ok(&alice, &["prefs", "--json"])).unwrap();
+    assert_eq!(
+        (v["background"].as_str(), v["linger_secs"].as_u64()),
+        (Some("linger:1m"), Some(60))
+    );
+    let stats = kw_ok(&alice, &["stats"]);
+    assert!(stats.contains("the last 1 day"), "{stats}");
+
+    // Status of a holder whose relay is gone: words, and the raw value in JSON.
+    let holder = Tail::start(&alice);
+    wait_until(Duration::from_secs(10), "the tail to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    relay.kill9();
+    wait_until(Duration::from_secs(10), "a connection problem", || {
+        status(&alice)["last_error"] == "Refused"
+    });
+    let text = kw_ok(&alice, &["status"]);
+    assert!(
+        text.contains("last error: connection refused (is the relay running?)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Refused\n") && !text.contains("BackingOff"),
+        "{text}"
+    );
+    drop(holder);
+
+    // A revoked token is called revoked, with what to do.
+    let _relay = RelayProcess::start_at(&bin(), &db, relay.url.trim_start_matches("ws://"), FAST);
+    let out = crate::keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "token",
+        "revoke",
+        "--user",
+        "alice",
+    ]);
+    assert!(out.status.success());
+    let out = kw(&alice, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("the token was revoked") && err.contains("keepwire login"),
+        "{err}"
+    );
+}
