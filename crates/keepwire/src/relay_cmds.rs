@@ -238,6 +238,8 @@ enum DeviceCommand {
 
 #[derive(Subcommand)]
 enum UserCommand {
+    /// List every user's name (one a line).
+    List,
     /// Create a user and print a token for it on one line.
     Add {
         /// User name: 1-64 characters of [A-Za-z0-9_.@-].
@@ -519,6 +521,11 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             store.create_user(&name).await?;
             let t = store.issue_token(&name, ttl).await?;
             println!("{}", t.token);
+        }
+        AdminCommand::User(UserCommand::List) => {
+            for name in store.list_users().await? {
+                println!("{name}");
+            }
         }
         AdminCommand::Token(TokenCommand::Issue { name, ttl }) => {
             let t = store.issue_token(&name, ttl).await?;

@@ -228,4 +228,8 @@ fn a_mistyped_db_is_refused_not_created() {
     assert!(out.status.success(), "init again is harmless");
     assert!(String::from_utf8_lossy(&out.stdout).contains("already exists"));
     add_user(&typo, "bob");
+    add_user(&typo, "alice");
+    let out = keepwire(&["admin", "--db", t, "user", "list"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "alice\nbob\n");
 }

@@ -575,6 +575,9 @@ pub trait AdminStore: Send + Sync + 'static {
     async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;
     /// A user's id by name.
     async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError>;
+    /// Every user's name (created by an admin or the API, or by a valid
+    /// JWT's first connection), sorted.
+    async fn list_users(&self) -> Result<Vec<String>, StoreError>;
     /// Revokes a device: its connections close, it cannot reconnect, and
     /// every keepwire token it connected with is revoked (so a stolen
     /// device's token cannot connect under another device id). Returns false
