@@ -33,6 +33,12 @@ impl DbArg {
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
+    /// A TOML file with any of these flags by name, without the dashes
+    /// (`listen = "0.0.0.0:7447"`, `retention-age = "90d"`,
+    /// `allow-origin = ["https://app.example"]`); flags given here and
+    /// environment variables override it. See README, "Configuration file".
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:7447")]
     listen: SocketAddr,

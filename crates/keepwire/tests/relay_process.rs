@@ -273,3 +273,66 @@ async fn restore_beside_a_running_relay_is_refused_and_loses_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `keepwire serve ARGS...` (no --listen/--db of its own): the child and the
+/// first line of its stdout (empty if it exited first).
+fn serve_with(args: &[&str]) -> (crate::KillOnDrop, String) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(bin())
+        .arg("serve")
+        .args(args)
+        .env("KEEPWIRE_LOG", "warn")
+        .env_remove("KEEPWIRE_DB")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (crate::KillOnDrop(child), line.trim().to_owned())
+}
+
+#[test]
+fn serve_reads_a_config_file_and_flags_override_it() {
+    let dir = TempDir::new("config");
+    let from_file = dir.join("from-file.db");
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "# a relay\nlisten = \"127.0.0.1:0\"\ndb = {:?}\nmax_body_bytes = 2048\nallow-origin = [\"https://a.example\", \"https://b.example\"]\nretention-age = \"90d\"\n",
+            from_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (_relay, url) = serve_with(&["--config", c]);
+    assert!(
+        url.starts_with("ws://127.0.0.1:"),
+        "listens where the file says: {url:?}"
+    );
+    assert!(from_file.exists(), "the database the file names");
+    // A flag on the command line wins over the file.
+    let other = dir.join("other.db");
+    let (_relay2, url2) = serve_with(&["--config", c, "--db", other.to_str().unwrap()]);
+    assert!(url2.starts_with("ws://"), "{url2:?}");
+    assert!(other.exists(), "--db overrides the file's db");
+
+    // Mistakes name the file and the setting; values are checked like flags.
+    let bad = dir.join("bad.toml");
+    for (text, needle) in [
+        ("listn = \"127.0.0.1:0\"\n", "unknown setting \"listn\""),
+        ("max-body-bytes = \"lots\"\n", "invalid value 'lots'"),
+        ("listen = [\n", "bad.toml"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let out = keepwire(&["serve", "--config", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(needle), "{text}: expected {needle:?} in {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
