@@ -861,7 +861,8 @@ impl Client {
     /// store) and reports its answer: [`SyncOutcome::CaughtUp`] as soon as
     /// the holder has everything up to the relay's head (fresh from a new
     /// session or a pong), [`SyncOutcome::Unreachable`] if it cannot reach
-    /// the relay, [`SyncOutcome::Busy`] if it did not answer by the
+    /// the relay, [`SyncOutcome::Busy`] if it did not take the request up
+    /// within a second (not a keepwire client) or did not answer by the
     /// deadline. A process
     /// that takes the lock for the sync while it would otherwise be parked
     /// (in the background under `wake-only`) gives it back, with the
@@ -958,15 +959,16 @@ impl Client {
         let Ok(n) = asked else {
             return SyncOutcome::Busy;
         };
+        // A holder takes a request up within its 100 ms poll; one that does
+        // not (not a keepwire client, or an older one) is not waited for.
+        let ack_by = tokio::time::Instant::now() + HOLDER_ACK_WAIT;
         let mut poll = tokio::time::interval(Duration::from_millis(50));
         loop {
             poll.tick().await;
-            let answer = self
-                .inner
-                .store
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .holder_sync_answer();
+            let (answer, seen) = {
+                let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+                (store.holder_sync_answer(), store.holder_sync_seen())
+            };
             if let Ok(Some((m, outcome))) = answer
                 && m >= n
             {
@@ -975,7 +977,9 @@ impl Client {
                     _ => SyncOutcome::Unreachable(None),
                 };
             }
-            if tokio::time::Instant::now() >= until {
+            let now = tokio::time::Instant::now();
+            let taken_up = matches!(seen, Ok(s) if s >= n);
+            if now >= until || (!taken_up && now >= ack_by) {
                 return SyncOutcome::Busy;
             }
         }
@@ -1355,6 +1359,9 @@ struct RemoteSync {
     /// When it is abandoned without an answer.
     until: tokio::time::Instant,
 }
+
+/// How long a sync asking the holder waits for it to take the request up.
+const HOLDER_ACK_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a holder works on another process's sync before abandoning it
 /// (the asking process has its own, usually shorter, deadline).
@@ -2110,6 +2117,9 @@ impl Driver {
             _ => return,
         };
         self.remote_seen = asked;
+        if let Err(e) = self.store.acknowledge_holder_sync(asked) {
+            tracing::warn!(target: "keepwire::client", error = %e, "taking up a sync failed");
+        }
         let (sessions, heads_heard, plain_failures) = {
             let s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
             (s.sessions, s.heads_heard, s.plain_failures)

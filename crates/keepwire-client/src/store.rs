@@ -206,6 +206,19 @@ impl Store {
             .unwrap_or(0))
     }
 
+    /// The holder took up the syncs asked up to `n` (it answers later).
+    pub fn acknowledge_holder_sync(&self, n: u64) -> Result<(), StoreError> {
+        self.set_meta("sync_seen", &n.to_string())
+    }
+
+    /// The last sync request the holder took up (0: none).
+    pub fn holder_sync_seen(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta("sync_seen")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
     /// The holder's answer to the syncs asked up to `n`: `caught_up` or
     /// `unreachable`.
     pub fn answer_holder_sync(&self, n: u64, outcome: &str) -> Result<(), StoreError> {
