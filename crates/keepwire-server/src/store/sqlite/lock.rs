@@ -80,3 +80,35 @@ impl DbLock {
         &self.path
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_holders_coexist_and_exclude_an_exclusive_one() {
+        let dir = std::env::temp_dir().join(format!("kw-lock-{:x}", rand::random::<u64>()));
+        let db = dir.join("relay.db");
+        let a = DbLock::acquire(&db, LockMode::Shared).unwrap();
+        let b = DbLock::acquire(&db, LockMode::Shared).expect("two bus nodes on one file");
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        match DbLock::acquire(&db, LockMode::Exclusive) {
+            Err(StoreError::Conflict(m)) => {
+                assert!(m.contains(db.to_str().unwrap()), "{m}")
+            }
+            other => panic!("a restore beside live relays must be refused: {other:?}"),
+        }
+        drop((a, b));
+        let x = DbLock::acquire(&db, LockMode::Exclusive).expect("free once they are gone");
+        assert!(matches!(
+            DbLock::acquire(&db, LockMode::Shared),
+            Err(StoreError::Conflict(_))
+        ));
+        drop(x);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
