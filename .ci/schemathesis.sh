@@ -23,6 +23,7 @@ cleanup() {
 trap cleanup EXIT
 
 DB="$WORK/relay.db"
+"$BIN" admin --db "$DB" init >/dev/null
 "$BIN" admin --db "$DB" user add alice >/dev/null
 "$BIN" admin --db "$DB" user add bob >/dev/null
 KEY=$("$BIN" admin --db "$DB" api-key create schemathesis)

@@ -271,9 +271,10 @@ pub fn svg(s: &Stats) -> String {
         lx += 130.0;
     }
     out.push_str(&format!(
-        "<text x=\"40\" y=\"160\">uptime {:.1}% while wanted, {} reconnects</text>\n</svg>\n",
+        "<text x=\"40\" y=\"160\">uptime {:.1}% while wanted, {} reconnect{}</text>\n</svg>\n",
         s.uptime * 100.0,
-        s.reconnects
+        s.reconnects,
+        if s.reconnects == 1 { "" } else { "s" }
     ));
     out
 }

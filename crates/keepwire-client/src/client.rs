@@ -170,6 +170,13 @@ pub struct Status {
     pub sessions: u64,
     /// Pongs carrying the relay's head received by this process.
     pub heads_heard: u64,
+    /// Connection attempts of this process in a row that failed plainly —
+    /// refused, or the relay's name did not resolve — since its last
+    /// session opened or sync started. Any other failure (a timeout, a dropped connection,
+    /// an HTTP error) resets it: those are retried as transient.
+    pub plain_failures: u32,
+    /// How many relay URLs this client tries in turn.
+    pub relays: u32,
 }
 
 /// How a [`Client::sync_once`] ended.
@@ -201,9 +208,24 @@ pub struct SyncReport {
     pub notified: u64,
     /// Time taken.
     pub elapsed: Duration,
+    /// Another process on this home held the connection and ran the sync
+    /// (the counts above are this process's: zero).
+    pub through_holder: bool,
 }
 
+/// [`Client::sync_once`] gives up as unreachable once every relay failed
+/// plainly (refused, or its name did not resolve) this many times in a row
+/// with no session opened: a relay that is plainly not there does not make
+/// a sync wait out its deadline. Transient faults are retried until then.
+pub const UNREACHABLE_ROUNDS: u32 = 3;
+
 impl Status {
+    /// Whether each relay failed plainly (see [`Status::plain_failures`])
+    /// `rounds` times in a row since the last session.
+    pub fn plainly_unreachable(&self, rounds: u32) -> bool {
+        self.plain_failures >= rounds.saturating_mul(self.relays.max(1))
+    }
+
     /// Connected, with everything up to the handshake's head stored and no pending send.
     pub fn caught_up(&self) -> bool {
         self.state == State::Connected
@@ -347,6 +369,7 @@ impl ClientBuilder {
             }
         }
         let device = store.device_id()?;
+        let urls_len = u32::try_from(urls.len()).unwrap_or(u32::MAX);
         let mut config = Config::new(device, urls);
         if let Some(p) = self
             .background_policy
@@ -381,6 +404,8 @@ impl ClientBuilder {
             notified: 0,
             sessions: 0,
             heads_heard: 0,
+            plain_failures: 0,
+            relays: urls_len,
         }));
         let (status_tx, _) = watch::channel(());
         let inner = Arc::new(Inner {
@@ -826,8 +851,19 @@ impl Client {
     /// `deadline`: the entry point for periodic tasks and push wake-ups. What
     /// was done stays done; the next call continues.
     ///
+    /// It gives up early, as [`SyncOutcome::Unreachable`], once every relay
+    /// failed plainly [`UNREACHABLE_ROUNDS`] times in a row (refused, or the
+    /// name did not resolve) with no session opened; other faults are
+    /// retried until the deadline.
+    ///
     /// If another process holds the home's connection, this waits at most
-    /// [`LOCK_WAIT`] for it, then reports [`SyncOutcome::Busy`]. A process
+    /// [`LOCK_WAIT`] for it to let go, then asks it to sync (through the
+    /// store) and reports its answer: [`SyncOutcome::CaughtUp`] as soon as
+    /// the holder has everything up to the relay's head (fresh from a new
+    /// session or a pong), [`SyncOutcome::Unreachable`] if it cannot reach
+    /// the relay, [`SyncOutcome::Busy`] if it did not take the request up
+    /// within a second (not a keepwire client) or did not answer by the
+    /// deadline. A process
     /// that takes the lock for the sync while it would otherwise be parked
     /// (in the background under `wake-only`) gives it back, with the
     /// connection closed, before this returns. Syncs in one process run one
@@ -848,6 +884,7 @@ impl Client {
             confirmed: after.confirmed - before.confirmed,
             notified: after.notified - before.notified,
             elapsed: started.elapsed(),
+            through_holder: false,
         };
         let Ok(_gate) = tokio::time::timeout_at(until, self.inner.sync_gate.lock()).await else {
             let s = self.status();
@@ -873,11 +910,15 @@ impl Client {
         }
         let ours = matches!(tokio::time::timeout_at(until, rx).await, Ok(Ok(true)));
         // The session must be a new one: a head learnt earlier says nothing.
+        let fresh = |s: &Status| {
+            (s.sessions > before.sessions || s.heads_heard > before.heads_heard) && s.caught_up()
+        };
         let waited = if ours {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
+            // Plainly unreachable (see UNREACHABLE_ROUNDS): give up early.
             self.wait_for(left, |s| {
-                (s.sessions > before.sessions || s.heads_heard > before.heads_heard)
-                    && s.caught_up()
+                fresh(s)
+                    || (s.sessions == before.sessions && s.plainly_unreachable(UNREACHABLE_ROUNDS))
             })
             .await
         } else {
@@ -893,13 +934,55 @@ impl Client {
         }
         let after = self.status();
         let outcome = match waited {
-            Ok(_) => SyncOutcome::CaughtUp,
+            Ok(s) if fresh(&s) => SyncOutcome::CaughtUp,
+            Ok(s) => SyncOutcome::Unreachable(s.last_error),
             Err(ClientError::Stopped(r)) => SyncOutcome::Stopped(r),
-            Err(_) if !ours => SyncOutcome::Busy,
+            Err(_) if !ours => self.sync_through_holder(until).await,
             Err(_) if after.sessions > before.sessions => SyncOutcome::Partial,
             Err(_) => SyncOutcome::Unreachable(after.last_error.clone()),
         };
-        (report(outcome, &before, &after), collected)
+        let mut report = report(outcome, &before, &after);
+        report.through_holder = !ours;
+        (report, collected)
+    }
+
+    /// Asks the process holding this home's connection to sync (through the
+    /// store, as sends reach it) and waits until `until` for its answer.
+    /// Nothing comes back: what it stores is in the shared store already.
+    async fn sync_through_holder(&self, until: tokio::time::Instant) -> SyncOutcome {
+        let asked = self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ask_holder_sync();
+        let Ok(n) = asked else {
+            return SyncOutcome::Busy;
+        };
+        // A holder takes a request up within its 100 ms poll; one that does
+        // not (not a keepwire client, or an older one) is not waited for.
+        let ack_by = tokio::time::Instant::now() + HOLDER_ACK_WAIT;
+        let mut poll = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            poll.tick().await;
+            let (answer, seen) = {
+                let store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+                (store.holder_sync_answer(), store.holder_sync_seen())
+            };
+            if let Ok(Some((m, outcome))) = answer
+                && m >= n
+            {
+                return match outcome.as_str() {
+                    "caught_up" => SyncOutcome::CaughtUp,
+                    _ => SyncOutcome::Unreachable(None),
+                };
+            }
+            let now = tokio::time::Instant::now();
+            let taken_up = matches!(seen, Ok(s) if s >= n);
+            if now >= until || (!taken_up && now >= ack_by) {
+                return SyncOutcome::Busy;
+            }
+        }
     }
 
     /// Handles a push wake-up (FCM, APNs, UnifiedPush): runs a bounded sync
@@ -975,6 +1058,7 @@ impl Client {
                     confirmed: 0,
                     notified: 0,
                     elapsed: started.elapsed(),
+                    through_holder: false,
                 },
                 show: Vec::new(),
                 clear: Vec::new(),
@@ -1251,7 +1335,37 @@ struct Driver {
     acks: Vec<Ack>,
     /// The task running the current transport.
     transport_task: Option<tokio::task::JoinHandle<()>>,
+    /// The last sync another process asked of this holder that was seen.
+    remote_seen: u64,
+    /// The sync another process asked for, being run.
+    remote: Option<RemoteSync>,
 }
+
+/// A sync asked by another process on this home (`keepwire sync` beside a
+/// `tail` or an agent), run by the holder.
+struct RemoteSync {
+    /// The request's number in the store.
+    n: u64,
+    /// Sessions and heads heard when it was picked up: the answer needs a
+    /// head heard after that.
+    sessions: u64,
+    heads_heard: u64,
+    /// Plain failures in a row when it was picked up: a holder that has been
+    /// failing all along answers "unreachable" after one more plain failure
+    /// (the attempt the request makes at once), not after a new streak.
+    plain_failures: u32,
+    /// Whether it started the core's sync (and so ends it).
+    started_core_sync: bool,
+    /// When it is abandoned without an answer.
+    until: tokio::time::Instant,
+}
+
+/// How long a sync asking the holder waits for it to take the request up.
+const HOLDER_ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a holder works on another process's sync before abandoning it
+/// (the asking process has its own, usually shorter, deadline).
+const REMOTE_SYNC_MAX: Duration = Duration::from_secs(60);
 
 impl Driver {
     fn new(sup: &Supervisor) -> Result<Driver, StoreError> {
@@ -1270,6 +1384,7 @@ impl Driver {
         let (transport_tx, transport_rx) = mpsc::channel(1024);
         let (token_tx, token_rx) = mpsc::channel(1);
         let data_version = store.data_version()?;
+        let remote_seen = store.holder_sync_asked()?;
         let mut d = Driver {
             core,
             store,
@@ -1303,6 +1418,8 @@ impl Driver {
             deferred_clears: Vec::new(),
             acks: Vec::new(),
             transport_task: None,
+            remote_seen,
+            remote: None,
         };
         d.pick_up_outbox(now)?;
         if sup.started {
@@ -1327,6 +1444,12 @@ impl Driver {
             .saturating_duration_since(tokio::time::Instant::now());
         self.sync_open = true;
         self.collect = r.collect;
+        // The unreachable rule counts from the start of the sync.
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .plain_failures = 0;
         self.core.request_sync(now + left, now);
         let _ = r.started.send(true);
     }
@@ -1421,6 +1544,10 @@ impl Driver {
                         if let Err(e) = self.pick_up_outbox(boot_clock()) {
                             tracing::warn!(target: "keepwire::client", error = %e, "reading the outbox failed");
                         }
+                        self.pick_up_remote_sync(boot_clock());
+                    }
+                    if self.remote.is_some() {
+                        self.answer_remote_sync();
                     }
                 }
             }
@@ -1706,6 +1833,18 @@ impl Driver {
             }
             Event::Error(e) => {
                 tracing::info!(target: "keepwire::client", error = ?e, "connection problem");
+                {
+                    let mut s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+                    // With the count, so a waiter woken by it sees why.
+                    s.last_error = Some(e.clone());
+                    s.plain_failures = match e {
+                        ConnectionError::Refused | ConnectionError::NoNetwork => {
+                            s.plain_failures.saturating_add(1)
+                        }
+                        _ => 0,
+                    };
+                }
+                self.inner.status_changed.send_replace(());
                 self.emit(ClientEvent::Error(e));
             }
             _ => {}
@@ -1869,11 +2008,11 @@ impl Driver {
     }
 
     fn on_welcome(&mut self, w: Welcome, now: Instant) {
-        self.inner
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sessions += 1;
+        {
+            let mut s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+            s.sessions += 1;
+            s.plain_failures = 0;
+        }
         let _ = self.store.set_meta("user", &w.user);
         let gap = w.resume.status == ResumeStatus::Gap;
         let result = match w.resume.reason {
@@ -1969,6 +2108,74 @@ impl Driver {
         }
     }
 
+    /// Starts a sync another process on this home asked for, if there is a
+    /// new request: connect now (skipping any backoff) or probe the live
+    /// connection for the relay's head.
+    fn pick_up_remote_sync(&mut self, now: Instant) {
+        let asked = match self.store.holder_sync_asked() {
+            Ok(n) if n > self.remote_seen => n,
+            _ => return,
+        };
+        self.remote_seen = asked;
+        if let Err(e) = self.store.acknowledge_holder_sync(asked) {
+            tracing::warn!(target: "keepwire::client", error = %e, "taking up a sync failed");
+        }
+        let (sessions, heads_heard, plain_failures) = {
+            let s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
+            (s.sessions, s.heads_heard, s.plain_failures)
+        };
+        let started_core_sync = !self.core.syncing();
+        if started_core_sync {
+            self.core.request_sync(now + REMOTE_SYNC_MAX, now);
+        }
+        self.remote = Some(RemoteSync {
+            n: asked,
+            sessions,
+            heads_heard,
+            plain_failures,
+            started_core_sync,
+            until: tokio::time::Instant::now() + REMOTE_SYNC_MAX,
+        });
+        self.flush();
+    }
+
+    /// Answers the sync another process asked for once it is done.
+    fn answer_remote_sync(&mut self) {
+        let Some(r) = &self.remote else {
+            return;
+        };
+        let s = self.status_snapshot();
+        let outcome = if (s.sessions > r.sessions || s.heads_heard > r.heads_heard) && s.caught_up()
+        {
+            "caught_up"
+        } else if s.sessions == r.sessions
+            && s.plain_failures > r.plain_failures
+            && s.plainly_unreachable(UNREACHABLE_ROUNDS)
+        {
+            "unreachable"
+        } else if tokio::time::Instant::now() >= r.until {
+            "abandoned"
+        } else {
+            return;
+        };
+        let (n, started) = (r.n, r.started_core_sync);
+        self.remote = None;
+        if let Err(e) = self.store.answer_holder_sync(n, outcome) {
+            tracing::warn!(target: "keepwire::client", error = %e, "answering a sync failed");
+        }
+        if started && !self.sync_open {
+            self.core.end_sync(boot_clock());
+        }
+    }
+
+    fn status_snapshot(&self) -> Status {
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn publish_status(&mut self) {
         let (pending, _) = self
             .store
@@ -1985,5 +2192,8 @@ impl Driver {
             s.backfilling = self.fetches.len();
         }
         self.inner.status_changed.send_replace(());
+        if self.remote.is_some() {
+            self.answer_remote_sync();
+        }
     }
 }

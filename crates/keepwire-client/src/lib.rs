@@ -11,7 +11,7 @@
 //! Several processes may open one home (an app and its extension, a CLI next
 //! to a running agent): one holds the connection (an exclusive lock on
 //! `HOME/lock`), the others queue sends durably and read the store; the
-//! holder picks their sends up within 100 ms.
+//! holder picks their sends (and their requests for a sync) up within 100 ms.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keepwire_client::ClientError> {
@@ -34,8 +34,8 @@ mod transport;
 
 pub use client::{
     CA_META, Client, ClientBuilder, ClientError, ClientEvent, LOCK_WAIT, MAX_PUSH_PAYLOAD,
-    PushResult, SendError, SendHandle, Status, SyncOutcome, SyncReport, TokenProvider, boot_clock,
-    parse_pem_certificates,
+    PushResult, SendError, SendHandle, Status, SyncOutcome, SyncReport, TokenProvider,
+    UNREACHABLE_ROUNDS, boot_clock, parse_pem_certificates,
 };
 pub use keepwire_core::{
     AppState, BackgroundPolicy, Backoff, Config, ConnectionError, Jitter, Network, State,

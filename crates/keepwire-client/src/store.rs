@@ -181,6 +181,59 @@ impl Store {
         Ok(n.parse().unwrap_or(0))
     }
 
+    /// Asks the process holding this home's connection for a sync (a
+    /// `keepwire sync` beside a running `tail` or agent): the request's
+    /// number, which [`Store::holder_sync_answer`] reports once the holder
+    /// answered it. The holder notices the request by the store's
+    /// `data_version`, as it notices sends queued by other processes.
+    pub fn ask_holder_sync(&self) -> Result<u64, StoreError> {
+        let n = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('sync_asked', '1')
+                 ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1
+                 RETURNING value",
+            )?
+            .query_row([], |r| r.get::<_, String>(0))?;
+        Ok(n.parse().unwrap_or(0))
+    }
+
+    /// The number of the last sync asked of the holder (0: none yet).
+    pub fn holder_sync_asked(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta("sync_asked")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The holder took up the syncs asked up to `n` (it answers later).
+    pub fn acknowledge_holder_sync(&self, n: u64) -> Result<(), StoreError> {
+        self.set_meta("sync_seen", &n.to_string())
+    }
+
+    /// The last sync request the holder took up (0: none).
+    pub fn holder_sync_seen(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta("sync_seen")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The holder's answer to the syncs asked up to `n`: `caught_up` or
+    /// `unreachable`.
+    pub fn answer_holder_sync(&self, n: u64, outcome: &str) -> Result<(), StoreError> {
+        self.set_meta("sync_answer", &format!("{n} {outcome}"))
+    }
+
+    /// The holder's last answer: the number of the request it answered (and
+    /// every earlier one) and the outcome.
+    pub fn holder_sync_answer(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.meta("sync_answer")?.and_then(|v| {
+            let (n, outcome) = v.split_once(' ')?;
+            Some((n.parse().ok()?, outcome.to_owned()))
+        }))
+    }
+
     /// Sets a meta value.
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.conn

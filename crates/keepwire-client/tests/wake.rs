@@ -127,9 +127,11 @@ async fn a_sync_waits_at_most_two_seconds_for_a_home_another_process_holds() {
     let report = a.sync_once(Duration::from_secs(20)).await;
     let took = started.elapsed();
     assert_eq!(report.outcome, SyncOutcome::Busy, "{report:?}");
+    // About 2 s for the lock, then up to 1 s for a holder to take the sync
+    // up (this one is no keepwire client and never does).
     assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
-        "waited about 2 s, not the deadline: {took:?}"
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "waited about 3 s, not the deadline: {took:?}"
     );
     // Once the holder lets go, the next sync runs.
     drop(held);

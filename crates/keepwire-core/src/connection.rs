@@ -444,6 +444,9 @@ pub struct Connection {
     token: String,
     /// A token refresh was used since the last successful welcome.
     refreshed: bool,
+    /// The relay revoked the token (4003) before the refresh now asked for:
+    /// with no new token the client stops as revoked, not as rejected.
+    revoked_before_refresh: bool,
     wanted: bool,
     app: AppState,
     network: Network,
@@ -485,6 +488,7 @@ impl Connection {
             state: State::Idle,
             token,
             refreshed: false,
+            revoked_before_refresh: false,
             wanted: false,
             app: AppState::Foreground,
             network: Network::Online("unknown".into()),
@@ -666,7 +670,12 @@ impl Connection {
             }
             Some(t) => self.token = t,
             None if self.state == State::RefreshingToken => {
-                self.set_state(State::Stopped(StopReason::AuthRejected));
+                let reason = if self.revoked_before_refresh {
+                    StopReason::TokenRevoked
+                } else {
+                    StopReason::AuthRejected
+                };
+                self.set_state(State::Stopped(reason));
             }
             None => {}
         }
@@ -1002,6 +1011,7 @@ impl Connection {
                 };
                 self.set_state(State::Stopped(reason));
             } else {
+                self.revoked_before_refresh = action == Some(CloseCode::TokenRevoked);
                 self.set_state(State::RefreshingToken);
                 self.events.push_back(Event::TokenNeeded);
             }

@@ -53,6 +53,24 @@ impl Problem {
         Problem::new(StatusCode::NOT_FOUND, "not_found", detail)
     }
 
+    /// A user name that does not exist: the type the store's refusals use.
+    fn unknown_user(name: &str) -> Self {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownUser.as_str(),
+            format!("no user named {name:?}"),
+        )
+    }
+
+    /// A conversation id that does not exist: the type the store's refusals use.
+    fn no_such_conv(id: &str) -> Self {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NoSuchConv.as_str(),
+            format!("conversation {id:?} does not exist"),
+        )
+    }
+
     fn bad_request(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::BAD_REQUEST, "invalid", detail)
     }
@@ -97,6 +115,11 @@ impl From<StoreError> for Problem {
                     _ => StatusCode::BAD_REQUEST,
                 };
                 Problem::new(status, code.as_str(), msg)
+            }
+            // Admin lookups name a missing user this way: the same type as
+            // the refusals (`unknown_user`), whichever path found it.
+            StoreError::NotFound(m) if m.starts_with("no user named") => {
+                Problem::new(StatusCode::NOT_FOUND, ErrorCode::UnknownUser.as_str(), m)
             }
             StoreError::NotFound(m) => Problem::not_found(m),
             StoreError::Conflict(m) => Problem::new(StatusCode::CONFLICT, "conflict", m),
@@ -155,8 +178,46 @@ where
                     "the request body is too large",
                 ))
             }
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(Problem::bad_request(format!(
+                "the request body is not valid JSON: {}",
+                serde_detail(&e.body_text())
+            ))),
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(Problem::bad_request(body_mismatch(&e.body_text())))
+            }
             Err(e) => Err(Problem::bad_request(e.body_text())),
         }
+    }
+}
+
+/// What serde said, without axum's preamble and the line/column suffix (a
+/// one-line JSON body makes "line 1 column 17" noise).
+fn serde_detail(text: &str) -> &str {
+    let text = text
+        .split_once("target type: ")
+        .or_else(|| text.split_once("as JSON: "))
+        .map_or(text, |(_, rest)| rest);
+    match text.rfind(" at line ") {
+        Some(i) => &text[..i],
+        None => text,
+    }
+}
+
+/// A body that is JSON but not the expected shape, in the caller's terms:
+/// which field is missing, or which one has the wrong type.
+fn body_mismatch(text: &str) -> String {
+    let detail = serde_detail(text);
+    if let Some(rest) = detail.strip_prefix("missing field `")
+        && let Some(field) = rest.strip_suffix('`')
+    {
+        return format!("the request body has no `{field}`, which is required");
+    }
+    // serde_path_to_error puts the field's path first: "body: invalid type ...".
+    match detail.split_once(": ") {
+        Some((path, why)) if !path.contains(' ') => {
+            format!("the request body's `{path}` is wrong: {why}")
+        }
+        _ => format!("the request body does not fit this request: {detail}"),
     }
 }
 
@@ -258,7 +319,7 @@ fn check_user(name: &str) -> Result<(), Problem> {
     if is_valid_user_name(name) {
         Ok(())
     } else {
-        Err(Problem::not_found(format!("no user named {name:?}")))
+        Err(Problem::unknown_user(name))
     }
 }
 
@@ -266,7 +327,7 @@ fn parse_conv(s: &str) -> Result<u64, Problem> {
     s.parse::<u64>()
         .ok()
         .filter(|&c| c > 0 && c <= i64::MAX as u64)
-        .ok_or_else(|| Problem::not_found(format!("conversation {s:?} does not exist")))
+        .ok_or_else(|| Problem::no_such_conv(s))
 }
 
 async fn actor_for(shared: &Shared, user: Option<&str>) -> Result<Actor, Problem> {
@@ -276,7 +337,7 @@ async fn actor_for(shared: &Shared, user: Option<&str>) -> Result<Actor, Problem
             check_user(name)?;
             match shared.store.user_id(name).await? {
                 Some(id) => Ok(Actor::User(id)),
-                None => Err(Problem::not_found(format!("no user named {name:?}"))),
+                None => Err(Problem::unknown_user(name)),
             }
         }
     }
@@ -300,6 +361,8 @@ pub(crate) fn routes(max_body: usize) -> Router<Arc<Shared>> {
             "/v1/conversations/{conv}/members/{user}",
             delete(remove_member),
         )
+        .route("/v1/users", post(create_user).get(list_users))
+        .route("/v1/users/{user}/tokens", post(issue_token))
         .route("/v1/users/{user}/conversations", get(user_conversations))
         .route("/v1/users/{user}/devices", get(devices))
         .route(
@@ -439,7 +502,19 @@ async fn publish(
         kind,
         body: b.body,
     };
-    let c = s.store.send(actor, API_DEVICE, send).await?;
+    let c = match s.store.send(actor, API_DEVICE, send).await {
+        Err(StoreError::Refused(ErrorCode::CidConflict, _)) => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                format!(
+                    "idempotency_key {:?} was already used for a different message (another body, conversation or sender); use a new key for a new message",
+                    b.idempotency_key
+                ),
+            ));
+        }
+        other => other?,
+    };
     let status = if c.duplicate {
         StatusCode::OK
     } else {
@@ -497,7 +572,7 @@ async fn add_member(
     let conv = parse_conv(&conv)?;
     let actor = actor_for(&s, b.actor.as_deref()).await?;
     if !is_valid_user_name(&b.user) {
-        return Err(Problem::not_found(format!("no user named {:?}", b.user)));
+        return Err(Problem::unknown_user(&b.user));
     }
     let (conv, changed) = s
         .store
@@ -537,7 +612,75 @@ async fn user_id(s: &Shared, user: &str) -> Result<crate::store::UserId, Problem
     s.store
         .user_id(user)
         .await?
-        .ok_or_else(|| Problem::not_found(format!("no user named {user:?}")))
+        .ok_or_else(|| Problem::unknown_user(user))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+}
+
+/// Longest token lifetime the API issues (ten years).
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 86_400;
+/// Token lifetime when the request names none (as `keepwire admin`).
+const DEFAULT_TOKEN_TTL_SECS: u64 = 90 * 86_400;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+}
+
+async fn create_user(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiJson(b): ApiJson<NewUser>,
+) -> ApiResult {
+    if !is_valid_user_name(&b.name) {
+        return Err(Problem::bad_request(format!(
+            "{:?} is not a valid user name: use 1-64 characters of [A-Za-z0-9_.@-]",
+            b.name
+        )));
+    }
+    match s.store.create_user(&b.name).await {
+        Ok(_) => Ok(ok(StatusCode::CREATED, json!({"user": b.name}))),
+        Err(StoreError::Conflict(_)) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "user_exists",
+            format!("a user named {:?} already exists", b.name),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn list_users(State(s): State<Arc<Shared>>, _key: Authorized) -> ApiResult {
+    let users = s.store.list_users().await?;
+    Ok(ok(StatusCode::OK, json!({"users": users})))
+}
+
+async fn issue_token(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(user): ApiPath<String>,
+    ApiJson(b): ApiJson<NewToken>,
+) -> ApiResult {
+    user_id(&s, &user).await?;
+    let ttl = b.ttl_secs.unwrap_or(DEFAULT_TOKEN_TTL_SECS);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
+        return Err(Problem::bad_request(format!(
+            "ttl_secs must be 1 to {MAX_TOKEN_TTL_SECS} (ten years)"
+        )));
+    }
+    let t = s
+        .store
+        .issue_token(&user, std::time::Duration::from_secs(ttl))
+        .await?;
+    Ok(ok(
+        StatusCode::CREATED,
+        json!({"token": t.token, "id": t.id, "expires_at_ms": t.expires_at_ms}),
+    ))
 }
 
 async fn user_conversations(
@@ -637,8 +780,13 @@ async fn revoke_tokens(
 ) -> ApiResult {
     let id = user_id(&s, &user).await?;
     let n = s.store.revoke(RevokeTarget::User(user)).await?;
-    s.hub.revoke(id, None, None);
-    Ok(ok(StatusCode::OK, json!({"revoked_tokens": n})))
+    // A JWT user has no keepwire tokens (`revoked_tokens` 0) but live
+    // connections, closed all the same: say how many.
+    let closed = s.hub.revoke(id, None, None);
+    Ok(ok(
+        StatusCode::OK,
+        json!({"revoked_tokens": n, "closed_connections": closed}),
+    ))
 }
 
 #[derive(Deserialize)]

@@ -100,7 +100,7 @@ pub(crate) fn document() -> Value {
             ),
         ),
     );
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "keepwire relay API",
@@ -181,7 +181,7 @@ pub(crate) fn document() -> Value {
                 "post": {
                     "operationId": "revokeTokens",
                     "summary": "Revoke every token of a user (keepwire tokens, and app-issued tokens issued until now)",
-                    "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["revoked_tokens"], "properties": {"revoked_tokens": {"type": "integer", "minimum": 0}}})))
+                    "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["revoked_tokens", "closed_connections"], "properties": {"revoked_tokens": {"type": "integer", "minimum": 0, "description": "keepwire tokens revoked (0 for a user of app-issued JWTs)"}, "closed_connections": {"type": "integer", "minimum": 0, "description": "live connections of the user closed on this relay node"}}})))
                 }
             },
             "/v1/users/{user}/devices/{device}/push": {
@@ -357,5 +357,65 @@ pub(crate) fn document() -> Value {
                 }
             }
         }
-    })
+    });
+    add_user_provisioning(&mut doc);
+    doc
+}
+
+/// The user and token provisioning operations (`/v1/users`, `/v1/users/{user}/tokens`).
+fn add_user_provisioning(doc: &mut Value) {
+    let mut create_errors = errors(&body_errors());
+    create_errors.insert("409".into(), problem("A user with this name exists"));
+    let created = ok(
+        "Created",
+        json!({"type": "object", "required": ["user"], "properties": {"user": {"type": "string"}}}),
+    );
+    let users = json!({
+        "post": {
+            "operationId": "createUser",
+            "summary": "Create a user (then issue it a token, or let it connect with your JWTs)",
+            "requestBody": json_body("NewUser"),
+            "responses": with(create_errors, "201", created)
+        },
+        "get": {
+            "operationId": "listUsers",
+            "summary": "Every user's name, sorted",
+            "responses": with(errors(&[]), "200", ok("Users", json!({"type": "object", "required": ["users"], "properties": {"users": {"type": "array", "items": {"type": "string"}}}})))
+        }
+    });
+    let token = ok(
+        "Issued (the token is shown once)",
+        json!({"type": "object", "required": ["token", "id", "expires_at_ms"], "properties": {
+            "token": {"type": "string", "description": "kw_..., a bearer token for the user's devices"},
+            "id": {"type": "integer", "format": "int64"},
+            "expires_at_ms": {"type": "integer", "format": "int64"}
+        }}),
+    );
+    let tokens = json!({
+        "parameters": [user_param()],
+        "post": {
+            "operationId": "issueToken",
+            "summary": "Issue a keepwire token for a user (`{}` for the default 90 days)",
+            "requestBody": json_body("NewToken"),
+            "responses": with(errors(&body_errors()), "201", token)
+        }
+    });
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        paths.insert("/v1/users".into(), users);
+        paths.insert("/v1/users/{user}/tokens".into(), tokens);
+    }
+    if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        schemas.insert(
+            "NewUser".into(),
+            json!({"type": "object", "additionalProperties": false, "required": ["name"], "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_.@][A-Za-z0-9_.@-]{0,63}$"}
+            }}),
+        );
+        schemas.insert(
+            "NewToken".into(),
+            json!({"type": "object", "additionalProperties": false, "properties": {
+                "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 315_360_000_u64, "description": "lifetime in seconds (default 90 days, at most ten years)"}
+            }}),
+        );
+    }
 }

@@ -676,3 +676,226 @@ async fn a_token_claiming_an_iat_within_the_leeway_does_not_survive_a_revocation
         Some(CloseCode::TokenRevoked.code())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_problems_say_what_was_wrong_in_the_callers_terms() {
+    let relay = TestRelay::start().await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    let ta = relay.user("alice").await;
+    relay.user("bob").await;
+    let api = http();
+    let send = |path: String, body: Value| {
+        api.post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    let problem = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let v: Value = r.json().await.unwrap();
+        (
+            status,
+            v["type"].as_str().unwrap_or("").to_owned(),
+            v["detail"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    let r = send(
+        "/v1/conversations".into(),
+        json!({"kind": "group", "members": ["alice", "bob"], "key": "k1"}),
+    )
+    .await
+    .unwrap();
+    let conv: Value = r.json().await.unwrap();
+    let id = conv["id"].as_u64().unwrap();
+    let messages = format!("/v1/conversations/{id}/messages");
+
+    // A publish without idempotency_key names the field, not serde's internals.
+    let (status, kind, detail) =
+        problem(send(messages.clone(), json!({"body": "hi"})).await.unwrap()).await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (400, "urn:keepwire:problem:invalid")
+    );
+    assert_eq!(
+        detail,
+        "the request body has no `idempotency_key`, which is required"
+    );
+    // A field of the wrong type is named too.
+    let (status, _, detail) = problem(
+        send(messages.clone(), json!({"body": 5, "idempotency_key": "a"}))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        detail.starts_with("the request body's `body` is wrong"),
+        "{detail}"
+    );
+    assert!(!detail.contains("line 1"), "{detail}");
+
+    // Reusing a key for another message: said in the API's words.
+    let r = send(
+        messages.clone(),
+        json!({"body": "one", "idempotency_key": "dup"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let (status, kind, detail) = problem(
+        send(
+            messages.clone(),
+            json!({"body": "two", "idempotency_key": "dup"}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (409, "urn:keepwire:problem:idempotency_key_reused")
+    );
+    assert!(
+        detail.contains("idempotency_key \"dup\" was already used"),
+        "{detail}"
+    );
+    assert!(
+        !detail.contains("cid") && !detail.contains("device"),
+        "{detail}"
+    );
+
+    // Unknown users and conversations: one type each, whichever endpoint.
+    for path in ["/v1/users/nobody/devices", "/v1/users/nobody/conversations"] {
+        let r = api
+            .get(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        let (status, kind, _) = problem(r).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (404, "urn:keepwire:problem:unknown_user"),
+            "{path}"
+        );
+    }
+    let (status, kind, _) = problem(
+        send(
+            messages.clone(),
+            json!({"from": "nobody", "body": "x", "idempotency_key": "n"}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (404, "urn:keepwire:problem:unknown_user")
+    );
+    let (status, kind, _) = problem(
+        send(
+            "/v1/conversations/999/messages".into(),
+            json!({"body": "x", "idempotency_key": "n"}),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (404, "urn:keepwire:problem:no_such_conv")
+    );
+
+    // Revoking a user's tokens says how many connections it closed.
+    let mut a = relay.connect(&ta, "alice-phone").await;
+    let r = api
+        .post(format!("{base}/v1/users/alice/tokens/revoke"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["revoked_tokens"], 1);
+    assert_eq!(v["closed_connections"], 1);
+    assert_eq!(a.expect_close().await, Some(CloseCode::TokenRevoked.code()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_provisions_users_and_tokens_over_http() {
+    let relay = TestRelay::start().await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    let api = http();
+    let post_json = |path: &str, body: Value| {
+        api.post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    let r = post_json("/v1/users", json!({"name": "dana"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"user": "dana"}));
+    let r = post_json("/v1/users", json!({"name": "dana"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "urn:keepwire:problem:user_exists");
+    let r = post_json("/v1/users", json!({"name": "bad name"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    post_json("/v1/users", json!({"name": "carl"}))
+        .await
+        .unwrap();
+    let users = get_json(&key, format!("{base}/v1/users")).await;
+    assert_eq!(users, json!({"users": ["carl", "dana"]}));
+
+    // A token for dana, with the default lifetime or a given one; it connects.
+    let r = post_json("/v1/users/dana/tokens", json!({})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let t: Value = r.json().await.unwrap();
+    let token = t["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("kw_"), "{t}");
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let days = (t["expires_at_ms"].as_i64().unwrap() - now_ms) / 86_400_000;
+    assert!((89..=90).contains(&days), "90 days by default: {t}");
+    let r = post_json("/v1/users/dana/tokens", json!({"ttl_secs": 60}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = post_json("/v1/users/dana/tokens", json!({"ttl_secs": 0}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = post_json("/v1/users/nobody/tokens", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let d = relay.connect(&token, "dana-phone").await;
+    assert_eq!(d.welcome().user, "dana");
+    // The document lists the new operations (schemathesis covers them).
+    let doc: Value = api
+        .get(format!("{base}/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc["paths"]["/v1/users"]["post"]["operationId"],
+        "createUser"
+    );
+    assert_eq!(doc["paths"]["/v1/users"]["get"]["operationId"], "listUsers");
+    assert_eq!(
+        doc["paths"]["/v1/users/{user}/tokens"]["post"]["operationId"],
+        "issueToken"
+    );
+}

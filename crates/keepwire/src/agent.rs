@@ -147,9 +147,13 @@ async fn handle(client: &Client, req: &Value) -> Value {
         Some("sync") => {
             // The agent's connection is usually up: a sync just waits until caught up.
             let r = client.sync_once(ms("deadline_ms", 30_000)).await;
+            let state = match &r.outcome {
+                SyncOutcome::Stopped(reason) => Some(format!("Stopped({reason:?})")),
+                _ => None,
+            };
             json!({"outcome": outcome_name(&r.outcome), "received": r.received, "confirmed": r.confirmed,
                    "notified": r.notified, "elapsed_ms": r.elapsed.as_millis() as u64,
-                   "cursor": client.status().cursor})
+                   "cursor": client.status().cursor, "state": state})
         }
         Some("send") => {
             let (Some(conv), Some(text)) = (req["conv"].as_u64(), req["text"].as_str()) else {

@@ -61,9 +61,17 @@ pub(crate) struct LoginArgs {
     /// Read the token from this file (one line).
     #[arg(long, value_name = "FILE", conflicts_with = "token")]
     token_file: Option<PathBuf>,
-    /// How long to try to verify the token with the relay.
+    /// How long to try to verify the token with the relay. A refused
+    /// connection, a name that does not resolve or a TLS failure ends the
+    /// check at once.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
+    /// Save the URL and token without checking them with the relay (for a
+    /// device set up offline). Without it, a login that cannot check the
+    /// token saves nothing and exits with the `sync` exit codes (4: the
+    /// relay could not be reached, 5: the token was refused).
+    #[arg(long)]
+    no_check: bool,
     /// Also trust the root certificate(s) in this PEM file for wss:// (a
     /// private CA); saved for every command on this home.
     #[arg(long, value_name = "PEM")]
@@ -117,7 +125,8 @@ pub(crate) struct SendArgs {
     conv: u64,
     /// The message.
     text: String,
-    /// How long to wait for the relay's confirmation (0 = do not wait).
+    /// How long to wait for the relay's confirmation (0 = do not wait); a
+    /// refused connection or an unresolved name says "queued" at once.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     timeout: Duration,
 }
@@ -140,7 +149,10 @@ pub(crate) struct SyncArgs {
     home: HomeArg,
     #[command(flatten)]
     notify: NotifyArgs,
-    /// Give up (keeping what was done) after this long.
+    /// Give up (keeping what was done) after this long. It exits 4 sooner
+    /// when the relay is plainly unreachable: 3 connection attempts in a
+    /// row per relay URL refused or unresolved, with no session opened
+    /// (other faults are retried until the deadline).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     deadline: Duration,
 }
@@ -250,14 +262,71 @@ fn describe(e: &ConnectionError) -> String {
 fn stopped_message(r: StopReason) -> String {
     match r {
         StopReason::AuthRejected => {
-            "the relay rejected the token; run `keepwire login` with a valid token".into()
+            "the relay rejected the token (unknown, expired, or for another relay); run `keepwire login --server URL --token-file FILE` with a valid token".into()
         }
         StopReason::TokenRevoked => {
-            "the token was revoked; run `keepwire login` with a new token".into()
+            "the token was revoked on the relay (an admin or your backend withdrew it); get a new one and run `keepwire login --server URL --token-file FILE`".into()
         }
-        StopReason::DeviceRevoked => "this device was revoked".into(),
+        StopReason::DeviceRevoked => {
+            "this device was revoked on the relay; it cannot connect again (log in from a new home)".into()
+        }
         StopReason::Replaced => "another connection of this device took over".into(),
         other => format!("stopped: {other:?}"),
+    }
+}
+
+/// A connection problem as the store records it (`Debug` of
+/// [`ConnectionError`], e.g. `Closed(4003)`): in words, and its numeric code
+/// (close code or HTTP status) if it has one.
+fn error_words(raw: &str) -> (String, Option<u16>) {
+    let num = |prefix: &str| {
+        raw.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(')'))
+            .and_then(|n| n.parse::<u16>().ok())
+    };
+    let e = match raw {
+        "NoNetwork" => ConnectionError::NoNetwork,
+        "Refused" => ConnectionError::Refused,
+        "Tls" => ConnectionError::Tls,
+        "Timeout" => ConnectionError::Timeout,
+        "Io" => ConnectionError::Io,
+        "HeartbeatTimeout" => ConnectionError::HeartbeatTimeout,
+        _ => {
+            if let Some(c) = num("Closed(") {
+                ConnectionError::Closed(c)
+            } else if let Some(c) = num("HttpStatus(") {
+                ConnectionError::HttpStatus(c)
+            } else {
+                return (raw.to_owned(), None);
+            }
+        }
+    };
+    let code = match e {
+        ConnectionError::Closed(c) | ConnectionError::HttpStatus(c) => Some(c),
+        _ => None,
+    };
+    (describe(&e), code)
+}
+
+/// A connection state as the store or the agent records it (`Debug` of
+/// [`State`], e.g. `Stopped(TokenRevoked)`), in words.
+fn state_words(raw: &str) -> String {
+    let stopped = |r: StopReason| format!("stopped: {}", stopped_message(r));
+    match raw {
+        "Idle" => "idle".into(),
+        "WaitingForNetwork" => "waiting for a network".into(),
+        "Connecting" => "connecting".into(),
+        "Handshaking" => "connecting (handshake)".into(),
+        "Connected" => "connected".into(),
+        "BackingOff" => "waiting to reconnect".into(),
+        "RefreshingToken" => "asking for a new token".into(),
+        "Dormant" => "dormant (connects for a sync or a push)".into(),
+        "Stopped(ClosedByApp)" => "stopped".into(),
+        "Stopped(AuthRejected)" => stopped(StopReason::AuthRejected),
+        "Stopped(TokenRevoked)" => stopped(StopReason::TokenRevoked),
+        "Stopped(DeviceRevoked)" => stopped(StopReason::DeviceRevoked),
+        "Stopped(Replaced)" => stopped(StopReason::Replaced),
+        other => other.to_owned(),
     }
 }
 
@@ -322,13 +391,35 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
         store.set_meta(keepwire_client::CA_META, &String::from_utf8_lossy(&pem))?;
     }
     let device = store.device_id()?;
+    if args.no_check {
+        store.save_login(&args.servers, &token)?;
+        println!(
+            "saved (device {device}) for {}; the token was not checked",
+            args.servers.join(", ")
+        );
+        return Ok(());
+    }
     let client = Client::builder(&home)
         .servers(args.servers.clone())
         .token(token.clone())
         .token_provider(Arc::new(NoRefresh))
         .build()
         .await?;
-    match client.wait_connected(args.timeout).await {
+    // Connected, or known not to be possible now: refused or unresolved at
+    // every relay, or a TLS failure (retrying does not fix a certificate).
+    let checked = client
+        .wait_for(args.timeout, |s| {
+            s.state == State::Connected
+                || s.plainly_unreachable(1)
+                || s.last_error == Some(ConnectionError::Tls)
+        })
+        .await;
+    let connected = match checked {
+        Ok(s) if s.state == State::Connected => Ok(()),
+        Ok(_) => Err(ClientError::Timeout),
+        Err(e) => Err(e),
+    };
+    match connected {
         Ok(()) => {
             store.save_login(&args.servers, &token)?;
             // Store what is waiting (up to a moment), so the cursor starts here.
@@ -349,7 +440,6 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
         }
         .into()),
         Err(ClientError::Timeout) => {
-            store.save_login(&args.servers, &token)?;
             let why = client
                 .status()
                 .last_error
@@ -357,10 +447,13 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
                 .map(describe)
                 .unwrap_or_else(|| "no answer".into());
             client.stop().await;
-            println!(
-                "saved (device {device}); the relay could not be reached to check the token: {why}"
-            );
-            Ok(())
+            Err(Exit {
+                code: exit::UNREACHABLE,
+                message: format!(
+                    "cannot check the token: {why}; nothing was saved (fix the URL, start the relay, or pass --no-check to save it unchecked)"
+                ),
+            }
+            .into())
         }
         Err(e) => Err(e.into()),
     }
@@ -449,12 +542,17 @@ pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
         println!("queued");
         return Ok(());
     }
-    let result = tokio::time::timeout(args.timeout, handle.confirmed()).await;
+    // A refused connection or a name that does not resolve (at every relay)
+    // is known at once: say "queued" then, not after the whole timeout.
+    let result = tokio::select! {
+        r = tokio::time::timeout(args.timeout, handle.confirmed()) => r.ok(),
+        Ok(_) = client.wait_for(args.timeout, |s| s.holder && s.plainly_unreachable(1)) => None,
+    };
     client.stop().await;
     match result {
-        Ok(Ok(())) => println!("sent"),
-        Ok(Err(e)) => bail!("the relay refused the message: {e}"),
-        Err(_) => {
+        Some(Ok(())) => println!("sent"),
+        Some(Err(e)) => bail!("the relay refused the message: {e}"),
+        None => {
             let why = client.status().last_error.as_ref().map(describe);
             match why {
                 Some(w) => {
@@ -503,7 +601,10 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
             Some("caught_up") => Ok(()),
             Some("auth_rejected") => Err(Exit {
                 code: exit::AUTH_REJECTED,
-                message: "the relay rejected the token".into(),
+                message: match r["state"].as_str() {
+                    Some(state) => state_words(state),
+                    None => stopped_message(StopReason::AuthRejected),
+                },
             }
             .into()),
             Some("unreachable") => Err(Exit {
@@ -529,15 +630,23 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let report = client.sync_once(args.deadline).await;
     client.stop().await;
     let s = client.status();
-    let (pending, failed) = open_existing(&home)?.outbox_counts()?;
-    println!(
-        "synced in {:.1}s: {} messages received, {} sends confirmed, {} notifications, {pending} pending, {failed} failed, cursor {}",
-        report.elapsed.as_secs_f64(),
-        report.received,
-        report.confirmed,
-        report.notified,
-        s.cursor.unwrap_or(0)
-    );
+    let store = open_existing(&home)?;
+    let (pending, failed) = store.outbox_counts()?;
+    let cursor = store.cursor()?.map(|c| c.seq).unwrap_or(0);
+    if report.through_holder {
+        println!(
+            "synced in {:.1}s through the process holding this home's connection (a tail or agent): {pending} pending, {failed} failed, cursor {cursor}",
+            report.elapsed.as_secs_f64(),
+        );
+    } else {
+        println!(
+            "synced in {:.1}s: {} messages received, {} sends confirmed, {} notifications, {pending} pending, {failed} failed, cursor {cursor}",
+            report.elapsed.as_secs_f64(),
+            report.received,
+            report.confirmed,
+            report.notified,
+        );
+    }
     match report.outcome {
         SyncOutcome::CaughtUp => Ok(()),
         SyncOutcome::Partial => Err(Exit {
@@ -550,8 +659,10 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
         .into()),
         SyncOutcome::Busy => Err(Exit {
             code: exit::PARTIAL,
-            message: "another keepwire process holds this home's connection; it syncs the store"
-                .into(),
+            message: format!(
+                "another keepwire process holds this home's connection and was not caught up within {:?}; what it stored is in the store",
+                args.deadline
+            ),
         }
         .into()),
         SyncOutcome::Stopped(r) => Err(Exit {
@@ -559,6 +670,18 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
             message: stopped_message(r),
         }
         .into()),
+        SyncOutcome::Unreachable(_) if report.through_holder => {
+            let why = store
+                .meta("last_error")?
+                .unwrap_or_else(|| "no answer".into());
+            Err(Exit {
+                code: exit::UNREACHABLE,
+                message: format!(
+                    "cannot reach the relay (the process holding this home's connection reports: {why})"
+                ),
+            }
+            .into())
+        }
         _ => Err(unreachable_exit(&s).into()),
     }
 }
@@ -657,6 +780,13 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         (None, false) => "not running".into(),
     };
     let last_error = store.meta("last_error")?;
+    let (error_text, error_code) = match &last_error {
+        Some(e) => {
+            let (text, code) = error_words(e);
+            (Some(text), code)
+        }
+        None => (None, None),
+    };
     let cursor = store.cursor()?;
     let (pending, failed) = store.outbox_counts()?;
     let v = serde_json::json!({
@@ -667,7 +797,10 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         "running": running,
         "agent": agent.is_some(),
         "state": state,
+        "state_text": state_words(&state),
         "last_error": last_error,
+        "last_error_text": error_text,
+        "last_error_code": error_code,
         "cursor": cursor.as_ref().map(|c| c.seq),
         "epoch": cursor.as_ref().map(|c| c.epoch.clone()),
         "outbox_pending": pending,
@@ -684,9 +817,9 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
         println!("device:   {}", v["device"].as_str().unwrap_or(""));
         println!("servers:  {}", store.urls()?.join(", "));
-        println!("state:    {state}");
-        if let Some(e) = last_error {
-            println!("last error: {}", printable(&e));
+        println!("state:    {}", printable(&state_words(&state)));
+        if let Some(e) = &error_text {
+            println!("last error: {}", printable(e));
         }
         println!(
             "cursor:   {}",
@@ -700,10 +833,32 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The background policy when none is set (the core's default).
+const DEFAULT_BACKGROUND: &str = "linger:1m";
+
+/// A background policy in words, with its unit.
+fn policy_words(p: Option<BackgroundPolicy>) -> String {
+    match p {
+        Some(BackgroundPolicy::KeepAlive) => "keep (stay connected in the background)".into(),
+        Some(BackgroundPolicy::WakeOnly) => {
+            "wake-only (disconnect in the background; sync and push wake it)".into()
+        }
+        Some(BackgroundPolicy::Linger(d)) => format!(
+            "linger {} (stay connected {} after going to the background)",
+            humantime::format_duration(d),
+            humantime::format_duration(d)
+        ),
+        _ => "unknown".into(),
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct PrefsArgs {
     #[command(flatten)]
     home: HomeArg,
+    /// Print the preferences as one JSON object (durations in seconds).
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Option<PrefsCommand>,
 }
@@ -800,6 +955,26 @@ pub(crate) fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
         }
     }
     store.set_prefs(&p)?;
+    let background = p.background.as_deref().unwrap_or(DEFAULT_BACKGROUND);
+    let policy = keepwire_client::notify::parse_policy(background);
+    if args.json {
+        let linger = match policy {
+            Some(BackgroundPolicy::Linger(d)) => Some(d.as_secs()),
+            _ => None,
+        };
+        let v = serde_json::json!({
+            "muted": p.muted,
+            "quiet_hours": p.quiet_hours.map(|q| q.to_string()),
+            "previews": p.previews,
+            "background": background,
+            "background_default": p.background.is_none(),
+            "linger_secs": linger,
+            "desktop": p.desktop,
+            "notify_command": p.notify_command,
+        });
+        println!("{v}");
+        return Ok(());
+    }
     let muted: Vec<String> = p.muted.iter().map(u64::to_string).collect();
     println!(
         "muted:          {}",
@@ -817,8 +992,13 @@ pub(crate) fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
     );
     println!("previews:       {}", if p.previews { "on" } else { "off" });
     println!(
-        "background:     {}",
-        p.background.as_deref().unwrap_or("linger:60 (default)")
+        "background:     {}{}",
+        policy_words(policy),
+        if p.background.is_none() {
+            " (default)"
+        } else {
+            ""
+        }
     );
     println!("desktop:        {}", if p.desktop { "on" } else { "off" });
     println!(
@@ -877,6 +1057,21 @@ pub(crate) struct StatsArgs {
 }
 
 /// Connection analytics of this home.
+/// "1 day", "2 hours", "90 minutes", "45 seconds": a window in words.
+fn span_words(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (n, unit) = if secs >= 86_400 && secs.is_multiple_of(86_400) {
+        (secs / 86_400, "day")
+    } else if secs >= 3_600 && secs.is_multiple_of(3_600) {
+        (secs / 3_600, "hour")
+    } else if secs >= 60 && secs.is_multiple_of(60) {
+        (secs / 60, "minute")
+    } else {
+        (secs, "second")
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
     let store = open_existing(&home)?;
@@ -903,8 +1098,8 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "-".into())
     };
     println!(
-        "window:                      last {}",
-        humantime::format_duration(args.since)
+        "window:                      the last {}",
+        span_words(args.since)
     );
     println!(
         "uptime while wanted:         {:.1}% ({:.1} of {:.1} min)",

@@ -10,11 +10,12 @@ use std::fmt;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 mod agent;
 mod chaos_cmds;
 mod client_cmds;
+mod config_file;
 mod demo;
 mod relay_cmds;
 mod terminal;
@@ -80,7 +81,21 @@ impl std::error::Error for Exit {}
 
 /// The `keepwire` command's entry point.
 pub fn main_cli() -> ExitCode {
-    let cli = Cli::parse();
+    let mut command = Cli::command();
+    command.build();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let argv = match command.find_subcommand("serve") {
+        Some(serve) => match config_file::expand(argv, serve) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                // A usage error, like a bad flag.
+                return ExitCode::from(2);
+            }
+        },
+        None => argv,
+    };
+    let cli = Cli::parse_from(argv);
     run_to_exit(run(cli))
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use keepwire_server::store::{PostgresOptions, PostgresStore, Retention, RevokeTarget};
+use keepwire_server::store::{
+    DbLock, LockMode, PostgresOptions, PostgresStore, Retention, RevokeTarget,
+};
 use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store};
 
 use crate::{init_logging, wait_for_signal};
@@ -91,6 +93,12 @@ impl DbArg {
 
 #[derive(Args)]
 pub(crate) struct ServeArgs {
+    /// A TOML file with any of these flags by name, without the dashes
+    /// (`listen = "0.0.0.0:7447"`, `retention-age = "90d"`,
+    /// `allow-origin = ["https://app.example"]`); flags given here and
+    /// environment variables override it. See README, "Configuration file".
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:7447")]
     listen: SocketAddr,
@@ -220,6 +228,10 @@ pub(crate) struct AdminArgs {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Create the relay database if it does not exist yet (`serve` also
+    /// creates it). Every other admin command needs an existing database, so
+    /// a mistyped --db fails instead of making a new, empty one.
+    Init,
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -237,7 +249,8 @@ enum AdminCommand {
         /// Destination file (must not exist).
         dest: PathBuf,
     },
-    /// Replace the database with a backup and start a new epoch (stop the relay first).
+    /// Replace the database with a backup and start a new epoch. Refused
+    /// while a relay runs on the database (stop it first).
     Restore {
         /// The backup file.
         src: PathBuf,
@@ -291,6 +304,8 @@ enum DeviceCommand {
 
 #[derive(Subcommand)]
 enum UserCommand {
+    /// List every user's name (one a line).
+    List,
     /// Create a user and print a token for it on one line.
     Add {
         /// User name: 1-64 characters of [A-Za-z0-9_.@-].
@@ -360,6 +375,19 @@ async fn open_store(
         .await
         .with_context(|| format!("cannot open the PostgreSQL store {}", at.describe()))?,
     })
+}
+
+/// Fails unless the database exists: only `serve` and `admin init` create
+/// one (a mistyped --db would otherwise make a new, empty database and then
+/// report that nobody is in it).
+fn require_db(path: &std::path::Path) -> anyhow::Result<()> {
+    if !path.is_file() {
+        bail!(
+            "there is no relay database at {} (check --db or KEEPWIRE_DB; `keepwire admin init` or `keepwire serve` creates one)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -483,6 +511,18 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
     }
     let at = args.db.location()?;
+    // Held until the relay exits: `admin restore` is refused meanwhile, and
+    // so is a second relay on this file unless both run with a bus.
+    let mode = if args.bus.is_some() {
+        LockMode::Shared
+    } else {
+        LockMode::Exclusive
+    };
+    let _lock = match &at {
+        StoreLocation::Sqlite(path) => Some(lock_db(path, mode)?),
+        // PostgreSQL has its own locking; nodes share it by design.
+        StoreLocation::Postgres(_) => None,
+    };
     let metrics = Arc::new(Metrics::default());
     let retention = Retention {
         max_age: args.retention_age,
@@ -503,11 +543,42 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Takes the relay's lock on its SQLite database, with a message that says
+/// who holds it when it cannot.
+fn lock_db(path: &std::path::Path, mode: LockMode) -> anyhow::Result<DbLock> {
+    DbLock::acquire(path, mode).map_err(|e| match (e, mode) {
+        (keepwire_server::StoreError::Conflict(_), LockMode::Exclusive) => anyhow::anyhow!(
+            "the database {} is in use by another relay (it holds {}); stop it, or run every node with --bus",
+            path.display(),
+            keepwire_server::store::lock_path(&path).display()
+        ),
+        (keepwire_server::StoreError::Conflict(_), LockMode::Shared) => anyhow::anyhow!(
+            "the database {} is in use by a relay without --bus or by a restore (it holds {})",
+            path.display(),
+            keepwire_server::store::lock_path(&path).display()
+        ),
+        (e, _) => e.into(),
+    })
+}
+
 pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
     if let AdminCommand::TlsInit { dir, hosts, days } = &args.command {
         return tls_init(dir, hosts, *days);
     }
     let at = args.db.location()?;
+    if let AdminCommand::Init = args.command {
+        if let StoreLocation::Sqlite(path) = &at
+            && path.is_file()
+        {
+            println!("a database already exists at {}", path.display());
+            return Ok(());
+        }
+        // Opening creates the SQLite file, or the PostgreSQL tables.
+        let store = open_store(&at, Retention::default(), None).await?;
+        store.close().await;
+        println!("ready: {}", at.describe());
+        return Ok(());
+    }
     let sqlite_path = match (&at, &args.command) {
         (StoreLocation::Sqlite(p), _) => Some(p.clone()),
         (
@@ -521,12 +592,16 @@ pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
         }
         (StoreLocation::Postgres(_), _) => None,
     };
+    // Audit: every command below works on an existing database. Backup only
+    // reads it, and the others write through the store's own locking, which
+    // is safe beside a running relay; only restore replaces the file, and it
+    // takes the relay's lock (refused while a relay runs).
+    if let Some(path) = &sqlite_path {
+        require_db(path)?;
+    }
     match args.command {
         AdminCommand::Backup { dest } => {
             let path = sqlite_path.context("backup needs an SQLite database")?;
-            if !path.exists() {
-                bail!("there is no database at {}", path.display());
-            }
             SqliteStore::backup(&path, &dest)?;
             println!("{}", dest.display());
             return Ok(());
@@ -558,6 +633,11 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             store.create_user(&name).await?;
             let t = store.issue_token(&name, ttl).await?;
             println!("{}", t.token);
+        }
+        AdminCommand::User(UserCommand::List) => {
+            for name in store.list_users().await? {
+                println!("{name}");
+            }
         }
         AdminCommand::Token(TokenCommand::Issue { name, ttl }) => {
             let t = store.issue_token(&name, ttl).await?;
@@ -655,10 +735,11 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             let done = store.revoke_device(&user, &device).await?;
             println!("{}", if done { "revoked" } else { "already revoked" });
         }
-        AdminCommand::Backup { .. }
+        AdminCommand::Init
+        | AdminCommand::Backup { .. }
         | AdminCommand::Restore { .. }
         | AdminCommand::TlsInit { .. } => {
-            bail!("backup, restore and tls-init do not open the store")
+            bail!("init, backup, restore and tls-init do not open the store")
         }
     }
     Ok(())

@@ -193,3 +193,43 @@ fn the_demo_plays_every_scenario_and_loses_nothing() {
         "{text}"
     );
 }
+
+#[test]
+fn a_mistyped_db_is_refused_not_created() {
+    let dir = TempDir::new("cli-typo");
+    let db = dir.join("relay.db");
+    add_user(&db, "alice");
+    let typo = dir.join("realy.db");
+    let t = typo.to_str().unwrap();
+    let backup = dir.join("b.db");
+    for args in [
+        vec!["admin", "--db", t, "user", "add", "bob"],
+        vec!["admin", "--db", t, "token", "issue", "alice"],
+        vec!["admin", "--db", t, "token", "list", "alice"],
+        vec!["admin", "--db", t, "token", "revoke", "--user", "alice"],
+        vec!["admin", "--db", t, "api-key", "list"],
+        vec!["admin", "--db", t, "device", "list", "alice"],
+        vec!["admin", "--db", t, "backup", backup.to_str().unwrap()],
+        vec!["admin", "--db", t, "restore", db.to_str().unwrap()],
+    ] {
+        let out = keepwire(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_human_error(&out, &format!("there is no relay database at {t}"));
+        assert!(!typo.exists(), "{args:?} created {t}");
+    }
+    // `admin init` creates it (once), and then it can be used.
+    let out = keepwire(&["admin", "--db", t, "init"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("created {t}")
+    );
+    let out = keepwire(&["admin", "--db", t, "init"]);
+    assert!(out.status.success(), "init again is harmless");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already exists"));
+    add_user(&typo, "bob");
+    add_user(&typo, "alice");
+    let out = keepwire(&["admin", "--db", t, "user", "list"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "alice\nbob\n");
+}

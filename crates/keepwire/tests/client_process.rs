@@ -500,14 +500,32 @@ fn wss_with_a_private_ca_from_serve_to_login_send_and_sync() {
     let relay = RelayProcess::start(&bin(), &db, &["--tls-cert", cert, "--tls-key", key]);
     assert!(relay.url.starts_with("wss://"), "{}", relay.url);
     let url = relay.url.replace("127.0.0.1", "localhost");
-    // Without the CA the relay cannot be verified, and login says why (it
-    // saves the login: offline-first, like an unreachable relay).
+    // Without the CA the relay cannot be verified: login says why at once,
+    // saves nothing and exits 4 (unreachable).
     let nobody = dir.join("nobody");
-    let out = kw_ok(
+    let started = Instant::now();
+    let out = kw(
         &nobody,
-        &["login", "--server", &url, "--token", &ta, "--timeout", "3s"],
+        &[
+            "login",
+            "--server",
+            &url,
+            "--token",
+            &ta,
+            "--timeout",
+            "30s",
+        ],
     );
-    assert!(out.contains("TLS failure"), "{out}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("TLS failure") && err.contains("--no-check"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not the whole timeout"
+    );
     // A file that is not a certificate is refused up front.
     let out = kw(
         &nobody,
@@ -530,4 +548,217 @@ fn wss_with_a_private_ca_from_serve_to_login_send_and_sync() {
     kw_ok(&bob, &["sync"]);
     let log = kw_ok(&bob, &["log"]);
     assert!(log.contains("over wss"), "{log}");
+}
+
+#[test]
+fn sync_beside_a_running_tail_asks_the_holder_and_returns_once_caught_up() {
+    let Setup {
+        dir: _dir,
+        db: _db,
+        mut relay,
+        alice,
+        bob,
+    } = setup("sync-holder");
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let _holder = Tail::start(&alice);
+    wait_until(Duration::from_secs(10), "the tail to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    kw_ok(&bob, &["sync"]);
+    assert_eq!(
+        kw_ok(&bob, &["send", &conv, "while alice tails"]).trim(),
+        "sent"
+    );
+    let started = Instant::now();
+    let out = kw(&alice, &["sync", "--deadline", "30s"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("through the process holding"), "{stdout}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "returned once the holder was caught up, not at the deadline: {:?}",
+        started.elapsed()
+    );
+    let log = kw_ok(&alice, &["log"]);
+    assert!(log.contains("while alice tails"), "{log}");
+
+    // The relay gone: the holder answers "unreachable", sync exits 4, early.
+    relay.kill9();
+    wait_until(
+        Duration::from_secs(10),
+        "the tail to see the relay gone",
+        || status(&alice)["state"] != "Connected",
+    );
+    let started = Instant::now();
+    let out = kw(&alice, &["sync", "--deadline", "30s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("cannot reach the relay"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "well before the 30 s deadline: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn offline_send_is_queued_at_once_and_sync_gives_up_early() {
+    let Setup {
+        dir,
+        db: _db,
+        mut relay,
+        alice,
+        bob: _bob,
+    } = setup("offline-fast");
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    // Nothing listens on the relay's port any more: connections are refused.
+    relay.kill9();
+    let started = Instant::now();
+    let out = kw_ok(&alice, &["send", &conv, "while the relay is down"]);
+    assert!(out.starts_with("queued"), "{out}");
+    assert!(out.contains("refused"), "says why: {out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not the 10 s timeout: {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    let out = kw(&alice, &["sync"]);
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connection refused"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not the 30 s deadline: {:?}",
+        started.elapsed()
+    );
+    // The queued message is still there.
+    assert!(status(&alice)["outbox_pending"].as_u64().unwrap_or(0) >= 1);
+
+    // A relay name that does not resolve: the same, at once.
+    let dns = dir.join("dns");
+    let out = kw_ok(
+        &dns,
+        &[
+            "login",
+            "--server",
+            "ws://keepwire-test.invalid:7447",
+            "--token",
+            "kw_unchecked",
+            "--no-check",
+        ],
+    );
+    assert!(out.contains("not checked"), "{out}");
+    let started = Instant::now();
+    let out = kw_ok(&dns, &["send", "1", "nowhere to go"]);
+    assert!(out.starts_with("queued"), "{out}");
+    let out = kw(&dns, &["sync"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "send and sync both fast: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn login_exits_non_zero_when_it_cannot_check_the_token() {
+    let dir = TempDir::new("login-check");
+    let db = dir.join("relay.db");
+    let ta = add_user(&db, "alice");
+    let mut relay = RelayProcess::start(&bin(), &db, FAST);
+    let url = relay.url.clone();
+    relay.kill9();
+    let home = dir.join("alice");
+    let started = Instant::now();
+    let out = kw(&home, &["login", "--server", &url, "--token", &ta]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "unreachable: {err}");
+    assert!(
+        err.contains("cannot check the token") && err.contains("connection refused"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "at once");
+    // Nothing was saved: the home has no login.
+    let out = kw(&home, &["sync"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keepwire login"));
+    // --no-check saves without asking the relay ...
+    let out = kw_ok(
+        &home,
+        &["login", "--server", &url, "--token", &ta, "--no-check"],
+    );
+    assert!(out.contains("not checked"), "{out}");
+    // ... and the saved login works once the relay is back.
+    let _relay = RelayProcess::start_at(&bin(), &db, url.trim_start_matches("ws://"), FAST);
+    assert_eq!(kw(&home, &["sync"]).status.code(), Some(0));
+}
+
+#[test]
+fn messages_say_revoked_status_speaks_words_and_prefs_have_units() {
+    let Setup {
+        dir: _dir,
+        db,
+        mut relay,
+        alice,
+        bob: _bob,
+    } = setup("words");
+    // Preferences with units, and as JSON.
+    let prefs = kw_ok(&alice, &["prefs"]);
+    assert!(
+        prefs.contains(
+            "background:     linger 1m (stay connected 1m after going to the background) (default)"
+        ),
+        "{prefs}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&kw_ok(&alice, &["prefs", "--json"])).unwrap();
+    assert_eq!(
+        (v["background"].as_str(), v["linger_secs"].as_u64()),
+        (Some("linger:1m"), Some(60))
+    );
+    let stats = kw_ok(&alice, &["stats"]);
+    assert!(stats.contains("the last 1 day"), "{stats}");
+
+    // Status of a holder whose relay is gone: words, and the raw value in JSON.
+    let holder = Tail::start(&alice);
+    wait_until(Duration::from_secs(10), "the tail to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    relay.kill9();
+    wait_until(Duration::from_secs(10), "a connection problem", || {
+        status(&alice)["last_error"] == "Refused"
+    });
+    let text = kw_ok(&alice, &["status"]);
+    assert!(
+        text.contains("last error: connection refused (is the relay running?)"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Refused\n") && !text.contains("BackingOff"),
+        "{text}"
+    );
+    drop(holder);
+
+    // A revoked token is called revoked, with what to do.
+    let _relay = RelayProcess::start_at(&bin(), &db, relay.url.trim_start_matches("ws://"), FAST);
+    let out = crate::keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "token",
+        "revoke",
+        "--user",
+        "alice",
+    ]);
+    assert!(out.status.success());
+    let out = kw(&alice, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("the token was revoked") && err.contains("keepwire login"),
+        "{err}"
+    );
 }

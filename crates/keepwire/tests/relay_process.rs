@@ -169,3 +169,170 @@ async fn revoking_from_the_cli_closes_live_connections() {
     assert_eq!(r.err(), Some(Some(CloseCode::TokenRevoked.code())));
     let _ = new_cid();
 }
+
+/// Waits (at most 20 s) for `child` to exit; kills it and fails if it does not.
+fn exit_within(mut child: std::process::Child, what: &str) -> std::process::Output {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_beside_a_running_relay_is_refused_and_loses_nothing() {
+    let dir = TempDir::new("restore-live");
+    let db = dir.join("relay.db");
+    let dbs = db.to_str().unwrap();
+    let ta = add_user(&db, "alice");
+    let tb = add_user(&db, "bob");
+    let backup = dir.join("backup.db");
+    let out = keepwire(&["admin", "--db", dbs, "backup", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut relay = RelayProcess::start(&bin(), &db, &[]);
+    // The relay's lock file sits next to the database, readable by its owner only.
+    let lock = dir.join("relay.db.lock");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&lock)
+            .expect("lock file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "lock file mode {mode:o}");
+    }
+    let mut a = WsClient::connect(&relay.url, &ta, "a", None).await.unwrap();
+    let conv = direct_conv(&mut a, "bob").await;
+    let cid = a
+        .send_message(conv, "confirmed before the restore attempt")
+        .await;
+    a.confirm(&cid).await;
+
+    // Restore beside the live relay: refused, naming the database, exit 1.
+    let out = keepwire(&["admin", "--db", dbs, "restore", backup.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "no panic: {err}");
+    assert!(
+        err.contains(dbs) && err.contains("running relay"),
+        "names the database and the reason: {err}"
+    );
+    // A second relay on the same file (no bus) is refused too.
+    let second = Command::new(bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", dbs])
+        .env("KEEPWIRE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = exit_within(second, "a second relay on a locked database");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains("in use by another relay"), "{err}");
+
+    // The relay kept working and its data: a message sent after the refused
+    // restore, then a restart, and Bob gets both.
+    let cid2 = a.send_message(conv, "after the refused restore").await;
+    a.confirm(&cid2).await;
+    relay.kill9();
+    let relay = RelayProcess::start(&bin(), &db, &[]);
+    let mut b = WsClient::connect(&relay.url, &tb, "b", None).await.unwrap();
+    assert_eq!(b.welcome().head, 3, "membership entry + 2 messages");
+    let bodies: Vec<String> = b
+        .entries(3, true)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.item {
+            EntryItem::Message(m) => Some(m.body),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            "confirmed before the restore attempt",
+            "after the refused restore"
+        ]
+    );
+    drop(b);
+    drop(relay);
+    // With the relay stopped (the kernel dropped its lock), restore works.
+    let out = keepwire(&["admin", "--db", dbs, "restore", backup.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `keepwire serve ARGS...` (no --listen/--db of its own): the child and the
+/// first line of its stdout (empty if it exited first).
+fn serve_with(args: &[&str]) -> (crate::KillOnDrop, String) {
+    use std::io::BufRead as _;
+    let mut child = Command::new(bin())
+        .arg("serve")
+        .args(args)
+        .env("KEEPWIRE_LOG", "warn")
+        .env_remove("KEEPWIRE_DB")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (crate::KillOnDrop(child), line.trim().to_owned())
+}
+
+#[test]
+fn serve_reads_a_config_file_and_flags_override_it() {
+    let dir = TempDir::new("config");
+    let from_file = dir.join("from-file.db");
+    let cfg = dir.join("relay.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "# a relay\nlisten = \"127.0.0.1:0\"\ndb = {:?}\nmax_body_bytes = 2048\nallow-origin = [\"https://a.example\", \"https://b.example\"]\nretention-age = \"90d\"\n",
+            from_file.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (_relay, url) = serve_with(&["--config", c]);
+    assert!(
+        url.starts_with("ws://127.0.0.1:"),
+        "listens where the file says: {url:?}"
+    );
+    assert!(from_file.exists(), "the database the file names");
+    // A flag on the command line wins over the file.
+    let other = dir.join("other.db");
+    let (_relay2, url2) = serve_with(&["--config", c, "--db", other.to_str().unwrap()]);
+    assert!(url2.starts_with("ws://"), "{url2:?}");
+    assert!(other.exists(), "--db overrides the file's db");
+
+    // Mistakes name the file and the setting; values are checked like flags.
+    let bad = dir.join("bad.toml");
+    for (text, needle) in [
+        ("listn = \"127.0.0.1:0\"\n", "unknown setting \"listn\""),
+        ("max-body-bytes = \"lots\"\n", "invalid value 'lots'"),
+        ("listen = [\n", "bad.toml"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let out = keepwire(&["serve", "--config", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {err}");
+        assert!(err.contains(needle), "{text}: expected {needle:?} in {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

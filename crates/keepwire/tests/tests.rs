@@ -53,8 +53,17 @@ pub fn keepwire(args: &[&str]) -> Output {
         .expect("run keepwire")
 }
 
-/// `keepwire admin --db DB user add NAME`: the token it prints.
+/// `keepwire admin --db DB user add NAME` (after `admin init` when the
+/// database is new): the token it prints.
 pub fn add_user(db: &std::path::Path, name: &str) -> String {
+    if !db.exists() {
+        let out = keepwire(&["admin", "--db", db.to_str().unwrap(), "init"]);
+        assert!(
+            out.status.success(),
+            "admin init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let out = keepwire(&["admin", "--db", db.to_str().unwrap(), "user", "add", name]);
     assert!(
         out.status.success(),

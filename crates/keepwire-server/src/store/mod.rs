@@ -26,7 +26,7 @@ mod sqlite;
 pub use memory::Sabotage;
 pub use memory::{CrashPoint, MemoryDisk, MemoryOptions, MemorySnapshot, MemoryStore};
 pub use postgres::{PostgresOptions, PostgresStore};
-pub use sqlite::{SqliteOptions, SqliteStore};
+pub use sqlite::{DbLock, LockMode, SqliteOptions, SqliteStore, lock_path};
 
 /// The wall clock a store stamps entries and records with (ms since the
 /// Unix epoch). Injected so that a simulation can run on virtual time.
@@ -578,6 +578,9 @@ pub trait AdminStore: Send + Sync + 'static {
     async fn create_user(&self, name: &str) -> Result<UserId, StoreError>;
     /// A user's id by name.
     async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError>;
+    /// Every user's name (created by an admin or the API, or by a valid
+    /// JWT's first connection), sorted.
+    async fn list_users(&self) -> Result<Vec<String>, StoreError>;
     /// Revokes a device: its connections close, it cannot reconnect, and
     /// every keepwire token it connected with is revoked (so a stolen
     /// device's token cannot connect under another device id). Returns false

@@ -330,6 +330,12 @@ pub async fn api_keys(f: &dyn StoreFactory) {
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(s.list_tokens("x").await.unwrap().len(), 0);
+    s.create_user("a.b@c").await.unwrap();
+    assert_eq!(
+        s.list_users().await.unwrap(),
+        ["a.b@c", "x"],
+        "every user, by name"
+    );
     s.close().await;
 }
 

@@ -27,6 +27,14 @@ impl AdminStore for MemoryStore {
         self.read(|s| Ok(s.user_id(name)))
     }
 
+    async fn list_users(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|s| {
+            let mut names: Vec<String> = s.user_ids.keys().cloned().collect();
+            names.sort();
+            Ok(names)
+        })
+    }
+
     async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
         let (name, device) = (user.to_owned(), device.to_owned());
         self.write(move |s, w| {

@@ -88,6 +88,18 @@ impl AdminStore for PostgresStore {
         .await
     }
 
+    async fn list_users(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query("SELECT name FROM users ORDER BY name", &[])
+                    .await?;
+                Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            })
+        })
+        .await
+    }
+
     async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
         let (name, device) = (user.to_owned(), device.to_owned());
         let ctx = self.ctx.clone();

@@ -57,6 +57,17 @@ impl AdminStore for SqliteStore {
         self.read(move |c| user_id_by_name(c, &name)).await
     }
 
+    async fn list_users(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare_cached("SELECT name FROM users ORDER BY name")?;
+            let names = st
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(names)
+        })
+        .await
+    }
+
     async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {
         let (name, device) = (user.to_owned(), device.to_owned());
         let clock = self.ctx.clock.clone();

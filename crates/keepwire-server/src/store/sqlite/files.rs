@@ -54,6 +54,11 @@ pub(super) fn restrict(db: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Makes one file (a lock file) 0600.
+pub(super) fn restrict_file(path: &Path) -> Result<(), StoreError> {
+    set_mode(path, 0o600)
+}
+
 #[cfg(unix)]
 fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt as _;

@@ -22,10 +22,13 @@ use crate::metrics::Metrics;
 use read_pool::{MAX_IDLE_READERS, ReadPool};
 use writer::{Heads, Job, WriterMsg};
 
+pub use lock::{DbLock, LockMode, lock_path};
+
 mod admin_impl;
 mod conversations;
 mod files;
 mod inbox;
+mod lock;
 mod push;
 mod queries;
 mod read_pool;
@@ -267,8 +270,11 @@ impl SqliteStore {
 
     /// Replaces the database at `db` with the backup at `src` and gives it a
     /// new epoch, so clients holding cursors from after the backup get a gap
-    /// answer instead of silently skipping messages. The relay must be stopped.
+    /// answer instead of silently skipping messages. The relay must be
+    /// stopped: this takes the database's [`DbLock`] exclusively for the
+    /// whole swap and fails with [`StoreError::Conflict`] if a relay holds it.
     pub fn restore(src: &Path, db: &Path) -> Result<String, StoreError> {
+        let _lock = DbLock::acquire(db, LockMode::Exclusive)?;
         {
             let check = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
             let v: usize = check.pragma_query_value(None, "user_version", |r| r.get(0))?;
