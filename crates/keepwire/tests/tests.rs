@@ -5,6 +5,7 @@ mod chaos;
 mod cli;
 mod client_process;
 mod desktop;
+mod push_cli;
 mod relay_process;
 mod security;
 
