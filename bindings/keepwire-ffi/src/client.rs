@@ -12,8 +12,8 @@ use keepwire_client::BoxFuture;
 use keepwire_client::store::Store;
 
 use crate::types::{
-    AppState, Conversation, Event, Message, Network, Notification, Prefs, PushResult, Stats,
-    Status, SyncReport, millis, tag,
+    AppState, Conversation, Event, Message, Network, Notification, Prefs, PushRegistration,
+    PushResult, PushStatus, Stats, Status, SyncReport, millis, tag,
 };
 use crate::{KeepwireError, runtime};
 
@@ -470,6 +470,50 @@ impl Client {
         Ok(())
     }
 
+    /// Registers (or replaces) this device's push registration: call it
+    /// with the token the OS gives the app, and again whenever it changes.
+    /// Saved in the home first (it survives restarts; keepwire re-sends it
+    /// after relay restores and weekly), then sent to the relay if
+    /// connected: waits up to 30 s for its answer. `pending` in the result
+    /// means it goes out with the next connection (`sync_once`, `on_push`,
+    /// the foreground). `Refused` (code `invalid`) when the relay does not
+    /// take it; `InvalidInput` when it is malformed.
+    pub fn set_push_registration(
+        &self,
+        registration: PushRegistration,
+    ) -> Result<PushStatus, KeepwireError> {
+        let reg = registration.into_client()?;
+        let client = self.running(AppState::Background)?;
+        Ok(runtime()?
+            .block_on(client.set_push_registration(reg))?
+            .into())
+    }
+
+    /// Removes this device's push registration (saved first, sent when
+    /// connected, like `set_push_registration`).
+    pub fn clear_push_registration(&self) -> Result<PushStatus, KeepwireError> {
+        let client = self.running(AppState::Background)?;
+        Ok(runtime()?
+            .block_on(client.clear_push_registration())?
+            .into())
+    }
+
+    /// Where this device's push registration stands (from the home).
+    pub fn push_status(&self) -> Result<PushStatus, KeepwireError> {
+        self.check_open()?;
+        Ok(lock(&self.store).push_status()?.into())
+    }
+
+    /// Mutes (or unmutes) a conversation on all of the user's devices: no
+    /// notifications, and no push wake-ups from the relay for it. Saved at
+    /// once; returns `true` once the relay accepted it (up to 30 s), `false`
+    /// if it is queued for the next connection. `Refused` (`not_member`)
+    /// for a conversation the user is not in.
+    pub fn set_muted(&self, conv: u64, muted: bool) -> Result<bool, KeepwireError> {
+        let client = self.running(AppState::Background)?;
+        Ok(runtime()?.block_on(client.set_muted(conv, muted))?)
+    }
+
     /// The user's preferences.
     pub fn prefs(&self) -> Result<Prefs, KeepwireError> {
         self.check_open()?;
@@ -478,12 +522,13 @@ impl Client {
 
     /// Saves the user's preferences (mutes, quiet hours and previews apply
     /// to the next notification; the background policy from the next start).
+    /// Changed mutes also go to the relay (as `set_muted`, without waiting).
     pub fn set_prefs(&self, prefs: Prefs) -> Result<(), KeepwireError> {
         self.check_open()?;
-        let store = lock(&self.store);
+        let mut store = lock(&self.store);
         let mut current = store.prefs()?;
         prefs.apply(&mut current)?;
-        store.set_prefs(&current)?;
+        store.save_prefs(&current)?;
         Ok(())
     }
 

@@ -89,9 +89,11 @@ impl From<keepwire_client::ClientError> for KeepwireError {
             E::NotLoggedIn(_) => KeepwireError::NotLoggedIn {
                 detail: e.to_string(),
             },
-            E::BadUrl(_) | E::BadPushPayload(_) => KeepwireError::InvalidInput {
-                detail: e.to_string(),
-            },
+            E::BadUrl(_) | E::BadPushPayload(_) | E::BadPushRegistration(_) => {
+                KeepwireError::InvalidInput {
+                    detail: e.to_string(),
+                }
+            }
             E::NotConnected => KeepwireError::NotConnected,
             E::Refused { code, message } => KeepwireError::Refused {
                 code: code.to_string(),

@@ -404,6 +404,10 @@ pub struct PushResult {
     /// This call joined a wake-up already running in this process and got
     /// its result (same tags: showing it replaces, not stacks).
     pub joined: bool,
+    /// The registration id the push carried (decrypted first when it was a
+    /// Web Push body encrypted to keys keepwire made), if any: an app with
+    /// several accounts compares it with each home's `push_status().id`.
+    pub registration_id: Option<String>,
 }
 
 impl From<keepwire_client::PushResult> for PushResult {
@@ -413,6 +417,121 @@ impl From<keepwire_client::PushResult> for PushResult {
             show: r.show.into_iter().map(Into::into).collect(),
             remove: r.clear.into_iter().map(tag).collect(),
             joined: r.joined,
+            registration_id: r.registration_id,
+        }
+    }
+}
+
+/// Where the OS delivers this device's push wake-ups.
+#[derive(Clone, PartialEq, Eq, uniffi::Enum)]
+pub enum PushRegistration {
+    /// Firebase Cloud Messaging (Android): the registration token from
+    /// `FirebaseMessaging.getToken()` / `onNewToken`.
+    Fcm {
+        /// The token.
+        token: String,
+    },
+    /// APNs (iOS): the device token (hex) from
+    /// `didRegisterForRemoteNotificationsWithDeviceToken`, the app's bundle
+    /// id, and whether it is a development (sandbox) build.
+    Apns {
+        /// The device token, hex.
+        token: String,
+        /// The bundle id (one of the relay's configured topics).
+        topic: String,
+        /// `true` for the sandbox gateway.
+        sandbox: bool,
+    },
+    /// Web Push / UnifiedPush: the endpoint, and the subscription's keys
+    /// (base64url) when something else made them (a UnifiedPush connector
+    /// that decrypts itself); without keys keepwire makes them, keeps them
+    /// in the home, and `on_push` decrypts the pushes.
+    WebPush {
+        /// The push resource URL (https).
+        endpoint: String,
+        /// The P-256 public key, base64url.
+        p256dh: Option<String>,
+        /// The auth secret, base64url.
+        auth: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for PushRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens and endpoints are secrets.
+        f.write_str(match self {
+            PushRegistration::Fcm { .. } => "PushRegistration::Fcm(<redacted>)",
+            PushRegistration::Apns { .. } => "PushRegistration::Apns(<redacted>)",
+            PushRegistration::WebPush { .. } => "PushRegistration::WebPush(<redacted>)",
+        })
+    }
+}
+
+impl PushRegistration {
+    pub(crate) fn into_client(self) -> Result<keepwire_client::PushRegistration, KeepwireError> {
+        use keepwire_client::PushRegistration as R;
+        Ok(match self {
+            PushRegistration::Fcm { token } => R::Fcm { token },
+            PushRegistration::Apns {
+                token,
+                topic,
+                sandbox,
+            } => R::Apns {
+                token,
+                topic,
+                sandbox,
+            },
+            PushRegistration::WebPush {
+                endpoint,
+                p256dh,
+                auth,
+            } => R::WebPush {
+                endpoint,
+                keys: match (p256dh, auth) {
+                    (Some(p256dh), Some(auth)) => {
+                        Some(keepwire_client::WebPushKeys { p256dh, auth })
+                    }
+                    (None, None) => None,
+                    _ => {
+                        return Err(KeepwireError::InvalidInput {
+                            detail: "give both p256dh and auth, or neither (keepwire makes them)"
+                                .into(),
+                        });
+                    }
+                },
+            },
+        })
+    }
+}
+
+/// Where this device's push registration stands (never the token).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct PushStatus {
+    /// `fcm`, `apns` or `webpush`; `None`: not registered.
+    pub provider: Option<String>,
+    /// keepwire made the Web Push keys (and decrypts the pushes).
+    pub own_keys: bool,
+    /// The registration id the relay gave; every push carries it.
+    pub id: Option<String>,
+    /// When the relay last accepted it, ms since the Unix epoch.
+    pub registered_at_ms: Option<u64>,
+    /// A change the relay has not accepted yet (sent when connected).
+    pub pending: bool,
+    /// Why the relay refused it, if it did.
+    pub last_error: Option<String>,
+}
+
+impl From<keepwire_client::PushStatus> for PushStatus {
+    fn from(s: keepwire_client::PushStatus) -> Self {
+        PushStatus {
+            provider: s.provider,
+            own_keys: s.own_keys,
+            id: s.id,
+            registered_at_ms: s
+                .registered_at
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok().map(millis)),
+            pending: s.pending,
+            last_error: s.last_error,
         }
     }
 }

@@ -215,6 +215,35 @@ def test_on_push_returns_what_to_show_and_a_token_provider_refreshes_once(
     bob.close()
 
 
+def test_push_registration_and_mutes_go_through_the_relay(relay, tmp_path: Path) -> None:
+    ta, tb = relay.user("alice"), relay.user("bob")
+    bob = keepwire.Client(str(tmp_path / "bob"))
+    bob.login(relay.url, tb)
+    connected(bob)
+    conv = bob.create_conversation(["alice"], None, False)
+    assert bob.push_status().provider is None
+    # Malformed: refused before anything is saved or sent.
+    with pytest.raises(keepwire.KeepwireError.InvalidInput, match="FCM token"):
+        bob.set_push_registration(keepwire.PushRegistration.FCM(token="not a token!"))
+    # This relay has no push configuration: the refusal comes back, the
+    # registration stays saved (sent once the relay offers FCM).
+    with pytest.raises(keepwire.KeepwireError.Refused, match="offers no fcm"):
+        bob.set_push_registration(keepwire.PushRegistration.FCM(token="fcm-token-1"))
+    status = bob.push_status()
+    assert status.provider == "fcm" and status.pending and "offers no fcm" in status.last_error
+    gone = bob.clear_push_registration()
+    assert gone.provider is None and not gone.pending, gone
+    # A mute goes to the relay and to the user's other devices.
+    assert bob.set_muted(conv.id, True) is True
+    assert conv.id in bob.prefs().muted
+    laptop = keepwire.Client(str(tmp_path / "bob-laptop"))
+    laptop.login(relay.url, tb)
+    assert laptop.sync_once(MS).outcome == keepwire.SyncOutcome.CAUGHT_UP()
+    assert conv.id in laptop.prefs().muted
+    laptop.close()
+    bob.close()
+
+
 def test_callbacks_may_call_the_client_even_close(relay, tmp_path: Path) -> None:
     ta, tb = relay.user("alice"), relay.user("bob")
     bob = keepwire.Client(str(tmp_path / "bob"))

@@ -636,6 +636,12 @@ public protocol ClientProtocol: AnyObject, Sendable {
     func clearListener() 
     
     /**
+     * Removes this device's push registration (saved first, sent when
+     * connected, like `set_push_registration`).
+     */
+    func clearPushRegistration() throws  -> PushStatus
+    
+    /**
      * Closes the connection and ends the callback thread (after the events
      * already queued, waiting at most 1 s for them). Pending sends stay in
      * the outbox. Further calls fail with `Closed`. Returns within about
@@ -695,6 +701,11 @@ public protocol ClientProtocol: AnyObject, Sendable {
     func prefs() throws  -> Prefs
     
     /**
+     * Where this device's push registration stands (from the home).
+     */
+    func pushStatus() throws  -> PushStatus
+    
+    /**
      * Queues a text message in the durable outbox and returns its client
      * id once it is there: it is sent (now or after any outage or process
      * death) and stored by the relay exactly once. `SendConfirmed` (or
@@ -717,6 +728,15 @@ public protocol ClientProtocol: AnyObject, Sendable {
     func setListener(listener: EventListener) 
     
     /**
+     * Mutes (or unmutes) a conversation on all of the user's devices: no
+     * notifications, and no push wake-ups from the relay for it. Saved at
+     * once; returns `true` once the relay accepted it (up to 30 s), `false`
+     * if it is queued for the next connection. `Refused` (`not_member`)
+     * for a conversation the user is not in.
+     */
+    func setMuted(conv: UInt64, muted: Bool) throws  -> Bool
+    
+    /**
      * Tells the client what the OS says about the network (Android's
      * `ConnectivityManager.NetworkCallback`, iOS's `NWPathMonitor`).
      */
@@ -725,8 +745,21 @@ public protocol ClientProtocol: AnyObject, Sendable {
     /**
      * Saves the user's preferences (mutes, quiet hours and previews apply
      * to the next notification; the background policy from the next start).
+     * Changed mutes also go to the relay (as `set_muted`, without waiting).
      */
     func setPrefs(prefs: Prefs) throws 
+    
+    /**
+     * Registers (or replaces) this device's push registration: call it
+     * with the token the OS gives the app, and again whenever it changes.
+     * Saved in the home first (it survives restarts; keepwire re-sends it
+     * after relay restores and weekly), then sent to the relay if
+     * connected: waits up to 30 s for its answer. `pending` in the result
+     * means it goes out with the next connection (`sync_once`, `on_push`,
+     * the foreground). `Refused` (code `invalid`) when the relay does not
+     * take it; `InvalidInput` when it is malformed.
+     */
+    func setPushRegistration(registration: PushRegistration) throws  -> PushStatus
     
     /**
      * Where fresh tokens come from. Without one, the client retries once
@@ -857,6 +890,19 @@ open func clearListener()  {try! rustCall() {
 }
     
     /**
+     * Removes this device's push registration (saved first, sent when
+     * connected, like `set_push_registration`).
+     */
+open func clearPushRegistration()throws  -> PushStatus  {
+    return try  FfiConverterTypePushStatus_lift(try rustCallWithError(FfiConverterTypeKeepwireError_lift) {
+        uniffiCallStatus in
+    uniffi_keepwire_ffi_fn_method_client_clear_push_registration(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * Closes the connection and ends the callback thread (after the events
      * already queued, waiting at most 1 s for them). Pending sends stay in
      * the outbox. Further calls fail with `Closed`. Returns within about
@@ -979,6 +1025,18 @@ open func prefs()throws  -> Prefs  {
 }
     
     /**
+     * Where this device's push registration stands (from the home).
+     */
+open func pushStatus()throws  -> PushStatus  {
+    return try  FfiConverterTypePushStatus_lift(try rustCallWithError(FfiConverterTypeKeepwireError_lift) {
+        uniffiCallStatus in
+    uniffi_keepwire_ffi_fn_method_client_push_status(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * Queues a text message in the durable outbox and returns its client
      * id once it is there: it is sent (now or after any outage or process
      * death) and stored by the relay exactly once. `SendConfirmed` (or
@@ -1024,6 +1082,24 @@ open func setListener(listener: EventListener)  {try! rustCall() {
 }
     
     /**
+     * Mutes (or unmutes) a conversation on all of the user's devices: no
+     * notifications, and no push wake-ups from the relay for it. Saved at
+     * once; returns `true` once the relay accepted it (up to 30 s), `false`
+     * if it is queued for the next connection. `Refused` (`not_member`)
+     * for a conversation the user is not in.
+     */
+open func setMuted(conv: UInt64, muted: Bool)throws  -> Bool  {
+    return try  FfiConverterBool.lift(try rustCallWithError(FfiConverterTypeKeepwireError_lift) {
+        uniffiCallStatus in
+    uniffi_keepwire_ffi_fn_method_client_set_muted(
+            self.uniffiCloneHandle(),
+        FfiConverterUInt64.lower(conv),
+        FfiConverterBool.lower(muted),uniffiCallStatus
+    )
+})
+}
+    
+    /**
      * Tells the client what the OS says about the network (Android's
      * `ConnectivityManager.NetworkCallback`, iOS's `NWPathMonitor`).
      */
@@ -1039,6 +1115,7 @@ open func setNetwork(network: Network)  {try! rustCall() {
     /**
      * Saves the user's preferences (mutes, quiet hours and previews apply
      * to the next notification; the background policy from the next start).
+     * Changed mutes also go to the relay (as `set_muted`, without waiting).
      */
 open func setPrefs(prefs: Prefs)throws   {try rustCallWithError(FfiConverterTypeKeepwireError_lift) {
         uniffiCallStatus in
@@ -1047,6 +1124,26 @@ open func setPrefs(prefs: Prefs)throws   {try rustCallWithError(FfiConverterType
         FfiConverterTypePrefs_lower(prefs),uniffiCallStatus
     )
 }
+}
+    
+    /**
+     * Registers (or replaces) this device's push registration: call it
+     * with the token the OS gives the app, and again whenever it changes.
+     * Saved in the home first (it survives restarts; keepwire re-sends it
+     * after relay restores and weekly), then sent to the relay if
+     * connected: waits up to 30 s for its answer. `pending` in the result
+     * means it goes out with the next connection (`sync_once`, `on_push`,
+     * the foreground). `Refused` (code `invalid`) when the relay does not
+     * take it; `InvalidInput` when it is malformed.
+     */
+open func setPushRegistration(registration: PushRegistration)throws  -> PushStatus  {
+    return try  FfiConverterTypePushStatus_lift(try rustCallWithError(FfiConverterTypeKeepwireError_lift) {
+        uniffiCallStatus in
+    uniffi_keepwire_ffi_fn_method_client_set_push_registration(
+            self.uniffiCloneHandle(),
+        FfiConverterTypePushRegistration_lower(registration),uniffiCallStatus
+    )
+})
 }
     
     /**
@@ -1657,6 +1754,12 @@ public struct PushResult: Equatable, Hashable {
      * its result (same tags: showing it replaces, not stacks).
      */
     public var joined: Bool
+    /**
+     * The registration id the push carried (decrypted first when it was a
+     * Web Push body encrypted to keys keepwire made), if any: an app with
+     * several accounts compares it with each home's `push_status().id`.
+     */
+    public var registrationId: String?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1675,11 +1778,17 @@ public struct PushResult: Equatable, Hashable {
         /**
          * This call joined a wake-up already running in this process and got
          * its result (same tags: showing it replaces, not stacks).
-         */joined: Bool) {
+         */joined: Bool, 
+        /**
+         * The registration id the push carried (decrypted first when it was a
+         * Web Push body encrypted to keys keepwire made), if any: an app with
+         * several accounts compares it with each home's `push_status().id`.
+         */registrationId: String?) {
         self.report = report
         self.show = show
         self.remove = remove
         self.joined = joined
+        self.registrationId = registrationId
     }
 
     
@@ -1701,7 +1810,8 @@ public struct FfiConverterTypePushResult: FfiConverterRustBuffer {
                 report: FfiConverterTypeSyncReport.read(from: &buf), 
                 show: FfiConverterSequenceTypeNotification.read(from: &buf), 
                 remove: FfiConverterSequenceString.read(from: &buf), 
-                joined: FfiConverterBool.read(from: &buf)
+                joined: FfiConverterBool.read(from: &buf), 
+                registrationId: FfiConverterOptionString.read(from: &buf)
         )
     }
 
@@ -1710,6 +1820,7 @@ public struct FfiConverterTypePushResult: FfiConverterRustBuffer {
         FfiConverterSequenceTypeNotification.write(value.show, into: &buf)
         FfiConverterSequenceString.write(value.remove, into: &buf)
         FfiConverterBool.write(value.joined, into: &buf)
+        FfiConverterOptionString.write(value.registrationId, into: &buf)
     }
 }
 
@@ -1726,6 +1837,115 @@ public func FfiConverterTypePushResult_lift(_ buf: RustBuffer) throws -> PushRes
 #endif
 public func FfiConverterTypePushResult_lower(_ value: PushResult) -> RustBuffer {
     return FfiConverterTypePushResult.lower(value)
+}
+
+
+/**
+ * Where this device's push registration stands (never the token).
+ */
+public struct PushStatus: Equatable, Hashable {
+    /**
+     * `fcm`, `apns` or `webpush`; `None`: not registered.
+     */
+    public var provider: String?
+    /**
+     * keepwire made the Web Push keys (and decrypts the pushes).
+     */
+    public var ownKeys: Bool
+    /**
+     * The registration id the relay gave; every push carries it.
+     */
+    public var id: String?
+    /**
+     * When the relay last accepted it, ms since the Unix epoch.
+     */
+    public var registeredAtMs: UInt64?
+    /**
+     * A change the relay has not accepted yet (sent when connected).
+     */
+    public var pending: Bool
+    /**
+     * Why the relay refused it, if it did.
+     */
+    public var lastError: String?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * `fcm`, `apns` or `webpush`; `None`: not registered.
+         */provider: String?, 
+        /**
+         * keepwire made the Web Push keys (and decrypts the pushes).
+         */ownKeys: Bool, 
+        /**
+         * The registration id the relay gave; every push carries it.
+         */id: String?, 
+        /**
+         * When the relay last accepted it, ms since the Unix epoch.
+         */registeredAtMs: UInt64?, 
+        /**
+         * A change the relay has not accepted yet (sent when connected).
+         */pending: Bool, 
+        /**
+         * Why the relay refused it, if it did.
+         */lastError: String?) {
+        self.provider = provider
+        self.ownKeys = ownKeys
+        self.id = id
+        self.registeredAtMs = registeredAtMs
+        self.pending = pending
+        self.lastError = lastError
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension PushStatus: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePushStatus: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PushStatus {
+        return
+            try PushStatus(
+                provider: FfiConverterOptionString.read(from: &buf), 
+                ownKeys: FfiConverterBool.read(from: &buf), 
+                id: FfiConverterOptionString.read(from: &buf), 
+                registeredAtMs: FfiConverterOptionUInt64.read(from: &buf), 
+                pending: FfiConverterBool.read(from: &buf), 
+                lastError: FfiConverterOptionString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: PushStatus, into buf: inout [UInt8]) {
+        FfiConverterOptionString.write(value.provider, into: &buf)
+        FfiConverterBool.write(value.ownKeys, into: &buf)
+        FfiConverterOptionString.write(value.id, into: &buf)
+        FfiConverterOptionUInt64.write(value.registeredAtMs, into: &buf)
+        FfiConverterBool.write(value.pending, into: &buf)
+        FfiConverterOptionString.write(value.lastError, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePushStatus_lift(_ buf: RustBuffer) throws -> PushStatus {
+    return try FfiConverterTypePushStatus.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePushStatus_lower(_ value: PushStatus) -> RustBuffer {
+    return FfiConverterTypePushStatus.lower(value)
 }
 
 
@@ -2911,6 +3131,131 @@ public func FfiConverterTypeNetwork_lower(_ value: Network) -> RustBuffer {
 
 
 /**
+ * Where the OS delivers this device's push wake-ups.
+ */
+
+public enum PushRegistration: Equatable, Hashable {
+    
+    /**
+     * Firebase Cloud Messaging (Android): the registration token from
+     * `FirebaseMessaging.getToken()` / `onNewToken`.
+     */
+    case fcm(
+        /**
+         * The token.
+         */token: String
+    )
+    /**
+     * APNs (iOS): the device token (hex) from
+     * `didRegisterForRemoteNotificationsWithDeviceToken`, the app's bundle
+     * id, and whether it is a development (sandbox) build.
+     */
+    case apns(
+        /**
+         * The device token, hex.
+         */token: String, 
+        /**
+         * The bundle id (one of the relay's configured topics).
+         */topic: String, 
+        /**
+         * `true` for the sandbox gateway.
+         */sandbox: Bool
+    )
+    /**
+     * Web Push / UnifiedPush: the endpoint, and the subscription's keys
+     * (base64url) when something else made them (a UnifiedPush connector
+     * that decrypts itself); without keys keepwire makes them, keeps them
+     * in the home, and `on_push` decrypts the pushes.
+     */
+    case webPush(
+        /**
+         * The push resource URL (https).
+         */endpoint: String, 
+        /**
+         * The P-256 public key, base64url.
+         */p256dh: String?, 
+        /**
+         * The auth secret, base64url.
+         */auth: String?
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension PushRegistration: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePushRegistration: FfiConverterRustBuffer {
+    typealias SwiftType = PushRegistration
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PushRegistration {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .fcm(token: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 2: return .apns(token: try FfiConverterString.read(from: &buf), topic: try FfiConverterString.read(from: &buf), sandbox: try FfiConverterBool.read(from: &buf)
+        )
+        
+        case 3: return .webPush(endpoint: try FfiConverterString.read(from: &buf), p256dh: try FfiConverterOptionString.read(from: &buf), auth: try FfiConverterOptionString.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: PushRegistration, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .fcm(token):
+            writeInt(&buf, Int32(1))
+            FfiConverterString.write(token, into: &buf)
+            
+        
+        case let .apns(token,topic,sandbox):
+            writeInt(&buf, Int32(2))
+            FfiConverterString.write(token, into: &buf)
+            FfiConverterString.write(topic, into: &buf)
+            FfiConverterBool.write(sandbox, into: &buf)
+            
+        
+        case let .webPush(endpoint,p256dh,auth):
+            writeInt(&buf, Int32(3))
+            FfiConverterString.write(endpoint, into: &buf)
+            FfiConverterOptionString.write(p256dh, into: &buf)
+            FfiConverterOptionString.write(auth, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePushRegistration_lift(_ buf: RustBuffer) throws -> PushRegistration {
+    return try FfiConverterTypePushRegistration.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePushRegistration_lower(_ value: PushRegistration) -> RustBuffer {
+    return FfiConverterTypePushRegistration.lower(value)
+}
+
+
+
+/**
  * Why the client stopped for good.
  */
 
@@ -3669,6 +4014,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_keepwire_ffi_checksum_method_client_clear_listener() != 5917) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_keepwire_ffi_checksum_method_client_clear_push_registration() != 52399) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_keepwire_ffi_checksum_method_client_close() != 44003) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3693,6 +4041,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_keepwire_ffi_checksum_method_client_prefs() != 30198) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_keepwire_ffi_checksum_method_client_push_status() != 27466) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_keepwire_ffi_checksum_method_client_send() != 63564) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3702,10 +4053,16 @@ private let initializationResult: InitializationResult = {
     if (uniffi_keepwire_ffi_checksum_method_client_set_listener() != 23878) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_keepwire_ffi_checksum_method_client_set_muted() != 48780) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_keepwire_ffi_checksum_method_client_set_network() != 25044) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_keepwire_ffi_checksum_method_client_set_prefs() != 37030) {
+    if (uniffi_keepwire_ffi_checksum_method_client_set_prefs() != 4423) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_keepwire_ffi_checksum_method_client_set_push_registration() != 2452) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_keepwire_ffi_checksum_method_client_set_token_provider() != 34043) {

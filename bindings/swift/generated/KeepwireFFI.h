@@ -295,6 +295,11 @@ uint64_t uniffi_keepwire_ffi_fn_constructor_client_new(RustBuffer home, RustCall
 void uniffi_keepwire_ffi_fn_method_client_clear_listener(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_CLEAR_PUSH_REGISTRATION
+#define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_CLEAR_PUSH_REGISTRATION
+RustBuffer uniffi_keepwire_ffi_fn_method_client_clear_push_registration(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_CLOSE
 #define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_CLOSE
 void uniffi_keepwire_ffi_fn_method_client_close(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -335,6 +340,11 @@ RustBuffer uniffi_keepwire_ffi_fn_method_client_on_push(uint64_t ptr, RustBuffer
 RustBuffer uniffi_keepwire_ffi_fn_method_client_prefs(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_PUSH_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_PUSH_STATUS
+RustBuffer uniffi_keepwire_ffi_fn_method_client_push_status(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SEND
 #define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SEND
 RustBuffer uniffi_keepwire_ffi_fn_method_client_send(uint64_t ptr, uint64_t conv, RustBuffer body, RustCallStatus *_Nonnull out_status
@@ -350,6 +360,11 @@ void uniffi_keepwire_ffi_fn_method_client_set_app_state(uint64_t ptr, RustBuffer
 void uniffi_keepwire_ffi_fn_method_client_set_listener(uint64_t ptr, uint64_t listener, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_MUTED
+#define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_MUTED
+int8_t uniffi_keepwire_ffi_fn_method_client_set_muted(uint64_t ptr, uint64_t conv, int8_t muted, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_NETWORK
 #define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_NETWORK
 void uniffi_keepwire_ffi_fn_method_client_set_network(uint64_t ptr, RustBuffer network, RustCallStatus *_Nonnull out_status
@@ -358,6 +373,11 @@ void uniffi_keepwire_ffi_fn_method_client_set_network(uint64_t ptr, RustBuffer n
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_PREFS
 #define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_PREFS
 void uniffi_keepwire_ffi_fn_method_client_set_prefs(uint64_t ptr, RustBuffer prefs, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_PUSH_REGISTRATION
+#define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_PUSH_REGISTRATION
+RustBuffer uniffi_keepwire_ffi_fn_method_client_set_push_registration(uint64_t ptr, RustBuffer registration, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_FN_METHOD_CLIENT_SET_TOKEN_PROVIDER
@@ -683,6 +703,12 @@ uint16_t uniffi_keepwire_ffi_checksum_method_client_clear_listener(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_CLEAR_PUSH_REGISTRATION
+#define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_CLEAR_PUSH_REGISTRATION
+uint16_t uniffi_keepwire_ffi_checksum_method_client_clear_push_registration(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_CLOSE
 #define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_CLOSE
 uint16_t uniffi_keepwire_ffi_checksum_method_client_close(void
@@ -731,6 +757,12 @@ uint16_t uniffi_keepwire_ffi_checksum_method_client_prefs(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_PUSH_STATUS
+#define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_PUSH_STATUS
+uint16_t uniffi_keepwire_ffi_checksum_method_client_push_status(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SEND
 #define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SEND
 uint16_t uniffi_keepwire_ffi_checksum_method_client_send(void
@@ -749,6 +781,12 @@ uint16_t uniffi_keepwire_ffi_checksum_method_client_set_listener(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SET_MUTED
+#define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SET_MUTED
+uint16_t uniffi_keepwire_ffi_checksum_method_client_set_muted(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SET_NETWORK
 #define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SET_NETWORK
 uint16_t uniffi_keepwire_ffi_checksum_method_client_set_network(void
@@ -758,6 +796,12 @@ uint16_t uniffi_keepwire_ffi_checksum_method_client_set_network(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SET_PREFS
 #define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SET_PREFS
 uint16_t uniffi_keepwire_ffi_checksum_method_client_set_prefs(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SET_PUSH_REGISTRATION
+#define UNIFFI_FFIDEF_UNIFFI_KEEPWIRE_FFI_CHECKSUM_METHOD_CLIENT_SET_PUSH_REGISTRATION
+uint16_t uniffi_keepwire_ffi_checksum_method_client_set_push_registration(void
     
 );
 #endif

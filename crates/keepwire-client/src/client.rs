@@ -12,7 +12,8 @@ use keepwire_core::{
 };
 use keepwire_proto::{
     ClientFrame, Confirm, ConvCreate, ConvInfo, ConvKind, ConvMember, ErrorCode, GapReason,
-    HistoryRequest, MemberEvent, Message, Resume, ResumeStatus, ServerFrame, Welcome,
+    HistoryRequest, MemberEvent, Message, PushInfo, PushRegister, Resume, ResumeStatus,
+    ServerFrame, Welcome,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -59,6 +60,9 @@ pub enum ClientError {
     /// A push payload that cannot be one (larger than [`MAX_PUSH_PAYLOAD`]).
     #[error("bad push payload: {0}")]
     BadPushPayload(String),
+    /// A push registration that cannot be one (checked before it is saved).
+    #[error("bad push registration: {0}")]
+    BadPushRegistration(String),
 }
 
 /// The largest push payload [`Client::on_push`] accepts (the Web Push limit).
@@ -84,6 +88,11 @@ pub struct PushResult {
     /// This call joined a push wake-up already running in this process and
     /// carries its result (show it in place: same tags).
     pub joined: bool,
+    /// The registration id the push carried (`kw`; from the decrypted body
+    /// for a Web Push encrypted to this device's keys), if it carried one.
+    /// An app with several accounts compares it with
+    /// [`PushStatus::id`](crate::PushStatus::id) of each home.
+    pub registration_id: Option<String>,
 }
 
 /// Why a send did not go through.
@@ -177,6 +186,9 @@ pub struct Status {
     pub plain_failures: u32,
     /// How many relay URLs this client tries in turn.
     pub relays: u32,
+    /// Push registrations and mutes sent and not answered yet (a sync is
+    /// not done before they are).
+    pub requests: usize,
 }
 
 /// How a [`Client::sync_once`] ended.
@@ -231,6 +243,7 @@ impl Status {
         self.state == State::Connected
             && self.outbox == 0
             && self.backfilling == 0
+            && self.requests == 0
             && self.head.is_some_and(|h| self.cursor.unwrap_or(0) >= h)
     }
 }
@@ -406,6 +419,7 @@ impl ClientBuilder {
             heads_heard: 0,
             plain_failures: 0,
             relays: urls_len,
+            requests: 0,
         }));
         let (status_tx, _) = watch::channel(());
         let inner = Arc::new(Inner {
@@ -477,6 +491,12 @@ enum Cmd {
     /// another process kept the home's lock for [`LOCK_WAIT`].
     Sync(SyncRequest),
     MarkRead(u64, u64, oneshot::Sender<Result<(), ClientError>>),
+    /// The push registration changed in the store: send it if connected;
+    /// the sender (if any) gets the relay's answer.
+    Push(Option<oneshot::Sender<Result<(), ClientError>>>),
+    /// Mutes are pending in the store: send them if connected; the sender
+    /// (if any) gets the relay's answer for this conversation.
+    Mutes(Option<(u64, oneshot::Sender<Result<(), ClientError>>)>),
     /// Ends a sync; answered once its deferred notifications were shown (or
     /// collected) and, if the client parks, the home released.
     EndSync(EndSync),
@@ -1009,9 +1029,19 @@ impl Client {
                 payload.len()
             )));
         }
-        // Web Push payloads encrypted to this device's keys (RFC 8291) are
-        // decrypted here once the relay sends them; today every payload is
-        // a content-free wake-up.
+        // Only the registration id is read (from a Web Push body encrypted to
+        // this device's keys after decrypting it, RFC 8291); the messages
+        // come from the sync, never from the push.
+        let keys = self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_keys()?;
+        let read = crate::push::read_payload(payload, keys.as_ref());
+        if read.decrypted {
+            tracing::debug!(target: "keepwire::push", "a Web Push body opened with this device's keys");
+        }
         let started = std::time::Instant::now();
         let (running, joined) = {
             let mut slot = self.inner.push.lock().unwrap_or_else(|p| p.into_inner());
@@ -1026,6 +1056,7 @@ impl Client {
                             show: c.show,
                             clear: c.clear,
                             joined: false,
+                            registration_id: None,
                         }
                     });
                     let f: BoxFuture<'static, Option<PushResult>> =
@@ -1046,6 +1077,7 @@ impl Client {
         match outcome {
             Ok(Some(mut r)) => {
                 r.joined = joined;
+                r.registration_id = read.registration_id;
                 Ok(r)
             }
             Ok(None) => Err(ClientError::Closed),
@@ -1063,6 +1095,7 @@ impl Client {
                 show: Vec::new(),
                 clear: Vec::new(),
                 joined,
+                registration_id: read.registration_id,
             }),
         }
     }
@@ -1102,13 +1135,21 @@ impl Client {
     /// Saves the user's preferences. Mutes, quiet hours and previews apply
     /// to the next notification; the background policy applies from the
     /// next start of a client on this home.
+    ///
+    /// Mutes changed here are also sent to the relay (as
+    /// [`Client::set_muted`] does, without waiting for its answer), so the
+    /// relay stops pushing for them and the user's other devices follow.
     pub fn set_prefs(&self, p: &crate::notify::Prefs) -> Result<(), ClientError> {
-        Ok(self
+        let changed = self
             .inner
             .store
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .set_prefs(p)?)
+            .save_prefs(p)?;
+        if !changed.is_empty() {
+            let _ = self.inner.cmd.send(Cmd::Mutes(None));
+        }
+        Ok(())
     }
 
     /// Marks `conv` read up to `up_to` (a `conv_seq`) on this device and, through
@@ -1122,6 +1163,111 @@ impl Client {
             .send(Cmd::MarkRead(conv, up_to, tx))
             .map_err(|_| ClientError::Closed)?;
         rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Registers (or replaces) this device's push registration: the FCM or
+    /// APNs token the OS gave the app, or a Web Push endpoint (with keys made
+    /// elsewhere, or keys keepwire makes and keeps in the store, so
+    /// [`Client::on_push`] can decrypt the pushes). Call it whenever the OS
+    /// hands over a new token.
+    ///
+    /// It is validated, saved in the store (it survives restarts), and sent
+    /// to the relay at once if this process is connected, else after the
+    /// next handshake of whichever process on this home connects. It is
+    /// sent again after a relay restore (new epoch) and weekly, so the relay
+    /// never drops it as stale. Returns the registration's status: with the
+    /// relay's id when it answered within the request timeout, `pending`
+    /// when it could not be told yet. A relay refusal comes back as
+    /// [`ClientError::Refused`] (code `invalid`: e.g. a provider the relay
+    /// is not configured for, an APNs topic it does not allow, a Web Push
+    /// endpoint on a private address).
+    pub async fn set_push_registration(
+        &self,
+        registration: crate::PushRegistration,
+    ) -> Result<crate::PushStatus, ClientError> {
+        let own = matches!(
+            registration,
+            crate::PushRegistration::WebPush { keys: None, .. }
+        );
+        {
+            let mut store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+            let keys = if own {
+                Some(store.ensure_push_keys()?)
+            } else {
+                None
+            };
+            let wire = crate::push::wire_form(&registration, keys.as_ref())
+                .map_err(ClientError::BadPushRegistration)?;
+            store.change_push(Some(wire), own)?;
+        }
+        self.push_now().await
+    }
+
+    /// Removes this device's push registration (the relay stops pushing
+    /// to it). Saved first, sent when connected, like
+    /// [`Client::set_push_registration`].
+    pub async fn clear_push_registration(&self) -> Result<crate::PushStatus, ClientError> {
+        {
+            let mut store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+            let s = store.push_state()?;
+            if s.registration.is_none() && !s.dirty && s.id.is_none() {
+                return Ok(s.status());
+            }
+            store.change_push(None, false)?;
+        }
+        self.push_now().await
+    }
+
+    /// Where this device's push registration stands (from the store).
+    pub fn push_status(&self) -> Result<crate::PushStatus, ClientError> {
+        Ok(self
+            .inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_status()?)
+    }
+
+    /// Sends the stored registration now if connected and returns its status.
+    async fn push_now(&self) -> Result<crate::PushStatus, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Cmd::Push(Some(tx)))
+            .map_err(|_| ClientError::Closed)?;
+        // Not connected, or no answer in time: it stays pending and goes
+        // out with the next handshake.
+        if let Ok(Ok(Err(e @ ClientError::Refused { .. }))) =
+            tokio::time::timeout(Duration::from_secs(30), rx).await
+        {
+            return Err(e);
+        }
+        self.push_status()
+    }
+
+    /// Mutes (or unmutes) a conversation for all of the user's devices: no
+    /// notifications here from now on, no push wake-ups for it from the
+    /// relay, and the user's other devices follow (a `mute` inbox entry).
+    /// Saved at once; the relay is told now if this process is connected,
+    /// else after the next handshake. Returns `true` once the relay accepted
+    /// it, `false` if it is queued; [`ClientError::Refused`] if the relay
+    /// refused it (`not_member`, `no_such_conv`).
+    pub async fn set_muted(&self, conv: u64, muted: bool) -> Result<bool, ClientError> {
+        self.inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue_mute(conv, muted)?;
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Cmd::Mutes(Some((conv, tx))))
+            .map_err(|_| ClientError::Closed)?;
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(Ok(()))) => Ok(true),
+            Ok(Ok(Err(e @ ClientError::Refused { .. }))) => Err(e),
+            Ok(_) | Err(_) => Ok(false),
+        }
     }
 
     /// The background heartbeats learnt per network: (interval, settled).
@@ -1224,6 +1370,9 @@ impl Supervisor {
                             }
                         }
                         Some(Cmd::EndSync(e)) => { let _ = e.done.send(Collected::default()); }
+                        // Kept in the store; sent by whichever process connects next.
+                        Some(Cmd::Push(reply)) => { if let Some(r) = reply { let _ = r.send(Err(ClientError::NotConnected)); } }
+                        Some(Cmd::Mutes(reply)) => { if let Some((_, r)) = reply { let _ = r.send(Err(ClientError::NotConnected)); } }
                         Some(Cmd::MarkRead(conv, up_to, reply)) => {
                             // Kept here; the relay hears of it from the holder's next read.
                             let local = self.inner.store.lock().unwrap_or_else(|p| p.into_inner()).set_read_mark(conv, up_to);
@@ -1339,6 +1488,13 @@ struct Driver {
     remote_seen: u64,
     /// The sync another process asked for, being run.
     remote: Option<RemoteSync>,
+    /// What the relay offers for push (from this session's `welcome`);
+    /// `None` outside a session.
+    push_offer: Option<Option<PushInfo>>,
+    /// `push_register` requests in flight: rid -> (state version, waiters).
+    push_inflight: HashMap<String, (u64, Vec<Reply>)>,
+    /// `mute` requests in flight: rid -> (conversation, muted, waiters).
+    mute_inflight: HashMap<String, (u64, bool, Vec<Reply>)>,
 }
 
 /// A sync asked by another process on this home (`keepwire sync` beside a
@@ -1366,6 +1522,9 @@ const HOLDER_ACK_WAIT: Duration = Duration::from_secs(1);
 /// How long a holder works on another process's sync before abandoning it
 /// (the asking process has its own, usually shorter, deadline).
 const REMOTE_SYNC_MAX: Duration = Duration::from_secs(60);
+
+/// Where the answer to a push registration or a mute goes.
+type Reply = oneshot::Sender<Result<(), ClientError>>;
 
 impl Driver {
     fn new(sup: &Supervisor) -> Result<Driver, StoreError> {
@@ -1420,6 +1579,9 @@ impl Driver {
             transport_task: None,
             remote_seen,
             remote: None,
+            push_offer: None,
+            push_inflight: HashMap::new(),
+            mute_inflight: HashMap::new(),
         };
         d.pick_up_outbox(now)?;
         if sup.started {
@@ -1545,6 +1707,11 @@ impl Driver {
                             tracing::warn!(target: "keepwire::client", error = %e, "reading the outbox failed");
                         }
                         self.pick_up_remote_sync(boot_clock());
+                        // A registration or mute another process saved.
+                        if self.push_offer.is_some() {
+                            self.send_push(None, boot_clock());
+                            self.send_mutes(None, boot_clock());
+                        }
                     }
                     if self.remote.is_some() {
                         self.answer_remote_sync();
@@ -1643,6 +1810,181 @@ impl Driver {
                 self.core.close(now);
                 self.stop_waiters.push(done);
             }
+            Cmd::Push(reply) => self.send_push(reply, now),
+            Cmd::Mutes(reply) => self.send_mutes(reply, now),
+        }
+    }
+
+    /// Sends the stored push registration if it is due (changed, stale, or
+    /// from another relay epoch) and not already on its way.
+    fn send_push(&mut self, reply: Option<Reply>, now: Instant) {
+        let answer = |reply: Option<Reply>, r: Result<(), ClientError>| {
+            if let Some(tx) = reply {
+                let _ = tx.send(r);
+            }
+        };
+        let Some(offer) = &self.push_offer else {
+            return answer(reply, Err(ClientError::NotConnected));
+        };
+        let state = match self.store.push_state() {
+            Ok(s) => s,
+            Err(e) => return answer(reply, Err(e.into())),
+        };
+        if let Some((_, waiters)) = self
+            .push_inflight
+            .values_mut()
+            .find(|(v, _)| *v == state.version)
+        {
+            waiters.extend(reply);
+            return;
+        }
+        if !state.due(self.epoch.as_deref(), crate::push::now_ms()) {
+            return answer(reply, Ok(()));
+        }
+        if let Some(p) = state.provider()
+            && !offer.as_ref().is_some_and(|o| o.providers.contains(&p))
+        {
+            // Not sent: the relay would refuse it. It stays due, so a relay
+            // configured later gets it at the next handshake.
+            let why = format!("this relay offers no {p} push wake-ups");
+            let _ = self.store.push_unsendable(&why);
+            return answer(
+                reply,
+                Err(ClientError::Refused {
+                    code: ErrorCode::Invalid,
+                    message: why,
+                }),
+            );
+        }
+        let rid = new_rid();
+        let frame = ClientFrame::PushRegister(PushRegister {
+            rid: rid.clone(),
+            registration: state.registration.clone().unwrap_or_default(),
+            previews: false,
+        });
+        match self.core.send_request(&frame, now) {
+            Ok(()) => {
+                self.push_inflight
+                    .insert(rid, (state.version, reply.into_iter().collect()));
+            }
+            Err(_) => answer(reply, Err(ClientError::NotConnected)),
+        }
+    }
+
+    /// Sends the mutes the relay has not accepted yet (each once per
+    /// session unless changed).
+    fn send_mutes(&mut self, reply: Option<(u64, Reply)>, now: Instant) {
+        let mut reply = reply;
+        if self.push_offer.is_none() {
+            if let Some((_, tx)) = reply {
+                let _ = tx.send(Err(ClientError::NotConnected));
+            }
+            return;
+        }
+        let pending = match self.store.pending_mutes() {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some((_, tx)) = reply {
+                    let _ = tx.send(Err(e.into()));
+                }
+                return;
+            }
+        };
+        for (conv, muted) in pending {
+            let mine = reply.take_if(|(c, _)| *c == conv).map(|(_, tx)| tx);
+            if let Some((_, _, waiters)) = self
+                .mute_inflight
+                .values_mut()
+                .find(|(c, m, _)| *c == conv && *m == muted)
+            {
+                waiters.extend(mine);
+                continue;
+            }
+            let rid = new_rid();
+            let frame = ClientFrame::Mute {
+                rid: rid.clone(),
+                conv,
+                muted,
+            };
+            if self.core.send_request(&frame, now).is_err() {
+                if let Some(tx) = mine {
+                    let _ = tx.send(Err(ClientError::NotConnected));
+                }
+                break;
+            }
+            self.mute_inflight
+                .insert(rid, (conv, muted, mine.into_iter().collect()));
+        }
+        // Not pending any more: the relay already has it.
+        if let Some((_, tx)) = reply {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    /// The answer to a `push_register` or `mute` of this driver, if `frame` is one.
+    fn push_or_mute_reply(&mut self, frame: &ServerFrame) -> bool {
+        let finish = |waiters: Vec<Reply>, r: &Result<(), (ErrorCode, String)>| {
+            for w in waiters {
+                let _ = w.send(
+                    r.clone()
+                        .map_err(|(code, message)| ClientError::Refused { code, message }),
+                );
+            }
+        };
+        match frame {
+            ServerFrame::Push { rid, id } => {
+                let Some((version, waiters)) = self.push_inflight.remove(rid) else {
+                    return false;
+                };
+                if let Err(e) =
+                    self.store
+                        .push_answered(version, self.epoch.as_deref(), Ok(id.clone()))
+                {
+                    tracing::warn!(target: "keepwire::push", error = %e, "recording the push registration failed");
+                }
+                tracing::info!(target: "keepwire::push", registered = id.is_some(), "push registration accepted");
+                finish(waiters, &Ok(()));
+                true
+            }
+            ServerFrame::Muted {
+                rid, conv, muted, ..
+            } => {
+                let Some((_, _, waiters)) = self.mute_inflight.remove(rid) else {
+                    return false;
+                };
+                let _ = self.store.mute_answered(*conv, *muted);
+                finish(waiters, &Ok(()));
+                true
+            }
+            ServerFrame::Error(e) => {
+                let Some(rid) = e.rid.as_deref() else {
+                    return false;
+                };
+                // Worth another try at the next handshake; anything else is
+                // the relay's final word on this request.
+                let transient = matches!(e.code, ErrorCode::RateLimited | ErrorCode::Internal);
+                let r = Err((e.code, e.message.clone()));
+                if let Some((version, waiters)) = self.push_inflight.remove(rid) {
+                    if !transient {
+                        let why = format!("{}: {}", e.code, e.message);
+                        tracing::warn!(target: "keepwire::push", code = %e.code, "push registration refused");
+                        let _ = self
+                            .store
+                            .push_answered(version, self.epoch.as_deref(), Err(why));
+                    }
+                    finish(waiters, &r);
+                    return true;
+                }
+                if let Some((conv, muted, waiters)) = self.mute_inflight.remove(rid) {
+                    if !transient {
+                        let _ = self.store.mute_answered(conv, muted);
+                    }
+                    finish(waiters, &r);
+                    return true;
+                }
+                false
+            }
+            _ => false,
         }
     }
 
@@ -1717,6 +2059,17 @@ impl Driver {
                 if !matches!(s, State::Connected | State::Handshaking) {
                     for (_, r) in self.requests.drain() {
                         let _ = r.send(Err(ClientError::NotConnected));
+                    }
+                    // Unanswered registrations and mutes stay due in the
+                    // store: the next session sends them again.
+                    self.push_offer = None;
+                    let waiters = self
+                        .push_inflight
+                        .drain()
+                        .flat_map(|(_, (_, w))| w)
+                        .chain(self.mute_inflight.drain().flat_map(|(_, (_, _, w))| w));
+                    for w in waiters {
+                        let _ = w.send(Err(ClientError::NotConnected));
                     }
                     // The next welcome brings fresh fetch hints.
                     self.fetches.clear();
@@ -2053,6 +2406,10 @@ impl Driver {
         if gap {
             self.emit(ClientEvent::Gap(w.resume.clone()));
         }
+        // The registration when due, and mutes not yet accepted.
+        self.push_offer = Some(w.push.clone());
+        self.send_push(None, now);
+        self.send_mutes(None, now);
     }
 
     fn fetch_history(&mut self, conv: u64, before: u64, known: u64, now: Instant) {
@@ -2087,6 +2444,9 @@ impl Driver {
             {
                 self.fetch_history(conv, first.conv_seq, known, now);
             }
+            return;
+        }
+        if self.push_or_mute_reply(&frame) {
             return;
         }
         if let ServerFrame::Signal { conv, from, data } = frame {
@@ -2190,6 +2550,7 @@ impl Driver {
             s.outbox = pending;
             s.holder = true;
             s.backfilling = self.fetches.len();
+            s.requests = self.push_inflight.len() + self.mute_inflight.len();
         }
         self.inner.status_changed.send_replace(());
         if self.remote.is_some() {

@@ -29,6 +29,7 @@
 pub mod analytics;
 mod client;
 pub mod notify;
+mod push;
 pub mod store;
 mod transport;
 
@@ -41,4 +42,5 @@ pub use keepwire_core::{
     AppState, BackgroundPolicy, Backoff, Config, ConnectionError, Jitter, Network, State,
     StopReason,
 };
+pub use push::{PushRegistration, PushStatus, WebPushKeys};
 pub use transport::{BoxFuture, Resolver, SystemResolver, conformance_echo};

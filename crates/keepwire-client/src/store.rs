@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keepwire_core::OutboxItem;
 use keepwire_proto::{
-    ConvInfo, ConvKind, Cursor, EntryItem, InboxEntry, MemberChange, MemberEvent, Message, ReadMark,
+    ConvInfo, ConvKind, Cursor, EntryItem, InboxEntry, MemberChange, MemberEvent, Message,
+    MuteMark, ReadMark,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -61,6 +62,9 @@ pub struct Persisted {
     pub members: Vec<MemberEvent>,
     /// Read markers from the user's other devices in this batch.
     pub reads: Vec<ReadMark>,
+    /// Mutes and unmutes from the user's devices in this batch (applied to
+    /// the preferences in the same transaction).
+    pub mutes: Vec<MuteMark>,
 }
 
 /// A row of the outbox.
@@ -440,6 +444,7 @@ impl Store {
                         .execute([mark.conv as i64])?;
                     out.reads.push(mark.clone());
                 }
+                EntryItem::Mute(mark) => out.mutes.push(mark.clone()),
                 _ => {}
             }
             last = Some(e.seq);
@@ -457,6 +462,7 @@ impl Store {
             )?;
             out.cursor = Some(seq);
         }
+        crate::push::apply_mutes(&tx, &out.mutes)?;
         tx.commit()?;
         // Mark conversations this user left.
         for ev in &out.members {

@@ -2,4 +2,5 @@
 //! sockets on 127.0.0.1.
 
 mod e2e;
+mod push;
 mod wake;

@@ -36,7 +36,7 @@ pub(crate) struct HomeArg {
 }
 
 impl HomeArg {
-    fn path(&self) -> anyhow::Result<PathBuf> {
+    pub(crate) fn path(&self) -> anyhow::Result<PathBuf> {
         if let Some(h) = &self.home {
             return Ok(h.clone());
         }
@@ -137,10 +137,10 @@ pub(crate) struct NotifyArgs {
     /// Run this command for each notification (JSON on stdin); default: the
     /// `notify-command` preference.
     #[arg(long, value_name = "CMD")]
-    notify_command: Option<String>,
+    pub(crate) notify_command: Option<String>,
     /// Show desktop notifications (D-Bus); default: the `desktop` preference.
     #[arg(long)]
-    desktop: bool,
+    pub(crate) desktop: bool,
 }
 
 #[derive(Args)]
@@ -201,7 +201,7 @@ pub(crate) fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
     Ok(Store::open(home)?)
 }
 
-async fn open_client(home: &std::path::Path, start: bool) -> anyhow::Result<Client> {
+pub(crate) async fn open_client(home: &std::path::Path, start: bool) -> anyhow::Result<Client> {
     init_logging("warn");
     open_existing(home)?;
     let mut b = Client::builder(home);
@@ -867,15 +867,22 @@ pub(crate) struct PrefsArgs {
 enum PrefsCommand {
     /// Show the preferences (the default).
     Show,
-    /// Never notify for this conversation.
+    /// Never notify for this conversation, on any of your devices, and no
+    /// push wake-ups for it (told to the relay; queued if it is unreachable).
     Mute {
         /// Conversation id.
         conv: u64,
+        /// How long to wait for the relay.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        timeout: Duration,
     },
-    /// Notify for this conversation again.
+    /// Notify for this conversation again (on all your devices).
     Unmute {
         /// Conversation id.
         conv: u64,
+        /// How long to wait for the relay.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        timeout: Duration,
     },
     /// No notifications between these local times (`22:00-07:00`; equal times
     /// mean all day), or `off`.
@@ -905,17 +912,41 @@ enum PrefsCommand {
     },
 }
 
-pub(crate) fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
+/// Mutes or unmutes through the relay (all the user's devices, and no
+/// pushes); saved here first, so it holds even if the relay is unreachable.
+async fn mute(
+    home: &std::path::Path,
+    conv: u64,
+    muted: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let client = open_client(home, true).await?;
+    let _ = client.wait_connected(timeout).await;
+    let told = client.set_muted(conv, muted).await;
+    client.stop().await;
+    let what = if muted { "muted" } else { "unmuted" };
+    match told? {
+        true => eprintln!("conversation {conv} {what} on all your devices"),
+        false => eprintln!(
+            "conversation {conv} {what} here; the relay (pushes, your other devices) is told at the next connection"
+        ),
+    }
+    Ok(())
+}
+
+pub(crate) async fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
     let store = open_existing(&home)?;
     let mut p = store.prefs()?;
     match args.command.unwrap_or(PrefsCommand::Show) {
         PrefsCommand::Show => {}
-        PrefsCommand::Mute { conv } => {
-            p.muted.insert(conv);
+        PrefsCommand::Mute { conv, timeout } => {
+            mute(&home, conv, true, timeout).await?;
+            p = store.prefs()?;
         }
-        PrefsCommand::Unmute { conv } => {
-            p.muted.remove(&conv);
+        PrefsCommand::Unmute { conv, timeout } => {
+            mute(&home, conv, false, timeout).await?;
+            p = store.prefs()?;
         }
         PrefsCommand::QuietHours { hours } => {
             p.quiet_hours = if hours == "off" {

@@ -17,6 +17,7 @@ mod chaos_cmds;
 mod client_cmds;
 mod config_file;
 mod demo;
+mod push_cmds;
 mod relay_cmds;
 mod terminal;
 mod tls_init;
@@ -52,6 +53,8 @@ enum Command {
     Status(client_cmds::StatusArgs),
     /// Notification and background preferences (mute, quiet hours, previews, policy).
     Prefs(client_cmds::PrefsArgs),
+    /// Push wake-ups of this device: register (fcm, apns, webpush), status, unregister, receive.
+    Push(push_cmds::PushArgs),
     /// Mark a conversation read (on all of the user's devices).
     Read(client_cmds::ReadArgs),
     /// Connection analytics: uptime, reconnects, heartbeats, notifications (--svg for a timeline).
@@ -197,7 +200,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Log(args) => client_cmds::log(args),
         Command::Tail(args) => client_cmds::tail(args).await,
         Command::Status(args) => client_cmds::status(args).await,
-        Command::Prefs(args) => client_cmds::prefs(args),
+        Command::Prefs(args) => client_cmds::prefs(args).await,
+        Command::Push(args) => push_cmds::push(args).await,
         Command::Read(args) => client_cmds::read(args).await,
         Command::Stats(args) => client_cmds::stats(args),
         Command::Agent(args) => client_cmds::agent(args).await,

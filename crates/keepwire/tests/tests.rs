@@ -6,6 +6,7 @@ mod cli;
 mod client_process;
 mod desktop;
 mod postgres;
+mod push_cli;
 mod relay_process;
 mod security;
 

@@ -723,6 +723,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_clear_listener(
     ): Int
+    external fun uniffi_keepwire_ffi_checksum_method_client_clear_push_registration(
+    ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_close(
     ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_conversations(
@@ -739,15 +741,21 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_prefs(
     ): Int
+    external fun uniffi_keepwire_ffi_checksum_method_client_push_status(
+    ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_send(
     ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_set_app_state(
     ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_set_listener(
     ): Int
+    external fun uniffi_keepwire_ffi_checksum_method_client_set_muted(
+    ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_set_network(
     ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_set_prefs(
+    ): Int
+    external fun uniffi_keepwire_ffi_checksum_method_client_set_push_registration(
     ): Int
     external fun uniffi_keepwire_ffi_checksum_method_client_set_token_provider(
     ): Int
@@ -799,6 +807,8 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_keepwire_ffi_fn_method_client_clear_listener(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_keepwire_ffi_fn_method_client_clear_push_registration(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_keepwire_ffi_fn_method_client_close(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_keepwire_ffi_fn_method_client_conversations(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -815,16 +825,22 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_keepwire_ffi_fn_method_client_prefs(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_keepwire_ffi_fn_method_client_push_status(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_keepwire_ffi_fn_method_client_send(`ptr`: Long,`conv`: Long,`body`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun uniffi_keepwire_ffi_fn_method_client_set_app_state(`ptr`: Long,`state`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_keepwire_ffi_fn_method_client_set_listener(`ptr`: Long,`listener`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_keepwire_ffi_fn_method_client_set_muted(`ptr`: Long,`conv`: Long,`muted`: Byte,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_keepwire_ffi_fn_method_client_set_network(`ptr`: Long,`network`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_keepwire_ffi_fn_method_client_set_prefs(`ptr`: Long,`prefs`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_keepwire_ffi_fn_method_client_set_push_registration(`ptr`: Long,`registration`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_keepwire_ffi_fn_method_client_set_token_provider(`ptr`: Long,`provider`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_keepwire_ffi_fn_method_client_set_trusted_certificates(`ptr`: Long,`pem`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -970,6 +986,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_keepwire_ffi_checksum_method_client_clear_listener() and 0xFFFF) != 5917) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_keepwire_ffi_checksum_method_client_clear_push_registration() and 0xFFFF) != 52399) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_keepwire_ffi_checksum_method_client_close() and 0xFFFF) != 44003) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -994,6 +1013,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_keepwire_ffi_checksum_method_client_prefs() and 0xFFFF) != 30198) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_keepwire_ffi_checksum_method_client_push_status() and 0xFFFF) != 27466) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_keepwire_ffi_checksum_method_client_send() and 0xFFFF) != 63564) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -1003,10 +1025,16 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_keepwire_ffi_checksum_method_client_set_listener() and 0xFFFF) != 23878) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_keepwire_ffi_checksum_method_client_set_muted() and 0xFFFF) != 48780) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_keepwire_ffi_checksum_method_client_set_network() and 0xFFFF) != 25044) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_keepwire_ffi_checksum_method_client_set_prefs() and 0xFFFF) != 37030) {
+    if ((lib.uniffi_keepwire_ffi_checksum_method_client_set_prefs() and 0xFFFF) != 4423) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_keepwire_ffi_checksum_method_client_set_push_registration() and 0xFFFF) != 2452) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_keepwire_ffi_checksum_method_client_set_token_provider() and 0xFFFF) != 34043) {
@@ -1527,6 +1555,12 @@ public interface ClientInterface {
     fun `clearListener`()
     
     /**
+     * Removes this device's push registration (saved first, sent when
+     * connected, like `set_push_registration`).
+     */
+    fun `clearPushRegistration`(): PushStatus
+    
+    /**
      * Closes the connection and ends the callback thread (after the events
      * already queued, waiting at most 1 s for them). Pending sends stay in
      * the outbox. Further calls fail with `Closed`. Returns within about
@@ -1586,6 +1620,11 @@ public interface ClientInterface {
     fun `prefs`(): Prefs
     
     /**
+     * Where this device's push registration stands (from the home).
+     */
+    fun `pushStatus`(): PushStatus
+    
+    /**
      * Queues a text message in the durable outbox and returns its client
      * id once it is there: it is sent (now or after any outage or process
      * death) and stored by the relay exactly once. `SendConfirmed` (or
@@ -1608,6 +1647,15 @@ public interface ClientInterface {
     fun `setListener`(`listener`: EventListener)
     
     /**
+     * Mutes (or unmutes) a conversation on all of the user's devices: no
+     * notifications, and no push wake-ups from the relay for it. Saved at
+     * once; returns `true` once the relay accepted it (up to 30 s), `false`
+     * if it is queued for the next connection. `Refused` (`not_member`)
+     * for a conversation the user is not in.
+     */
+    fun `setMuted`(`conv`: kotlin.ULong, `muted`: kotlin.Boolean): kotlin.Boolean
+    
+    /**
      * Tells the client what the OS says about the network (Android's
      * `ConnectivityManager.NetworkCallback`, iOS's `NWPathMonitor`).
      */
@@ -1616,8 +1664,21 @@ public interface ClientInterface {
     /**
      * Saves the user's preferences (mutes, quiet hours and previews apply
      * to the next notification; the background policy from the next start).
+     * Changed mutes also go to the relay (as `set_muted`, without waiting).
      */
     fun `setPrefs`(`prefs`: Prefs)
+    
+    /**
+     * Registers (or replaces) this device's push registration: call it
+     * with the token the OS gives the app, and again whenever it changes.
+     * Saved in the home first (it survives restarts; keepwire re-sends it
+     * after relay restores and weekly), then sent to the relay if
+     * connected: waits up to 30 s for its answer. `pending` in the result
+     * means it goes out with the next connection (`sync_once`, `on_push`,
+     * the foreground). `Refused` (code `invalid`) when the relay does not
+     * take it; `InvalidInput` when it is malformed.
+     */
+    fun `setPushRegistration`(`registration`: PushRegistration): PushStatus
     
     /**
      * Where fresh tokens come from. Without one, the client retries once
@@ -1803,6 +1864,24 @@ open class Client: Disposable, AutoCloseable, ClientInterface
 
     
     /**
+     * Removes this device's push registration (saved first, sent when
+     * connected, like `set_push_registration`).
+     */
+    @Throws(KeepwireException::class)override fun `clearPushRegistration`(): PushStatus {
+            return FfiConverterTypePushStatus.lift(
+    callWithHandle {
+    uniffiRustCallWithError(KeepwireException) { _status ->
+    UniffiLib.uniffi_keepwire_ffi_fn_method_client_clear_push_registration(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * Closes the connection and ends the callback thread (after the events
      * already queued, waiting at most 1 s for them). Pending sends stay in
      * the outbox. Further calls fail with `Closed`. Returns within about
@@ -1964,6 +2043,23 @@ open class Client: Disposable, AutoCloseable, ClientInterface
 
     
     /**
+     * Where this device's push registration stands (from the home).
+     */
+    @Throws(KeepwireException::class)override fun `pushStatus`(): PushStatus {
+            return FfiConverterTypePushStatus.lift(
+    callWithHandle {
+    uniffiRustCallWithError(KeepwireException) { _status ->
+    UniffiLib.uniffi_keepwire_ffi_fn_method_client_push_status(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * Queues a text message in the durable outbox and returns its client
      * id once it is there: it is sent (now or after any outage or process
      * death) and stored by the relay exactly once. `SendConfirmed` (or
@@ -2022,6 +2118,29 @@ open class Client: Disposable, AutoCloseable, ClientInterface
 
     
     /**
+     * Mutes (or unmutes) a conversation on all of the user's devices: no
+     * notifications, and no push wake-ups from the relay for it. Saved at
+     * once; returns `true` once the relay accepted it (up to 30 s), `false`
+     * if it is queued for the next connection. `Refused` (`not_member`)
+     * for a conversation the user is not in.
+     */
+    @Throws(KeepwireException::class)override fun `setMuted`(`conv`: kotlin.ULong, `muted`: kotlin.Boolean): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    callWithHandle {
+    uniffiRustCallWithError(KeepwireException) { _status ->
+    UniffiLib.uniffi_keepwire_ffi_fn_method_client_set_muted(
+        it,
+        
+        FfiConverterULong.lower(`conv`),
+        FfiConverterBoolean.lower(`muted`),_status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * Tells the client what the OS says about the network (Android's
      * `ConnectivityManager.NetworkCallback`, iOS's `NWPathMonitor`).
      */override fun `setNetwork`(`network`: Network)
@@ -2041,6 +2160,7 @@ open class Client: Disposable, AutoCloseable, ClientInterface
     /**
      * Saves the user's preferences (mutes, quiet hours and previews apply
      * to the next notification; the background policy from the next start).
+     * Changed mutes also go to the relay (as `set_muted`, without waiting).
      */
     @Throws(KeepwireException::class)override fun `setPrefs`(`prefs`: Prefs)
         = 
@@ -2053,6 +2173,31 @@ open class Client: Disposable, AutoCloseable, ClientInterface
 }
     }
     
+    
+
+    
+    /**
+     * Registers (or replaces) this device's push registration: call it
+     * with the token the OS gives the app, and again whenever it changes.
+     * Saved in the home first (it survives restarts; keepwire re-sends it
+     * after relay restores and weekly), then sent to the relay if
+     * connected: waits up to 30 s for its answer. `pending` in the result
+     * means it goes out with the next connection (`sync_once`, `on_push`,
+     * the foreground). `Refused` (code `invalid`) when the relay does not
+     * take it; `InvalidInput` when it is malformed.
+     */
+    @Throws(KeepwireException::class)override fun `setPushRegistration`(`registration`: PushRegistration): PushStatus {
+            return FfiConverterTypePushStatus.lift(
+    callWithHandle {
+    uniffiRustCallWithError(KeepwireException) { _status ->
+    UniffiLib.uniffi_keepwire_ffi_fn_method_client_set_push_registration(
+        it,
+        
+        FfiConverterTypePushRegistration.lower(`registration`),_status)
+}
+    }
+    )
+    }
     
 
     
@@ -2568,6 +2713,13 @@ data class PushResult (
      * its result (same tags: showing it replaces, not stacks).
      */
     var `joined`: kotlin.Boolean
+    , 
+    /**
+     * The registration id the push carried (decrypted first when it was a
+     * Web Push body encrypted to keys keepwire made), if any: an app with
+     * several accounts compares it with each home's `push_status().id`.
+     */
+    var `registrationId`: kotlin.String?
     
 ){
     
@@ -2588,6 +2740,7 @@ public object FfiConverterTypePushResult: FfiConverterRustBuffer<PushResult> {
             FfiConverterSequenceTypeNotification.read(buf),
             FfiConverterSequenceString.read(buf),
             FfiConverterBoolean.read(buf),
+            FfiConverterOptionalString.read(buf),
         )
     }
 
@@ -2595,7 +2748,8 @@ public object FfiConverterTypePushResult: FfiConverterRustBuffer<PushResult> {
             FfiConverterTypeSyncReport.allocationSize(value.`report`) +
             FfiConverterSequenceTypeNotification.allocationSize(value.`show`) +
             FfiConverterSequenceString.allocationSize(value.`remove`) +
-            FfiConverterBoolean.allocationSize(value.`joined`)
+            FfiConverterBoolean.allocationSize(value.`joined`) +
+            FfiConverterOptionalString.allocationSize(value.`registrationId`)
     )
 
     override fun write(value: PushResult, buf: ByteBuffer) {
@@ -2603,6 +2757,86 @@ public object FfiConverterTypePushResult: FfiConverterRustBuffer<PushResult> {
             FfiConverterSequenceTypeNotification.write(value.`show`, buf)
             FfiConverterSequenceString.write(value.`remove`, buf)
             FfiConverterBoolean.write(value.`joined`, buf)
+            FfiConverterOptionalString.write(value.`registrationId`, buf)
+    }
+}
+
+
+
+/**
+ * Where this device's push registration stands (never the token).
+ */
+data class PushStatus (
+    /**
+     * `fcm`, `apns` or `webpush`; `None`: not registered.
+     */
+    var `provider`: kotlin.String?
+    , 
+    /**
+     * keepwire made the Web Push keys (and decrypts the pushes).
+     */
+    var `ownKeys`: kotlin.Boolean
+    , 
+    /**
+     * The registration id the relay gave; every push carries it.
+     */
+    var `id`: kotlin.String?
+    , 
+    /**
+     * When the relay last accepted it, ms since the Unix epoch.
+     */
+    var `registeredAtMs`: kotlin.ULong?
+    , 
+    /**
+     * A change the relay has not accepted yet (sent when connected).
+     */
+    var `pending`: kotlin.Boolean
+    , 
+    /**
+     * Why the relay refused it, if it did.
+     */
+    var `lastError`: kotlin.String?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePushStatus: FfiConverterRustBuffer<PushStatus> {
+    override fun read(buf: ByteBuffer): PushStatus {
+        return PushStatus(
+            FfiConverterOptionalString.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalULong.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterOptionalString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: PushStatus) = (
+            FfiConverterOptionalString.allocationSize(value.`provider`) +
+            FfiConverterBoolean.allocationSize(value.`ownKeys`) +
+            FfiConverterOptionalString.allocationSize(value.`id`) +
+            FfiConverterOptionalULong.allocationSize(value.`registeredAtMs`) +
+            FfiConverterBoolean.allocationSize(value.`pending`) +
+            FfiConverterOptionalString.allocationSize(value.`lastError`)
+    )
+
+    override fun write(value: PushStatus, buf: ByteBuffer) {
+            FfiConverterOptionalString.write(value.`provider`, buf)
+            FfiConverterBoolean.write(value.`ownKeys`, buf)
+            FfiConverterOptionalString.write(value.`id`, buf)
+            FfiConverterOptionalULong.write(value.`registeredAtMs`, buf)
+            FfiConverterBoolean.write(value.`pending`, buf)
+            FfiConverterOptionalString.write(value.`lastError`, buf)
     }
 }
 
@@ -3925,6 +4159,168 @@ public object FfiConverterTypeNetwork : FfiConverterRustBuffer<Network>{
             }
             is Network.Offline -> {
                 buf.putInt(2)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
+ * Where the OS delivers this device's push wake-ups.
+ */
+sealed class PushRegistration {
+    
+    /**
+     * Firebase Cloud Messaging (Android): the registration token from
+     * `FirebaseMessaging.getToken()` / `onNewToken`.
+     */
+    data class Fcm(
+        /**
+         * The token.
+         */
+        val `token`: kotlin.String) : PushRegistration()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * APNs (iOS): the device token (hex) from
+     * `didRegisterForRemoteNotificationsWithDeviceToken`, the app's bundle
+     * id, and whether it is a development (sandbox) build.
+     */
+    data class Apns(
+        /**
+         * The device token, hex.
+         */
+        val `token`: kotlin.String, 
+        /**
+         * The bundle id (one of the relay's configured topics).
+         */
+        val `topic`: kotlin.String, 
+        /**
+         * `true` for the sandbox gateway.
+         */
+        val `sandbox`: kotlin.Boolean) : PushRegistration()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * Web Push / UnifiedPush: the endpoint, and the subscription's keys
+     * (base64url) when something else made them (a UnifiedPush connector
+     * that decrypts itself); without keys keepwire makes them, keeps them
+     * in the home, and `on_push` decrypts the pushes.
+     */
+    data class WebPush(
+        /**
+         * The push resource URL (https).
+         */
+        val `endpoint`: kotlin.String, 
+        /**
+         * The P-256 public key, base64url.
+         */
+        val `p256dh`: kotlin.String?, 
+        /**
+         * The auth secret, base64url.
+         */
+        val `auth`: kotlin.String?) : PushRegistration()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePushRegistration : FfiConverterRustBuffer<PushRegistration>{
+    override fun read(buf: ByteBuffer): PushRegistration {
+        return when(buf.getInt()) {
+            1 -> PushRegistration.Fcm(
+                FfiConverterString.read(buf),
+                )
+            2 -> PushRegistration.Apns(
+                FfiConverterString.read(buf),
+                FfiConverterString.read(buf),
+                FfiConverterBoolean.read(buf),
+                )
+            3 -> PushRegistration.WebPush(
+                FfiConverterString.read(buf),
+                FfiConverterOptionalString.read(buf),
+                FfiConverterOptionalString.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: PushRegistration): ULong = when(value) {
+        is PushRegistration.Fcm -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`token`)
+            )
+        }
+        is PushRegistration.Apns -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`token`)
+                + FfiConverterString.allocationSize(value.`topic`)
+                + FfiConverterBoolean.allocationSize(value.`sandbox`)
+            )
+        }
+        is PushRegistration.WebPush -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`endpoint`)
+                + FfiConverterOptionalString.allocationSize(value.`p256dh`)
+                + FfiConverterOptionalString.allocationSize(value.`auth`)
+            )
+        }
+    }
+
+    override fun write(value: PushRegistration, buf: ByteBuffer) {
+        when(value) {
+            is PushRegistration.Fcm -> {
+                buf.putInt(1)
+                FfiConverterString.write(value.`token`, buf)
+                Unit
+            }
+            is PushRegistration.Apns -> {
+                buf.putInt(2)
+                FfiConverterString.write(value.`token`, buf)
+                FfiConverterString.write(value.`topic`, buf)
+                FfiConverterBoolean.write(value.`sandbox`, buf)
+                Unit
+            }
+            is PushRegistration.WebPush -> {
+                buf.putInt(3)
+                FfiConverterString.write(value.`endpoint`, buf)
+                FfiConverterOptionalString.write(value.`p256dh`, buf)
+                FfiConverterOptionalString.write(value.`auth`, buf)
                 Unit
             }
         }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
