@@ -550,12 +550,12 @@ fn lock_db(path: &std::path::Path, mode: LockMode) -> anyhow::Result<DbLock> {
         (keepwire_server::StoreError::Conflict(_), LockMode::Exclusive) => anyhow::anyhow!(
             "the database {} is in use by another relay (it holds {}); stop it, or run every node with --bus",
             path.display(),
-            keepwire_server::store::lock_path(&path).display()
+            keepwire_server::store::lock_path(path).display()
         ),
         (keepwire_server::StoreError::Conflict(_), LockMode::Shared) => anyhow::anyhow!(
             "the database {} is in use by a relay without --bus or by a restore (it holds {})",
             path.display(),
-            keepwire_server::store::lock_path(&path).display()
+            keepwire_server::store::lock_path(path).display()
         ),
         (e, _) => e.into(),
     })
