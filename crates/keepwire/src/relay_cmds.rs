@@ -576,7 +576,10 @@ pub(crate) async fn admin(args: AdminArgs) -> anyhow::Result<()> {
         // Opening creates the SQLite file, or the PostgreSQL tables.
         let store = open_store(&at, Retention::default(), None).await?;
         store.close().await;
-        println!("ready: {}", at.describe());
+        match &at {
+            StoreLocation::Sqlite(path) => println!("created {}", path.display()),
+            StoreLocation::Postgres(_) => println!("ready: {}", at.describe()),
+        }
         return Ok(());
     }
     let sqlite_path = match (&at, &args.command) {
