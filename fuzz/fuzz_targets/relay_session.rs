@@ -14,7 +14,9 @@ use arbitrary::Arbitrary;
 use futures_util::{SinkExt as _, StreamExt as _};
 use keepwire_proto::{ClientFrame, CloseCode, ConvCreate, ConvKind, Cursor, Hello, SUBPROTOCOL};
 use keepwire_server::store::Actor;
-use keepwire_server::{Config, Metrics, RelayServer, SqliteOptions, SqliteStore, Store as _};
+use keepwire_server::{
+    AdminStore as _, Config, Metrics, RelayServer, RelayStore as _, SqliteOptions, SqliteStore,
+};
 use libfuzzer_sys::fuzz_target;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
