@@ -175,6 +175,7 @@ fn hello(
         history,
         agent: None,
         generation: None,
+        transient: false,
     }))
 }
 

@@ -287,6 +287,7 @@ async fn hello(ws: &mut Ws, token: &str, device: &str) -> anyhow::Result<()> {
         history: Some(0),
         agent: Some("keepwire-bench".into()),
         generation: None,
+        transient: false,
     });
     ws.send(Message::Text(encode(&h).into())).await?;
     while let Some(m) = ws.next().await {

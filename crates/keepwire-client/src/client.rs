@@ -510,6 +510,9 @@ struct SyncRequest {
     until: tokio::time::Instant,
     /// Hand the notifications back instead of showing them (push wake-ups).
     collect: bool,
+    /// Connect without the home's lock, as a transient connection: the
+    /// holder did not take a push wake-up's sync up (it looks frozen).
+    transient: bool,
     started: oneshot::Sender<bool>,
 }
 
@@ -911,14 +914,7 @@ impl Client {
             return (report(SyncOutcome::Partial, &s, &s), Collected::default());
         };
         let before = self.status();
-        let (tx, rx) = oneshot::channel();
-        let request = Cmd::Sync(SyncRequest {
-            asked: tokio::time::Instant::now(),
-            until,
-            collect,
-            started: tx,
-        });
-        if self.inner.cmd.send(request).is_err() {
+        let Some(mut ours) = self.start_sync(until, collect, false).await else {
             return (
                 report(
                     SyncOutcome::Stopped(keepwire_core::StopReason::ClosedByApp),
@@ -927,8 +923,25 @@ impl Client {
                 ),
                 Collected::default(),
             );
+        };
+        let mut transient = false;
+        let mut holder_outcome = None;
+        if !ours {
+            let (outcome, taken_up) = self.sync_through_holder(until).await;
+            if collect && !taken_up && tokio::time::Instant::now() < until {
+                // A holder that does not even take the request up looks
+                // frozen (an app the OS suspended with its socket open): a
+                // push wake-up connects anyway, as a transient connection,
+                // the way an iOS notification service extension does.
+                tracing::info!(target: "keepwire::push", "the holder of this home does not answer; connecting as a transient connection");
+                ours = self.start_sync(until, collect, true).await == Some(true);
+                transient = ours;
+            }
+            if !ours {
+                holder_outcome = Some(outcome);
+            }
         }
-        let ours = matches!(tokio::time::timeout_at(until, rx).await, Ok(Ok(true)));
+        let through_holder = holder_outcome.is_some();
         // The session must be a new one: a head learnt earlier says nothing.
         let fresh = |s: &Status| {
             (s.sessions > before.sessions || s.heads_heard > before.heads_heard) && s.caught_up()
@@ -956,20 +969,50 @@ impl Client {
         let outcome = match waited {
             Ok(s) if fresh(&s) => SyncOutcome::CaughtUp,
             Ok(s) => SyncOutcome::Unreachable(s.last_error),
+            // The device's full connection came back and took over.
+            Err(ClientError::Stopped(keepwire_core::StopReason::Replaced)) if transient => {
+                SyncOutcome::Partial
+            }
             Err(ClientError::Stopped(r)) => SyncOutcome::Stopped(r),
-            Err(_) if !ours => self.sync_through_holder(until).await,
+            Err(_) if !ours => holder_outcome.unwrap_or(SyncOutcome::Busy),
             Err(_) if after.sessions > before.sessions => SyncOutcome::Partial,
             Err(_) => SyncOutcome::Unreachable(after.last_error.clone()),
         };
         let mut report = report(outcome, &before, &after);
-        report.through_holder = !ours;
+        report.through_holder = through_holder;
         (report, collected)
     }
 
+    /// Asks the supervisor to run a sync (`transient`: without the home's
+    /// lock) and waits until `until` for it to start: `Some(true)` when this
+    /// process runs it, `Some(false)` when another process holds the home,
+    /// `None` when the client has stopped.
+    async fn start_sync(
+        &self,
+        until: tokio::time::Instant,
+        collect: bool,
+        transient: bool,
+    ) -> Option<bool> {
+        let (tx, rx) = oneshot::channel();
+        let request = Cmd::Sync(SyncRequest {
+            asked: tokio::time::Instant::now(),
+            until,
+            collect,
+            transient,
+            started: tx,
+        });
+        self.inner.cmd.send(request).ok()?;
+        Some(matches!(
+            tokio::time::timeout_at(until, rx).await,
+            Ok(Ok(true))
+        ))
+    }
+
     /// Asks the process holding this home's connection to sync (through the
-    /// store, as sends reach it) and waits until `until` for its answer.
-    /// Nothing comes back: what it stores is in the shared store already.
-    async fn sync_through_holder(&self, until: tokio::time::Instant) -> SyncOutcome {
+    /// store, as sends reach it) and waits until `until` for its answer, and
+    /// says whether the holder took the request up at all. Nothing comes
+    /// back: what it stores is in the shared store already.
+    async fn sync_through_holder(&self, until: tokio::time::Instant) -> (SyncOutcome, bool) {
         let asked = self
             .inner
             .store
@@ -977,7 +1020,7 @@ impl Client {
             .unwrap_or_else(|p| p.into_inner())
             .ask_holder_sync();
         let Ok(n) = asked else {
-            return SyncOutcome::Busy;
+            return (SyncOutcome::Busy, false);
         };
         // A holder takes a request up within its 100 ms poll; one that does
         // not (not a keepwire client, or an older one) is not waited for.
@@ -992,15 +1035,16 @@ impl Client {
             if let Ok(Some((m, outcome))) = answer
                 && m >= n
             {
-                return match outcome.as_str() {
+                let outcome = match outcome.as_str() {
                     "caught_up" => SyncOutcome::CaughtUp,
                     _ => SyncOutcome::Unreachable(None),
                 };
+                return (outcome, true);
             }
             let now = tokio::time::Instant::now();
             let taken_up = matches!(seen, Ok(s) if s >= n);
             if now >= until || (!taken_up && now >= ack_by) {
-                return SyncOutcome::Busy;
+                return (SyncOutcome::Busy, taken_up);
             }
         }
     }
@@ -1333,7 +1377,13 @@ impl Supervisor {
             let lock = loop {
                 let wanted = sync.is_some() || !self.parked();
                 if wanted && let Some(l) = try_lock(&self.inner.home) {
-                    break l;
+                    break Some(l);
+                }
+                // A push wake-up beside a frozen holder: connect anyway, as a
+                // transient connection (the store is shared; sends and
+                // entries are idempotent).
+                if sync.as_ref().is_some_and(|r| r.transient) {
+                    break None;
                 }
                 let now = tokio::time::Instant::now();
                 // A sync waits at most LOCK_WAIT for the lock.
@@ -1385,8 +1435,12 @@ impl Supervisor {
                     _ = tokio::time::sleep_until(poll) => {}
                 }
             };
-            self.inner.holder.store(true, Ordering::SeqCst);
-            let mut driver = match Driver::new(&self) {
+            let transient = lock.is_none();
+            self.inner.holder.store(!transient, Ordering::SeqCst);
+            self.config.transient = transient;
+            let driver = Driver::new(&self);
+            self.config.transient = false;
+            let mut driver = match driver {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::error!(target: "keepwire::client", error = %e, "cannot open the client store");

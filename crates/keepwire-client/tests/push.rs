@@ -99,6 +99,7 @@ impl Mock {
             frozen_after: Duration::from_millis(500),
             rearm: Duration::from_secs(60),
             rearm_max: Duration::from_secs(240),
+            failpoint: None,
         };
         c
     }

@@ -55,6 +55,11 @@ pub struct Config {
     /// newer of two connections of this device even when an old process's
     /// late `hello` arrives after a new one's.
     pub boot: u64,
+    /// A short-lived connection that only catches up (a push wake-up in a
+    /// process of its own, beside a holder that looks frozen): sent as
+    /// `hello.transient`, so the relay tells the connection it displaces to
+    /// come back (4012) instead of stopping it (4005).
+    pub transient: bool,
 }
 
 /// Adaptive background heartbeat (WeChat-style "smart heartbeat"): start at
@@ -146,6 +151,7 @@ impl Config {
             background_policy: BackgroundPolicy::Linger(Duration::from_secs(60)),
             adaptive_heartbeat: Some(AdaptiveHeartbeat::default()),
             boot: 0,
+            transient: false,
         }
     }
 }
@@ -766,6 +772,7 @@ impl Connection {
                         history: Some(self.cfg.history),
                         agent: Some(self.cfg.agent.clone()),
                         generation: Some(generation(self.cfg.boot, id)),
+                        transient: self.cfg.transient,
                     });
                     self.transmits.push_back(Transmit::Frame {
                         id,

@@ -255,6 +255,7 @@ mod tests {
             history: None,
             agent: None,
             generation: None,
+            transient: false,
         };
         let shown = format!("{:?}", ClientFrame::Hello(hello));
         assert!(!shown.contains("secret"), "{shown}");
@@ -280,6 +281,7 @@ mod tests {
                 history: None,
                 agent: None,
                 generation: None,
+                transient: false,
             }),
             ClientFrame::Ping {},
             ClientFrame::Ack { seq: 1 },

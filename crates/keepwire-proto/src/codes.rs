@@ -145,11 +145,16 @@ pub enum CloseCode {
     /// after the last one sent were trimmed by retention meanwhile).
     /// Reconnect at once with the stored cursor: `welcome` will carry the gap.
     Resync,
+    /// 4012: a transient connection of the same device (a push wake-up in
+    /// another process) took over while this one looked frozen. Not
+    /// terminal: reconnect after a short jittered wait, which takes over
+    /// again from the transient one.
+    Yielded,
 }
 
 impl CloseCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [CloseCode; 18] = [
+    pub const ALL: [CloseCode; 19] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -168,6 +173,7 @@ impl CloseCode {
         CloseCode::TooManyConnections,
         CloseCode::DeviceRevoked,
         CloseCode::Resync,
+        CloseCode::Yielded,
     ];
 
     /// The numeric code.
@@ -191,6 +197,7 @@ impl CloseCode {
             CloseCode::TooManyConnections => 4009,
             CloseCode::DeviceRevoked => 4010,
             CloseCode::Resync => 4011,
+            CloseCode::Yielded => 4012,
         }
     }
 
@@ -220,13 +227,14 @@ impl CloseCode {
             CloseCode::TooManyConnections => "too many connections for this user",
             CloseCode::DeviceRevoked => "device revoked",
             CloseCode::Resync => "history trimmed under this connection; reconnect to resync",
+            CloseCode::Yielded => "a push wake-up of this device took over for a moment; reconnect",
         }
     }
 
     /// What a client must do after a close with this code.
     pub fn client_action(self) -> ClientAction {
         match self {
-            CloseCode::GoingAway => ClientAction::ReconnectSoon,
+            CloseCode::GoingAway | CloseCode::Yielded => ClientAction::ReconnectSoon,
             CloseCode::Resync => ClientAction::ReconnectNow,
             CloseCode::TokenExpired => ClientAction::RefreshTokenOnce,
             CloseCode::AuthFailed

@@ -134,6 +134,12 @@ pub struct Hello {
     /// connections of one device, the relay keeps the higher generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// A short-lived connection that catches up and closes: a push wake-up
+    /// in a process of its own (an iOS notification service extension, or
+    /// `keepwire push receive` beside a frozen holder). The device's
+    /// connection it displaces is closed with 4012 (reconnect), not 4005.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
 }
 
 impl std::fmt::Debug for Hello {
@@ -146,6 +152,7 @@ impl std::fmt::Debug for Hello {
             .field("history", &self.history)
             .field("agent", &self.agent)
             .field("generation", &self.generation)
+            .field("transient", &self.transient)
             .finish()
     }
 }

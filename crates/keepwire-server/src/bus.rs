@@ -43,6 +43,7 @@ enum Outgoing {
         user: UserId,
         device: String,
         generation: Option<u64>,
+        transient: bool,
     },
 }
 
@@ -61,6 +62,9 @@ enum Wire {
         user: UserId,
         device: String,
         generation: Option<u64>,
+        /// A push wake-up's short connection (`hello.transient`).
+        #[serde(default)]
+        transient: bool,
     },
 }
 
@@ -122,12 +126,13 @@ impl Bus {
     }
 
     /// A device registered here: other nodes close their older connection
-    /// of it.
-    pub fn registered(&self, user: UserId, device: &str, generation: Option<u64>) {
+    /// of it (see [`Hub::superseded`]).
+    pub fn registered(&self, user: UserId, device: &str, generation: Option<u64>, transient: bool) {
         let _ = self.out.try_send(Outgoing::Registered {
             user,
             device: device.to_owned(),
             generation,
+            transient,
         });
     }
 
@@ -193,11 +198,12 @@ async fn run(
                             .map(|h| (h.user, h.seq, h.item.map(|i| i.to_string())))
                             .collect(),
                     },
-                    Outgoing::Registered { user, device, generation } => Wire::Registered {
+                    Outgoing::Registered { user, device, generation, transient } => Wire::Registered {
                         node: node.to_string(),
                         user,
                         device,
                         generation,
+                        transient,
                     },
                 };
                 let payload = serde_json::to_vec(&wire).unwrap_or_default();
@@ -220,10 +226,11 @@ async fn run(
                             .collect();
                         hub.heads_advanced(&heads);
                     }
-                    Ok(Wire::Registered { node: from, user, device, generation }) if *from != *node => {
-                        hub.superseded(user, &device, generation, clock.now());
+                    Ok(Wire::Registered { node: from, user, device, generation, transient }) if *from != *node => {
+                        hub.superseded(user, &device, generation, transient, clock.now());
                         // A late older hello elsewhere: say again that ours is newer.
-                        if let (Some(theirs), Some(ours)) = (generation, hub.newest_generation(user, &device))
+                        if let (Some(theirs), Some((ours, ours_transient))) =
+                            (generation, hub.newest_generation(user, &device, transient))
                             && ours > theirs
                         {
                             let again = Wire::Registered {
@@ -231,6 +238,7 @@ async fn run(
                                 user,
                                 device,
                                 generation: Some(ours),
+                                transient: ours_transient,
                             };
                             let payload = serde_json::to_vec(&again).unwrap_or_default();
                             let _ = client.publish(subject.clone(), payload.into()).await;

@@ -170,6 +170,7 @@ fn carry_out_events(
                 device,
                 token_id,
                 generation,
+                transient,
             } => {
                 let span = tracing::Span::current();
                 if let Some((u, d)) = s.peer() {
@@ -188,6 +189,7 @@ fn carry_out_events(
                                 device: &device,
                                 token_id,
                                 generation,
+                                transient,
                             },
                             shared.config.max_connections_per_user,
                             control.clone(),
@@ -203,7 +205,7 @@ fn carry_out_events(
                     *reg = Some(r);
                     // Other nodes close their older connection of the device.
                     if let Some(b) = &shared.bus {
-                        b.registered(user, &device, generation);
+                        b.registered(user, &device, generation, transient);
                     }
                     head
                 });

@@ -125,6 +125,8 @@ struct ConnEntry {
     id: u64,
     device: String,
     generation: Option<u64>,
+    /// A push wake-up's short connection (`hello.transient`).
+    transient: bool,
     token_id: Option<i64>,
     control: Arc<ControlQueue>,
 }
@@ -148,6 +150,8 @@ pub struct Joining<'a> {
     pub token_id: Option<i64>,
     /// The hello's connection generation.
     pub generation: Option<u64>,
+    /// The hello's `transient` flag: a push wake-up's short connection.
+    pub transient: bool,
 }
 
 /// Why a connection could not be registered.
@@ -216,7 +220,11 @@ impl Hub {
     /// Registers a connection. An older connection of the same device is told
     /// to close with [`CloseCode::Replaced`] — older by `generation` when both
     /// have one (a dead process's late `hello` must not stop the live
-    /// process), else by registration.
+    /// process), else by registration. A transient newcomer (a push wake-up
+    /// beside a frozen process) closes it with [`CloseCode::Yielded`]
+    /// instead, so the frozen process comes back when it thaws; and a
+    /// transient connection never holds off a full one, whatever their
+    /// generations (the full one comes back to take over).
     pub fn register(
         self: &Arc<Self>,
         who: Joining<'_>,
@@ -229,6 +237,7 @@ impl Hub {
             device,
             token_id,
             generation,
+            transient,
         } = who;
         let mut users = self.lock();
         let (rate, burst) = self.user_rate;
@@ -244,6 +253,7 @@ impl Hub {
         }
         let newer_exists = slot.conns.iter().any(|c| {
             c.device == device
+                && (transient || !c.transient)
                 && matches!((c.generation, generation), (Some(theirs), Some(ours)) if theirs > ours)
         });
         let newer_elsewhere = generation.is_some_and(|ours| {
@@ -256,9 +266,10 @@ impl Hub {
         if newer_exists || newer_elsewhere {
             return Err(RegisterError::Superseded);
         }
+        let code = displaced_code(transient);
         slot.conns.retain(|c| {
             if c.device == device {
-                c.control.push(Control::Close(CloseCode::Replaced));
+                c.control.push(Control::Close(code));
                 false
             } else {
                 true
@@ -269,6 +280,7 @@ impl Hub {
             id,
             device: device.to_owned(),
             generation,
+            transient,
             token_id,
             control,
         });
@@ -314,16 +326,20 @@ impl Hub {
     }
 
     /// A device registered on another node with `generation`: close this
-    /// node's connections of it that are older (4005). Without a generation
-    /// the other one is newer by arrival.
+    /// node's connections of it that are older (4005, or 4012 when the other
+    /// one is transient). Without a generation the other one is newer by
+    /// arrival; a full connection elsewhere displaces a transient one here
+    /// whatever the generations, and a transient one elsewhere is not
+    /// remembered (it never holds off a full one).
     pub fn superseded(
         &self,
         user: UserId,
         device: &str,
         generation: Option<u64>,
+        transient: bool,
         now: Instant,
     ) -> usize {
-        if let Some(g) = generation {
+        if let Some(g) = generation.filter(|_| !transient) {
             let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
             // Remembered for a while: long enough for any late `hello`.
             remote.retain(|_, (_, at)| now.saturating_duration_since(*at) < REMOTE_MEMORY);
@@ -339,26 +355,34 @@ impl Hub {
         let mut n = 0;
         for c in slot.conns.iter().filter(|c| c.device == device) {
             let older = match (c.generation, generation) {
+                _ if c.transient && !transient => true,
                 (Some(ours), Some(theirs)) => ours < theirs,
                 _ => true,
             };
             if older {
-                c.control.push(Control::Close(CloseCode::Replaced));
+                c.control.push(Control::Close(displaced_code(transient)));
                 n += 1;
             }
         }
         n
     }
 
-    /// The highest generation among this node's connections of a device.
-    pub fn newest_generation(&self, user: UserId, device: &str) -> Option<u64> {
+    /// The highest generation among this node's connections of a device
+    /// that would hold off a newcomer (every one for a transient newcomer,
+    /// full ones only for a full newcomer), and whether it is transient.
+    pub fn newest_generation(
+        &self,
+        user: UserId,
+        device: &str,
+        newcomer_transient: bool,
+    ) -> Option<(u64, bool)> {
         let users = self.lock();
         users
             .get(&user)?
             .conns
             .iter()
-            .filter(|c| c.device == device)
-            .filter_map(|c| c.generation)
+            .filter(|c| c.device == device && (newcomer_transient || !c.transient))
+            .filter_map(|c| Some((c.generation?, c.transient)))
             .max()
     }
 
@@ -491,5 +515,91 @@ impl HeadListener for Hub {
             }
             slot.head.send_replace(seq);
         }
+    }
+}
+
+/// The close code for a connection displaced by a newer one of its device:
+/// a transient newcomer (a push wake-up) lets it come back.
+fn displaced_code(newcomer_transient: bool) -> CloseCode {
+    if newcomer_transient {
+        CloseCode::Yielded
+    } else {
+        CloseCode::Replaced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(
+        hub: &Arc<Hub>,
+        generation: u64,
+        transient: bool,
+    ) -> (Result<Registration, RegisterError>, Arc<ControlQueue>) {
+        let control = Arc::new(ControlQueue::default());
+        let who = Joining {
+            user: 1,
+            device: "phone",
+            token_id: None,
+            generation: Some(generation),
+            transient,
+        };
+        let r = hub.register(who, 10, control.clone(), Instant::ZERO);
+        (r, control)
+    }
+
+    fn closed_with(c: &ControlQueue) -> Option<CloseCode> {
+        match c.try_recv() {
+            Some(Control::Close(code)) => Some(code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_newer_full_connection_replaces_and_an_older_one_is_refused() {
+        let hub = Arc::new(Hub::new(100, 100));
+        let (_a, ca) = join(&hub, 5, false);
+        let (b, _) = join(&hub, 4, false);
+        assert_eq!(b.err(), Some(RegisterError::Superseded));
+        let (_c, _) = join(&hub, 6, false);
+        assert_eq!(closed_with(&ca), Some(CloseCode::Replaced));
+    }
+
+    #[test]
+    fn a_transient_newcomer_lets_the_displaced_one_come_back() {
+        let hub = Arc::new(Hub::new(100, 100));
+        let (_frozen, cf) = join(&hub, 5, false);
+        let (_woken, cw) = join(&hub, 9, true);
+        assert_eq!(closed_with(&cf), Some(CloseCode::Yielded));
+        // The thawed process comes back with its own (lower) generation and
+        // takes over; the transient one stops.
+        let (back, _) = join(&hub, 6, false);
+        assert!(back.is_ok());
+        assert_eq!(closed_with(&cw), Some(CloseCode::Replaced));
+    }
+
+    #[test]
+    fn an_older_transient_newcomer_is_refused() {
+        let hub = Arc::new(Hub::new(100, 100));
+        let (_live, cl) = join(&hub, 9, false);
+        let (late, _) = join(&hub, 5, true);
+        assert_eq!(late.err(), Some(RegisterError::Superseded));
+        assert_eq!(closed_with(&cl), None);
+    }
+
+    #[test]
+    fn a_transient_connection_elsewhere_is_not_remembered() {
+        let hub = Arc::new(Hub::new(100, 100));
+        let (_frozen, cf) = join(&hub, 5, false);
+        assert_eq!(hub.superseded(1, "phone", Some(9), true, Instant::ZERO), 1);
+        assert_eq!(closed_with(&cf), Some(CloseCode::Yielded));
+        // The thawed process reconnects here: not held off by the transient.
+        let (back, _) = join(&hub, 6, false);
+        assert!(back.is_ok());
+        // A full connection elsewhere is remembered.
+        assert_eq!(hub.superseded(1, "phone", Some(7), false, Instant::ZERO), 1);
+        let (late, _) = join(&hub, 6, false);
+        assert_eq!(late.err(), Some(RegisterError::Superseded));
     }
 }

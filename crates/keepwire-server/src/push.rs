@@ -53,6 +53,31 @@ pub struct PushSettings {
     pub rearm: Duration,
     /// ...doubling up to this.
     pub rearm_max: Duration,
+    /// Test-only: end the process at this point of the push path, as a
+    /// `kill -9` would (the end-to-end tests' crash points).
+    #[doc(hidden)]
+    pub failpoint: Option<PushFailpoint>,
+}
+
+/// Where the push path can be made to crash, for the end-to-end tests that
+/// show a relay killed around a provider call loses no wake-up.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushFailpoint {
+    /// After the push is recorded, before the provider hears of it.
+    BeforeCall,
+    /// After the provider's 2xx, before the outcome is recorded.
+    AfterDelivered,
+}
+
+impl PushFailpoint {
+    /// Crashes here if `at` is this point.
+    fn hit(at: Option<PushFailpoint>, here: PushFailpoint) {
+        if at == Some(here) {
+            eprintln!("keepwire: push failpoint {here:?}: aborting");
+            std::process::abort();
+        }
+    }
 }
 
 impl Default for PushSettings {
@@ -61,6 +86,7 @@ impl Default for PushSettings {
             frozen_after: Duration::from_secs(5),
             rearm: Duration::from_secs(600),
             rearm_max: Duration::from_secs(6 * 3600),
+            failpoint: None,
         }
     }
 }
@@ -452,6 +478,7 @@ impl Engine {
             self.timer(at, user);
             return;
         }
+        PushFailpoint::hit(self.settings.failpoint, PushFailpoint::BeforeCall);
         let job_id = self.job_id();
         let job = PushJob {
             id: job_id,
@@ -491,7 +518,10 @@ impl Engine {
             return;
         };
         let outcome = match r.outcome {
-            Outcome::Delivered { .. } => PushOutcome::Delivered(f.seq),
+            Outcome::Delivered { .. } => {
+                PushFailpoint::hit(self.settings.failpoint, PushFailpoint::AfterDelivered);
+                PushOutcome::Delivered(f.seq)
+            }
             Outcome::Unregistered { reason } => {
                 tracing::info!(target: TARGET, registration = %r.registration, %reason, "registration dropped");
                 PushOutcome::Unregistered(reason)

@@ -113,6 +113,7 @@ async fn hello(url: &str, token: &str, device: &str, generation: u64) -> WsClien
         history: Some(10),
         agent: None,
         generation: Some(generation),
+        transient: false,
     }))
     .await;
     c

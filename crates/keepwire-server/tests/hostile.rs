@@ -134,6 +134,7 @@ async fn wss_with_a_private_ca_and_stalled_tls_handshakes_are_cut() {
             history: None,
             agent: None,
             generation: None,
+            transient: false,
         }))
         .await;
         match c.recv().await {

@@ -151,6 +151,7 @@ fn config_with_push(path: std::path::PathBuf, rearm: Duration) -> Config {
         frozen_after: Duration::from_millis(500),
         rearm,
         rearm_max: rearm * 4,
+        failpoint: None,
     };
     c
 }

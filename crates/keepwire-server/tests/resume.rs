@@ -319,6 +319,7 @@ async fn cursor_from_another_epoch_or_ahead_gets_a_gap() {
         history: Some(2),
         agent: None,
         generation: None,
+        transient: false,
     }))
     .await;
     let w = nb

@@ -113,6 +113,7 @@ impl WsClient {
             history: Some(1_000_000),
             agent: Some("keepwire-testkit".into()),
             generation: None,
+            transient: false,
         }))
         .await;
         match c.recv().await {

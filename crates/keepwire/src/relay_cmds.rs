@@ -159,6 +159,10 @@ pub(crate) struct ServeArgs {
     /// (default 10m).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     push_rearm: Option<Duration>,
+    /// Test-only: crash at a point of the push path (`before-call`,
+    /// `after-delivered`), as `kill -9` would.
+    #[arg(long, hide = true, value_name = "POINT")]
+    push_failpoint: Option<TestFailpoint>,
     /// Inbox entries replayed to a new device.
     #[arg(long, value_name = "N")]
     history_window: Option<u64>,
@@ -451,6 +455,10 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.push_frozen_after {
         config.push_settings.frozen_after = v;
     }
+    config.push_settings.failpoint = args.push_failpoint.map(|f| match f {
+        TestFailpoint::BeforeCall => keepwire_server::push::PushFailpoint::BeforeCall,
+        TestFailpoint::AfterDelivered => keepwire_server::push::PushFailpoint::AfterDelivered,
+    });
     if let Some(v) = args.push_rearm {
         config.push_settings.rearm = v.max(Duration::from_millis(100));
     }
@@ -852,4 +860,13 @@ mod tests {
             "postgres://a:***@h/d"
         );
     }
+}
+
+/// The push path's crash points (hidden `--push-failpoint`, for tests).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TestFailpoint {
+    /// After the push is recorded, before the provider hears of it.
+    BeforeCall,
+    /// After the provider's 2xx, before the outcome is recorded.
+    AfterDelivered,
 }

@@ -7,6 +7,7 @@ mod client_process;
 mod desktop;
 mod postgres;
 mod push_cli;
+mod push_faults;
 mod relay_process;
 mod security;
 

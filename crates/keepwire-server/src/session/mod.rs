@@ -176,6 +176,8 @@ pub enum Event {
         token_id: Option<i64>,
         /// The hello's connection generation.
         generation: Option<u64>,
+        /// The hello's `transient` flag (a push wake-up's short connection).
+        transient: bool,
     },
     /// Deliver a signal to these users' other connections (best effort).
     Signal {
@@ -715,6 +717,7 @@ impl Session {
                         device: hello.device.clone(),
                         token_id: user.token_id,
                         generation: hello.generation,
+                        transient: hello.transient,
                     });
                     self.peer = Some(Box::new(Peer {
                         user,

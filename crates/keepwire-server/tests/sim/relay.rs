@@ -292,6 +292,7 @@ impl Node {
                         device,
                         token_id,
                         generation,
+                        transient,
                     } => {
                         let r = self
                             .hub
@@ -301,6 +302,7 @@ impl Node {
                                     device: &device,
                                     token_id,
                                     generation,
+                                    transient,
                                 },
                                 config.max_connections_per_user,
                                 c.control.clone(),
