@@ -2111,7 +2111,12 @@ impl Driver {
         let now = boot_clock();
         match e {
             Event::StateChanged(s) => {
-                tracing::debug!(target: "keepwire::client", state = ?s, "state");
+                // While backing off: how long until the next attempt.
+                let retry_in_ms = self
+                    .core
+                    .retry_at()
+                    .map(|at| at.saturating_duration_since(now).as_millis() as u64);
+                tracing::debug!(target: "keepwire::client", state = ?s, retry_in_ms, "state");
                 self.log_state();
                 let err = self.core.last_error().map(|e| format!("{e:?}"));
                 let _ = self.store.save_status(&format!("{s:?}"), err.as_deref());
