@@ -189,6 +189,9 @@ pub struct Status {
     /// Push registrations and mutes sent and not answered yet (a sync is
     /// not done before they are).
     pub requests: usize,
+    /// The network the app last reported ([`Client::set_network`]): its id,
+    /// or `None` for no network. `default` until the app reports one.
+    pub network: Option<String>,
 }
 
 /// How a [`Client::sync_once`] ended.
@@ -276,6 +279,9 @@ impl TokenProvider for StoredToken {
     }
 }
 
+/// The network id until the app reports one with [`Client::set_network`].
+pub const DEFAULT_NETWORK: &str = "default";
+
 /// A function adjusting the connection settings.
 type Configure = Box<dyn FnOnce(&mut Config) + Send>;
 
@@ -293,6 +299,7 @@ pub struct ClientBuilder {
     start: bool,
     notifier: Option<Arc<dyn Notifier>>,
     background_policy: Option<BackgroundPolicy>,
+    token_elsewhere: bool,
 }
 
 impl ClientBuilder {
@@ -362,6 +369,15 @@ impl ClientBuilder {
         self
     }
 
+    /// The token lives outside the home (a desktop keyring): give it with
+    /// [`ClientBuilder::token`] and fresh ones through
+    /// [`ClientBuilder::token_provider`]; a refreshed token is then not
+    /// written into the home's database.
+    pub fn token_kept_elsewhere(mut self) -> Self {
+        self.token_elsewhere = true;
+        self
+    }
+
     /// Opens the home and starts the client (inside a tokio runtime).
     pub async fn build(self) -> Result<Client, ClientError> {
         let store = Store::open(&self.home)?;
@@ -420,6 +436,7 @@ impl ClientBuilder {
             plain_failures: 0,
             relays: urls_len,
             requests: 0,
+            network: Some(DEFAULT_NETWORK.into()),
         }));
         let (status_tx, _) = watch::channel(());
         let inner = Arc::new(Inner {
@@ -433,6 +450,7 @@ impl ClientBuilder {
             holder: Arc::new(AtomicBool::new(false)),
             sync_gate: tokio::sync::Mutex::new(()),
             push: Mutex::new(None),
+            token_elsewhere: self.token_elsewhere,
         });
         let provider = self.token_provider.unwrap_or_else(|| {
             Arc::new(StoredToken {
@@ -448,7 +466,7 @@ impl ClientBuilder {
             tls,
             provider,
             app_state: self.app_state,
-            network: Network::Online("default".into()),
+            network: Network::Online(DEFAULT_NETWORK.into()),
             started: self.start,
             notifier: self.notifier,
         };
@@ -470,6 +488,23 @@ struct Inner {
     sync_gate: tokio::sync::Mutex<()>,
     /// The push wake-up running in this process, for later ones to join.
     push: Mutex<Option<SharedPush>>,
+    /// The token lives outside the home ([`ClientBuilder::token_kept_elsewhere`]).
+    token_elsewhere: bool,
+}
+
+impl Inner {
+    /// Shows the network the app reported in [`Status::network`].
+    fn set_network_status(&self, n: &Network) {
+        let id = match n {
+            Network::Online(id) => Some(id.clone()),
+            Network::Offline => None,
+        };
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .network = id;
+        self.status_changed.send_replace(());
+    }
 }
 
 type SharedPush = futures_util::future::Shared<BoxFuture<'static, Option<PushResult>>>;
@@ -482,6 +517,8 @@ enum Cmd {
     /// on it (released the home if it parks).
     AppState(AppState, Option<oneshot::Sender<()>>),
     Network(Network),
+    /// The device woke from sleep.
+    Resume,
     Start,
     Request(
         ClientFrame,
@@ -628,6 +665,7 @@ impl Client {
             resolver: Arc::new(SystemResolver),
             resolve_timeout: Duration::from_secs(5),
             token_provider: None,
+            token_elsewhere: false,
             extra_roots: Vec::new(),
             configure: None,
             app_state: AppState::Foreground,
@@ -697,6 +735,15 @@ impl Client {
     /// Tells the client what the OS says about the network.
     pub fn set_network(&self, n: Network) {
         let _ = self.inner.cmd.send(Cmd::Network(n));
+    }
+
+    /// Tells the client the device woke from sleep (suspend/resume): a
+    /// socket from before the sleep is replaced at once, skipping any backoff
+    /// wait, and the backoff starts over. Not a connection of its own: a
+    /// client parked in the background under `wake-only`, stopped, or with no
+    /// network stays so.
+    pub fn resume(&self) {
+        let _ = self.inner.cmd.send(Cmd::Resume);
     }
 
     /// Starts connecting (after [`ClientBuilder::manual_start`], or after a stop).
@@ -1411,7 +1458,12 @@ impl Supervisor {
                                 let _ = ack.send(());
                             }
                         }
-                        Some(Cmd::Network(n)) => self.network = n,
+                        Some(Cmd::Network(n)) => {
+                            self.inner.set_network_status(&n);
+                            self.network = n;
+                        }
+                        // Not holding the connection: nothing to replace.
+                        Some(Cmd::Resume) => {}
                         Some(Cmd::Start) => self.started = true,
                         Some(Cmd::OutboxChanged) => {}
                         Some(Cmd::Sync(r)) => {
@@ -1745,7 +1797,9 @@ impl Driver {
                     }
                 }
                 Some(token) = self.token_rx.recv() => {
-                    if let Some(t) = &token {
+                    if let Some(t) = &token
+                        && !self.inner.token_elsewhere
+                    {
                         let _ = self.store.set_meta("token", t);
                     }
                     self.core.handle_token(token, boot_clock());
@@ -1838,8 +1892,13 @@ impl Driver {
                     Network::Online(id) => Some(id.clone()),
                     Network::Offline => None,
                 };
+                self.inner.set_network_status(&n);
                 self.core.handle_network(n, now);
                 self.log_state();
+            }
+            Cmd::Resume => {
+                tracing::info!(target: "keepwire::background", "resumed from sleep: reconnecting now");
+                self.core.handle_resume(now);
             }
             Cmd::Start => {
                 // Already started: nothing to do (starting again would reset
@@ -2106,7 +2165,12 @@ impl Driver {
         let now = boot_clock();
         match e {
             Event::StateChanged(s) => {
-                tracing::debug!(target: "keepwire::client", state = ?s, "state");
+                // While backing off: how long until the next attempt.
+                let retry_in_ms = self
+                    .core
+                    .retry_at()
+                    .map(|at| at.saturating_duration_since(now).as_millis() as u64);
+                tracing::debug!(target: "keepwire::client", state = ?s, retry_in_ms, "state");
                 self.log_state();
                 let err = self.core.last_error().map(|e| format!("{e:?}"));
                 let _ = self.store.save_status(&format!("{s:?}"), err.as_deref());

@@ -34,9 +34,9 @@ pub mod store;
 mod transport;
 
 pub use client::{
-    CA_META, Client, ClientBuilder, ClientError, ClientEvent, LOCK_WAIT, MAX_PUSH_PAYLOAD,
-    PushResult, SendError, SendHandle, Status, SyncOutcome, SyncReport, TokenProvider,
-    UNREACHABLE_ROUNDS, boot_clock, parse_pem_certificates,
+    CA_META, Client, ClientBuilder, ClientError, ClientEvent, DEFAULT_NETWORK, LOCK_WAIT,
+    MAX_PUSH_PAYLOAD, PushResult, SendError, SendHandle, Status, SyncOutcome, SyncReport,
+    TokenProvider, UNREACHABLE_ROUNDS, boot_clock, parse_pem_certificates,
 };
 pub use keepwire_core::{
     AppState, BackgroundPolicy, Backoff, Config, ConnectionError, Jitter, Network, State,

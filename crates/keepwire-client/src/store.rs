@@ -267,11 +267,28 @@ impl Store {
 
     /// Saves the relay URLs and token (`keepwire login`).
     pub fn save_login(&self, urls: &[String], token: &str) -> Result<(), StoreError> {
+        self.save_urls(urls)?;
+        self.set_meta("token", token)
+    }
+
+    /// Saves the relay URLs alone (the token is kept elsewhere, in a keyring).
+    pub fn save_urls(&self, urls: &[String]) -> Result<(), StoreError> {
         self.set_meta(
             "urls",
             &serde_json::to_string(urls).unwrap_or_else(|_| "[]".into()),
-        )?;
-        self.set_meta("token", token)
+        )
+    }
+
+    /// Removes the saved token (it moved to a keyring), overwriting its bytes
+    /// in the database file (`secure_delete`) and, when no other process
+    /// reads the database, in the write-ahead log (a checkpoint).
+    pub fn forget_token(&self) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "secure_delete", true)?;
+        self.delete_meta("token")?;
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        Ok(())
     }
 
     /// The saved relay URLs.
@@ -878,6 +895,25 @@ mod tests {
             assert_eq!(mode(f), 0o600, "{}", f.display());
         }
         drop((first, second));
+        std::fs::remove_dir_all(&h).unwrap();
+    }
+
+    #[test]
+    fn a_token_moved_to_a_keyring_leaves_the_home() {
+        let h = home();
+        let s = Store::open(&h).unwrap();
+        s.save_login(&["ws://x".into()], "kw_moved_to_the_keyring")
+            .unwrap();
+        s.save_urls(&["ws://y".into()]).unwrap();
+        s.forget_token().unwrap();
+        assert_eq!(s.token().unwrap(), None);
+        assert_eq!(s.urls().unwrap(), ["ws://y"]);
+        drop(s);
+        // Overwritten, not only unlinked from the table (database and WAL).
+        for f in std::fs::read_dir(&h).unwrap() {
+            let bytes = std::fs::read(f.unwrap().path()).unwrap();
+            assert!(!bytes.windows(23).any(|w| w == b"kw_moved_to_the_keyring"));
+        }
         std::fs::remove_dir_all(&h).unwrap();
     }
 

@@ -261,7 +261,7 @@ pub enum StopReason {
 ///               failure / timeout         close / timeout      close / dead (no pong)
 ///                         ▼                      ▼                      ▼
 ///                    BackingOff ◄───────────────────────────────────────┘
-///                         │ retry time, network up, foreground: (decide)
+///                         │ retry time, network up, foreground, resume from sleep: (decide)
 ///  auth close ──► RefreshingToken ──new token──► (decide) ; no token / second failure ──► Stopped
 ///  replaced / revoked / closed by app ──► Stopped
 /// ```
@@ -639,6 +639,25 @@ impl Connection {
                 self.renegotiate_heartbeat(now);
             }
         }
+        self.drive(now);
+    }
+
+    /// The device woke from sleep (suspend/resume). A socket from before the
+    /// sleep has most likely died with it (the relay and every NAT on the
+    /// path gave up on it meanwhile), and finding that out by a ping would
+    /// take a pong timeout: drop it and connect again at once, skipping any
+    /// backoff wait, with the backoff started over (a wake is a fresh start;
+    /// the first attempts often fail while the network comes back, and those
+    /// retries must be short). The dropped socket teaches the heartbeat
+    /// learner nothing: the network did not lose it, the sleep did. Nothing
+    /// connects while the OS reports no network, while dormant, or stopped.
+    pub fn handle_resume(&mut self, now: Instant) {
+        if matches!(self.state, State::Stopped(_) | State::RefreshingToken) || !self.wanted {
+            return;
+        }
+        self.drop_transport(CloseCode::GoingAway.code());
+        self.timers.stop(Timer::Retry);
+        self.attempts.iter_mut().for_each(|a| *a = 0);
         self.drive(now);
     }
 

@@ -604,3 +604,87 @@ fn a_welcome_out_of_range_is_a_protocol_error_not_a_panic() {
         }
     }
 }
+
+#[test]
+fn resume_from_sleep_reconnects_at_once_with_the_backoff_started_over() {
+    let mut h = harness_with(BackgroundPolicy::KeepAlive);
+    h.c.handle_app_state(AppState::Background, t(0));
+    h.drain();
+    // Failures while the device was going to sleep: a long backoff ahead.
+    let mut now = t(1);
+    for _ in 0..12 {
+        h.transport(TransportEvent::Failed(FailureKind::Dns), now);
+        now = h.c.retry_at().unwrap();
+        h.timeout(now);
+    }
+    h.transport(TransportEvent::Failed(FailureKind::Dns), now);
+    assert_eq!(h.c.state(), State::BackingOff);
+    let opens = h.opens;
+    h.c.handle_resume(now + Duration::from_millis(1));
+    h.drain();
+    assert_eq!(h.c.state(), State::Connecting, "no backoff wait on resume");
+    assert_eq!(h.opens, opens + 1);
+    // The first failure after the wake waits the base delay, not the cap.
+    now = now + Duration::from_millis(2);
+    h.transport(TransportEvent::Failed(FailureKind::Dns), now);
+    assert!(h.c.retry_at().unwrap() - now <= Duration::from_millis(500));
+}
+
+#[test]
+fn resume_replaces_a_socket_from_before_the_sleep_without_blaming_the_heartbeat() {
+    let mut h = harness_with(BackgroundPolicy::KeepAlive);
+    h.c.handle_network(Network::Online("wifi:a".into()), t(0));
+    h.drain();
+    h.connect(t(1));
+    h.c.handle_app_state(AppState::Background, t(2));
+    h.drain();
+    let before = h.c.background_heartbeat();
+    let opens = h.opens;
+    h.c.handle_resume(t(3_600_000));
+    h.drain();
+    assert_eq!(h.opens, opens + 1, "a new socket at once");
+    assert_eq!(h.c.state(), State::Connecting);
+    assert_eq!(
+        h.c.background_heartbeat(),
+        before,
+        "the sleep, not the network, lost the old socket"
+    );
+    assert!(
+        !h.events.iter().any(|e| matches!(
+            e,
+            Event::HeartbeatLearned { .. } | Event::HeartbeatProbed { ok: false, .. }
+        )),
+        "{:?}",
+        h.events
+    );
+}
+
+#[test]
+fn resume_does_not_connect_offline_dormant_or_stopped() {
+    // Offline: the network's return connects, not the wake.
+    let mut h = Harness::new();
+    h.c.handle_network(Network::Offline, t(1));
+    h.drain();
+    let opens = h.opens;
+    h.c.handle_resume(t(2));
+    h.drain();
+    assert_eq!(h.c.state(), State::WaitingForNetwork);
+    assert_eq!(h.opens, opens);
+    // Dormant under wake-only: a wake is not a sync.
+    let mut h = harness_with(BackgroundPolicy::WakeOnly);
+    h.c.handle_app_state(AppState::Background, t(1));
+    h.drain();
+    let opens = h.opens;
+    h.c.handle_resume(t(2));
+    h.drain();
+    assert_eq!(h.c.state(), State::Dormant);
+    assert_eq!(h.opens, opens);
+    // Closed by the app: stays closed.
+    let mut h = Harness::new();
+    h.c.close(t(1));
+    h.drain();
+    h.c.handle_resume(t(2));
+    h.drain();
+    assert_eq!(h.c.state(), State::Stopped(StopReason::ClosedByApp));
+    assert!(h.open.is_none());
+}

@@ -12,6 +12,9 @@
 //! connections from any other user, so a loosened mode does not hand the
 //! connection (and the user's identity on the relay) to other local users.
 //! Commands check the agent's uid the same way before trusting its answers.
+//!
+//! It also follows suspend/resume and the network from the system bus
+//! ([`crate::desktop_watch`]); the status answer carries the network id.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -76,6 +79,8 @@ pub(crate) async fn run(
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     }
     tracing::info!(target: "keepwire::background", socket = %path.display(), "agent running");
+    // Suspend/resume and network changes, from the system bus (if any).
+    let watch = tokio::spawn(crate::desktop_watch::run(client.clone()));
     let stop = wait_for_signal();
     tokio::pin!(stop);
     let owner = own_uid();
@@ -97,6 +102,7 @@ pub(crate) async fn run(
             }
         }
     }
+    watch.abort();
     client.stop().await;
     let _ = std::fs::remove_file(&path);
     Ok(())
@@ -142,7 +148,7 @@ async fn handle(client: &Client, req: &Value) -> Value {
         Some("status") => {
             let s = client.status();
             json!({"state": format!("{:?}", s.state), "cursor": s.cursor, "outbox": s.outbox, "user": s.user,
-                   "last_error": s.last_error.map(|e| format!("{e:?}"))})
+                   "last_error": s.last_error.map(|e| format!("{e:?}")), "network": s.network})
         }
         Some("sync") => {
             // The agent's connection is usually up: a sync just waits until caught up.

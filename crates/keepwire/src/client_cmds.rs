@@ -76,6 +76,11 @@ pub(crate) struct LoginArgs {
     /// private CA); saved for every command on this home.
     #[arg(long, value_name = "PEM")]
     ca_cert: Option<std::path::PathBuf>,
+    /// Where to keep the token: the desktop keyring (Secret Service), the
+    /// home's database file (mode 0600), or auto: the keyring when the
+    /// session has one, else the file.
+    #[arg(long, value_enum, env = "KEEPWIRE_TOKEN_STORE", default_value = "auto")]
+    token_store: crate::token_store::Mode,
 }
 
 #[derive(Args)]
@@ -203,8 +208,9 @@ pub(crate) fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
 
 pub(crate) async fn open_client(home: &std::path::Path, start: bool) -> anyhow::Result<Client> {
     init_logging("warn");
-    open_existing(home)?;
-    let mut b = Client::builder(home);
+    let store = open_existing(home)?;
+    let mut b = crate::token_store::apply(Client::builder(home), &store, home).await?;
+    drop(store);
     if !start {
         b = b.manual_start();
     }
@@ -218,10 +224,12 @@ pub(crate) async fn background_client(
     notify: Option<Arc<dyn Notifier>>,
 ) -> anyhow::Result<Client> {
     init_logging("warn");
-    open_existing(home)?;
-    let mut b = Client::builder(home)
+    let store = open_existing(home)?;
+    let mut b = crate::token_store::apply(Client::builder(home), &store, home)
+        .await?
         .app_state(AppState::Background)
         .background_policy(policy);
+    drop(store);
     if let Some(n) = notify {
         b = b.notifier(n);
     }
@@ -392,11 +400,13 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
     }
     let device = store.device_id()?;
     if args.no_check {
-        store.save_login(&args.servers, &token)?;
+        let kept = crate::token_store::save(&store, &home, &args.servers, &token, args.token_store)
+            .await?;
         println!(
             "saved (device {device}) for {}; the token was not checked",
             args.servers.join(", ")
         );
+        println!("token kept {}", kept.words());
         return Ok(());
     }
     let client = Client::builder(&home)
@@ -421,7 +431,13 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
     };
     match connected {
         Ok(()) => {
-            store.save_login(&args.servers, &token)?;
+            let kept =
+                crate::token_store::save(&store, &home, &args.servers, &token, args.token_store)
+                    .await;
+            let Ok(kept) = kept else {
+                client.stop().await;
+                return kept.map(|_| ());
+            };
             // Store what is waiting (up to a moment), so the cursor starts here.
             let _ = client
                 .wait_for(Duration::from_secs(2), |s| s.caught_up())
@@ -432,6 +448,7 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
                 "logged in as {user} (device {device}) at {}",
                 args.servers.join(", ")
             );
+            println!("token kept {}", kept.words());
             Ok(())
         }
         Err(ClientError::Stopped(r)) => Err(Exit {
@@ -439,24 +456,27 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
             message: stopped_message(r),
         }
         .into()),
-        Err(ClientError::Timeout) => {
-            let why = client
-                .status()
-                .last_error
-                .as_ref()
-                .map(describe)
-                .unwrap_or_else(|| "no answer".into());
-            client.stop().await;
-            Err(Exit {
-                code: exit::UNREACHABLE,
-                message: format!(
-                    "cannot check the token: {why}; nothing was saved (fix the URL, start the relay, or pass --no-check to save it unchecked)"
-                ),
-            }
-            .into())
-        }
+        Err(ClientError::Timeout) => Err(check_failed(client).await),
         Err(e) => Err(e.into()),
     }
+}
+
+/// `login` could not check the token: stops the checking client and says why.
+async fn check_failed(client: Client) -> anyhow::Error {
+    let why = client
+        .status()
+        .last_error
+        .as_ref()
+        .map(describe)
+        .unwrap_or_else(|| "no answer".into());
+    client.stop().await;
+    Exit {
+        code: exit::UNREACHABLE,
+        message: format!(
+            "cannot check the token: {why}; nothing was saved (fix the URL, start the relay, or pass --no-check to save it unchecked)"
+        ),
+    }
+    .into()
 }
 
 pub(crate) async fn conv(args: ConvArgs) -> anyhow::Result<()> {
@@ -789,6 +809,11 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
     };
     let cursor = store.cursor()?;
     let (pending, failed) = store.outbox_counts()?;
+    let token_at = crate::token_store::location(&store, &home)?;
+    // The network the agent last heard of from NetworkManager (an opaque id).
+    let network = agent
+        .as_ref()
+        .and_then(|a| a["network"].as_str().map(str::to_owned));
     let v = serde_json::json!({
         "home": home.display().to_string(),
         "user": store.meta("user")?,
@@ -806,6 +831,8 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         "outbox_pending": pending,
         "outbox_failed": failed,
         "messages": store.message_count()?,
+        "token_store": token_at.json(),
+        "network": network,
     });
     if args.json {
         println!("{v}");
@@ -829,6 +856,10 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
         println!("outbox:   {pending} pending, {failed} failed");
         println!("messages: {}", v["messages"]);
+        println!("token:    kept {}", token_at.words());
+        if let Some(n) = &network {
+            println!("network:  {}", printable(n));
+        }
     }
     Ok(())
 }

@@ -17,11 +17,14 @@ mod chaos_cmds;
 mod client_cmds;
 mod config_file;
 mod demo;
+mod desktop_watch;
+mod keyring;
 mod push_cmds;
 mod relay_cmds;
 mod terminal;
 mod tls_init;
 mod token_input;
+mod token_store;
 
 /// keepwire: keeps a chat app's users reachable.
 #[derive(Parser)]

@@ -67,14 +67,17 @@ impl FakeNotifications {
     fn close_notification(&self, _id: u32) {}
 }
 
-/// A private session bus; killed on drop.
-struct Bus {
+/// A private bus (a session bus's configuration; the agent's tests also
+/// use one as the system bus); killed on drop.
+pub(crate) struct Bus {
     child: Child,
-    address: String,
+    /// The address to connect to.
+    pub(crate) address: String,
 }
 
 impl Bus {
-    fn start() -> Bus {
+    /// Starts a `dbus-daemon` and reads its address.
+    pub(crate) fn start() -> Bus {
         let mut child = Command::new("dbus-daemon")
             .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
             .stdin(Stdio::null())
@@ -130,6 +133,7 @@ fn kw_bus(home: &std::path::Path, bus: &str, args: &[&str]) -> String {
         .args(args)
         .env("KEEPWIRE_HOME", home)
         .env("KEEPWIRE_LOG", "warn")
+        .env("KEEPWIRE_TOKEN_STORE", "file")
         .env("DBUS_SESSION_BUS_ADDRESS", bus)
         .output()
         .unwrap();

@@ -39,6 +39,7 @@ fn kw_with(home: &Path, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>
     cmd.args(args)
         .env("KEEPWIRE_HOME", home)
         .env("KEEPWIRE_LOG", "warn")
+        .env("KEEPWIRE_TOKEN_STORE", "file")
         .env_remove("KEEPWIRE_TOKEN")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

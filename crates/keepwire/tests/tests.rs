@@ -5,6 +5,8 @@ mod chaos;
 mod cli;
 mod client_process;
 mod desktop;
+mod desktop_keyring;
+mod desktop_system;
 mod postgres;
 mod push_cli;
 mod push_faults;
@@ -51,6 +53,7 @@ pub fn keepwire(args: &[&str]) -> Output {
     Command::new(bin())
         .args(args)
         .env("KEEPWIRE_LOG", "warn")
+        .env("KEEPWIRE_TOKEN_STORE", "file")
         .output()
         .expect("run keepwire")
 }
@@ -80,12 +83,14 @@ pub fn add_user(db: &std::path::Path, name: &str) -> String {
     token
 }
 
-/// Runs `keepwire ARGS...` for the device home `home`.
+/// Runs `keepwire ARGS...` for the device home `home`. Logins keep the
+/// token in the home's file: a developer's desktop keyring stays clean.
 pub fn kw(home: &std::path::Path, args: &[&str]) -> Output {
     Command::new(bin())
         .args(args)
         .env("KEEPWIRE_HOME", home)
         .env("KEEPWIRE_LOG", "warn")
+        .env("KEEPWIRE_TOKEN_STORE", "file")
         .output()
         .expect("run keepwire")
 }
