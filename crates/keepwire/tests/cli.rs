@@ -233,3 +233,28 @@ fn a_mistyped_db_is_refused_not_created() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "alice\nbob\n");
 }
+
+#[test]
+fn admin_user_delete_removes_the_user() {
+    let dir = TempDir::new("delete");
+    let db = dir.join("relay.db");
+    add_user(&db, "alice");
+    add_user(&db, "bob");
+    let t = db.to_str().unwrap();
+    let out = keepwire(&["admin", "--db", t, "user", "delete", "alice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "deleted alice: left 0 conversations, removed 0 devices; their messages stay with the other members"
+    );
+    let out = keepwire(&["admin", "--db", t, "user", "list"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bob\n");
+    assert_human_error(
+        &keepwire(&["admin", "--db", t, "user", "delete", "alice"]),
+        "no user named \"alice\"",
+    );
+}
