@@ -5,7 +5,8 @@
 //!
 //! Socket protocol: one JSON request per line (at most 256 KiB), one JSON
 //! answer per line. `{"op":"status"}`, `{"op":"sync","deadline_ms":30000}`,
-//! `{"op":"send","conv":1,"text":"hi","timeout_ms":10000}`.
+//! `{"op":"send","conv":1,"text":"hi","timeout_ms":10000}`,
+//! `{"op":"signal","conv":1,"data":{"typing":true}}`.
 //!
 //! Only the agent's own user may use it: besides the socket's mode (0600, in
 //! a 0700 home), the agent checks each peer's uid (`SO_PEERCRED`) and drops
@@ -170,7 +171,16 @@ async fn handle(client: &Client, req: &Value) -> Value {
                 }
             }
         }
-        _ => json!({"error": "unknown op: use status, sync or send"}),
+        Some("signal") => {
+            let Some(conv) = req["conv"].as_u64() else {
+                return json!({"error": "signal needs conv and data"});
+            };
+            match crate::client_cmds::signal_member(client, conv, req["data"].clone()).await {
+                Ok(()) => json!({"result": "sent"}),
+                Err(e) => json!({"error": format!("{e:#}")}),
+            }
+        }
+        _ => json!({"error": "unknown op: use status, sync, send or signal"}),
     }
 }
 

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use futures_util::StreamExt as _;
 use keepwire_client::notify::{CommandNotifier, Notifier};
 use keepwire_client::store::Store;
 use keepwire_client::{
-    AppState, BackgroundPolicy, BoxFuture, Client, ClientError, ConnectionError, State, StopReason,
-    SyncOutcome, TokenProvider,
+    AppState, BackgroundPolicy, BoxFuture, Client, ClientError, ClientEvent, ConnectionError,
+    State, StopReason, SyncOutcome, TokenProvider,
 };
 use keepwire_proto::Message;
 
@@ -180,6 +181,11 @@ pub(crate) struct TailArgs {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Also print the signals (typing, presence) other members send, as
+    /// they arrive, while this process holds the connection (with --json:
+    /// `{"signal":{"conv":..,"from":..,"data":..}}`).
+    #[arg(long)]
+    signals: bool,
 }
 
 #[derive(Args)]
@@ -734,9 +740,17 @@ pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let stop = wait_for_signal();
     tokio::pin!(stop);
+    let mut events = client.events();
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
+            Some(ClientEvent::Signal { conv, from, data }) = events.next(), if args.signals => {
+                if args.json {
+                    println!("{}", serde_json::json!({"signal": {"conv": conv, "from": from, "data": data}}));
+                } else {
+                    println!("conv {conv} {} signals {}", printable(&from), printable(&data.to_string()));
+                }
+            }
             _ = tick.tick() => {
                 for (seq, m) in store.messages_after(last, 1000)? {
                     last = seq;
@@ -1036,6 +1050,78 @@ pub(crate) async fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
         "notify command: {}",
         p.notify_command.as_deref().unwrap_or("none")
     );
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct SignalArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Conversation id.
+    conv: u64,
+    /// The signal's data: JSON (e.g. '{"typing":true}'); anything that is not
+    /// JSON is sent as a JSON string. At most 1024 bytes encoded.
+    data: String,
+    /// How long to wait for a connection to the relay.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    timeout: Duration,
+}
+
+/// Sends an ephemeral signal (typing, presence) to the conversation's
+/// members connected now: through a running agent's connection, else over
+/// a connection of its own. Never queued: a late typing indicator is wrong.
+pub(crate) async fn signal(args: SignalArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let data: serde_json::Value = serde_json::from_str(&args.data)
+        .unwrap_or_else(|_| serde_json::Value::String(args.data.clone()));
+    let req = serde_json::json!({"op": "signal", "conv": args.conv, "data": data, "timeout_ms": args.timeout.as_millis() as u64});
+    if let Some(r) = crate::agent::ask(&home, &req, args.timeout + Duration::from_secs(2)).await {
+        return match (r["result"].as_str(), r["error"].as_str()) {
+            (Some("sent"), _) => {
+                println!("signalled through the agent");
+                Ok(())
+            }
+            (_, Some(e)) => bail!("{e}"),
+            _ => bail!("unexpected answer from the agent: {r}"),
+        };
+    }
+    let client = open_client(&home, true).await?;
+    let connected = tokio::select! {
+        r = client.wait_connected(args.timeout) => r,
+        Ok(_) = client.wait_for(args.timeout, |s| s.holder && s.plainly_unreachable(1)) => Err(ClientError::Timeout),
+    };
+    if let Err(e) = connected {
+        // Read before stopping (a stopped client holds nothing).
+        let held_elsewhere = matches!(e, ClientError::Timeout) && !client.status().holder;
+        let err = connect_failure(&client, e);
+        client.stop().await;
+        if held_elsewhere {
+            bail!(
+                "another keepwire process (a `tail`) holds this home's connection, and signals \
+                 cannot be queued for it: stop it, or run `keepwire agent`, which relays signals"
+            );
+        }
+        return Err(err);
+    }
+    let result = signal_member(&client, args.conv, data).await;
+    client.stop().await;
+    result?;
+    println!("signalled");
+    Ok(())
+}
+
+/// Sends a signal after checking membership (the relay's refusal of a
+/// signal names no request, so it could not be reported).
+pub(crate) async fn signal_member(
+    client: &Client,
+    conv: u64,
+    data: serde_json::Value,
+) -> anyhow::Result<()> {
+    let convs = client.list_conversations().await?;
+    if !convs.iter().any(|c| c.id == conv) {
+        bail!("you are not a member of conversation {conv} (see `keepwire conv list`)");
+    }
+    client.signal(conv, data).await?;
     Ok(())
 }
 

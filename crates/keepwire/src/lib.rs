@@ -57,6 +57,8 @@ enum Command {
     Push(push_cmds::PushArgs),
     /// Mark a conversation read (on all of the user's devices).
     Read(client_cmds::ReadArgs),
+    /// Send an ephemeral signal (typing, presence) to the members connected now.
+    Signal(client_cmds::SignalArgs),
     /// Connection analytics: uptime, reconnects, heartbeats, notifications (--svg for a timeline).
     Stats(client_cmds::StatsArgs),
     /// Run the desktop background agent (connection, notifications, local socket).
@@ -203,6 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prefs(args) => client_cmds::prefs(args).await,
         Command::Push(args) => push_cmds::push(args).await,
         Command::Read(args) => client_cmds::read(args).await,
+        Command::Signal(args) => client_cmds::signal(args).await,
         Command::Stats(args) => client_cmds::stats(args),
         Command::Agent(args) => client_cmds::agent(args).await,
         Command::Demo => demo::run().await,

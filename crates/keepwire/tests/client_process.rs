@@ -471,6 +471,10 @@ fn the_agent_holds_the_connection_notifies_and_serves_send_sync_and_status() {
     assert_eq!(kw_ok(&alice, &["send", &conv, "hi bob"]).trim(), "sent");
     let out = kw_ok(&alice, &["sync"]);
     assert!(out.contains("through the agent"), "{out}");
+    assert_eq!(
+        kw_ok(&alice, &["signal", &conv, "typing"]).trim(),
+        "signalled through the agent"
+    );
     // SIGTERM: the agent stops cleanly and removes its socket.
     let status = Command::new("kill")
         .arg("-TERM")
@@ -761,4 +765,61 @@ fn messages_say_revoked_status_speaks_words_and_prefs_have_units() {
         err.contains("the token was revoked") && err.contains("keepwire login"),
         "{err}"
     );
+}
+
+#[test]
+fn a_signal_from_the_cli_reaches_a_member_tailing_with_signals() {
+    use std::io::BufRead as _;
+    let Setup {
+        dir: _dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob,
+    } = setup("signal");
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let mut child = Command::new(bin())
+        .args(["tail", "--json", "--signals"])
+        .env("KEEPWIRE_HOME", &bob)
+        .env("KEEPWIRE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn tail");
+    let stdout = child.stdout.take().unwrap();
+    let _tail = Tail(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    wait_until(Duration::from_secs(10), "bob's tail to connect", || {
+        status(&bob)["state"] == "Connected"
+    });
+    assert_eq!(
+        kw_ok(&alice, &["signal", &conv, r#"{"typing":true}"#]).trim(),
+        "signalled"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("bob's tail prints the signal");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if !v["signal"].is_null() {
+            break v["signal"].clone();
+        }
+    };
+    assert_eq!(got["from"], "alice");
+    assert_eq!(got["conv"].to_string(), conv);
+    assert_eq!(got["data"], serde_json::json!({"typing": true}));
+    // A conversation alice is not in: said plainly, not silently dropped.
+    let out = kw(&alice, &["signal", "999", "typing"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a member of conversation 999"), "{err}");
 }
