@@ -1262,3 +1262,144 @@ pub(crate) async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
     crate::agent::run(&home, args.notify_command, !args.no_desktop).await
 }
+
+#[derive(Args)]
+pub(crate) struct OutboxArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// As one JSON object.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Option<OutboxCommand>,
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// List the sends not confirmed yet: pending, or failed (the relay
+    /// refused them), oldest first (the default).
+    List,
+    /// Queue failed sends again (they go out with the next sync, or at once
+    /// through the process holding the connection).
+    Retry {
+        /// The send's client id (from `keepwire outbox`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        cid: Option<String>,
+        /// Every failed send.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove a send from the outbox: it will not be sent. A pending send
+    /// can only be dropped while no keepwire process holds this home's
+    /// connection (it may be on its way to the relay).
+    Drop {
+        /// The send's client id.
+        cid: String,
+    },
+}
+
+/// "45s", "12m", "3h", "2d": an age in one unit.
+fn age_words(ms: i64) -> String {
+    let s = (ms / 1000).max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3_600 => format!("{}m", s / 60),
+        3_600..86_400 => format!("{}h", s / 3_600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// `keepwire outbox`: list, retry or drop unconfirmed sends.
+pub(crate) fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
+    use keepwire_client::store::OutboxRefusal;
+    let home = args.home.path()?;
+    let mut store = open_existing(&home)?;
+    let said = |what: &str, cid: &str| {
+        if args.json {
+            println!("{}", serde_json::json!({"result": what, "cid": cid}));
+        } else {
+            println!("{what} {cid}");
+        }
+    };
+    match args.command.unwrap_or(OutboxCommand::List) {
+        OutboxCommand::List => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let rows = store.outbox()?;
+            if args.json {
+                let sends: Vec<_> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "cid": r.item.cid, "conv": r.item.conv, "state": r.status,
+                            "error": r.error, "created_at_ms": r.created_at_ms,
+                            "age_secs": (now - r.created_at_ms).max(0) / 1000,
+                            "body": r.item.body,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({"outbox": sends}));
+            } else if rows.is_empty() {
+                println!("the outbox is empty: every send was confirmed");
+            } else {
+                println!(
+                    "{:<32}  {:>6}  {:>5}  {:<7}  error",
+                    "cid", "conv", "age", "state"
+                );
+                for r in rows {
+                    println!(
+                        "{:<32}  {:>6}  {:>5}  {:<7}  {}",
+                        r.item.cid,
+                        r.item.conv,
+                        age_words(now - r.created_at_ms),
+                        r.status,
+                        printable(r.error.as_deref().unwrap_or("-"))
+                    );
+                }
+            }
+        }
+        OutboxCommand::Retry { cid: Some(cid), .. } => match store.outbox_retry(&cid)? {
+            Ok(()) => said("queued again", &cid),
+            Err(OutboxRefusal::Unknown) => {
+                bail!("no send {cid:?} in the outbox (see `keepwire outbox`)")
+            }
+            Err(OutboxRefusal::Pending) => {
+                bail!("send {cid} is still pending: it goes out on its own with the next sync")
+            }
+        },
+        OutboxCommand::Retry { cid: None, .. } => {
+            let failed: Vec<String> = store
+                .outbox()?
+                .into_iter()
+                .filter(|r| r.status == "failed")
+                .map(|r| r.item.cid)
+                .collect();
+            for cid in &failed {
+                // A failed send another process retried meanwhile is fine.
+                if store.outbox_retry(cid)?.is_ok() {
+                    said("queued again", cid);
+                }
+            }
+            if failed.is_empty() && !args.json {
+                println!("no failed sends to retry");
+            }
+        }
+        OutboxCommand::Drop { cid } => {
+            let pending = store
+                .outbox()?
+                .iter()
+                .any(|r| r.item.cid == cid && r.status == "pending");
+            if pending && lock_held(&home) {
+                bail!(
+                    "send {cid} is pending and a keepwire process holds this home's connection, so it may be on its way to the relay; stop that process first"
+                );
+            }
+            match store.outbox_drop(&cid)? {
+                Ok(()) => said("dropped", &cid),
+                Err(_) => bail!("no send {cid:?} in the outbox (see `keepwire outbox`)"),
+            }
+        }
+    }
+    Ok(())
+}

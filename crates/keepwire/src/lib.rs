@@ -51,6 +51,8 @@ enum Command {
     Tail(client_cmds::TailArgs),
     /// Show the connection state, cursor and outbox.
     Status(client_cmds::StatusArgs),
+    /// List, retry or drop the sends not confirmed yet (pending or failed).
+    Outbox(client_cmds::OutboxArgs),
     /// Notification and background preferences (mute, quiet hours, previews, policy).
     Prefs(client_cmds::PrefsArgs),
     /// Push wake-ups of this device: register (fcm, apns, webpush), status, unregister, receive.
@@ -202,6 +204,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Log(args) => client_cmds::log(args),
         Command::Tail(args) => client_cmds::tail(args).await,
         Command::Status(args) => client_cmds::status(args).await,
+        Command::Outbox(args) => client_cmds::outbox(args),
         Command::Prefs(args) => client_cmds::prefs(args).await,
         Command::Push(args) => push_cmds::push(args).await,
         Command::Read(args) => client_cmds::read(args).await,

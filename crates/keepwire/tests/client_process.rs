@@ -823,3 +823,73 @@ fn a_signal_from_the_cli_reaches_a_member_tailing_with_signals() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a member of conversation 999"), "{err}");
 }
+
+#[test]
+fn the_outbox_lists_retries_and_drops_unconfirmed_sends() {
+    let Setup {
+        dir: _dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob: _bob,
+    } = setup("outbox");
+    let outbox = |home: &Path| -> Vec<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_str(&kw_ok(home, &["outbox", "--json"])).unwrap();
+        v["outbox"].as_array().unwrap().clone()
+    };
+    assert!(kw_ok(&alice, &["outbox"]).contains("the outbox is empty"));
+    // Refused by the relay (alice is in no conversation 999): failed, kept.
+    let out = kw(&alice, &["send", "999", "to nowhere"]);
+    assert!(!out.status.success());
+    let rows = outbox(&alice);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["state"], "failed");
+    assert_eq!(rows[0]["conv"], 999);
+    assert!(
+        rows[0]["error"].as_str().unwrap().contains("not_member")
+            || rows[0]["error"].as_str().unwrap().contains("no_such_conv"),
+        "{rows:?}"
+    );
+    let failed = rows[0]["cid"].as_str().unwrap().to_owned();
+    let table = kw_ok(&alice, &["outbox"]);
+    assert!(
+        table.contains(&failed) && table.contains("failed"),
+        "{table}"
+    );
+    // Queued without waiting: pending.
+    kw_ok(&alice, &["send", "--timeout", "0", "999", "later"]);
+    let rows = outbox(&alice);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["state"], "pending");
+    let pending = rows[1]["cid"].as_str().unwrap().to_owned();
+    let out = kw(&alice, &["outbox", "retry", &pending]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still pending"));
+    // Nothing holds the connection: a pending send may be dropped.
+    assert_eq!(
+        kw_ok(&alice, &["outbox", "drop", &pending]).trim(),
+        format!("dropped {pending}")
+    );
+    // Retry puts the failed one back in line; the next sync sends it (and
+    // the relay refuses it again).
+    assert_eq!(
+        kw_ok(&alice, &["outbox", "retry", "--all"]).trim(),
+        format!("queued again {failed}")
+    );
+    let rows = outbox(&alice);
+    assert_eq!(
+        (rows.len(), rows[0]["state"].as_str()),
+        (1, Some("pending"))
+    );
+    let _ = kw(&alice, &["sync"]);
+    let rows = outbox(&alice);
+    assert_eq!(rows[0]["state"], "failed", "{rows:?}");
+    assert_eq!(
+        kw_ok(&alice, &["outbox", "drop", &failed]).trim(),
+        format!("dropped {failed}")
+    );
+    assert!(outbox(&alice).is_empty());
+    let out = kw(&alice, &["outbox", "drop", &failed]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no send"));
+}
