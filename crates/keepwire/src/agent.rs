@@ -57,7 +57,7 @@ pub(crate) async fn run(
     notify_command: Option<String>,
     desktop: bool,
 ) -> anyhow::Result<()> {
-    init_logging("info");
+    init_logging("info")?;
     let prefs = crate::client_cmds::open_existing(home)?.prefs()?;
     let notify = crate::client_cmds::notifier(home, notify_command.as_deref(), desktop)?;
     let policy = prefs

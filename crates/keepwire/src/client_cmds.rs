@@ -208,7 +208,7 @@ pub(crate) fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
 }
 
 pub(crate) async fn open_client(home: &std::path::Path, start: bool) -> anyhow::Result<Client> {
-    init_logging("warn");
+    init_logging("warn")?;
     open_existing(home)?;
     let mut b = Client::builder(home);
     if !start {
@@ -223,7 +223,7 @@ pub(crate) async fn background_client(
     policy: BackgroundPolicy,
     notify: Option<Arc<dyn Notifier>>,
 ) -> anyhow::Result<Client> {
-    init_logging("warn");
+    init_logging("warn")?;
     open_existing(home)?;
     let mut b = Client::builder(home)
         .app_state(AppState::Background)
@@ -380,7 +380,7 @@ impl TokenProvider for NoRefresh {
 }
 
 pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
-    init_logging("warn");
+    init_logging("warn")?;
     let home = args.home.path()?;
     for u in &args.servers {
         if !(u.starts_with("ws://") || u.starts_with("wss://")) {

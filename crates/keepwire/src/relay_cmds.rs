@@ -399,7 +399,7 @@ fn require_db(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging("info");
+    init_logging("info")?;
     raise_open_file_limit();
     let mut config = Config {
         listen: args.listen,

@@ -258,3 +258,58 @@ fn admin_user_delete_removes_the_user() {
         "no user named \"alice\"",
     );
 }
+
+#[test]
+fn keepwire_log_format_json_makes_serve_log_json_lines() {
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("logjson");
+    let db = dir.join("relay.db");
+    let child = Command::new(crate::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .env("KEEPWIRE_LOG", "info")
+        .env("KEEPWIRE_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let mut child = crate::KillOnDrop(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let serving = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).expect("serve logs `serving`");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        if v["message"] == "serving" {
+            break v;
+        }
+    };
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["target"], "keepwire::server");
+    assert!(serving["timestamp"].is_string(), "{serving}");
+    child.kill();
+
+    // Anything but text or json: one clear line, before anything starts.
+    let out = Command::new(crate::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .env("KEEPWIRE_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_human_error(
+        &out,
+        "KEEPWIRE_LOG_FORMAT is \"xml\": use `text` (the default) or `json`",
+    );
+}
