@@ -2411,7 +2411,26 @@ impl Driver {
         let _ = self.store.set_meta("user", &w.user);
         let gap = w.resume.status == ResumeStatus::Gap;
         let result = match w.resume.reason {
-            Some(GapReason::Epoch | GapReason::CursorAhead) => self.store.reset_epoch(&w.epoch),
+            Some(reason @ (GapReason::Epoch | GapReason::CursorAhead)) => {
+                self.store.reset_epoch(&w.epoch).and_then(|dropped| {
+                    // Said loudly and kept for `status`: the user's history on
+                    // this device shrank without them doing anything.
+                    tracing::warn!(
+                        target: "keepwire::client",
+                        dropped,
+                        ?reason,
+                        "the relay's message log was replaced (restored from a backup, or reset): \
+                         {dropped} messages stored on this device were forgotten, since their ids \
+                         now mean other messages; history is fetched again from the relay"
+                    );
+                    let gap = serde_json::json!({
+                        "reason": match reason { GapReason::Epoch => "epoch", _ => "cursor_ahead" },
+                        "at_ms": crate::push::now_ms(),
+                        "dropped_messages": dropped,
+                    });
+                    self.store.set_meta("last_gap", &gap.to_string())
+                })
+            }
             Some(GapReason::Retention) => self
                 .store
                 .set_meta("cursor", &w.resume.from.saturating_sub(1).to_string())

@@ -310,10 +310,11 @@ impl Store {
     }
 
     /// Forgets everything learnt in a previous epoch of the relay's log
-    /// (message and conversation ids mean other things now).
-    pub fn reset_epoch(&mut self, epoch: &str) -> Result<(), StoreError> {
+    /// (message and conversation ids mean other things now). Returns how
+    /// many stored messages were forgotten.
+    pub fn reset_epoch(&mut self, epoch: &str) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM messages", [])?;
+        let dropped = tx.execute("DELETE FROM messages", [])? as u64;
         tx.execute("DELETE FROM convs", [])?;
         tx.execute("DELETE FROM meta WHERE key IN ('cursor')", [])?;
         tx.execute(
@@ -321,7 +322,7 @@ impl Store {
             [epoch],
         )?;
         tx.commit()?;
-        Ok(())
+        Ok(dropped)
     }
 
     /// Adds a send to the durable outbox; returns it with its new client id.

@@ -980,3 +980,39 @@ async fn the_backend_deletes_a_user_over_http() {
         "deleteUser"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_body_is_a_valid_message() {
+    let relay = TestRelay::start().await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    let api = http();
+    let post_json = |path: String, body: Value| {
+        api.post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    post_json("/v1/users".into(), json!({"name": "erin"}))
+        .await
+        .unwrap();
+    let conv: Value = post_json(
+        "/v1/conversations".into(),
+        json!({"kind": "group", "members": ["erin"], "key": "e"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = conv["id"].as_u64().unwrap();
+    let r = post_json(
+        format!("/v1/conversations/{id}/messages"),
+        json!({"body": "", "idempotency_key": "empty"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201, "PROTOCOL.md §5: a body may be empty");
+    let h = get_json(&key, format!("{base}/v1/conversations/{id}/messages")).await;
+    assert_eq!(h["messages"][0]["body"], "");
+}

@@ -80,9 +80,29 @@ pub(crate) async fn run(
     let stop = wait_for_signal();
     tokio::pin!(stop);
     let owner = own_uid();
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    let mut stopped = None;
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
+            // Stopped for good (token or device revoked, token rejected): an
+            // agent that can never connect again must not look alive.
+            _ = check.tick() => {
+                if let keepwire_client::State::Stopped(r) = client.status().state
+                    && r != keepwire_client::StopReason::ClosedByApp
+                {
+                    let message = crate::client_cmds::stopped_message(r);
+                    tracing::error!(target: "keepwire::background", reason = ?r, "the agent stops: {message}");
+                    // 5 (log in again) unless another connection took over.
+                    let code = if r == keepwire_client::StopReason::Replaced {
+                        1
+                    } else {
+                        crate::client_cmds::exit::AUTH_REJECTED
+                    };
+                    stopped = Some((code, message));
+                    break;
+                }
+            }
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
                     match peer_is(&stream, owner) {
@@ -100,7 +120,10 @@ pub(crate) async fn run(
     }
     client.stop().await;
     let _ = std::fs::remove_file(&path);
-    Ok(())
+    match stopped {
+        Some((code, message)) => Err(crate::Exit { code, message }.into()),
+        None => Ok(()),
+    }
 }
 
 async fn serve(stream: UnixStream, client: Client) {

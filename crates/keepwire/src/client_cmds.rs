@@ -265,7 +265,7 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-fn stopped_message(r: StopReason) -> String {
+pub(crate) fn stopped_message(r: StopReason) -> String {
     match r {
         StopReason::AuthRejected => {
             "the relay rejected the token (unknown, expired, or for another relay); run `keepwire login --server URL --token-file FILE` with a valid token".into()
@@ -527,6 +527,11 @@ pub(crate) async fn conv(args: ConvArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
+    // The relay accepts an empty body (PROTOCOL.md §5), but from the command
+    // line it is almost always an empty shell variable: nothing is queued.
+    if args.text.is_empty() {
+        bail!("the message is empty: nothing was queued (an unset shell variable?)");
+    }
     let req = serde_json::json!({"op": "send", "conv": args.conv, "text": args.text, "timeout_ms": args.timeout.as_millis() as u64});
     if let Some(r) = crate::agent::ask(&home, &req, args.timeout + Duration::from_secs(2)).await {
         return match (r["result"].as_str(), r["error"].as_str()) {
@@ -803,6 +808,10 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
     };
     let cursor = store.cursor()?;
     let (pending, failed) = store.outbox_counts()?;
+    // The last time the relay's log was replaced under this device.
+    let last_gap: Option<serde_json::Value> = store
+        .meta("last_gap")?
+        .and_then(|g| serde_json::from_str(&g).ok());
     let v = serde_json::json!({
         "home": home.display().to_string(),
         "user": store.meta("user")?,
@@ -820,6 +829,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         "outbox_pending": pending,
         "outbox_failed": failed,
         "messages": store.message_count()?,
+        "last_gap": last_gap,
     });
     if args.json {
         println!("{v}");
@@ -843,6 +853,17 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         );
         println!("outbox:   {pending} pending, {failed} failed");
         println!("messages: {}", v["messages"]);
+        if let Some(g) = &last_gap {
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH
+                    + Duration::from_millis(g["at_ms"].as_i64().unwrap_or(0).max(0) as u64),
+            );
+            println!(
+                "warning:  at {when} the relay's message log was replaced (restored from a backup): \
+                 {} messages stored here were forgotten; history is fetched again from the relay",
+                g["dropped_messages"]
+            );
+        }
     }
     Ok(())
 }

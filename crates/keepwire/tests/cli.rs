@@ -313,3 +313,31 @@ fn keepwire_log_format_json_makes_serve_log_json_lines() {
         "KEEPWIRE_LOG_FORMAT is \"xml\": use `text` (the default) or `json`",
     );
 }
+
+#[test]
+fn an_empty_message_is_refused_by_the_cli_and_nothing_is_queued() {
+    let dir = TempDir::new("empty");
+    let home = dir.join("home");
+    let out = crate::kw(
+        &home,
+        &[
+            "login",
+            "--no-check",
+            "--server",
+            "ws://127.0.0.1:9",
+            "--token",
+            "kw_x",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_human_error(
+        &crate::kw(&home, &["send", "1", ""]),
+        "the message is empty",
+    );
+    let out = crate::kw_ok(&home, &["outbox", "--json"]);
+    assert_eq!(out.trim(), r#"{"outbox":[]}"#);
+}

@@ -893,3 +893,107 @@ fn the_outbox_lists_retries_and_drops_unconfirmed_sends() {
     let out = kw(&alice, &["outbox", "drop", &failed]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no send"));
 }
+
+#[test]
+fn a_revoked_agent_exits_5_and_says_why() {
+    let Setup {
+        dir: _dir,
+        db,
+        relay: _relay,
+        alice,
+        bob: _bob,
+    } = setup("revoked-agent");
+    let mut agent = Tail(
+        Command::new(bin())
+            .args(["agent", "--no-desktop"])
+            .env("KEEPWIRE_HOME", &alice)
+            .env("KEEPWIRE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(10), "the agent to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    let out = crate::keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "token",
+        "revoke",
+        "--user",
+        "alice",
+    ]);
+    assert!(out.status.success());
+    let mut exit = None;
+    wait_until(Duration::from_secs(15), "the agent to exit", || {
+        exit = agent.0.try_wait().unwrap();
+        exit.is_some()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(agent.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(exit.unwrap().code(), Some(5), "{err}");
+    assert!(
+        err.contains("ERROR") && err.contains("the token was revoked"),
+        "{err}"
+    );
+    assert!(!alice.join("agent.sock").exists());
+}
+
+#[test]
+fn a_relay_restore_that_drops_local_messages_is_said_out_loud() {
+    let Setup {
+        dir,
+        db,
+        mut relay,
+        alice,
+        bob,
+    } = setup("epoch-gap");
+    let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
+    let backup = dir.join("before.db");
+    kw_ok(
+        &alice,
+        &[
+            "admin",
+            "--db",
+            db.to_str().unwrap(),
+            "backup",
+            backup.to_str().unwrap(),
+        ],
+    );
+    for m in ["one", "two"] {
+        assert_eq!(kw_ok(&bob, &["send", &conv, m]).trim(), "sent");
+    }
+    kw_ok(&alice, &["sync"]);
+    assert!(status(&alice)["last_gap"].is_null());
+    // The relay is restored from the backup: its log has a new epoch.
+    relay.kill9();
+    kw_ok(
+        &alice,
+        &[
+            "admin",
+            "--db",
+            db.to_str().unwrap(),
+            "restore",
+            backup.to_str().unwrap(),
+        ],
+    );
+    let _relay = RelayProcess::start_at(&bin(), &db, relay.url.trim_start_matches("ws://"), FAST);
+    let out = kw(&alice, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the relay's message log was replaced")
+            && err.contains("messages stored on this device were forgotten"),
+        "{err}"
+    );
+    let s = status(&alice);
+    assert_eq!(s["last_gap"]["reason"], "epoch", "{s}");
+    assert!(
+        s["last_gap"]["dropped_messages"].as_u64().unwrap() >= 2,
+        "{s}"
+    );
+    let text = kw_ok(&alice, &["status"]);
+    assert!(text.contains("warning:  at "), "{text}");
+}
