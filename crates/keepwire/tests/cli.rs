@@ -341,3 +341,59 @@ fn an_empty_message_is_refused_by_the_cli_and_nothing_is_queued() {
     let out = crate::kw_ok(&home, &["outbox", "--json"]);
     assert_eq!(out.trim(), r#"{"outbox":[]}"#);
 }
+
+/// The systemd user units in contrib/ pass `systemd-analyze verify`, with
+/// the binaries where the README's `cargo install` puts them.
+#[test]
+fn the_systemd_units_verify() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains("cargo install --locked --path crates/keepwire"),
+        "the README says how to install what the units run"
+    );
+    let Ok(which) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        println!("skipped: systemd-analyze is not installed");
+        return;
+    };
+    if !which.status.success() {
+        println!("skipped: systemd-analyze does not run here");
+        return;
+    }
+    let dir = TempDir::new("units");
+    let home = dir.join("home");
+    let bin_dir = home.join(".cargo/bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::os::unix::fs::symlink(crate::bin(), bin_dir.join("keepwire")).unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_keepwire-agent"),
+        bin_dir.join("keepwire-agent"),
+    )
+    .unwrap();
+    // A user manager needs a runtime directory; a private one will do.
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let units = root.join("contrib/systemd");
+    let names = [
+        "keepwire-agent.service",
+        "keepwire-sync.service",
+        "keepwire-sync.timer",
+    ];
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["--user", "verify"])
+        .args(names.iter().map(|n| units.join(n)))
+        .env("HOME", &home)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {err}");
+    for name in names {
+        assert!(!err.contains(name), "a complaint about {name}: {err}");
+    }
+}
