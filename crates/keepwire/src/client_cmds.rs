@@ -1183,13 +1183,15 @@ pub(crate) async fn read(args: ReadArgs) -> anyhow::Result<()> {
 pub(crate) struct StatsArgs {
     #[command(flatten)]
     home: HomeArg,
-    /// The window, ending now.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
-    since: Duration,
+    /// The window, ending now [default: 24h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
     /// As one JSON object.
     #[arg(long)]
     json: bool,
-    /// Also write a timeline picture of the window to this SVG file.
+    /// Also write a timeline picture to this SVG file: of the --since window,
+    /// or, by default, of the last 24 hours fitted to the records (a short
+    /// session fills the picture instead of a sliver of a day).
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
 }
@@ -1217,11 +1219,31 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let since = i64::try_from(args.since.as_millis()).unwrap_or(i64::MAX);
-    let s = keepwire_client::analytics::stats(&store, now.saturating_sub(since), now)?;
+    let window = args.since.unwrap_or(Duration::from_secs(86_400));
+    let since = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    let from = now.saturating_sub(since);
+    let s = keepwire_client::analytics::stats(&store, from, now)?;
     if let Some(path) = &args.svg {
-        std::fs::write(path, keepwire_client::analytics::svg(&s))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        // Fitted: from a little before the first record, if that is later.
+        let fitted = match (
+            args.since,
+            keepwire_client::analytics::first_record(&store)?,
+        ) {
+            (None, Some(first)) if first > from => {
+                let margin = ((now - first) / 20).max(1_000);
+                Some(keepwire_client::analytics::stats(
+                    &store,
+                    (first - margin).max(from),
+                    now,
+                )?)
+            }
+            _ => None,
+        };
+        std::fs::write(
+            path,
+            keepwire_client::analytics::svg(fitted.as_ref().unwrap_or(&s)),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if args.json {
         let mut v = serde_json::to_value(&s)?;
@@ -1237,7 +1259,7 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
     };
     println!(
         "window:                      the last {}",
-        span_words(args.since)
+        span_words(window)
     );
     println!(
         "uptime while wanted:         {:.1}% ({:.1} of {:.1} min)",
