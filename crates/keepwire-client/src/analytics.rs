@@ -218,24 +218,93 @@ fn color(state: &str) -> &'static str {
         "Connected" => "#2e9d4f",
         "Connecting" | "Handshaking" => "#f2c14e",
         "BackingOff" => "#e07a3f",
-        "WaitingForNetwork" => "#b0b0b0",
+        "WaitingForNetwork" => "#8c8c8c",
         "Dormant" => "#6c8ebf",
         "RefreshingToken" => "#9467bd",
-        _ => "#e8e8e8",
+        // Idle, stopped, and before the first record.
+        _ => "#ececec",
     }
 }
 
-/// A timeline picture of the window: one bar of connection states, one of app states.
+/// The app row's colours: blues, so that neither reads as "no network".
+fn app_color(app: &str) -> &'static str {
+    if app == "Foreground" {
+        "#1f4e9c"
+    } else {
+        "#9cc3ec"
+    }
+}
+
+/// Tick spacing for a window of `span_ms`: the smallest of a few round
+/// steps that gives at most 8 ticks.
+fn tick_step(span_ms: i64) -> i64 {
+    const STEPS: [i64; 15] = [
+        1_000,
+        5_000,
+        10_000,
+        30_000,
+        60_000,
+        300_000,
+        600_000,
+        1_800_000,
+        3_600_000,
+        3 * 3_600_000,
+        6 * 3_600_000,
+        12 * 3_600_000,
+        86_400_000,
+        7 * 86_400_000,
+        30 * 86_400_000,
+    ];
+    STEPS
+        .into_iter()
+        .find(|s| span_ms / s <= 8)
+        .unwrap_or(365 * 86_400_000)
+}
+
+/// A tick label (UTC): `HH:MM`, with seconds for steps under a minute, and
+/// `MM-DD` for steps of a day or more.
+fn tick_label(t: i64, step: i64) -> String {
+    let secs = t.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (h, m, sec) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    if step >= 86_400_000 {
+        // Days since 1970-01-01 to month and day (Howard Hinnant's civil_from_days).
+        let z = days + 719_468;
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+        format!("{mo:02}-{d:02}")
+    } else if step < 60_000 {
+        format!("{h:02}:{m:02}:{sec:02}")
+    } else {
+        format!("{h:02}:{m:02}")
+    }
+}
+
+/// A timeline picture of the window: one bar of connection states, one of
+/// app states, a time axis (UTC) and a legend for both bars.
 pub fn svg(s: &Stats) -> String {
     let width = 960.0;
-    let span = (s.to - s.from).max(1) as f64;
-    let x = |t: i64| 40.0 + (t - s.from) as f64 / span * (width - 80.0);
+    let (left, right) = (90.0, 20.0);
+    let span = (s.to - s.from).max(1);
+    let x = |t: i64| left + (t - s.from) as f64 / span as f64 * (width - left - right);
     let mut out = String::new();
     out.push_str(&format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"170\" font-family=\"sans-serif\" font-size=\"12\">\n"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"230\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n"
     ));
-    out.push_str("<text x=\"40\" y=\"20\">keepwire connection timeline</text>\n");
-    out.push_str("<text x=\"4\" y=\"57\">conn</text><text x=\"4\" y=\"92\">app</text>\n");
+    out.push_str(&format!(
+        "<text x=\"{left}\" y=\"20\" font-size=\"14\">keepwire connection timeline</text>\n"
+    ));
+    out.push_str("<text x=\"6\" y=\"57\">connection</text><text x=\"6\" y=\"92\">app</text>\n");
+    // The plot area's frame, so an empty stretch reads as "no record".
+    out.push_str(&format!(
+        "<rect x=\"{left}\" y=\"40\" width=\"{:.1}\" height=\"60\" fill=\"none\" stroke=\"#d0d0d0\"/>\n",
+        width - left - right
+    ));
     for seg in &s.segments {
         let (a, b) = (x(seg.from), x(seg.to));
         out.push_str(&format!(
@@ -244,37 +313,135 @@ pub fn svg(s: &Stats) -> String {
             color(&seg.state),
             seg.state
         ));
-        let app = if seg.app == "Foreground" {
-            "#4a4a4a"
-        } else {
-            "#c8c8c8"
-        };
         out.push_str(&format!(
-            "<rect x=\"{a:.1}\" y=\"75\" width=\"{:.1}\" height=\"25\" fill=\"{app}\"><title>{}</title></rect>\n",
+            "<rect x=\"{a:.1}\" y=\"75\" width=\"{:.1}\" height=\"25\" fill=\"{}\"><title>{}</title></rect>\n",
             (b - a).max(0.5),
+            app_color(&seg.app),
             seg.app
         ));
     }
-    let mut lx = 40.0;
-    for (name, st) in [
-        ("connected", "Connected"),
-        ("connecting", "Connecting"),
-        ("backing off", "BackingOff"),
-        ("no network", "WaitingForNetwork"),
-        ("dormant", "Dormant"),
+    // The time axis: round ticks inside the window.
+    let step = tick_step(span);
+    out.push_str(&format!(
+        "<line x1=\"{left}\" y1=\"106\" x2=\"{:.1}\" y2=\"106\" stroke=\"#606060\"/>\n",
+        width - right
+    ));
+    let mut t = (s.from + step - 1).div_euclid(step) * step;
+    while t <= s.to {
+        let tx = x(t);
+        out.push_str(&format!(
+            "<line x1=\"{tx:.1}\" y1=\"102\" x2=\"{tx:.1}\" y2=\"110\" stroke=\"#606060\"/>\
+             <text x=\"{tx:.1}\" y=\"124\" text-anchor=\"middle\">{}</text>\n",
+            tick_label(t, step)
+        ));
+        t += step;
+    }
+    out.push_str("<text x=\"6\" y=\"124\" fill=\"#606060\">time (UTC)</text>\n");
+    let mut lx = left;
+    for (name, fill) in [
+        ("connected", color("Connected")),
+        ("connecting", color("Connecting")),
+        ("backing off", color("BackingOff")),
+        ("no network", color("WaitingForNetwork")),
+        ("dormant", color("Dormant")),
+        ("idle / stopped", color("Idle")),
     ] {
         out.push_str(&format!(
-            "<rect x=\"{lx}\" y=\"120\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"131\">{name}</text>\n",
-            color(st),
+            "<rect x=\"{lx}\" y=\"140\" width=\"12\" height=\"12\" fill=\"{fill}\" stroke=\"#a0a0a0\" stroke-width=\"0.5\"/><text x=\"{}\" y=\"151\">{name}</text>\n",
+            lx + 16.0
+        ));
+        lx += 130.0;
+    }
+    out.push_str("<text x=\"6\" y=\"151\">connection:</text><text x=\"6\" y=\"176\">app:</text>\n");
+    let mut lx = left;
+    for (name, app) in [("foreground", "Foreground"), ("background", "Background")] {
+        out.push_str(&format!(
+            "<rect x=\"{lx}\" y=\"165\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"176\">{name}</text>\n",
+            app_color(app),
             lx + 16.0
         ));
         lx += 130.0;
     }
     out.push_str(&format!(
-        "<text x=\"40\" y=\"160\">uptime {:.1}% while wanted, {} reconnect{}</text>\n</svg>\n",
+        "<text x=\"{left}\" y=\"210\">uptime {:.1}% while wanted, {} reconnect{}</text>\n</svg>\n",
         s.uptime * 100.0,
         s.reconnects,
         if s.reconnects == 1 { "" } else { "s" }
     ));
     out
+}
+
+/// When the first connection state was logged, ms since the Unix epoch.
+pub fn first_record(store: &Store) -> Result<Option<i64>, StoreError> {
+    Ok(store
+        .conn
+        .query_row("SELECT MIN(at) FROM conn_log", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats_of(segments: Vec<Segment>, from: i64, to: i64) -> Stats {
+        Stats {
+            from,
+            to,
+            wanted_ms: 0,
+            connected_ms: 0,
+            uptime: 0.0,
+            reconnects: 0,
+            reconnect_p50_ms: None,
+            reconnect_p95_ms: None,
+            background_connected_hours: 0.0,
+            background_heartbeats: 0,
+            background_heartbeats_per_hour: None,
+            received_background: 0,
+            received_by_sync: 0,
+            notifications: 0,
+            segments,
+        }
+    }
+
+    #[test]
+    fn ticks_are_round_and_labelled_in_utc() {
+        assert_eq!(tick_step(90_000), 30_000);
+        assert_eq!(tick_step(3_600_000), 600_000);
+        assert_eq!(tick_step(86_400_000), 3 * 3_600_000);
+        // 2026-11-29T14:05:09Z
+        let t = 1_795_961_109_000;
+        assert_eq!(tick_label(t, 10_000), "14:05:09");
+        assert_eq!(tick_label(t, 600_000), "14:05");
+        assert_eq!(tick_label(t, 86_400_000), "11-29");
+    }
+
+    #[test]
+    fn the_picture_has_an_axis_a_legend_for_both_rows_and_distinct_greys() {
+        let from = 1_795_961_100_000;
+        let seg = |a: i64, b: i64, state: &str, app: &str| Segment {
+            from: from + a,
+            to: from + b,
+            state: state.into(),
+            app: app.into(),
+        };
+        let s = stats_of(
+            vec![
+                seg(0, 60_000, "Connected", "Foreground"),
+                seg(60_000, 90_000, "WaitingForNetwork", "Background"),
+                seg(90_000, 120_000, "Connected", "Background"),
+            ],
+            from,
+            from + 120_000,
+        );
+        let pic = svg(&s);
+        assert!(
+            pic.contains(">time (UTC)<") && pic.contains(">14:05:30<"),
+            "{pic}"
+        );
+        assert!(pic.contains(">foreground<") && pic.contains(">background<"));
+        assert_ne!(app_color("Background"), color("WaitingForNetwork"));
+        assert_ne!(app_color("Foreground"), color("WaitingForNetwork"));
+        assert!(pic.contains("fill=\"#ffffff\""), "a white page");
+    }
 }

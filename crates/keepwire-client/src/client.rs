@@ -63,6 +63,9 @@ pub enum ClientError {
     /// A push registration that cannot be one (checked before it is saved).
     #[error("bad push registration: {0}")]
     BadPushRegistration(String),
+    /// A signal the relay would refuse (its data too large when encoded).
+    #[error("bad signal: {0}")]
+    BadSignal(String),
 }
 
 /// The largest push payload [`Client::on_push`] accepts (the Web Push limit).
@@ -528,6 +531,12 @@ enum Cmd {
     /// another process kept the home's lock for [`LOCK_WAIT`].
     Sync(SyncRequest),
     MarkRead(u64, u64, oneshot::Sender<Result<(), ClientError>>),
+    /// An ephemeral signal: answered once written to the connection.
+    Signal(
+        u64,
+        serde_json::Value,
+        oneshot::Sender<Result<(), ClientError>>,
+    ),
     /// The push registration changed in the store: send it if connected;
     /// the sender (if any) gets the relay's answer.
     Push(Option<oneshot::Sender<Result<(), ClientError>>>),
@@ -1243,6 +1252,31 @@ impl Client {
         Ok(())
     }
 
+    /// Sends an ephemeral signal (a typing indicator, presence: any JSON
+    /// value up to 1024 bytes encoded) to the devices of `conv`'s members
+    /// that are connected right now (not to this connection). Best effort:
+    /// never stored, never retried. `Ok` once written to the connection;
+    /// [`ClientError::NotConnected`] if this process does not hold a live
+    /// connection (signals are not queued: a typing indicator sent late is
+    /// wrong); [`ClientError::BadSignal`] if the data is too large. The relay
+    /// answers a refusal (`not_member`) with no request to match it to: it is
+    /// logged (target `keepwire::client`), not returned.
+    pub async fn signal(&self, conv: u64, data: serde_json::Value) -> Result<(), ClientError> {
+        let size = serde_json::to_string(&data).map_or(usize::MAX, |s| s.len());
+        let max = keepwire_proto::Limits::default().max_signal_bytes;
+        if size > max {
+            return Err(ClientError::BadSignal(format!(
+                "the data is {size} bytes encoded; at most {max}"
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(Cmd::Signal(conv, data, tx))
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
     /// Marks `conv` read up to `up_to` (a `conv_seq`) on this device and, through
     /// the relay, on the user's other devices: their notifications for it are
     /// cleared and not raised again. `NotConnected` if the relay could not be
@@ -1452,6 +1486,8 @@ impl Supervisor {
                         None => return,
                         Some(Cmd::Stop(done)) => { let _ = done.send(()); return; }
                         Some(Cmd::Request(_, reply)) => { let _ = reply.send(Err(ClientError::NotConnected)); }
+                        // Never stored: without the connection there is no one to tell.
+                        Some(Cmd::Signal(_, _, reply)) => { let _ = reply.send(Err(ClientError::NotConnected)); }
                         Some(Cmd::AppState(s, ack)) => {
                             self.app_state = s;
                             if let Some(ack) = ack {
@@ -1907,6 +1943,12 @@ impl Driver {
                     self.started = true;
                     self.core.start(now);
                 }
+            }
+            Cmd::Signal(conv, data, reply) => {
+                let sent = self
+                    .core
+                    .send_request(&ClientFrame::Signal { conv, data }, now);
+                let _ = reply.send(sent.map_err(|_| ClientError::NotConnected));
             }
             Cmd::Request(frame, reply) => {
                 let rid = frame.rid().unwrap_or_default().to_owned();
@@ -2487,7 +2529,26 @@ impl Driver {
         let _ = self.store.set_meta("user", &w.user);
         let gap = w.resume.status == ResumeStatus::Gap;
         let result = match w.resume.reason {
-            Some(GapReason::Epoch | GapReason::CursorAhead) => self.store.reset_epoch(&w.epoch),
+            Some(reason @ (GapReason::Epoch | GapReason::CursorAhead)) => {
+                self.store.reset_epoch(&w.epoch).and_then(|dropped| {
+                    // Said loudly and kept for `status`: the user's history on
+                    // this device shrank without them doing anything.
+                    tracing::warn!(
+                        target: "keepwire::client",
+                        dropped,
+                        ?reason,
+                        "the relay's message log was replaced (restored from a backup, or reset): \
+                         {dropped} messages stored on this device were forgotten, since their ids \
+                         now mean other messages; history is fetched again from the relay"
+                    );
+                    let gap = serde_json::json!({
+                        "reason": match reason { GapReason::Epoch => "epoch", _ => "cursor_ahead" },
+                        "at_ms": crate::push::now_ms(),
+                        "dropped_messages": dropped,
+                    });
+                    self.store.set_meta("last_gap", &gap.to_string())
+                })
+            }
             Some(GapReason::Retention) => self
                 .store
                 .set_meta("cursor", &w.resume.from.saturating_sub(1).to_string())
@@ -2569,6 +2630,13 @@ impl Driver {
         }
         if let ServerFrame::Signal { conv, from, data } = frame {
             self.emit(ClientEvent::Signal { conv, from, data });
+            return;
+        }
+        if let ServerFrame::Error(e) = &frame
+            && e.frame.as_deref() == Some("signal")
+        {
+            // A signal has no answer to wait for: its refusal is only logged.
+            tracing::warn!(target: "keepwire::client", conv = ?e.conv, code = %e.code, message = %e.message, "the relay refused a signal");
             return;
         }
         let rid = match &frame {

@@ -78,6 +78,18 @@ pub struct OutboxRow {
     pub status: String,
     /// Why it failed.
     pub error: Option<String>,
+    /// When it was queued, ms since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+/// Why [`Store::outbox_retry`] or [`Store::outbox_drop`] did nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxRefusal {
+    /// No send with this client id is in the outbox (it was confirmed, or
+    /// never existed).
+    Unknown,
+    /// The send is still pending (only failed sends are retried).
+    Pending,
 }
 
 fn now_ms() -> i64 {
@@ -315,10 +327,11 @@ impl Store {
     }
 
     /// Forgets everything learnt in a previous epoch of the relay's log
-    /// (message and conversation ids mean other things now).
-    pub fn reset_epoch(&mut self, epoch: &str) -> Result<(), StoreError> {
+    /// (message and conversation ids mean other things now). Returns how
+    /// many stored messages were forgotten.
+    pub fn reset_epoch(&mut self, epoch: &str) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM messages", [])?;
+        let dropped = tx.execute("DELETE FROM messages", [])? as u64;
         tx.execute("DELETE FROM convs", [])?;
         tx.execute("DELETE FROM meta WHERE key IN ('cursor')", [])?;
         tx.execute(
@@ -326,15 +339,16 @@ impl Store {
             [epoch],
         )?;
         tx.commit()?;
-        Ok(())
+        Ok(dropped)
     }
 
     /// Adds a send to the durable outbox; returns it with its new client id.
     pub fn enqueue(&self, conv: u64, kind: &str, body: &str) -> Result<OutboxRow, StoreError> {
         let cid = format!("{:032x}", rand::random::<u128>());
+        let now = now_ms();
         self.conn
             .prepare_cached("INSERT INTO outbox (cid, conv, kind, body, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
-            .execute(params![cid, conv as i64, kind, body, now_ms()])?;
+            .execute(params![cid, conv as i64, kind, body, now])?;
         Ok(OutboxRow {
             seq: self.conn.last_insert_rowid(),
             item: OutboxItem {
@@ -345,15 +359,25 @@ impl Store {
             },
             status: "pending".into(),
             error: None,
+            created_at_ms: now,
         })
     }
 
     /// Pending sends with `seq > after`, in order.
     pub fn pending_after(&self, after: i64) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, cid, conv, kind, body, status, error FROM outbox
-             WHERE seq > ?1 AND status = 'pending' ORDER BY seq",
-        )?;
+        self.outbox_rows("WHERE seq > ?1 AND status = 'pending'", after)
+    }
+
+    /// Every send in the outbox (pending and failed), oldest first.
+    pub fn outbox(&self) -> Result<Vec<OutboxRow>, StoreError> {
+        self.outbox_rows("WHERE seq > ?1", 0)
+    }
+
+    fn outbox_rows(&self, filter: &str, after: i64) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT seq, cid, conv, kind, body, status, error, created_at FROM outbox
+             {filter} ORDER BY seq"
+        ))?;
         let rows = stmt
             .query_map([after], |r| {
                 Ok(OutboxRow {
@@ -366,10 +390,56 @@ impl Store {
                     },
                     status: r.get(5)?,
                     error: r.get(6)?,
+                    created_at_ms: r.get(7)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
+    }
+
+    /// Queues a failed send again, at the end of the outbox (so the process
+    /// holding the connection, which reads the outbox in order, picks it
+    /// up), with its client id: the relay refused it, so it stored nothing
+    /// under that id. Its original time is kept.
+    pub fn outbox_retry(&mut self, cid: &str) -> Result<Result<(), OutboxRefusal>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let status: Option<String> = tx
+            .query_row("SELECT status FROM outbox WHERE cid = ?1", [cid], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match status.as_deref() {
+            None => return Ok(Err(OutboxRefusal::Unknown)),
+            Some("failed") => {}
+            Some(_) => return Ok(Err(OutboxRefusal::Pending)),
+        }
+        // A new row (a new `seq`) with the same content; the old one goes.
+        tx.execute(
+            "INSERT INTO outbox (cid, conv, kind, body, created_at)
+             SELECT ?2, conv, kind, body, created_at FROM outbox WHERE cid = ?1",
+            params![cid, format!("{cid}~")],
+        )?;
+        tx.execute("DELETE FROM outbox WHERE cid = ?1", [cid])?;
+        tx.execute(
+            "UPDATE outbox SET cid = ?1 WHERE cid = ?2",
+            params![cid, format!("{cid}~")],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
+    /// Removes a send from the outbox (it will not be sent). The caller
+    /// makes sure no process is sending it (a pending send may be on its
+    /// way to the relay).
+    pub fn outbox_drop(&self, cid: &str) -> Result<Result<(), OutboxRefusal>, StoreError> {
+        let n = self
+            .conn
+            .execute("DELETE FROM outbox WHERE cid = ?1", [cid])?;
+        Ok(if n == 0 {
+            Err(OutboxRefusal::Unknown)
+        } else {
+            Ok(())
+        })
     }
 
     /// The status of a send: `None` once confirmed (it left the outbox).

@@ -839,3 +839,54 @@ async fn wss_verifies_the_relay_against_a_given_root() {
     b.stop().await;
     a.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_reaches_the_other_members_connected_devices() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let (ha, hb) = (TempDir::new("alice"), TempDir::new("bob"));
+    let a = client(ha.path(), &r.url, &ta).await;
+    let b = client(hb.path(), &r.url, &tb).await;
+    a.wait_connected(T).await.unwrap();
+    b.wait_connected(T).await.unwrap();
+    let conv = a
+        .create_conversation(vec!["bob".into()], None, false)
+        .await
+        .unwrap();
+    // Bob must be a member by the time the relay relays it: wait for the
+    // conversation to reach him.
+    b.wait_for(T, |s| s.caught_up() && s.cursor >= Some(1))
+        .await
+        .unwrap();
+    let mut b_events = b.events();
+    a.signal(conv.id, serde_json::json!({"typing": true}))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(T, async {
+        loop {
+            if let Some(ClientEvent::Signal { conv, from, data }) = b_events.next().await {
+                return (conv, from, data);
+            }
+        }
+    })
+    .await
+    .expect("bob hears the signal");
+    assert_eq!(
+        got,
+        (conv.id, "alice".into(), serde_json::json!({"typing": true}))
+    );
+    // Too large for the relay: refused before it is sent.
+    let big = serde_json::Value::String("x".repeat(2000));
+    assert!(matches!(
+        a.signal(conv.id, big).await,
+        Err(keepwire_client::ClientError::BadSignal(_))
+    ));
+    a.stop().await;
+    // Not queued: without a connection there is no one to tell.
+    assert!(matches!(
+        a.signal(conv.id, serde_json::json!(1)).await,
+        Err(keepwire_client::ClientError::NotConnected | keepwire_client::ClientError::Closed)
+    ));
+    b.stop().await;
+}

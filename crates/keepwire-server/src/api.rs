@@ -362,6 +362,7 @@ pub(crate) fn routes(max_body: usize) -> Router<Arc<Shared>> {
             delete(remove_member),
         )
         .route("/v1/users", post(create_user).get(list_users))
+        .route("/v1/users/{user}", delete(delete_user))
         .route("/v1/users/{user}/tokens", post(issue_token))
         .route("/v1/users/{user}/conversations", get(user_conversations))
         .route("/v1/users/{user}/devices", get(devices))
@@ -658,6 +659,29 @@ async fn create_user(
 async fn list_users(State(s): State<Arc<Shared>>, _key: Authorized) -> ApiResult {
     let users = s.store.list_users().await?;
     Ok(ok(StatusCode::OK, json!({"users": users})))
+}
+
+/// Deletes a user: their inbox, devices, tokens, push registrations, mutes
+/// and memberships go, and their live connections close (here at once, on
+/// other relays through the revocation log). Their messages already
+/// delivered stay in the other members' inboxes.
+async fn delete_user(
+    State(s): State<Arc<Shared>>,
+    _key: Authorized,
+    ApiPath(user): ApiPath<String>,
+) -> ApiResult {
+    check_user(&user)?;
+    let gone = s.store.delete_user(&user).await?;
+    let closed = s.hub.revoke(gone.id, None, None);
+    Ok(ok(
+        StatusCode::OK,
+        json!({
+            "user": gone.user,
+            "conversations": gone.conversations,
+            "devices": gone.devices,
+            "closed_connections": closed,
+        }),
+    ))
 }
 
 async fn issue_token(

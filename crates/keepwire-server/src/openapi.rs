@@ -362,7 +362,8 @@ pub(crate) fn document() -> Value {
     doc
 }
 
-/// The user and token provisioning operations (`/v1/users`, `/v1/users/{user}/tokens`).
+/// The user and token provisioning operations (`/v1/users`,
+/// `/v1/users/{user}`, `/v1/users/{user}/tokens`).
 fn add_user_provisioning(doc: &mut Value) {
     let mut create_errors = errors(&body_errors());
     create_errors.insert("409".into(), problem("A user with this name exists"));
@@ -400,8 +401,27 @@ fn add_user_provisioning(doc: &mut Value) {
             "responses": with(errors(&body_errors()), "201", token)
         }
     });
+    let deleted = ok(
+        "Deleted",
+        json!({"type": "object", "required": ["user", "conversations", "devices", "closed_connections"], "properties": {
+            "user": {"type": "string"},
+            "conversations": {"type": "integer", "minimum": 0, "description": "conversations the user left (the other members get a `removed` event by `~system`)"},
+            "devices": {"type": "integer", "minimum": 0, "description": "devices removed"},
+            "closed_connections": {"type": "integer", "minimum": 0, "description": "live connections of the user closed on this relay node (others close theirs within a second, from the revocation log)"}
+        }}),
+    );
+    let user = json!({
+        "parameters": [user_param()],
+        "delete": {
+            "operationId": "deleteUser",
+            "summary": "Delete a user",
+            "description": "Removes the user's inbox, devices, tokens, push registrations, mutes and read markers, removes them from every conversation, and closes their live connections. Their messages already delivered stay in the other members' inboxes and in the history, attributed to `~deleted.ID`; the name is free for a new, unrelated user. A still-valid app-issued JWT for the name would create a new, empty user: stop issuing them first.",
+            "responses": with(errors(&[]), "200", deleted)
+        }
+    });
     if let Some(paths) = doc["paths"].as_object_mut() {
         paths.insert("/v1/users".into(), users);
+        paths.insert("/v1/users/{user}".into(), user);
         paths.insert("/v1/users/{user}/tokens".into(), tokens);
     }
     if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {

@@ -899,3 +899,120 @@ async fn the_backend_provisions_users_and_tokens_over_http() {
         "issueToken"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_deletes_a_user_over_http() {
+    let relay = TestRelay::start().await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    let api = http();
+    let post_json = |path: &str, body: Value| {
+        api.post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    for name in ["dana", "carl"] {
+        post_json("/v1/users", json!({"name": name})).await.unwrap();
+    }
+    let t: Value = post_json("/v1/users/dana/tokens", json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut d = relay
+        .connect(t["token"].as_str().unwrap(), "dana-phone")
+        .await;
+    let conv: Value = post_json(
+        "/v1/conversations",
+        json!({"kind": "group", "members": ["dana", "carl"], "name": "g", "key": "g1"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = conv["id"].as_u64().unwrap();
+    let r = post_json(
+        &format!("/v1/conversations/{id}/messages"),
+        json!({"from": "dana", "body": "bye", "idempotency_key": "k1"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+
+    let delete = || {
+        api.delete(format!("{base}/v1/users/dana"))
+            .bearer_auth(&key)
+            .send()
+    };
+    let r = delete().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v,
+        json!({"user": "dana", "conversations": 1, "devices": 1, "closed_connections": 1})
+    );
+    assert_eq!(d.expect_close().await, Some(CloseCode::TokenRevoked.code()));
+    let users = get_json(&key, format!("{base}/v1/users")).await;
+    assert_eq!(users, json!({"users": ["carl"]}));
+    // Her message stays, under the tombstone name; she is no longer a member.
+    let h = get_json(&key, format!("{base}/v1/conversations/{id}/messages")).await;
+    assert_eq!(h["messages"][0]["body"], "bye");
+    assert!(
+        h["messages"][0]["from"]
+            .as_str()
+            .unwrap()
+            .starts_with("~deleted."),
+        "{h}"
+    );
+    let convs = get_json(&key, format!("{base}/v1/users/carl/conversations")).await;
+    assert_eq!(convs["conversations"][0]["members"], json!(["carl"]));
+    // Again: she is gone.
+    let r = delete().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["type"], "urn:keepwire:problem:unknown_user");
+    let doc = get_json(&key, format!("{base}/v1/openapi.json")).await;
+    assert_eq!(
+        doc["paths"]["/v1/users/{user}"]["delete"]["operationId"],
+        "deleteUser"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_body_is_a_valid_message() {
+    let relay = TestRelay::start().await;
+    let key = api_key(&relay).await;
+    let base = format!("http://{}", relay.host_port);
+    let api = http();
+    let post_json = |path: String, body: Value| {
+        api.post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    post_json("/v1/users".into(), json!({"name": "erin"}))
+        .await
+        .unwrap();
+    let conv: Value = post_json(
+        "/v1/conversations".into(),
+        json!({"kind": "group", "members": ["erin"], "key": "e"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = conv["id"].as_u64().unwrap();
+    let r = post_json(
+        format!("/v1/conversations/{id}/messages"),
+        json!({"body": "", "idempotency_key": "empty"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201, "PROTOCOL.md §5: a body may be empty");
+    let h = get_json(&key, format!("{base}/v1/conversations/{id}/messages")).await;
+    assert_eq!(h["messages"][0]["body"], "");
+}

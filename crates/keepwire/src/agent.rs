@@ -5,7 +5,8 @@
 //!
 //! Socket protocol: one JSON request per line (at most 256 KiB), one JSON
 //! answer per line. `{"op":"status"}`, `{"op":"sync","deadline_ms":30000}`,
-//! `{"op":"send","conv":1,"text":"hi","timeout_ms":10000}`.
+//! `{"op":"send","conv":1,"text":"hi","timeout_ms":10000}`,
+//! `{"op":"signal","conv":1,"data":{"typing":true}}`.
 //!
 //! Only the agent's own user may use it: besides the socket's mode (0600, in
 //! a 0700 home), the agent checks each peer's uid (`SO_PEERCRED`) and drops
@@ -59,7 +60,7 @@ pub(crate) async fn run(
     notify_command: Option<String>,
     desktop: bool,
 ) -> anyhow::Result<()> {
-    init_logging("info");
+    init_logging("info")?;
     let prefs = crate::client_cmds::open_existing(home)?.prefs()?;
     let notify = crate::client_cmds::notifier(home, notify_command.as_deref(), desktop)?;
     let policy = prefs
@@ -84,9 +85,29 @@ pub(crate) async fn run(
     let stop = wait_for_signal();
     tokio::pin!(stop);
     let owner = own_uid();
+    let mut check = tokio::time::interval(Duration::from_millis(250));
+    let mut stopped = None;
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
+            // Stopped for good (token or device revoked, token rejected): an
+            // agent that can never connect again must not look alive.
+            _ = check.tick() => {
+                if let keepwire_client::State::Stopped(r) = client.status().state
+                    && r != keepwire_client::StopReason::ClosedByApp
+                {
+                    let message = crate::client_cmds::stopped_message(r);
+                    tracing::error!(target: "keepwire::background", reason = ?r, "the agent stops: {message}");
+                    // 5 (log in again) unless another connection took over.
+                    let code = if r == keepwire_client::StopReason::Replaced {
+                        1
+                    } else {
+                        crate::client_cmds::exit::AUTH_REJECTED
+                    };
+                    stopped = Some((code, message));
+                    break;
+                }
+            }
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
                     match peer_is(&stream, owner) {
@@ -105,7 +126,10 @@ pub(crate) async fn run(
     watch.abort();
     client.stop().await;
     let _ = std::fs::remove_file(&path);
-    Ok(())
+    match stopped {
+        Some((code, message)) => Err(crate::Exit { code, message }.into()),
+        None => Ok(()),
+    }
 }
 
 async fn serve(stream: UnixStream, client: Client) {
@@ -176,7 +200,16 @@ async fn handle(client: &Client, req: &Value) -> Value {
                 }
             }
         }
-        _ => json!({"error": "unknown op: use status, sync or send"}),
+        Some("signal") => {
+            let Some(conv) = req["conv"].as_u64() else {
+                return json!({"error": "signal needs conv and data"});
+            };
+            match crate::client_cmds::signal_member(client, conv, req["data"].clone()).await {
+                Ok(()) => json!({"result": "sent"}),
+                Err(e) => json!({"error": format!("{e:#}")}),
+            }
+        }
+        _ => json!({"error": "unknown op: use status, sync, send or signal"}),
     }
 }
 

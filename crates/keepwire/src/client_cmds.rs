@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
+use futures_util::StreamExt as _;
 use keepwire_client::notify::{CommandNotifier, Notifier};
 use keepwire_client::store::Store;
 use keepwire_client::{
-    AppState, BackgroundPolicy, BoxFuture, Client, ClientError, ConnectionError, State, StopReason,
-    SyncOutcome, TokenProvider,
+    AppState, BackgroundPolicy, BoxFuture, Client, ClientError, ClientEvent, ConnectionError,
+    State, StopReason, SyncOutcome, TokenProvider,
 };
 use keepwire_proto::Message;
 
@@ -185,6 +186,11 @@ pub(crate) struct TailArgs {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Also print the signals (typing, presence) other members send, as
+    /// they arrive, while this process holds the connection (with --json:
+    /// `{"signal":{"conv":..,"from":..,"data":..}}`).
+    #[arg(long)]
+    signals: bool,
 }
 
 #[derive(Args)]
@@ -207,7 +213,7 @@ pub(crate) fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
 }
 
 pub(crate) async fn open_client(home: &std::path::Path, start: bool) -> anyhow::Result<Client> {
-    init_logging("warn");
+    init_logging("warn")?;
     let store = open_existing(home)?;
     let mut b = crate::token_store::apply(Client::builder(home), &store, home).await?;
     drop(store);
@@ -223,7 +229,7 @@ pub(crate) async fn background_client(
     policy: BackgroundPolicy,
     notify: Option<Arc<dyn Notifier>>,
 ) -> anyhow::Result<Client> {
-    init_logging("warn");
+    init_logging("warn")?;
     let store = open_existing(home)?;
     let mut b = crate::token_store::apply(Client::builder(home), &store, home)
         .await?
@@ -267,7 +273,7 @@ fn describe(e: &ConnectionError) -> String {
     }
 }
 
-fn stopped_message(r: StopReason) -> String {
+pub(crate) fn stopped_message(r: StopReason) -> String {
     match r {
         StopReason::AuthRejected => {
             "the relay rejected the token (unknown, expired, or for another relay); run `keepwire login --server URL --token-file FILE` with a valid token".into()
@@ -382,7 +388,7 @@ impl TokenProvider for NoRefresh {
 }
 
 pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
-    init_logging("warn");
+    init_logging("warn")?;
     let home = args.home.path()?;
     for u in &args.servers {
         if !(u.starts_with("ws://") || u.starts_with("wss://")) {
@@ -541,6 +547,11 @@ pub(crate) async fn conv(args: ConvArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn send(args: SendArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
+    // The relay accepts an empty body (PROTOCOL.md §5), but from the command
+    // line it is almost always an empty shell variable: nothing is queued.
+    if args.text.is_empty() {
+        bail!("the message is empty: nothing was queued (an unset shell variable?)");
+    }
     let req = serde_json::json!({"op": "send", "conv": args.conv, "text": args.text, "timeout_ms": args.timeout.as_millis() as u64});
     if let Some(r) = crate::agent::ask(&home, &req, args.timeout + Duration::from_secs(2)).await {
         return match (r["result"].as_str(), r["error"].as_str()) {
@@ -754,9 +765,17 @@ pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let stop = wait_for_signal();
     tokio::pin!(stop);
+    let mut events = client.events();
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
+            Some(ClientEvent::Signal { conv, from, data }) = events.next(), if args.signals => {
+                if args.json {
+                    println!("{}", serde_json::json!({"signal": {"conv": conv, "from": from, "data": data}}));
+                } else {
+                    println!("conv {conv} {} signals {}", printable(&from), printable(&data.to_string()));
+                }
+            }
             _ = tick.tick() => {
                 for (seq, m) in store.messages_after(last, 1000)? {
                     last = seq;
@@ -814,6 +833,10 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let network = agent
         .as_ref()
         .and_then(|a| a["network"].as_str().map(str::to_owned));
+    // The last time the relay's log was replaced under this device.
+    let last_gap: Option<serde_json::Value> = store
+        .meta("last_gap")?
+        .and_then(|g| serde_json::from_str(&g).ok());
     let v = serde_json::json!({
         "home": home.display().to_string(),
         "user": store.meta("user")?,
@@ -833,6 +856,7 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         "messages": store.message_count()?,
         "token_store": token_at.json(),
         "network": network,
+        "last_gap": last_gap,
     });
     if args.json {
         println!("{v}");
@@ -859,6 +883,17 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("token:    kept {}", token_at.words());
         if let Some(n) = &network {
             println!("network:  {}", printable(n));
+        }
+        if let Some(g) = &last_gap {
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH
+                    + Duration::from_millis(g["at_ms"].as_i64().unwrap_or(0).max(0) as u64),
+            );
+            println!(
+                "warning:  at {when} the relay's message log was replaced (restored from a backup): \
+                 {} messages stored here were forgotten; history is fetched again from the relay",
+                g["dropped_messages"]
+            );
         }
     }
     Ok(())
@@ -1071,6 +1106,78 @@ pub(crate) async fn prefs(args: PrefsArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Args)]
+pub(crate) struct SignalArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// Conversation id.
+    conv: u64,
+    /// The signal's data: JSON (e.g. '{"typing":true}'); anything that is not
+    /// JSON is sent as a JSON string. At most 1024 bytes encoded.
+    data: String,
+    /// How long to wait for a connection to the relay.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    timeout: Duration,
+}
+
+/// Sends an ephemeral signal (typing, presence) to the conversation's
+/// members connected now: through a running agent's connection, else over
+/// a connection of its own. Never queued: a late typing indicator is wrong.
+pub(crate) async fn signal(args: SignalArgs) -> anyhow::Result<()> {
+    let home = args.home.path()?;
+    let data: serde_json::Value = serde_json::from_str(&args.data)
+        .unwrap_or_else(|_| serde_json::Value::String(args.data.clone()));
+    let req = serde_json::json!({"op": "signal", "conv": args.conv, "data": data, "timeout_ms": args.timeout.as_millis() as u64});
+    if let Some(r) = crate::agent::ask(&home, &req, args.timeout + Duration::from_secs(2)).await {
+        return match (r["result"].as_str(), r["error"].as_str()) {
+            (Some("sent"), _) => {
+                println!("signalled through the agent");
+                Ok(())
+            }
+            (_, Some(e)) => bail!("{e}"),
+            _ => bail!("unexpected answer from the agent: {r}"),
+        };
+    }
+    let client = open_client(&home, true).await?;
+    let connected = tokio::select! {
+        r = client.wait_connected(args.timeout) => r,
+        Ok(_) = client.wait_for(args.timeout, |s| s.holder && s.plainly_unreachable(1)) => Err(ClientError::Timeout),
+    };
+    if let Err(e) = connected {
+        // Read before stopping (a stopped client holds nothing).
+        let held_elsewhere = matches!(e, ClientError::Timeout) && !client.status().holder;
+        let err = connect_failure(&client, e);
+        client.stop().await;
+        if held_elsewhere {
+            bail!(
+                "another keepwire process (a `tail`) holds this home's connection, and signals \
+                 cannot be queued for it: stop it, or run `keepwire agent`, which relays signals"
+            );
+        }
+        return Err(err);
+    }
+    let result = signal_member(&client, args.conv, data).await;
+    client.stop().await;
+    result?;
+    println!("signalled");
+    Ok(())
+}
+
+/// Sends a signal after checking membership (the relay's refusal of a
+/// signal names no request, so it could not be reported).
+pub(crate) async fn signal_member(
+    client: &Client,
+    conv: u64,
+    data: serde_json::Value,
+) -> anyhow::Result<()> {
+    let convs = client.list_conversations().await?;
+    if !convs.iter().any(|c| c.id == conv) {
+        bail!("you are not a member of conversation {conv} (see `keepwire conv list`)");
+    }
+    client.signal(conv, data).await?;
+    Ok(())
+}
+
+#[derive(Args)]
 pub(crate) struct ReadArgs {
     #[command(flatten)]
     home: HomeArg,
@@ -1107,13 +1214,15 @@ pub(crate) async fn read(args: ReadArgs) -> anyhow::Result<()> {
 pub(crate) struct StatsArgs {
     #[command(flatten)]
     home: HomeArg,
-    /// The window, ending now.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
-    since: Duration,
+    /// The window, ending now [default: 24h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
     /// As one JSON object.
     #[arg(long)]
     json: bool,
-    /// Also write a timeline picture of the window to this SVG file.
+    /// Also write a timeline picture to this SVG file: of the --since window,
+    /// or, by default, of the last 24 hours fitted to the records (a short
+    /// session fills the picture instead of a sliver of a day).
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
 }
@@ -1141,11 +1250,31 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let since = i64::try_from(args.since.as_millis()).unwrap_or(i64::MAX);
-    let s = keepwire_client::analytics::stats(&store, now.saturating_sub(since), now)?;
+    let window = args.since.unwrap_or(Duration::from_secs(86_400));
+    let since = i64::try_from(window.as_millis()).unwrap_or(i64::MAX);
+    let from = now.saturating_sub(since);
+    let s = keepwire_client::analytics::stats(&store, from, now)?;
     if let Some(path) = &args.svg {
-        std::fs::write(path, keepwire_client::analytics::svg(&s))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        // Fitted: from a little before the first record, if that is later.
+        let fitted = match (
+            args.since,
+            keepwire_client::analytics::first_record(&store)?,
+        ) {
+            (None, Some(first)) if first > from => {
+                let margin = ((now - first) / 20).max(1_000);
+                Some(keepwire_client::analytics::stats(
+                    &store,
+                    (first - margin).max(from),
+                    now,
+                )?)
+            }
+            _ => None,
+        };
+        std::fs::write(
+            path,
+            keepwire_client::analytics::svg(fitted.as_ref().unwrap_or(&s)),
+        )
+        .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if args.json {
         let mut v = serde_json::to_value(&s)?;
@@ -1161,7 +1290,7 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
     };
     println!(
         "window:                      the last {}",
-        span_words(args.since)
+        span_words(window)
     );
     println!(
         "uptime while wanted:         {:.1}% ({:.1} of {:.1} min)",
@@ -1206,4 +1335,145 @@ pub(crate) struct AgentArgs {
 pub(crate) async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
     crate::agent::run(&home, args.notify_command, !args.no_desktop).await
+}
+
+#[derive(Args)]
+pub(crate) struct OutboxArgs {
+    #[command(flatten)]
+    home: HomeArg,
+    /// As one JSON object.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Option<OutboxCommand>,
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// List the sends not confirmed yet: pending, or failed (the relay
+    /// refused them), oldest first (the default).
+    List,
+    /// Queue failed sends again (they go out with the next sync, or at once
+    /// through the process holding the connection).
+    Retry {
+        /// The send's client id (from `keepwire outbox`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        cid: Option<String>,
+        /// Every failed send.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove a send from the outbox: it will not be sent. A pending send
+    /// can only be dropped while no keepwire process holds this home's
+    /// connection (it may be on its way to the relay).
+    Drop {
+        /// The send's client id.
+        cid: String,
+    },
+}
+
+/// "45s", "12m", "3h", "2d": an age in one unit.
+fn age_words(ms: i64) -> String {
+    let s = (ms / 1000).max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3_600 => format!("{}m", s / 60),
+        3_600..86_400 => format!("{}h", s / 3_600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+/// `keepwire outbox`: list, retry or drop unconfirmed sends.
+pub(crate) fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
+    use keepwire_client::store::OutboxRefusal;
+    let home = args.home.path()?;
+    let mut store = open_existing(&home)?;
+    let said = |what: &str, cid: &str| {
+        if args.json {
+            println!("{}", serde_json::json!({"result": what, "cid": cid}));
+        } else {
+            println!("{what} {cid}");
+        }
+    };
+    match args.command.unwrap_or(OutboxCommand::List) {
+        OutboxCommand::List => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let rows = store.outbox()?;
+            if args.json {
+                let sends: Vec<_> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "cid": r.item.cid, "conv": r.item.conv, "state": r.status,
+                            "error": r.error, "created_at_ms": r.created_at_ms,
+                            "age_secs": (now - r.created_at_ms).max(0) / 1000,
+                            "body": r.item.body,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({"outbox": sends}));
+            } else if rows.is_empty() {
+                println!("the outbox is empty: every send was confirmed");
+            } else {
+                println!(
+                    "{:<32}  {:>6}  {:>5}  {:<7}  error",
+                    "cid", "conv", "age", "state"
+                );
+                for r in rows {
+                    println!(
+                        "{:<32}  {:>6}  {:>5}  {:<7}  {}",
+                        r.item.cid,
+                        r.item.conv,
+                        age_words(now - r.created_at_ms),
+                        r.status,
+                        printable(r.error.as_deref().unwrap_or("-"))
+                    );
+                }
+            }
+        }
+        OutboxCommand::Retry { cid: Some(cid), .. } => match store.outbox_retry(&cid)? {
+            Ok(()) => said("queued again", &cid),
+            Err(OutboxRefusal::Unknown) => {
+                bail!("no send {cid:?} in the outbox (see `keepwire outbox`)")
+            }
+            Err(OutboxRefusal::Pending) => {
+                bail!("send {cid} is still pending: it goes out on its own with the next sync")
+            }
+        },
+        OutboxCommand::Retry { cid: None, .. } => {
+            let failed: Vec<String> = store
+                .outbox()?
+                .into_iter()
+                .filter(|r| r.status == "failed")
+                .map(|r| r.item.cid)
+                .collect();
+            for cid in &failed {
+                // A failed send another process retried meanwhile is fine.
+                if store.outbox_retry(cid)?.is_ok() {
+                    said("queued again", cid);
+                }
+            }
+            if failed.is_empty() && !args.json {
+                println!("no failed sends to retry");
+            }
+        }
+        OutboxCommand::Drop { cid } => {
+            let pending = store
+                .outbox()?
+                .iter()
+                .any(|r| r.item.cid == cid && r.status == "pending");
+            if pending && lock_held(&home) {
+                bail!(
+                    "send {cid} is pending and a keepwire process holds this home's connection, so it may be on its way to the relay; stop that process first"
+                );
+            }
+            match store.outbox_drop(&cid)? {
+                Ok(()) => said("dropped", &cid),
+                Err(_) => bail!("no send {cid:?} in the outbox (see `keepwire outbox`)"),
+            }
+        }
+    }
+    Ok(())
 }

@@ -54,12 +54,16 @@ enum Command {
     Tail(client_cmds::TailArgs),
     /// Show the connection state, cursor and outbox.
     Status(client_cmds::StatusArgs),
+    /// List, retry or drop the sends not confirmed yet (pending or failed).
+    Outbox(client_cmds::OutboxArgs),
     /// Notification and background preferences (mute, quiet hours, previews, policy).
     Prefs(client_cmds::PrefsArgs),
     /// Push wake-ups of this device: register (fcm, apns, webpush), status, unregister, receive.
     Push(push_cmds::PushArgs),
     /// Mark a conversation read (on all of the user's devices).
     Read(client_cmds::ReadArgs),
+    /// Send an ephemeral signal (typing, presence) to the members connected now.
+    Signal(client_cmds::SignalArgs),
     /// Connection analytics: uptime, reconnects, heartbeats, notifications (--svg for a timeline).
     Stats(client_cmds::StatsArgs),
     /// Run the desktop background agent (connection, notifications, local socket).
@@ -178,18 +182,105 @@ fn not_wire_contents(meta: &tracing::Metadata<'_>) -> bool {
         })
 }
 
-pub(crate) fn init_logging(default: &str) {
+/// Sets up logging to stderr: `KEEPWIRE_LOG` filters (default `default`),
+/// `KEEPWIRE_LOG_FORMAT` picks `text` (the default) or `json` (one object a
+/// line, for log collectors). Any other format is an error, said at once.
+pub(crate) fn init_logging(default: &str) -> anyhow::Result<()> {
     use tracing_subscriber::filter::FilterExt as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::{EnvFilter, Layer as _};
+    let json = match std::env::var("KEEPWIRE_LOG_FORMAT") {
+        Err(std::env::VarError::NotPresent) => false,
+        Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("text") => false,
+        Ok(v) if v.eq_ignore_ascii_case("json") => true,
+        Ok(v) => anyhow::bail!("KEEPWIRE_LOG_FORMAT is {v:?}: use `text` (the default) or `json`"),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("KEEPWIRE_LOG_FORMAT is not text: use `text` (the default) or `json`")
+        }
+    };
     let filter =
         EnvFilter::try_from_env("KEEPWIRE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(filter.and(tracing_subscriber::filter::filter_fn(not_wire_contents)));
+    let filter = filter.and(tracing_subscriber::filter::filter_fn(not_wire_contents));
+    let layer = if json {
+        tracing_subscriber::fmt::layer()
+            .event_format(JsonLines)
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_filter(filter)
+            .boxed()
+    };
     let _ = tracing_subscriber::registry().with(layer).try_init();
+    Ok(())
+}
+
+/// Formats each event as one JSON object a line (`KEEPWIRE_LOG_FORMAT=json`):
+/// `timestamp` (RFC 3339, UTC), `level`, `target`, and the event's fields
+/// (`message` among them) at the top level. Written by hand with serde_json
+/// rather than tracing-subscriber's `json` feature, which would rebuild half
+/// the dependency tree for one formatter.
+struct JsonLines;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for JsonLines
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        let mut fields = serde_json::Map::new();
+        event.record(&mut JsonFields(&mut fields));
+        fields.insert(
+            "timestamp".into(),
+            humantime::format_rfc3339_micros(std::time::SystemTime::now())
+                .to_string()
+                .into(),
+        );
+        fields.insert("level".into(), meta.level().as_str().into());
+        fields.insert("target".into(), meta.target().into());
+        writeln!(writer, "{}", serde_json::Value::Object(fields))
+    }
+}
+
+/// Collects an event's fields as JSON values.
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -203,9 +294,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Log(args) => client_cmds::log(args),
         Command::Tail(args) => client_cmds::tail(args).await,
         Command::Status(args) => client_cmds::status(args).await,
+        Command::Outbox(args) => client_cmds::outbox(args),
         Command::Prefs(args) => client_cmds::prefs(args).await,
         Command::Push(args) => push_cmds::push(args).await,
         Command::Read(args) => client_cmds::read(args).await,
+        Command::Signal(args) => client_cmds::signal(args).await,
         Command::Stats(args) => client_cmds::stats(args),
         Command::Agent(args) => client_cmds::agent(args).await,
         Command::Demo => demo::run().await,

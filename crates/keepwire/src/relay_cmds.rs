@@ -310,6 +310,14 @@ enum DeviceCommand {
 enum UserCommand {
     /// List every user's name (one a line).
     List,
+    /// Delete a user: their inbox, devices, tokens, push registrations and
+    /// mutes go, they leave every conversation, and their live connections
+    /// close (a running relay sees it within a second). Their messages
+    /// already delivered stay in the other members' inboxes.
+    Delete {
+        /// The user.
+        name: String,
+    },
     /// Create a user and print a token for it on one line.
     Add {
         /// User name: 1-64 characters of [A-Za-z0-9_.@-].
@@ -395,7 +403,7 @@ fn require_db(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging("info");
+    init_logging("info")?;
     raise_open_file_limit();
     let mut config = Config {
         listen: args.listen,
@@ -649,6 +657,17 @@ async fn admin_store(store: &dyn Store, command: AdminCommand) -> anyhow::Result
             for name in store.list_users().await? {
                 println!("{name}");
             }
+        }
+        AdminCommand::User(UserCommand::Delete { name }) => {
+            let gone = store.delete_user(&name).await?;
+            let plural =
+                |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            println!(
+                "deleted {}: left {}, removed {}; their messages stay with the other members",
+                gone.user,
+                plural(gone.conversations, "conversation"),
+                plural(gone.devices, "device"),
+            );
         }
         AdminCommand::Token(TokenCommand::Issue { name, ttl }) => {
             let t = store.issue_token(&name, ttl).await?;

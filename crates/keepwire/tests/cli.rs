@@ -233,3 +233,167 @@ fn a_mistyped_db_is_refused_not_created() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "alice\nbob\n");
 }
+
+#[test]
+fn admin_user_delete_removes_the_user() {
+    let dir = TempDir::new("delete");
+    let db = dir.join("relay.db");
+    add_user(&db, "alice");
+    add_user(&db, "bob");
+    let t = db.to_str().unwrap();
+    let out = keepwire(&["admin", "--db", t, "user", "delete", "alice"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "deleted alice: left 0 conversations, removed 0 devices; their messages stay with the other members"
+    );
+    let out = keepwire(&["admin", "--db", t, "user", "list"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "bob\n");
+    assert_human_error(
+        &keepwire(&["admin", "--db", t, "user", "delete", "alice"]),
+        "no user named \"alice\"",
+    );
+}
+
+#[test]
+fn keepwire_log_format_json_makes_serve_log_json_lines() {
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("logjson");
+    let db = dir.join("relay.db");
+    let child = Command::new(crate::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .env("KEEPWIRE_LOG", "info")
+        .env("KEEPWIRE_LOG_FORMAT", "json")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let mut child = crate::KillOnDrop(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let serving = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).expect("serve logs `serving`");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
+        if v["message"] == "serving" {
+            break v;
+        }
+    };
+    assert_eq!(serving["level"], "INFO");
+    assert_eq!(serving["target"], "keepwire::server");
+    assert!(serving["timestamp"].is_string(), "{serving}");
+    child.kill();
+
+    // Anything but text or json: one clear line, before anything starts.
+    let out = Command::new(crate::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db"])
+        .arg(&db)
+        .env("KEEPWIRE_LOG_FORMAT", "xml")
+        .output()
+        .unwrap();
+    assert_human_error(
+        &out,
+        "KEEPWIRE_LOG_FORMAT is \"xml\": use `text` (the default) or `json`",
+    );
+}
+
+#[test]
+fn an_empty_message_is_refused_by_the_cli_and_nothing_is_queued() {
+    let dir = TempDir::new("empty");
+    let home = dir.join("home");
+    let out = crate::kw(
+        &home,
+        &[
+            "login",
+            "--no-check",
+            "--server",
+            "ws://127.0.0.1:9",
+            "--token",
+            "kw_x",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_human_error(
+        &crate::kw(&home, &["send", "1", ""]),
+        "the message is empty",
+    );
+    let out = crate::kw_ok(&home, &["outbox", "--json"]);
+    assert_eq!(out.trim(), r#"{"outbox":[]}"#);
+}
+
+/// The systemd user units in contrib/ pass `systemd-analyze verify`, with
+/// the binaries where the README's `cargo install` puts them.
+#[test]
+fn the_systemd_units_verify() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains("cargo install --locked --path crates/keepwire"),
+        "the README says how to install what the units run"
+    );
+    let Ok(which) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        println!("skipped: systemd-analyze is not installed");
+        return;
+    };
+    if !which.status.success() {
+        println!("skipped: systemd-analyze does not run here");
+        return;
+    }
+    let dir = TempDir::new("units");
+    let home = dir.join("home");
+    let bin_dir = home.join(".cargo/bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::os::unix::fs::symlink(crate::bin(), bin_dir.join("keepwire")).unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_keepwire-agent"),
+        bin_dir.join("keepwire-agent"),
+    )
+    .unwrap();
+    // A user manager needs a runtime directory; a private one will do.
+    let runtime = dir.join("run");
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let units = root.join("contrib/systemd");
+    let names = [
+        "keepwire-agent.service",
+        "keepwire-sync.service",
+        "keepwire-sync.timer",
+    ];
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["--user", "verify"])
+        .args(names.iter().map(|n| units.join(n)))
+        .env("HOME", &home)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {err}");
+    for name in names {
+        assert!(!err.contains(name), "a complaint about {name}: {err}");
+    }
+}

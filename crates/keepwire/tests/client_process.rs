@@ -471,6 +471,10 @@ fn the_agent_holds_the_connection_notifies_and_serves_send_sync_and_status() {
     assert_eq!(kw_ok(&alice, &["send", &conv, "hi bob"]).trim(), "sent");
     let out = kw_ok(&alice, &["sync"]);
     assert!(out.contains("through the agent"), "{out}");
+    assert_eq!(
+        kw_ok(&alice, &["signal", &conv, "typing"]).trim(),
+        "signalled through the agent"
+    );
     // SIGTERM: the agent stops cleanly and removes its socket.
     let status = Command::new("kill")
         .arg("-TERM")
@@ -761,4 +765,235 @@ fn messages_say_revoked_status_speaks_words_and_prefs_have_units() {
         err.contains("the token was revoked") && err.contains("keepwire login"),
         "{err}"
     );
+}
+
+#[test]
+fn a_signal_from_the_cli_reaches_a_member_tailing_with_signals() {
+    use std::io::BufRead as _;
+    let Setup {
+        dir: _dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob,
+    } = setup("signal");
+    let conv = kw_ok(&alice, &["conv", "create", "bob"]).trim().to_owned();
+    let mut child = Command::new(bin())
+        .args(["tail", "--json", "--signals"])
+        .env("KEEPWIRE_HOME", &bob)
+        .env("KEEPWIRE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn tail");
+    let stdout = child.stdout.take().unwrap();
+    let _tail = Tail(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    wait_until(Duration::from_secs(10), "bob's tail to connect", || {
+        status(&bob)["state"] == "Connected"
+    });
+    assert_eq!(
+        kw_ok(&alice, &["signal", &conv, r#"{"typing":true}"#]).trim(),
+        "signalled"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("bob's tail prints the signal");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if !v["signal"].is_null() {
+            break v["signal"].clone();
+        }
+    };
+    assert_eq!(got["from"], "alice");
+    assert_eq!(got["conv"].to_string(), conv);
+    assert_eq!(got["data"], serde_json::json!({"typing": true}));
+    // A conversation alice is not in: said plainly, not silently dropped.
+    let out = kw(&alice, &["signal", "999", "typing"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a member of conversation 999"), "{err}");
+}
+
+#[test]
+fn the_outbox_lists_retries_and_drops_unconfirmed_sends() {
+    let Setup {
+        dir: _dir,
+        db: _db,
+        relay: _relay,
+        alice,
+        bob: _bob,
+    } = setup("outbox");
+    let outbox = |home: &Path| -> Vec<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_str(&kw_ok(home, &["outbox", "--json"])).unwrap();
+        v["outbox"].as_array().unwrap().clone()
+    };
+    assert!(kw_ok(&alice, &["outbox"]).contains("the outbox is empty"));
+    // Refused by the relay (alice is in no conversation 999): failed, kept.
+    let out = kw(&alice, &["send", "999", "to nowhere"]);
+    assert!(!out.status.success());
+    let rows = outbox(&alice);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["state"], "failed");
+    assert_eq!(rows[0]["conv"], 999);
+    assert!(
+        rows[0]["error"].as_str().unwrap().contains("not_member")
+            || rows[0]["error"].as_str().unwrap().contains("no_such_conv"),
+        "{rows:?}"
+    );
+    let failed = rows[0]["cid"].as_str().unwrap().to_owned();
+    let table = kw_ok(&alice, &["outbox"]);
+    assert!(
+        table.contains(&failed) && table.contains("failed"),
+        "{table}"
+    );
+    // Queued without waiting: pending.
+    kw_ok(&alice, &["send", "--timeout", "0", "999", "later"]);
+    let rows = outbox(&alice);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["state"], "pending");
+    let pending = rows[1]["cid"].as_str().unwrap().to_owned();
+    let out = kw(&alice, &["outbox", "retry", &pending]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still pending"));
+    // Nothing holds the connection: a pending send may be dropped.
+    assert_eq!(
+        kw_ok(&alice, &["outbox", "drop", &pending]).trim(),
+        format!("dropped {pending}")
+    );
+    // Retry puts the failed one back in line; the next sync sends it (and
+    // the relay refuses it again).
+    assert_eq!(
+        kw_ok(&alice, &["outbox", "retry", "--all"]).trim(),
+        format!("queued again {failed}")
+    );
+    let rows = outbox(&alice);
+    assert_eq!(
+        (rows.len(), rows[0]["state"].as_str()),
+        (1, Some("pending"))
+    );
+    let _ = kw(&alice, &["sync"]);
+    let rows = outbox(&alice);
+    assert_eq!(rows[0]["state"], "failed", "{rows:?}");
+    assert_eq!(
+        kw_ok(&alice, &["outbox", "drop", &failed]).trim(),
+        format!("dropped {failed}")
+    );
+    assert!(outbox(&alice).is_empty());
+    let out = kw(&alice, &["outbox", "drop", &failed]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no send"));
+}
+
+#[test]
+fn a_revoked_agent_exits_5_and_says_why() {
+    let Setup {
+        dir: _dir,
+        db,
+        relay: _relay,
+        alice,
+        bob: _bob,
+    } = setup("revoked-agent");
+    let mut agent = Tail(
+        Command::new(bin())
+            .args(["agent", "--no-desktop"])
+            .env("KEEPWIRE_HOME", &alice)
+            .env("KEEPWIRE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(Duration::from_secs(10), "the agent to connect", || {
+        status(&alice)["state"] == "Connected"
+    });
+    let out = crate::keepwire(&[
+        "admin",
+        "--db",
+        db.to_str().unwrap(),
+        "token",
+        "revoke",
+        "--user",
+        "alice",
+    ]);
+    assert!(out.status.success());
+    let mut exit = None;
+    wait_until(Duration::from_secs(15), "the agent to exit", || {
+        exit = agent.0.try_wait().unwrap();
+        exit.is_some()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(agent.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(exit.unwrap().code(), Some(5), "{err}");
+    assert!(
+        err.contains("ERROR") && err.contains("the token was revoked"),
+        "{err}"
+    );
+    assert!(!alice.join("agent.sock").exists());
+}
+
+#[test]
+fn a_relay_restore_that_drops_local_messages_is_said_out_loud() {
+    let Setup {
+        dir,
+        db,
+        mut relay,
+        alice,
+        bob,
+    } = setup("epoch-gap");
+    let conv = kw_ok(&bob, &["conv", "create", "alice"]).trim().to_owned();
+    let backup = dir.join("before.db");
+    kw_ok(
+        &alice,
+        &[
+            "admin",
+            "--db",
+            db.to_str().unwrap(),
+            "backup",
+            backup.to_str().unwrap(),
+        ],
+    );
+    for m in ["one", "two"] {
+        assert_eq!(kw_ok(&bob, &["send", &conv, m]).trim(), "sent");
+    }
+    kw_ok(&alice, &["sync"]);
+    assert!(status(&alice)["last_gap"].is_null());
+    // The relay is restored from the backup: its log has a new epoch.
+    relay.kill9();
+    kw_ok(
+        &alice,
+        &[
+            "admin",
+            "--db",
+            db.to_str().unwrap(),
+            "restore",
+            backup.to_str().unwrap(),
+        ],
+    );
+    let _relay = RelayProcess::start_at(&bin(), &db, relay.url.trim_start_matches("ws://"), FAST);
+    let out = kw(&alice, &["sync"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the relay's message log was replaced")
+            && err.contains("messages stored on this device were forgotten"),
+        "{err}"
+    );
+    let s = status(&alice);
+    assert_eq!(s["last_gap"]["reason"], "epoch", "{s}");
+    assert!(
+        s["last_gap"]["dropped_messages"].as_u64().unwrap() >= 2,
+        "{s}"
+    );
+    let text = kw_ok(&alice, &["status"]);
+    assert!(text.contains("warning:  at "), "{text}");
 }

@@ -199,6 +199,26 @@ pub struct ResumePlan {
     pub resume: Resume,
 }
 
+/// What [`AdminStore::delete_user`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeletedUser {
+    /// The deleted user's internal id (to close its connections here).
+    #[serde(skip)]
+    pub id: UserId,
+    /// The name it had.
+    pub user: String,
+    /// The conversations it left.
+    pub conversations: u64,
+    /// The devices it had.
+    pub devices: u64,
+}
+
+/// The name a deleted user's row keeps: its past messages are attributed to
+/// it. Not a valid user name (like [`SYSTEM_USER`]), so no one can take it.
+pub fn deleted_user_name(id: UserId) -> String {
+    format!("~deleted.{id}")
+}
+
 /// A freshly issued token. The secret is shown once and never stored.
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
@@ -579,8 +599,17 @@ pub trait AdminStore: Send + Sync + 'static {
     /// A user's id by name.
     async fn user_id(&self, name: &str) -> Result<Option<UserId>, StoreError>;
     /// Every user's name (created by an admin or the API, or by a valid
-    /// JWT's first connection), sorted.
+    /// JWT's first connection), sorted; not the system user nor deleted users.
     async fn list_users(&self) -> Result<Vec<String>, StoreError>;
+    /// Deletes a user, in one transaction: their inbox, devices, tokens,
+    /// push registrations, mutes, read markers and dedupe keys go; they
+    /// leave every conversation (the other members get a `removed` event
+    /// by [`SYSTEM_USER`]); a revocation log entry closes their live
+    /// connections on every relay. Their messages already delivered stay in
+    /// the other members' inboxes and in the history, attributed from then
+    /// on to [`deleted_user_name`] (the user row stays as that tombstone, so
+    /// its id is never reused and the name is free for a new user).
+    async fn delete_user(&self, name: &str) -> Result<DeletedUser, StoreError>;
     /// Revokes a device: its connections close, it cannot reconnect, and
     /// every keepwire token it connected with is revoked (so a stolen
     /// device's token cannot connect under another device id). Returns false

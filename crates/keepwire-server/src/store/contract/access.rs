@@ -464,3 +464,113 @@ pub async fn push_registrations_and_wake_positions(f: &dyn StoreFactory) {
     assert!(s.push_targets(b).await.unwrap().is_empty());
     s.close().await;
 }
+
+/// Deleting a user removes their inbox, devices, tokens, push registrations,
+/// mutes and memberships (the others get a `removed` event by the system),
+/// logs a revocation that closes their connections, and leaves their
+/// delivered messages in the others' inboxes, attributed to a tombstone
+/// name; the name is free for a new, unrelated user.
+pub async fn deleting_a_user(f: &dyn StoreFactory) {
+    let s = open(f);
+    let [a, b, _c] = users(&*s, &["a", "b", "c"]).await[..] else {
+        unreachable!()
+    };
+    let g = group(&*s, a, "g", &["b", "c"]).await;
+    let (d, _) = s
+        .conv_create(
+            Actor::User(a),
+            ConvCreate {
+                rid: "r".into(),
+                key: "d".into(),
+                kind: ConvKind::Direct,
+                members: vec!["b".into()],
+                name: None,
+            },
+            1000,
+        )
+        .await
+        .unwrap();
+    s.send(Actor::User(a), "phone", msg(g, "1", "from a"))
+        .await
+        .unwrap();
+    s.send(Actor::User(b), "laptop", msg(d.id, "2", "to a"))
+        .await
+        .unwrap();
+    let t = s.issue_token("a", Duration::from_secs(60)).await.unwrap();
+    s.touch_device(a, "phone", Some(t.id)).await.unwrap();
+    s.set_push(a, "phone", Some(fcm("ta"))).await.unwrap();
+    s.mute(a, g, true).await.unwrap();
+    s.mark_read(a, d.id, 1).await.unwrap();
+    let before = s.revocations_after(0).await.unwrap().len();
+
+    let gone = s.delete_user("a").await.unwrap();
+    assert_eq!(
+        (
+            gone.id,
+            gone.user.as_str(),
+            gone.conversations,
+            gone.devices
+        ),
+        (a, "a", 2, 1)
+    );
+    assert!(matches!(
+        s.authenticate(&t.token).await,
+        Err(StoreError::Auth(_))
+    ));
+    assert_eq!(s.user_id("a").await.unwrap(), None);
+    assert_eq!(s.list_users().await.unwrap(), ["b", "c"]);
+    assert!(matches!(
+        s.list_devices("a").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(inbox(&*s, a).await.is_empty(), "the inbox is gone");
+    assert!(s.push_targets(a).await.unwrap().is_empty());
+    let revs = s.revocations_after(0).await.unwrap();
+    assert_eq!(revs.len(), before + 1);
+    let last = revs.last().unwrap();
+    assert_eq!(
+        (last.user_id, last.token_id, &last.device),
+        (a, None, &None)
+    );
+
+    // The others keep the message and learn that `a` left, by the system.
+    let tomb = crate::store::deleted_user_name(a);
+    let bi = inbox(&*s, b).await;
+    assert_contiguous(&bi, 1);
+    assert!(bi.iter().any(|e| matches!(&e.item,
+        EntryItem::Message(m) if m.body == "from a" && m.from == tomb)));
+    let removed: Vec<(u64, &str, &str)> = bi
+        .iter()
+        .filter_map(|e| match &e.item {
+            EntryItem::Member(ev) if ev.change == MemberChange::Removed => {
+                Some((ev.conv.id, ev.user.as_str(), ev.by.as_str()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, [(g, "a", "~system"), (d.id, "a", "~system")]);
+    let convs = s.conv_list(b).await.unwrap();
+    let gi = convs.iter().find(|c| c.id == g).unwrap();
+    assert_eq!(gi.members, ["b", "c"]);
+    let page = s.history(Actor::System, g, None, 10).await.unwrap();
+    assert_eq!(page.messages[0].from, tomb);
+
+    // The name is free again, for an unrelated user.
+    let a2 = s.create_user("a").await.unwrap();
+    assert_ne!(a2, a);
+    assert!(s.conv_list(a2).await.unwrap().is_empty());
+    assert!(inbox(&*s, a2).await.is_empty());
+    assert!(matches!(
+        s.delete_user("nobody").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.delete_user(crate::store::SYSTEM_USER).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.delete_user(&tomb).await,
+        Err(StoreError::NotFound(_))
+    ));
+    s.close().await;
+}

@@ -162,6 +162,7 @@ macro_rules! store_contract_tests {
             reopen_keeps_everything,
             api_keys,
             push_registrations_and_wake_positions,
+            deleting_a_user,
         );
     };
     (@tests $factory:expr; $skip:expr; $($name:ident),* $(,)?) => {

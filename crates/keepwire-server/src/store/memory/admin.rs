@@ -6,8 +6,8 @@ use std::time::Duration;
 use super::state::{self, ApiKey, Token};
 use super::{MemoryStore, hash, no_user};
 use crate::store::{
-    AdminStore, ApiKeyInfo, DeviceInfo, DevicePosition, DevicePush, IssuedToken, Positions,
-    Revocation, RevokeTarget, StoreError, TokenInfo, TrimReport, UserId,
+    AdminStore, ApiKeyInfo, DeletedUser, DeviceInfo, DevicePosition, DevicePush, IssuedToken,
+    Positions, Revocation, RevokeTarget, StoreError, TokenInfo, TrimReport, UserId,
 };
 use keepwire_proto::ConvId;
 
@@ -29,10 +29,21 @@ impl AdminStore for MemoryStore {
 
     async fn list_users(&self) -> Result<Vec<String>, StoreError> {
         self.read(|s| {
-            let mut names: Vec<String> = s.user_ids.keys().cloned().collect();
+            // `~` names are the system user and deleted users' tombstones.
+            let mut names: Vec<String> = s
+                .user_ids
+                .keys()
+                .filter(|n| !n.starts_with('~'))
+                .cloned()
+                .collect();
             names.sort();
             Ok(names)
         })
+    }
+
+    async fn delete_user(&self, name: &str) -> Result<DeletedUser, StoreError> {
+        let name = name.to_owned();
+        self.write(move |s, w| s.delete_user(w, &name)).await
     }
 
     async fn revoke_device(&self, user: &str, device: &str) -> Result<bool, StoreError> {

@@ -9,9 +9,73 @@ use keepwire_proto::{
 };
 
 use super::state::{Conv, Slot, State, WriteCtx, no_such_conv, refused};
-use crate::store::{Actor, StoreError, UserId};
+use crate::store::{Actor, DeletedUser, Revocation, StoreError, UserId, deleted_user_name};
 
 impl State {
+    /// Deletes a user (see [`AdminStore::delete_user`](crate::store::AdminStore::delete_user)).
+    pub(super) fn delete_user(
+        &mut self,
+        w: &mut WriteCtx<'_>,
+        name: &str,
+    ) -> Result<DeletedUser, StoreError> {
+        let user = match self.user_id(name) {
+            Some(id) if keepwire_proto::is_valid_user_name(name) => id,
+            _ => return Err(super::no_user(name)),
+        };
+        let convs: Vec<ConvId> = self
+            .convs
+            .iter()
+            .filter(|(_, c)| c.members.contains(&user))
+            .map(|(&id, _)| id)
+            .collect();
+        let system = self.actor_id(Actor::System);
+        let by = self.user_name(system);
+        let now = self.log_ts(w.now_ms);
+        for &conv in &convs {
+            let c = self.convs.get_mut(&conv).expect("listed");
+            c.members.remove(&user);
+            let rest: Vec<UserId> = c.members.iter().copied().collect();
+            let event = MemberEvent {
+                conv: self.conv_info(conv).expect("exists"),
+                user: name.to_owned(),
+                change: MemberChange::Removed,
+                by: by.clone(),
+                ts: now,
+            };
+            self.member_entries(w, &rest, &event);
+        }
+        let before = self.devices.len();
+        self.devices.retain(|(u, _), _| *u != user);
+        let devices = (before - self.devices.len()) as u64;
+        self.inbox.remove(&user);
+        self.tokens.retain(|t| t.user != user);
+        self.push.retain(|(u, _), _| *u != user);
+        self.mutes.retain(|(u, _)| *u != user);
+        self.reads.retain(|(u, _), _| *u != user);
+        self.sends.retain(|(u, _, _), _| *u != user);
+        // The row stays as a tombstone: its id is not reused and the name is free.
+        self.user_ids.remove(name);
+        let tombstone = deleted_user_name(user);
+        self.user_ids.insert(tombstone.clone(), user);
+        let u = self.users.get_mut(&user).expect("named");
+        u.name = tombstone;
+        u.floor = u.head + 1;
+        u.tokens_revoked_at = Some(w.now_ms);
+        let id = self.revocations.last().map_or(1, |r| r.id + 1);
+        self.revocations.push(Revocation {
+            id,
+            user_id: user,
+            token_id: None,
+            device: None,
+        });
+        Ok(DeletedUser {
+            id: user,
+            user: name.to_owned(),
+            conversations: convs.len() as u64,
+            devices,
+        })
+    }
+
     // -- conversations ------------------------------------------------------
 
     fn member_entries(&mut self, w: &mut WriteCtx<'_>, recipients: &[UserId], event: &MemberEvent) {

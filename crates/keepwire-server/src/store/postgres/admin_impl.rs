@@ -11,8 +11,8 @@ use super::inbox::{TRIM_CHUNK, trim_user};
 use super::queries::{all, exec, one, opt, user_id_by_name};
 use super::{PgError, PostgresStore, Tx, hash_token, push};
 use crate::store::{
-    AdminStore, ApiKeyInfo, DeviceInfo, DevicePosition, DevicePush, IssuedToken, Positions,
-    RevokeTarget, StoreError, TokenInfo, TrimReport, UserId,
+    AdminStore, ApiKeyInfo, DeletedUser, DeviceInfo, DevicePosition, DevicePush, IssuedToken,
+    Positions, RevokeTarget, StoreError, TokenInfo, TrimReport, UserId,
 };
 
 /// Users looked at per page of the age trim.
@@ -92,10 +92,24 @@ impl AdminStore for PostgresStore {
         self.read(|tx| {
             Box::pin(async move {
                 let rows = tx
-                    .query("SELECT name FROM users ORDER BY name", &[])
+                    // `~` names are the system user and deleted users' tombstones.
+                    .query(
+                        "SELECT name FROM users WHERE name NOT LIKE '~%' ORDER BY name",
+                        &[],
+                    )
                     .await?;
                 Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
             })
+        })
+        .await
+    }
+
+    async fn delete_user(&self, name: &str) -> Result<DeletedUser, StoreError> {
+        let name = name.to_owned();
+        let ctx = self.ctx.clone();
+        self.write(move |tx, heads| {
+            let (ctx, name) = (ctx.clone(), name.clone());
+            Box::pin(async move { super::conversations::delete_user(tx, heads, &ctx, &name).await })
         })
         .await
     }

@@ -12,7 +12,7 @@ use super::queries::{
     message_from_row, opt, require_actor, require_member, user_id_by_name, user_name,
 };
 use super::{Ctx, Heads, PgError, Tx};
-use crate::store::{Actor, StoreError, UserId};
+use crate::store::{Actor, DeletedUser, StoreError, UserId, deleted_user_name};
 
 /// A page of `conv`'s history below `before`, for a member (or the system).
 pub(super) async fn history(
@@ -299,4 +299,115 @@ pub(super) async fn list(tx: &Tx<'_>, user: UserId) -> Result<Vec<ConvInfo>, PgE
         }
     }
     Ok(out)
+}
+
+/// The conversations `user` belongs to, by id.
+async fn user_convs(tx: &Tx<'_>, user: UserId) -> Result<Vec<i64>, PgError> {
+    Ok(all(
+        tx,
+        "SELECT conv_id FROM members WHERE user_id = $1 ORDER BY conv_id",
+        &[&user],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+/// Deletes a user (see [`AdminStore::delete_user`](crate::store::AdminStore::delete_user)).
+/// Locks as every writer does, conversation rows before inbox heads, each
+/// in id order.
+pub(super) async fn delete_user(
+    tx: &Tx<'_>,
+    heads: &mut Heads,
+    ctx: &Ctx,
+    name: &str,
+) -> Result<DeletedUser, PgError> {
+    let no_user = || PgError::from(StoreError::NotFound(format!("no user named {name:?}")));
+    if !keepwire_proto::is_valid_user_name(name) {
+        return Err(no_user());
+    }
+    let user = user_id_by_name(tx, name).await?.ok_or_else(no_user)?;
+    let convs = user_convs(tx, user).await?;
+    let rows = all(
+        tx,
+        "SELECT last_ts FROM convs WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        &[&convs],
+    )
+    .await?;
+    let conv_ts = rows.iter().map(|r| r.get::<_, i64>(0)).max().unwrap_or(0);
+    let mut recipients = BTreeSet::from([user]);
+    for &conv in &convs {
+        recipients.extend(member_ids(tx, conv as u64).await?);
+    }
+    let recipients: Vec<UserId> = recipients.into_iter().collect();
+    let locked = lock_heads(tx, &recipients).await?;
+    // With the user's head locked no membership of theirs can change: look
+    // again, in case one did before (or the user was deleted meanwhile).
+    if user_id_by_name(tx, name).await? != Some(user) || user_convs(tx, user).await? != convs {
+        return Err(StoreError::commit("the user changed while being deleted; retry").into());
+    }
+    let system = actor_id(tx, Actor::System, ctx.now_ms()).await?;
+    let by = user_name(tx, system).await?;
+    let now = entry_time(tx, ctx, &locked, conv_ts).await?;
+    for &conv in &convs {
+        exec(
+            tx,
+            "DELETE FROM members WHERE conv_id = $1 AND user_id = $2",
+            &[&conv, &user],
+        )
+        .await?;
+        let Some(info) = conv_info(tx, conv as u64).await? else {
+            continue;
+        };
+        // The others learn of it; the deleted user's inbox is going.
+        let event = MemberEvent {
+            conv: info,
+            user: name.to_owned(),
+            change: MemberChange::Removed,
+            by: by.clone(),
+            ts: now,
+        };
+        let rest = member_ids(tx, conv as u64).await?;
+        membership_entries(tx, &rest, &event, ctx.retention.max_entries, heads).await?;
+    }
+    let devices = exec(tx, "DELETE FROM devices WHERE user_id = $1", &[&user]).await?;
+    for table in [
+        "inbox",
+        "device_tokens",
+        "tokens",
+        "push_registrations",
+        "mutes",
+        "reads",
+        "sends",
+    ] {
+        exec(
+            tx,
+            &format!("DELETE FROM {table} WHERE user_id = $1"),
+            &[&user],
+        )
+        .await?;
+    }
+    // The row stays as a tombstone: its id is not reused (messages and
+    // direct conversations refer to it) and the name is free.
+    let now_ms = ctx.now_ms();
+    exec(
+        tx,
+        "UPDATE users SET name = $2, tokens_revoked_at = $3, inbox_floor = inbox_head + 1
+         WHERE id = $1",
+        &[&user, &deleted_user_name(user), &now_ms],
+    )
+    .await?;
+    exec(
+        tx,
+        "INSERT INTO revocations (user_id, token_id, at) VALUES ($1, NULL, $2)",
+        &[&user, &now_ms],
+    )
+    .await?;
+    Ok(DeletedUser {
+        id: user,
+        user: name.to_owned(),
+        conversations: convs.len() as u64,
+        devices,
+    })
 }

@@ -4,15 +4,16 @@
 use std::time::Duration;
 
 use base64::Engine as _;
-use keepwire_proto::{ConvId, ErrorCode, is_valid_user_name};
+use keepwire_proto::{ConvId, ErrorCode, MemberChange, MemberEvent, is_valid_user_name};
 use rand::RngCore as _;
 use rusqlite::{OptionalExtension, params};
 
-use super::queries::user_id_by_name;
+use super::inbox::membership_entries;
+use super::queries::{conv_info, member_ids, system_user, user_id_by_name, user_name};
 use super::{SqliteStore, hash_token, inbox};
 use crate::store::{
-    AdminStore, ApiKeyInfo, DeviceInfo, DevicePosition, IssuedToken, Positions, RevokeTarget,
-    StoreError, TokenInfo, TrimReport, UserId,
+    AdminStore, ApiKeyInfo, DeletedUser, DeviceInfo, DevicePosition, IssuedToken, Positions,
+    RevokeTarget, StoreError, TokenInfo, TrimReport, UserId, deleted_user_name,
 };
 
 fn new_token() -> String {
@@ -59,11 +60,82 @@ impl AdminStore for SqliteStore {
 
     async fn list_users(&self) -> Result<Vec<String>, StoreError> {
         self.read(|c| {
-            let mut st = c.prepare_cached("SELECT name FROM users ORDER BY name")?;
+            // `~` names are the system user and deleted users' tombstones.
+            let mut st =
+                c.prepare_cached("SELECT name FROM users WHERE name NOT LIKE '~%' ORDER BY name")?;
             let names = st
                 .query_map([], |r| r.get::<_, String>(0))?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(names)
+        })
+        .await
+    }
+
+    async fn delete_user(&self, name: &str) -> Result<DeletedUser, StoreError> {
+        let name = name.to_owned();
+        let ctx = self.ctx.clone();
+        self.write(move |c, heads| {
+            // Every check before the first write (a failing job after a
+            // write rolls back its whole group).
+            let user = match user_id_by_name(c, &name)? {
+                Some(id) if is_valid_user_name(&name) => id,
+                _ => return Err(StoreError::NotFound(format!("no user named {name:?}"))),
+            };
+            let convs: Vec<i64> = c
+                .prepare_cached("SELECT conv_id FROM members WHERE user_id = ?1 ORDER BY conv_id")?
+                .query_map([user], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let now_ms = ctx.clock.now_ms();
+            let system = system_user(c, now_ms)?;
+            let by = user_name(c, system)?;
+            let now = ctx.clock.log_ts();
+            for &conv in &convs {
+                let conv = conv as u64;
+                c.prepare_cached("DELETE FROM members WHERE conv_id = ?1 AND user_id = ?2")?
+                    .execute(params![conv as i64, user])?;
+                let Some(info) = conv_info(c, conv)? else {
+                    continue;
+                };
+                // The others learn of it; the deleted user's inbox is going.
+                let event = MemberEvent {
+                    conv: info,
+                    user: name.clone(),
+                    change: MemberChange::Removed,
+                    by: by.clone(),
+                    ts: now,
+                };
+                let rest = member_ids(c, conv)?;
+                membership_entries(c, &rest, &event, ctx.retention.max_entries, heads)?;
+            }
+            let devices = c.execute("DELETE FROM devices WHERE user_id = ?1", [user])?;
+            for table in [
+                "inbox",
+                "device_tokens",
+                "tokens",
+                "push_registrations",
+                "mutes",
+                "reads",
+                "sends",
+            ] {
+                c.execute(&format!("DELETE FROM {table} WHERE user_id = ?1"), [user])?;
+            }
+            // The row stays as a tombstone: its id is not reused (messages
+            // and direct conversations refer to it) and the name is free.
+            c.execute(
+                "UPDATE users SET name = ?2, tokens_revoked_at = ?3, inbox_floor = inbox_head + 1
+                 WHERE id = ?1",
+                params![user, deleted_user_name(user), now_ms],
+            )?;
+            c.execute(
+                "INSERT INTO revocations (user_id, token_id, at) VALUES (?1, NULL, ?2)",
+                params![user, now_ms],
+            )?;
+            Ok(DeletedUser {
+                id: user,
+                user: name,
+                conversations: convs.len() as u64,
+                devices: devices as u64,
+            })
         })
         .await
     }
