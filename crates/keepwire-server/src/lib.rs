@@ -105,6 +105,110 @@ pub struct RelayServer {
     hub: Arc<Hub>,
 }
 
+/// The push engine, when the configuration names a push configuration file.
+async fn start_push(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    hub: &Arc<Hub>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> io::Result<Option<Arc<push::Push>>> {
+    let Some(path) = &config.push_config else {
+        return Ok(None);
+    };
+    let pc = keepwire_push::PushConfig::load(path)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let p = push::Push::start(
+        pc,
+        config.push_settings,
+        store.clone(),
+        hub.clone(),
+        Arc::new(store::SystemClock),
+        metrics,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| io::Error::other(format!("push: {e}")))?;
+    Ok(Some(p))
+}
+
+/// Points the store's head notices at the hub, through the push engine and
+/// the cross-node bus when they run; returns the bus.
+async fn listen_for_heads(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    hub: &Arc<Hub>,
+    push: Option<&Arc<push::Push>>,
+    shutdown: &CancellationToken,
+) -> io::Result<Option<bus::Bus>> {
+    let heads: Arc<dyn store::HeadListener> = match push {
+        Some(p) => p.listener(hub.clone()),
+        None => hub.clone(),
+    };
+    let bus = match &config.bus {
+        None => None,
+        Some(cfg) => Some(
+            bus::Bus::start(cfg.clone(), hub.clone(), store.clone(), shutdown.clone())
+                .await
+                .map_err(io::Error::other)?,
+        ),
+    };
+    match &bus {
+        Some(b) => store.set_head_listener(b.listener(heads)),
+        None => store.set_head_listener(heads),
+    }
+    Ok(bus)
+}
+
+/// The relay's routes: the WebSocket, health, metrics and the HTTP API.
+fn router(shared: &Arc<Shared>) -> Router {
+    let app = Router::new()
+        .route("/", get(ws_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_handler))
+        .merge(api::routes(shared.config.api_max_body_bytes));
+    let app = if shared.config.conformance_echo {
+        app.route("/conformance/echo", get(echo_handler))
+    } else {
+        app
+    };
+    app.with_state(shared.clone())
+}
+
+/// Serves until `stop`, then lets connections say "going away" within the
+/// shutdown grace and closes the store.
+async fn serve_until_stopped(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    listener::serve(
+        listener,
+        app,
+        tls,
+        listener::HttpLimits {
+            head_timeout: shared.config.request_head_timeout,
+            max_head_bytes: shared.config.max_request_head_bytes,
+        },
+        stop,
+        shared.config.shutdown_grace,
+    )
+    .await;
+    // Connections saw the cancellation and are sending "going away".
+    tracker.close();
+    if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(target: "keepwire::server", "connections still open after the shutdown grace");
+    }
+    shared.store.close().await;
+    tracing::info!(target: "keepwire::server", "stopped");
+}
+
 impl RelayServer {
     /// Binds `config.listen` and starts serving. The store's head listener is
     /// set to this relay's hub.
@@ -118,41 +222,8 @@ impl RelayServer {
         let hub = Arc::new(Hub::new(config.user_sends_per_sec, config.user_send_burst));
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let push = match &config.push_config {
-            None => None,
-            Some(path) => {
-                let pc = keepwire_push::PushConfig::load(path)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-                let p = push::Push::start(
-                    pc,
-                    config.push_settings,
-                    store.clone(),
-                    hub.clone(),
-                    Arc::new(store::SystemClock),
-                    &metrics,
-                    shutdown.clone(),
-                )
-                .await
-                .map_err(|e| io::Error::other(format!("push: {e}")))?;
-                Some(p)
-            }
-        };
-        let heads: Arc<dyn store::HeadListener> = match &push {
-            Some(p) => p.listener(hub.clone()),
-            None => hub.clone(),
-        };
-        let bus = match &config.bus {
-            None => None,
-            Some(cfg) => Some(
-                bus::Bus::start(cfg.clone(), hub.clone(), store.clone(), shutdown.clone())
-                    .await
-                    .map_err(io::Error::other)?,
-            ),
-        };
-        match &bus {
-            Some(b) => store.set_head_listener(b.listener(heads)),
-            None => store.set_head_listener(heads),
-        }
+        let push = start_push(&config, &store, &hub, &metrics, &shutdown).await?;
+        let bus = listen_for_heads(&config, &store, &hub, push.as_ref(), &shutdown).await?;
         let auth = Arc::new(auth::Authenticator::new(store.clone(), config.jwt.clone()));
         let mut session = config.session_config(hub.clone(), metrics.clone());
         session.push = push.clone().map(|p| p as Arc<dyn session::PushPolicy>);
@@ -189,17 +260,7 @@ impl RelayServer {
         tracker.spawn(revocation_poller(shared.clone()));
         tracker.spawn(trimmer(shared.clone()));
 
-        let app = Router::new()
-            .route("/", get(ws_handler))
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route("/metrics", get(metrics_handler))
-            .merge(api::routes(shared.config.api_max_body_bytes));
-        let app = if shared.config.conformance_echo {
-            app.route("/conformance/echo", get(echo_handler))
-        } else {
-            app
-        }
-        .with_state(shared.clone());
+        let app = router(&shared);
         let tls = shared
             .config
             .tls
@@ -207,31 +268,14 @@ impl RelayServer {
             .map(listener::tls_acceptor)
             .transpose()?;
         let scheme = if tls.is_some() { "wss" } else { "ws" };
-        let stop = shutdown.clone();
-        let task = tokio::spawn(async move {
-            listener::serve(
-                listener,
-                app,
-                tls,
-                listener::HttpLimits {
-                    head_timeout: shared.config.request_head_timeout,
-                    max_head_bytes: shared.config.max_request_head_bytes,
-                },
-                stop,
-                shared.config.shutdown_grace,
-            )
-            .await;
-            // Connections saw the cancellation and are sending "going away".
-            tracker.close();
-            if tokio::time::timeout(shared.config.shutdown_grace, tracker.wait())
-                .await
-                .is_err()
-            {
-                tracing::warn!(target: "keepwire::server", "connections still open after the shutdown grace");
-            }
-            shared.store.close().await;
-            tracing::info!(target: "keepwire::server", "stopped");
-        });
+        let task = tokio::spawn(serve_until_stopped(
+            listener,
+            app,
+            tls,
+            shared,
+            shutdown.clone(),
+            tracker,
+        ));
         tracing::info!(target: "keepwire::server", %addr, epoch = %store.epoch(), "listening");
         Ok(RelayServer {
             addr,

@@ -73,6 +73,26 @@ fn json_body(name: &str) -> Value {
 
 /// The document.
 pub(crate) fn document() -> Value {
+    let mut doc = json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "keepwire relay API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Server-to-server API for a chat app's backend: publish messages, manage conversations, list and revoke devices, page history, read delivery positions. Authenticate with an API key from `keepwire admin api-key create`."
+        },
+        "security": [{"apiKey": []}],
+        "paths": paths(),
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "kwk_... from `keepwire admin api-key create NAME`"}},
+            "schemas": schemas()
+        }
+    });
+    add_user_provisioning(&mut doc);
+    doc
+}
+
+/// The operations on conversations, devices, tokens, push and positions.
+fn paths() -> Value {
     let mut create_errors = errors(&body_errors());
     create_errors.insert("403".into(), problem("The acting user may not do this"));
     let conv_created = with2(
@@ -100,266 +120,280 @@ pub(crate) fn document() -> Value {
             ),
         ),
     );
-    let mut doc = json!({
-        "openapi": "3.0.3",
-        "info": {
-            "title": "keepwire relay API",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "Server-to-server API for a chat app's backend: publish messages, manage conversations, list and revoke devices, page history, read delivery positions. Authenticate with an API key from `keepwire admin api-key create`."
-        },
-        "security": [{"apiKey": []}],
-        "paths": {
-            "/v1/conversations": {
-                "post": {
-                    "operationId": "createConversation",
-                    "summary": "Create a conversation (idempotent per key)",
-                    "requestBody": json_body("CreateConversation"),
-                    "responses": conv_created
-                }
-            },
-            "/v1/conversations/{conv}/messages": {
-                "parameters": [conv_param()],
-                "post": {
-                    "operationId": "publishMessage",
-                    "summary": "Publish a message as a member or as the system (idempotent per key)",
-                    "requestBody": json_body("Publish"),
-                    "responses": published
-                },
-                "get": {
-                    "operationId": "history",
-                    "summary": "Page a conversation's history backwards",
-                    "parameters": [
-                        {"name": "before", "in": "query", "required": false, "schema": {"type": "integer", "format": "int64", "minimum": 0}},
-                        {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 200}}
-                    ],
-                    "responses": with(errors(&[]), "200", ok("A page, ascending conv_seq", schema("HistoryPage")))
-                }
-            },
-            "/v1/conversations/{conv}/members": {
-                "parameters": [conv_param()],
-                "post": {
-                    "operationId": "addMember",
-                    "summary": "Add a member (idempotent)",
-                    "requestBody": json_body("AddMember"),
-                    "responses": with(create_errors.clone(), "200", ok("The conversation after the change", schema("MemberChange")))
-                }
-            },
-            "/v1/conversations/{conv}/members/{user}": {
-                "parameters": [conv_param(), user_param()],
-                "delete": {
-                    "operationId": "removeMember",
-                    "summary": "Remove a member (idempotent)",
-                    "responses": with(errors(&[("403", "Not allowed")]), "200", ok("The conversation after the change", schema("MemberChange")))
-                }
-            },
-            "/v1/users/{user}/conversations": {
-                "parameters": [user_param()],
-                "get": {
-                    "operationId": "userConversations",
-                    "summary": "A user's conversations",
-                    "responses": with(errors(&[]), "200", ok("Conversations", json!({"type": "object", "required": ["conversations"], "properties": {"conversations": {"type": "array", "items": schema("Conversation")}}})))
-                }
-            },
-            "/v1/users/{user}/devices": {
-                "parameters": [user_param()],
-                "get": {
-                    "operationId": "userDevices",
-                    "summary": "A user's devices with their delivery positions",
-                    "responses": with(errors(&[]), "200", ok("Devices", json!({"type": "object", "required": ["devices"], "properties": {"devices": {"type": "array", "items": schema("Device")}}})))
-                }
-            },
-            "/v1/users/{user}/devices/{device}/revoke": {
-                "parameters": [user_param(), {"name": "device", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}],
-                "post": {
-                    "operationId": "revokeDevice",
-                    "summary": "Revoke a device: its live connections close at once (4010) and it cannot reconnect",
-                    "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["revoked"], "properties": {"revoked": {"type": "boolean", "description": "false if it was already revoked"}}})))
-                }
-            },
-            "/v1/users/{user}/tokens/revoke": {
-                "parameters": [user_param()],
-                "post": {
-                    "operationId": "revokeTokens",
-                    "summary": "Revoke every token of a user (keepwire tokens, and app-issued tokens issued until now)",
-                    "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["revoked_tokens", "closed_connections"], "properties": {"revoked_tokens": {"type": "integer", "minimum": 0, "description": "keepwire tokens revoked (0 for a user of app-issued JWTs)"}, "closed_connections": {"type": "integer", "minimum": 0, "description": "live connections of the user closed on this relay node"}}})))
-                }
-            },
-            "/v1/users/{user}/devices/{device}/push": {
-                "parameters": [user_param(), {"name": "device", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}],
-                "put": {
-                    "operationId": "setDevicePush",
-                    "summary": "Set or replace a device's push registration (FCM, APNs or Web Push); registering a token another device holds moves it",
-                    "requestBody": json_body("SetPush"),
-                    "responses": with(errors(&body_errors()), "200", ok("The registration id pushes carry", json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}})))
-                },
-                "delete": {
-                    "operationId": "deleteDevicePush",
-                    "summary": "Remove a device's push registration",
-                    "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["removed"], "properties": {"removed": {"type": "boolean"}}})))
-                }
-            },
-            "/v1/push/vapid": {
-                "get": {
-                    "operationId": "vapidKey",
-                    "summary": "The relay's VAPID public key (Web Push); no API key needed",
-                    "security": [],
-                    "responses": {
-                        "200": ok("The key", json!({"type": "object", "required": ["vapid"], "properties": {"vapid": {"type": "string"}}})),
-                        "404": problem("No Web Push configuration")
-                    }
-                }
-            },
-            "/v1/users/{user}/positions": {
-                "parameters": [user_param()],
-                "get": {
-                    "operationId": "positions",
-                    "summary": "Delivery positions per device (for delivered ticks)",
-                    "parameters": [{"name": "conv", "in": "query", "required": false, "schema": {"type": "integer", "format": "int64", "minimum": 1}}],
-                    "responses": with(errors(&[]), "200", ok("Positions", schema("Positions")))
-                }
+    let mut paths = json!({
+        "/v1/conversations": {
+            "post": {
+                "operationId": "createConversation",
+                "summary": "Create a conversation (idempotent per key)",
+                "requestBody": json_body("CreateConversation"),
+                "responses": conv_created
             }
         },
-        "components": {
-            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "kwk_... from `keepwire admin api-key create NAME`"}},
-            "schemas": {
-                "SetPush": {
-                    "type": "object",
-                    "additionalProperties": false,
-                    "required": ["registration"],
-                    "properties": {
-                        "registration": {
-                            "type": "object",
-                            "description": "{\"provider\":\"fcm\",\"token\":...}, {\"provider\":\"apns\",\"token\":...,\"environment\":\"production\",\"topic\":...} or {\"provider\":\"webpush\",\"endpoint\":...,\"keys\":{\"p256dh\":...,\"auth\":...}}",
-                            "required": ["provider"],
-                            "properties": {"provider": {"type": "string", "enum": ["fcm", "apns", "webpush"]}}
-                        },
-                        "previews": {"type": "boolean", "description": "the user allows encrypted previews"}
-                    }
-                },
-                "Problem": {
-                    "type": "object",
-                    "required": ["type", "title", "status", "detail"],
-                    "properties": {
-                        "type": {"type": "string"},
-                        "title": {"type": "string"},
-                        "status": {"type": "integer"},
-                        "detail": {"type": "string"}
-                    }
-                },
-                "Conversation": {
-                    "type": "object",
-                    "required": ["id", "kind", "members", "last_seq"],
-                    "properties": {
-                        "id": {"type": "integer", "format": "int64"},
-                        "kind": {"type": "string", "enum": ["direct", "group"]},
-                        "name": {"type": "string"},
-                        "members": {"type": "array", "items": {"type": "string"}},
-                        "last_seq": {"type": "integer", "minimum": 0}
-                    }
-                },
-                "CreateConversation": {
-                    "type": "object",
-                    "additionalProperties": false,
-                    "required": ["kind", "members", "key"],
-                    "properties": {
-                        "as": {"type": "string", "description": "Create as this user (a member, bound by user rules); absent: as the system"},
-                        "kind": {"type": "string", "enum": ["direct", "group"]},
-                        "members": {"type": "array", "items": {"type": "string"}, "description": "Members besides the creator (two for a direct conversation made by the system)"},
-                        "name": {"type": "string", "maxLength": 128},
-                        "key": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "description": "Idempotency key"}
-                    }
-                },
-                "Publish": {
-                    "type": "object",
-                    "additionalProperties": false,
-                    "required": ["body", "idempotency_key"],
-                    "properties": {
-                        "from": {"type": "string", "description": "Send as this user (must be a member); absent: a system message"},
-                        "body": {"type": "string"},
-                        "kind": {"type": "string", "enum": ["text"]},
-                        "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
-                    }
-                },
-                "Confirmation": {
-                    "type": "object",
-                    "required": ["id", "conv", "conv_seq", "ts", "duplicate"],
-                    "properties": {
-                        "id": {"type": "integer", "format": "int64"},
-                        "conv": {"type": "integer", "format": "int64"},
-                        "conv_seq": {"type": "integer"},
-                        "ts": {"type": "integer", "format": "int64"},
-                        "duplicate": {"type": "boolean"}
-                    }
-                },
-                "Message": {
-                    "type": "object",
-                    "required": ["id", "conv", "conv_seq", "from", "cid", "kind", "body", "ts"],
-                    "properties": {
-                        "id": {"type": "integer", "format": "int64"},
-                        "conv": {"type": "integer", "format": "int64"},
-                        "conv_seq": {"type": "integer"},
-                        "from": {"type": "string"},
-                        "cid": {"type": "string"},
-                        "kind": {"type": "string"},
-                        "body": {"type": "string"},
-                        "ts": {"type": "integer", "format": "int64"}
-                    }
-                },
-                "HistoryPage": {
-                    "type": "object",
-                    "required": ["conv", "messages", "more"],
-                    "properties": {
-                        "conv": {"type": "integer", "format": "int64"},
-                        "messages": {"type": "array", "items": schema("Message")},
-                        "more": {"type": "boolean"}
-                    }
-                },
-                "AddMember": {
-                    "type": "object",
-                    "additionalProperties": false,
-                    "required": ["user"],
-                    "properties": {
-                        "user": {"type": "string"},
-                        "as": {"type": "string", "description": "Act as this member; absent: as the system"}
-                    }
-                },
-                "MemberChange": {
-                    "type": "object",
-                    "required": ["conversation", "changed"],
-                    "properties": {"conversation": schema("Conversation"), "changed": {"type": "boolean"}}
-                },
-                "Device": {
-                    "type": "object",
-                    "required": ["device", "first_seen_ms", "last_seen_ms", "acked_seq"],
-                    "properties": {
-                        "device": {"type": "string"},
-                        "first_seen_ms": {"type": "integer", "format": "int64"},
-                        "last_seen_ms": {"type": "integer", "format": "int64"},
-                        "acked_seq": {"type": "integer", "minimum": 0},
-                        "revoked_at_ms": {"type": "integer", "format": "int64", "nullable": true}
-                    }
-                },
-                "Positions": {
-                    "type": "object",
-                    "required": ["head", "devices"],
-                    "properties": {
-                        "head": {"type": "integer", "minimum": 0},
-                        "devices": {"type": "array", "items": {
-                            "type": "object",
-                            "required": ["device", "acked_seq"],
-                            "properties": {
-                                "device": {"type": "string"},
-                                "acked_seq": {"type": "integer", "minimum": 0},
-                                "conv_delivered_seq": {"type": "integer", "minimum": 0}
-                            }
-                        }}
-                    }
-                }
+        "/v1/conversations/{conv}/messages": {
+            "parameters": [conv_param()],
+            "post": {
+                "operationId": "publishMessage",
+                "summary": "Publish a message as a member or as the system (idempotent per key)",
+                "requestBody": json_body("Publish"),
+                "responses": published
+            },
+            "get": {
+                "operationId": "history",
+                "summary": "Page a conversation's history backwards",
+                "parameters": [
+                    {"name": "before", "in": "query", "required": false, "schema": {"type": "integer", "format": "int64", "minimum": 0}},
+                    {"name": "limit", "in": "query", "required": false, "schema": {"type": "integer", "minimum": 1, "maximum": 200}}
+                ],
+                "responses": with(errors(&[]), "200", ok("A page, ascending conv_seq", schema("HistoryPage")))
+            }
+        },
+        "/v1/conversations/{conv}/members": {
+            "parameters": [conv_param()],
+            "post": {
+                "operationId": "addMember",
+                "summary": "Add a member (idempotent)",
+                "requestBody": json_body("AddMember"),
+                "responses": with(create_errors.clone(), "200", ok("The conversation after the change", schema("MemberChange")))
+            }
+        },
+        "/v1/conversations/{conv}/members/{user}": {
+            "parameters": [conv_param(), user_param()],
+            "delete": {
+                "operationId": "removeMember",
+                "summary": "Remove a member (idempotent)",
+                "responses": with(errors(&[("403", "Not allowed")]), "200", ok("The conversation after the change", schema("MemberChange")))
             }
         }
     });
-    add_user_provisioning(&mut doc);
-    doc
+    merge(&mut paths, user_paths());
+    paths
+}
+
+/// The operations on a user's conversations, devices, tokens, push
+/// registrations and delivery positions, and the VAPID key.
+fn user_paths() -> Value {
+    json!({
+        "/v1/users/{user}/conversations": {
+            "parameters": [user_param()],
+            "get": {
+                "operationId": "userConversations",
+                "summary": "A user's conversations",
+                "responses": with(errors(&[]), "200", ok("Conversations", json!({"type": "object", "required": ["conversations"], "properties": {"conversations": {"type": "array", "items": schema("Conversation")}}})))
+            }
+        },
+        "/v1/users/{user}/devices": {
+            "parameters": [user_param()],
+            "get": {
+                "operationId": "userDevices",
+                "summary": "A user's devices with their delivery positions",
+                "responses": with(errors(&[]), "200", ok("Devices", json!({"type": "object", "required": ["devices"], "properties": {"devices": {"type": "array", "items": schema("Device")}}})))
+            }
+        },
+        "/v1/users/{user}/devices/{device}/revoke": {
+            "parameters": [user_param(), {"name": "device", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}],
+            "post": {
+                "operationId": "revokeDevice",
+                "summary": "Revoke a device: its live connections close at once (4010) and it cannot reconnect",
+                "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["revoked"], "properties": {"revoked": {"type": "boolean", "description": "false if it was already revoked"}}})))
+            }
+        },
+        "/v1/users/{user}/tokens/revoke": {
+            "parameters": [user_param()],
+            "post": {
+                "operationId": "revokeTokens",
+                "summary": "Revoke every token of a user (keepwire tokens, and app-issued tokens issued until now)",
+                "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["revoked_tokens", "closed_connections"], "properties": {"revoked_tokens": {"type": "integer", "minimum": 0, "description": "keepwire tokens revoked (0 for a user of app-issued JWTs)"}, "closed_connections": {"type": "integer", "minimum": 0, "description": "live connections of the user closed on this relay node"}}})))
+            }
+        },
+        "/v1/users/{user}/devices/{device}/push": {
+            "parameters": [user_param(), {"name": "device", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}],
+            "put": {
+                "operationId": "setDevicePush",
+                "summary": "Set or replace a device's push registration (FCM, APNs or Web Push); registering a token another device holds moves it",
+                "requestBody": json_body("SetPush"),
+                "responses": with(errors(&body_errors()), "200", ok("The registration id pushes carry", json!({"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}})))
+            },
+            "delete": {
+                "operationId": "deleteDevicePush",
+                "summary": "Remove a device's push registration",
+                "responses": with(errors(&[]), "200", ok("Done", json!({"type": "object", "required": ["removed"], "properties": {"removed": {"type": "boolean"}}})))
+            }
+        },
+        "/v1/push/vapid": {
+            "get": {
+                "operationId": "vapidKey",
+                "summary": "The relay's VAPID public key (Web Push); no API key needed",
+                "security": [],
+                "responses": {
+                    "200": ok("The key", json!({"type": "object", "required": ["vapid"], "properties": {"vapid": {"type": "string"}}})),
+                    "404": problem("No Web Push configuration")
+                }
+            }
+        },
+        "/v1/users/{user}/positions": {
+            "parameters": [user_param()],
+            "get": {
+                "operationId": "positions",
+                "summary": "Delivery positions per device (for delivered ticks)",
+                "parameters": [{"name": "conv", "in": "query", "required": false, "schema": {"type": "integer", "format": "int64", "minimum": 1}}],
+                "responses": with(errors(&[]), "200", ok("Positions", schema("Positions")))
+            }
+        }
+    })
+}
+
+/// The request and response bodies.
+fn schemas() -> Value {
+    let mut schemas = json!({
+        "SetPush": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["registration"],
+            "properties": {
+                "registration": {
+                    "type": "object",
+                    "description": "{\"provider\":\"fcm\",\"token\":...}, {\"provider\":\"apns\",\"token\":...,\"environment\":\"production\",\"topic\":...} or {\"provider\":\"webpush\",\"endpoint\":...,\"keys\":{\"p256dh\":...,\"auth\":...}}",
+                    "required": ["provider"],
+                    "properties": {"provider": {"type": "string", "enum": ["fcm", "apns", "webpush"]}}
+                },
+                "previews": {"type": "boolean", "description": "the user allows encrypted previews"}
+            }
+        },
+        "Problem": {
+            "type": "object",
+            "required": ["type", "title", "status", "detail"],
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"}
+            }
+        },
+        "Conversation": {
+            "type": "object",
+            "required": ["id", "kind", "members", "last_seq"],
+            "properties": {
+                "id": {"type": "integer", "format": "int64"},
+                "kind": {"type": "string", "enum": ["direct", "group"]},
+                "name": {"type": "string"},
+                "members": {"type": "array", "items": {"type": "string"}},
+                "last_seq": {"type": "integer", "minimum": 0}
+            }
+        },
+        "CreateConversation": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["kind", "members", "key"],
+            "properties": {
+                "as": {"type": "string", "description": "Create as this user (a member, bound by user rules); absent: as the system"},
+                "kind": {"type": "string", "enum": ["direct", "group"]},
+                "members": {"type": "array", "items": {"type": "string"}, "description": "Members besides the creator (two for a direct conversation made by the system)"},
+                "name": {"type": "string", "maxLength": 128},
+                "key": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "description": "Idempotency key"}
+            }
+        },
+        "Publish": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["body", "idempotency_key"],
+            "properties": {
+                "from": {"type": "string", "description": "Send as this user (must be a member); absent: a system message"},
+                "body": {"type": "string"},
+                "kind": {"type": "string", "enum": ["text"]},
+                "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}
+            }
+        },
+        "Confirmation": {
+            "type": "object",
+            "required": ["id", "conv", "conv_seq", "ts", "duplicate"],
+            "properties": {
+                "id": {"type": "integer", "format": "int64"},
+                "conv": {"type": "integer", "format": "int64"},
+                "conv_seq": {"type": "integer"},
+                "ts": {"type": "integer", "format": "int64"},
+                "duplicate": {"type": "boolean"}
+            }
+        }
+    });
+    merge(&mut schemas, message_schemas());
+    schemas
+}
+
+/// The bodies of history, membership, devices and positions.
+fn message_schemas() -> Value {
+    json!({
+        "Message": {
+            "type": "object",
+            "required": ["id", "conv", "conv_seq", "from", "cid", "kind", "body", "ts"],
+            "properties": {
+                "id": {"type": "integer", "format": "int64"},
+                "conv": {"type": "integer", "format": "int64"},
+                "conv_seq": {"type": "integer"},
+                "from": {"type": "string"},
+                "cid": {"type": "string"},
+                "kind": {"type": "string"},
+                "body": {"type": "string"},
+                "ts": {"type": "integer", "format": "int64"}
+            }
+        },
+        "HistoryPage": {
+            "type": "object",
+            "required": ["conv", "messages", "more"],
+            "properties": {
+                "conv": {"type": "integer", "format": "int64"},
+                "messages": {"type": "array", "items": schema("Message")},
+                "more": {"type": "boolean"}
+            }
+        },
+        "AddMember": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["user"],
+            "properties": {
+                "user": {"type": "string"},
+                "as": {"type": "string", "description": "Act as this member; absent: as the system"}
+            }
+        },
+        "MemberChange": {
+            "type": "object",
+            "required": ["conversation", "changed"],
+            "properties": {"conversation": schema("Conversation"), "changed": {"type": "boolean"}}
+        },
+        "Device": {
+            "type": "object",
+            "required": ["device", "first_seen_ms", "last_seen_ms", "acked_seq"],
+            "properties": {
+                "device": {"type": "string"},
+                "first_seen_ms": {"type": "integer", "format": "int64"},
+                "last_seen_ms": {"type": "integer", "format": "int64"},
+                "acked_seq": {"type": "integer", "minimum": 0},
+                "revoked_at_ms": {"type": "integer", "format": "int64", "nullable": true}
+            }
+        },
+        "Positions": {
+            "type": "object",
+            "required": ["head", "devices"],
+            "properties": {
+                "head": {"type": "integer", "minimum": 0},
+                "devices": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["device", "acked_seq"],
+                    "properties": {
+                        "device": {"type": "string"},
+                        "acked_seq": {"type": "integer", "minimum": 0},
+                        "conv_delivered_seq": {"type": "integer", "minimum": 0}
+                    }
+                }}
+            }
+        }
+    })
+}
+
+/// Adds `more`'s entries to `into` (both JSON objects).
+fn merge(into: &mut Value, more: Value) {
+    if let (Some(a), Value::Object(b)) = (into.as_object_mut(), more) {
+        a.extend(b);
+    }
 }
 
 /// The user and token provisioning operations (`/v1/users`,

@@ -1293,10 +1293,10 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
         span_words(window)
     );
     println!(
-        "uptime while wanted:         {:.1}% ({:.1} of {:.1} min)",
+        "uptime while wanted:         {:.1}% ({} of {})",
         s.uptime * 100.0,
-        s.connected_ms as f64 / 60_000.0,
-        s.wanted_ms as f64 / 60_000.0
+        length_words(s.connected_ms),
+        length_words(s.wanted_ms)
     );
     println!("reconnects:                  {}", s.reconnects);
     println!(
@@ -1476,4 +1476,30 @@ pub(crate) fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A length of time in the unit that reads best: "42 s", "3.5 min", "2.1 h".
+fn length_words(ms: i64) -> String {
+    let s = ms.max(0) as f64 / 1000.0;
+    if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::length_words;
+
+    #[test]
+    fn lengths_read_in_the_best_unit() {
+        assert_eq!(length_words(0), "0 s");
+        assert_eq!(length_words(42_400), "42 s");
+        assert_eq!(length_words(210_000), "3.5 min");
+        assert_eq!(length_words(7_560_000), "2.1 h");
+        assert_eq!(length_words(-5), "0 s");
+    }
 }
