@@ -1118,6 +1118,12 @@ impl Client {
     /// payload up to [`MAX_PUSH_PAYLOAD`] bytes triggers the sync. A second
     /// call while one runs in this process joins it and returns its result
     /// (`joined`), or a `Partial` report if its own deadline comes first.
+    ///
+    /// If another process holds the home and does not take the sync up
+    /// within a second (an app the OS froze with its socket open), this
+    /// connects anyway, without the home's lock, as a transient connection
+    /// (PROTOCOL.md §2, `hello.transient`): the relay tells the frozen
+    /// connection to come back (4012) rather than replacing it for good.
     pub async fn on_push(
         &self,
         payload: &[u8],
