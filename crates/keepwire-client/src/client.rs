@@ -1778,18 +1778,22 @@ impl Driver {
     /// store closes with the driver: no transaction stays open.
     async fn park(&mut self) -> Exit {
         self.flush();
+        // Short: a wake-up must hand its result back inside the OS's window.
+        self.finish_transport(Duration::from_millis(300)).await;
+        let _ = self.store.save_status("Dormant", None);
+        Exit::Released(std::mem::take(&mut self.acks))
+    }
+
+    /// Lets the closing transport write what is queued and run the closing
+    /// handshake for at most `grace`, then forgets it: a process that exits
+    /// right after `stop` must not drop frames it already queued (a signal).
+    async fn finish_transport(&mut self, grace: Duration) {
         if let Some(mut task) = self.transport_task.take() {
-            // The close frame gets a moment; then the socket is dropped.
-            if tokio::time::timeout(Duration::from_millis(300), &mut task)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
                 task.abort();
             }
         }
         self.outgoing = None;
-        let _ = self.store.save_status("Dormant", None);
-        Exit::Released(std::mem::take(&mut self.acks))
     }
 
     fn answer_acks(&mut self) {
@@ -1869,6 +1873,7 @@ impl Driver {
                 }
             }
         }
+        self.finish_transport(Duration::from_secs(1)).await;
         let _ = self.store.save_status("stopped", None);
         self.answer_acks();
         for w in self.stop_waiters.drain(..) {

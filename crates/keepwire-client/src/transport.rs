@@ -22,6 +22,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+/// How long a closing connection waits for the relay's close frame.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_millis(500);
+
 /// A boxed future, for object-safe async traits.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -279,6 +282,19 @@ pub(crate) async fn run(
                 Some(Outgoing::Close(code)) => {
                     let frame = CloseFrame { code: WsCloseCode::from(code), reason: "".into() };
                     let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(frame)))).await;
+                    // The closing handshake (RFC 6455 §7): wait briefly for the
+                    // relay's close, so it has read everything sent before it.
+                    // Dropping the socket at once can reset the connection
+                    // while the relay still has our last frames unread, and a
+                    // reset discards them (a signal sent just before exiting).
+                    let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+                        while let Some(Ok(msg)) = stream.next().await {
+                            if matches!(msg, Message::Close(_)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
                     return;
                 }
                 // The driver forgot this transport.

@@ -284,6 +284,11 @@ fn transport_error(err: &tungstenite::Error) -> TransportEvent<'static> {
     match err {
         tungstenite::Error::Capacity(_) => TransportEvent::TooBig,
         tungstenite::Error::Utf8(_) => TransportEvent::InvalidUtf8,
+        // A peer that goes away without a closing handshake is not
+        // misbehaving on the wire: it is gone.
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => TransportEvent::Closed,
         tungstenite::Error::Protocol(_) => TransportEvent::ProtocolError,
         _ => TransportEvent::Closed,
     }
