@@ -176,6 +176,7 @@ fn hello(
         agent: None,
         generation: None,
         transient: false,
+        window: None,
     }))
 }
 

@@ -288,6 +288,7 @@ async fn hello(ws: &mut Ws, token: &str, device: &str) -> anyhow::Result<()> {
         agent: Some("keepwire-bench".into()),
         generation: None,
         transient: false,
+        window: None,
     });
     ws.send(Message::Text(encode(&h).into())).await?;
     while let Some(m) = ws.next().await {

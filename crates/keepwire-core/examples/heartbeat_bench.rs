@@ -67,7 +67,7 @@ fn run(adaptive: bool) -> Outcome {
                                 missed: None,
                                 fetch: vec![],
                             },
-                            limits: Limits::default().wire(),
+                            limits: Limits::default().wire(512),
                             push: None,
                         })),
                         ClientFrame::Ping {} => {

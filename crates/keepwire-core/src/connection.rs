@@ -42,6 +42,10 @@ pub struct Config {
     pub going_away_jitter: Duration,
     /// Entries to replay for a device without a cursor.
     pub history: u64,
+    /// The credit window asked for in `hello` (the relay clamps it to its
+    /// maximum, 2048 by default). Large enough that a backlog of thousands
+    /// catches up in a few round trips on a slow path (a push wake-up).
+    pub window: u64,
     /// Client name for the relay's logs.
     pub agent: String,
     /// What to do with the connection while the app is in the background.
@@ -147,6 +151,7 @@ impl Config {
             send_probe_after: Duration::from_secs(3),
             going_away_jitter: Duration::from_secs(5),
             history: 100,
+            window: WINDOW,
             agent: concat!("keepwire-core/", env!("CARGO_PKG_VERSION")).to_owned(),
             background_policy: BackgroundPolicy::Linger(Duration::from_secs(60)),
             adaptive_heartbeat: Some(AdaptiveHeartbeat::default()),
@@ -429,6 +434,9 @@ struct Session {
 pub const ACK_EVERY: Seq = 64;
 /// The longest a stored entry waits to be acknowledged.
 pub const ACK_DELAY: Duration = Duration::from_millis(100);
+/// The credit window asked for by default: 10,000 waiting entries arrive in
+/// 5 round trips instead of the relay's default 512's 20 (PROTOCOL.md §4).
+pub const WINDOW: u64 = 2048;
 
 /// The sans-IO client connection (quinn-proto style).
 ///
@@ -792,6 +800,7 @@ impl Connection {
                         agent: Some(self.cfg.agent.clone()),
                         generation: Some(generation(self.cfg.boot, id)),
                         transient: self.cfg.transient,
+                        window: Some(self.cfg.window),
                     });
                     self.transmits.push_back(Transmit::Frame {
                         id,

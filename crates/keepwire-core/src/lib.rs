@@ -17,7 +17,7 @@ pub use backoff::{Backoff, Jitter};
 pub use connection::{
     ACK_DELAY, ACK_EVERY, AdaptiveHeartbeat, AppState, BackgroundPolicy, Config, Connection,
     ConnectionError, Event, FailureKind, Network, NotConnected, OutboxItem, State, StopReason,
-    Transmit, TransportEvent,
+    Transmit, TransportEvent, WINDOW,
 };
 pub use keepwire_proto::Instant;
 pub use rng::SeededRng;

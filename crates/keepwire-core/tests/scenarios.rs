@@ -89,7 +89,7 @@ fn welcome(head: u64) -> ServerFrame {
             missed: None,
             fetch: vec![],
         },
-        limits: Limits::default().wire(),
+        limits: Limits::default().wire(512),
         push: None,
     })
 }

@@ -256,6 +256,7 @@ mod tests {
             agent: None,
             generation: None,
             transient: false,
+            window: None,
         };
         let shown = format!("{:?}", ClientFrame::Hello(hello));
         assert!(!shown.contains("secret"), "{shown}");
@@ -282,6 +283,7 @@ mod tests {
                 agent: None,
                 generation: None,
                 transient: false,
+                window: None,
             }),
             ClientFrame::Ping {},
             ClientFrame::Ack { seq: 1 },

@@ -140,6 +140,13 @@ pub struct Hello {
     /// connection it displaces is closed with 4012 (reconnect), not 4005.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub transient: bool,
+    /// The credit window wanted (inbox entries beyond the last ack); the
+    /// relay clamps it to 1 ..= its maximum and grants it in
+    /// `welcome.limits.window`. Absent: the relay's default. A larger window
+    /// catches a backlog up in fewer round trips (a push wake-up on a slow
+    /// path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u64>,
 }
 
 impl std::fmt::Debug for Hello {
@@ -153,6 +160,7 @@ impl std::fmt::Debug for Hello {
             .field("agent", &self.agent)
             .field("generation", &self.generation)
             .field("transient", &self.transient)
+            .field("window", &self.window)
             .finish()
     }
 }

@@ -16,8 +16,11 @@ pub struct Limits {
     pub max_token_bytes: usize,
     /// Largest conversation name, in bytes.
     pub max_name_bytes: usize,
-    /// Inbox entries the server sends beyond the client's last ack.
+    /// Inbox entries the server sends beyond the client's last ack, unless
+    /// the `hello` asks for another window.
     pub window: u64,
+    /// The largest window a `hello` may ask for (larger requests are clamped).
+    pub max_window: u64,
     /// Sends a client may have unanswered at once.
     pub max_unconfirmed: usize,
     /// Sustained sends per second per connection.
@@ -39,6 +42,7 @@ impl Default for Limits {
             max_token_bytes: 4096,
             max_name_bytes: 128,
             window: 512,
+            max_window: 2048,
             max_unconfirmed: 64,
             sends_per_sec: 50,
             max_group_size: 1000,
@@ -49,12 +53,19 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// The subset announced in `welcome`.
-    pub fn wire(&self) -> WireLimits {
+    /// The window granted for a `hello` that asked for `wanted`: the
+    /// default when it asked for none, else clamped to `1..=max_window`.
+    pub fn grant_window(&self, wanted: Option<u64>) -> u64 {
+        wanted.map_or(self.window, |w| w.clamp(1, self.max_window.max(1)))
+    }
+
+    /// The subset announced in `welcome`, with the window granted to this
+    /// connection.
+    pub fn wire(&self, window: u64) -> WireLimits {
         WireLimits {
             max_frame_bytes: self.max_frame_bytes as u64,
             max_body_bytes: self.max_body_bytes as u64,
-            window: self.window,
+            window,
             max_unconfirmed: self.max_unconfirmed as u64,
             sends_per_sec: u64::from(self.sends_per_sec),
             max_group_size: self.max_group_size as u64,

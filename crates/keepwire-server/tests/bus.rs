@@ -114,6 +114,7 @@ async fn hello(url: &str, token: &str, device: &str, generation: u64) -> WsClien
         agent: None,
         generation: Some(generation),
         transient: false,
+        window: None,
     }))
     .await;
     c

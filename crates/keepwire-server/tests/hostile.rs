@@ -135,6 +135,7 @@ async fn wss_with_a_private_ca_and_stalled_tls_handshakes_are_cut() {
             agent: None,
             generation: None,
             transient: false,
+            window: None,
         }))
         .await;
         match c.recv().await {

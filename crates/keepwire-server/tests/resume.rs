@@ -320,6 +320,7 @@ async fn cursor_from_another_epoch_or_ahead_gets_a_gap() {
         agent: None,
         generation: None,
         transient: false,
+        window: None,
     }))
     .await;
     let w = nb

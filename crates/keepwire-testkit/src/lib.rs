@@ -114,6 +114,7 @@ impl WsClient {
             agent: Some("keepwire-testkit".into()),
             generation: None,
             transient: false,
+            window: None,
         }))
         .await;
         match c.recv().await {

@@ -110,6 +110,10 @@ pub(crate) struct ServeArgs {
     /// Largest message body, in bytes.
     #[arg(long, value_name = "BYTES")]
     max_body_bytes: Option<usize>,
+    /// The largest credit window a client's `hello` may ask for (inbox
+    /// entries beyond its last ack; 512 for clients that ask for none).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_window: Option<u64>,
     /// Sustained sends per second per connection.
     #[arg(long, value_name = "N")]
     sends_per_sec: Option<u32>,
@@ -422,6 +426,9 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             l.max_body_bytes,
             l.max_frame_bytes
         );
+    }
+    if let Some(v) = args.max_window {
+        l.max_window = v;
     }
     if let Some(v) = args.sends_per_sec {
         l.sends_per_sec = v;

@@ -441,6 +441,8 @@ pub struct Session {
     next: Seq,
     /// The highest sequence the device acknowledged.
     acked: Seq,
+    /// The credit window granted in `welcome` (entries beyond `acked`).
+    window: u64,
     /// The highest inbox head known (plan, hub notices).
     head: Seq,
     heartbeat: Duration,
@@ -472,6 +474,7 @@ impl Session {
     pub fn new(cfg: Arc<SessionConfig>, seed: u64, now: Instant) -> Session {
         let (heartbeat, idle_timeout) = cfg.heartbeat.negotiate(None);
         let idle_deadline = now + cfg.handshake_timeout;
+        let window = cfg.limits.window;
         Session {
             cfg,
             phase: Phase::AwaitingHello,
@@ -479,6 +482,7 @@ impl Session {
             seed,
             next: 1,
             acked: 0,
+            window,
             head: 0,
             heartbeat,
             idle_timeout,
@@ -786,6 +790,7 @@ impl Session {
         // The position the device connected with is recorded at once.
         self.ack_flush_at = Some(now);
         let limits = &self.cfg.limits;
+        self.window = limits.grant_window(hello.window);
         self.limiter = Some(Box::new(Limiter::new(
             limits.sends_per_sec,
             self.cfg.send_burst,
@@ -803,7 +808,7 @@ impl Session {
             epoch: plan.epoch,
             head: plan.head,
             resume: plan.resume,
-            limits: limits.wire(),
+            limits: limits.wire(self.window),
             push: self.cfg.push.as_ref().map(|p| p.info()),
         });
         self.events.push_back(Event::Opened {

@@ -114,8 +114,7 @@ impl Session {
             let r = self.waiting.pop_front().expect("front exists");
             self.requests.push_back(r);
         }
-        let limits = &self.cfg.limits;
-        let credit = (self.acked + limits.window + 1).saturating_sub(self.next);
+        let credit = (self.acked + self.window + 1).saturating_sub(self.next);
         if self.read.is_none() && self.next <= self.head && credit > 0 {
             let Some(peer) = self.peer.as_ref() else {
                 return;

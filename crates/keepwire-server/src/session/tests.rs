@@ -102,8 +102,18 @@ impl Harness {
     }
 
     fn open_with(cfg: Arc<SessionConfig>, head: u64) -> Harness {
+        Self::open_hello(
+            cfg,
+            r#"{"type":"hello","token":"kw_x","device":"phone"}"#,
+            head,
+        )
+        .0
+    }
+
+    /// Runs the handshake with `hello`; returns the session and its welcome.
+    fn open_hello(cfg: Arc<SessionConfig>, hello: &str, head: u64) -> (Harness, Welcome) {
         let mut h = Harness::with_config(cfg);
-        h.text(r#"{"type":"hello","token":"kw_x","device":"phone"}"#, at(1));
+        h.text(hello, at(1));
         let (id, req) = h.take_request();
         assert!(matches!(req, StoreRequest::Authenticate { .. }));
         let user = AuthedUser {
@@ -139,13 +149,16 @@ impl Harness {
             },
         };
         h.answer(id, StoreAnswer::Resume(Ok(plan)), at(5));
-        assert!(matches!(h.frames.remove(0), ServerFrame::Welcome(w) if w.epoch == "e1"));
+        let welcome = match h.frames.remove(0) {
+            ServerFrame::Welcome(w) if w.epoch == "e1" => w,
+            other => panic!("not the welcome: {other:?}"),
+        };
         // The position it connected with is persisted at once.
         h.s.handle_timeout(at(5));
         h.drain();
         let (_, req) = h.take_request();
         assert!(matches!(req, StoreRequest::RecordAck { seq: 0, .. }));
-        h
+        (h, welcome)
     }
 }
 
@@ -445,6 +458,48 @@ fn delivery_follows_the_head_in_order_within_the_credit_window() {
     ));
     h.text(r#"{"type":"ack","seq":9}"#, at(14));
     assert!(matches!(h.frames.last(), Some(ServerFrame::Error(e)) if e.code == ErrorCode::BadAck));
+}
+
+#[test]
+fn the_credit_window_is_what_the_hello_asked_for_clamped_to_the_maximum() {
+    let limits = Limits {
+        window: 4,
+        max_window: 300,
+        ..Default::default()
+    };
+    // (asked, granted): absent = the default; out of range = clamped.
+    for (asked, granted) in [(None, 4), (Some(6), 6), (Some(100_000), 300), (Some(0), 1)] {
+        let hello = match asked {
+            None => r#"{"type":"hello","token":"kw_x","device":"phone"}"#.to_owned(),
+            Some(w) => {
+                format!(r#"{{"type":"hello","token":"kw_x","device":"phone","window":{w}}}"#)
+            }
+        };
+        let (mut h, welcome) = Harness::open_hello(config(limits), &hello, 0);
+        assert_eq!(welcome.limits.window, granted, "asked {asked:?}");
+        h.s.handle_head(1000, at(10));
+        let (id, req) = h.take_request();
+        let StoreRequest::ReadInbox { from: 1, limit, .. } = req else {
+            panic!("{req:?}")
+        };
+        assert_eq!(limit, granted.min(READ_BATCH), "asked {asked:?}");
+        // Once the window is full, nothing more until an ack.
+        h.answer(
+            id,
+            StoreAnswer::Inbox(Ok((1..=limit).map(|s| entry(s, s)).collect())),
+            at(11),
+        );
+        if limit == granted {
+            assert!(h.requests.is_empty(), "asked {asked:?}: window full");
+        } else {
+            let (_, req) = h.take_request();
+            assert!(
+                matches!(req, StoreRequest::ReadInbox { from, limit, .. }
+                    if from == READ_BATCH + 1 && limit == (granted - READ_BATCH).min(READ_BATCH)),
+                "{req:?}"
+            );
+        }
+    }
 }
 
 #[test]
