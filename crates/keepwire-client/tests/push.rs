@@ -60,6 +60,11 @@ impl Mock {
         }
     }
 
+    /// Every FCM push received, to any token.
+    fn fcm_count(&self) -> usize {
+        self.got.fcm.lock().unwrap().len()
+    }
+
     fn fcm_to(&self, token: &str) -> Vec<Value> {
         let all = self.got.fcm.lock().unwrap();
         all.iter()
@@ -162,13 +167,77 @@ async fn burst(a: &mut WsClient, conv: u64, n: usize, prefix: &str) {
     }
 }
 
-/// The count stays `n` for `d` (the relay decides within `frozen_after`).
-async fn stays(count: impl Fn() -> usize, n: usize, d: Duration) {
-    let until = tokio::time::Instant::now() + d;
-    while tokio::time::Instant::now() < until {
-        assert_eq!(count(), n, "unexpected push");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// Proves the relay has decided every push for what was sent before, so a
+/// count can be asserted without waiting out a fixed time: Carol's phone
+/// (offline, registered) is the marker. Alice sends to Carol, Carol's push
+/// arrives (the relay decides pushes in commit order, so everything sent
+/// earlier is decided too), then every push the relay queued has reached the
+/// mock (`keepwire_push_enqueued_total`). Carol syncs after each round, which
+/// clears her outstanding push so the next marker pushes again.
+struct Marker {
+    conv: u64,
+    home: TempDir,
+    token: String,
+    rounds: usize,
+}
+
+impl Marker {
+    async fn start(relay: &TestRelay, a: &mut WsClient) -> Marker {
+        let token = relay.user("carol").await;
+        let conv = create_conv(a, ConvKind::Direct, &["carol"]).await.id;
+        let home = TempDir::new("carol-marker");
+        let c = phone(home.path(), &relay.url, &token, AppState::Foreground).await;
+        c.wait_connected(T).await.unwrap();
+        c.set_push_registration(PushRegistration::Fcm {
+            token: "carol-marker".into(),
+        })
+        .await
+        .unwrap();
+        c.stop().await;
+        Marker {
+            conv,
+            home,
+            token,
+            rounds: 0,
+        }
     }
+
+    async fn settle(&mut self, relay: &TestRelay, mock: &Mock, a: &mut WsClient) {
+        self.rounds += 1;
+        burst(a, self.conv, 1, "marker").await;
+        let n = self.rounds;
+        wait_until(T, "the marker's push", || async {
+            mock.fcm_to("carol-marker").len() == n
+        })
+        .await;
+        wait_until(T, "every queued push at the mock", || async {
+            relay_metric(relay, "keepwire_push_enqueued_total").await == mock.fcm_count()
+        })
+        .await;
+        let c = phone(
+            self.home.path(),
+            &relay.url,
+            &self.token,
+            AppState::Background,
+        )
+        .await;
+        assert_eq!(c.sync_once(T).await.outcome, SyncOutcome::CaughtUp);
+        c.stop().await;
+    }
+}
+
+/// A relay's Prometheus counter (summed over labels), read over HTTP.
+async fn relay_metric(relay: &TestRelay, name: &str) -> usize {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(&relay.host_port)
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    keepwire_testkit::metric(&text, name) as usize
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,6 +248,7 @@ async fn a_registered_device_is_woken_once_and_on_push_shows_one_notification_on
     let (ta, tb) = (relay.user("alice").await, relay.user("bob").await);
     let mut a = relay.connect(&ta, "a-phone").await;
     let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await;
+    let mut marker = Marker::start(&relay, &mut a).await;
 
     // Bob's phone registers its FCM token while in the foreground.
     let hb = TempDir::new("bob-phone");
@@ -244,12 +314,8 @@ async fn a_registered_device_is_woken_once_and_on_push_shows_one_notification_on
         !mock.fcm_to("bob-fcm-1").is_empty()
     })
     .await;
-    stays(
-        || mock.fcm_to("bob-fcm-1").len(),
-        1,
-        Duration::from_millis(1500),
-    )
-    .await;
+    marker.settle(&relay, &mock, &mut a).await;
+    assert_eq!(mock.fcm_to("bob-fcm-1").len(), 1, "unexpected push");
     let data = mock.fcm_to("bob-fcm-1").remove(0);
     assert_eq!(data, json!({"kw": id}), "nothing but the registration id");
 
@@ -298,12 +364,8 @@ async fn a_registered_device_is_woken_once_and_on_push_shows_one_notification_on
     b.stop().await;
     drop(b);
     burst(&mut a, conv.id, 3, "muted").await;
-    stays(
-        || mock.fcm_to("bob-fcm-1").len(),
-        1,
-        Duration::from_millis(1500),
-    )
-    .await;
+    marker.settle(&relay, &mock, &mut a).await;
+    assert_eq!(mock.fcm_to("bob-fcm-1").len(), 1, "unexpected push");
     // Bob's laptop learns of the mute from its inbox.
     let hl = TempDir::new("bob-laptop");
     let laptop = phone(hl.path(), &relay.url, &tb, AppState::Background).await;
@@ -328,12 +390,8 @@ async fn a_registered_device_is_woken_once_and_on_push_shows_one_notification_on
     assert_eq!((gone.provider, gone.id, gone.pending), (None, None, false));
     b.stop().await;
     burst(&mut a, conv.id, 1, "after removal").await;
-    stays(
-        || mock.fcm_to("bob-fcm-1").len(),
-        2,
-        Duration::from_millis(1500),
-    )
-    .await;
+    marker.settle(&relay, &mock, &mut a).await;
+    assert_eq!(mock.fcm_to("bob-fcm-1").len(), 2, "unexpected push");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
