@@ -15,7 +15,7 @@ use keepwire_client::{
 };
 use keepwire_proto::Message;
 
-use crate::terminal::printable;
+use crate::terminal::{counted, printable};
 use crate::{Exit, init_logging, wait_for_signal};
 
 /// `keepwire sync` exit codes (also in the README). 0: caught up; 1: other
@@ -533,10 +533,10 @@ pub(crate) async fn conv(args: ConvArgs) -> anyhow::Result<()> {
                         .map(|n| format!(" \"{}\"", printable(&n)))
                         .unwrap_or_default();
                     println!(
-                        "{}\t{kind}{name}\t{}\t{} messages",
+                        "{}\t{kind}{name}\t{}\t{}",
                         c.id,
                         printable(&c.members.join(",")),
-                        c.last_seq
+                        counted(c.last_seq, "message")
                     );
                 }
             }
@@ -621,11 +621,11 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
     let req = serde_json::json!({"op": "sync", "deadline_ms": args.deadline.as_millis() as u64});
     if let Some(r) = crate::agent::ask(&home, &req, args.deadline + Duration::from_secs(2)).await {
         println!(
-            "synced through the agent in {:.1}s: {} messages received, {} sends confirmed, {} notifications, cursor {}",
+            "synced through the agent in {:.1}s: {} received, {} confirmed, {}, cursor {}",
             r["elapsed_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
-            r["received"],
-            r["confirmed"],
-            r["notified"],
+            counted(r["received"].as_u64().unwrap_or(0), "message"),
+            counted(r["confirmed"].as_u64().unwrap_or(0), "send"),
+            counted(r["notified"].as_u64().unwrap_or(0), "notification"),
             r["cursor"].as_u64().unwrap_or(0)
         );
         return match r["outcome"].as_str() {
@@ -671,11 +671,11 @@ pub(crate) async fn sync(args: SyncArgs) -> anyhow::Result<()> {
         );
     } else {
         println!(
-            "synced in {:.1}s: {} messages received, {} sends confirmed, {} notifications, {pending} pending, {failed} failed, cursor {cursor}",
+            "synced in {:.1}s: {} received, {} confirmed, {}, {pending} pending, {failed} failed, cursor {cursor}",
             report.elapsed.as_secs_f64(),
-            report.received,
-            report.confirmed,
-            report.notified,
+            counted(report.received as u64, "message"),
+            counted(report.confirmed as u64, "send"),
+            counted(report.notified as u64, "notification"),
         );
     }
     match report.outcome {

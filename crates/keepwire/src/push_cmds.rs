@@ -14,7 +14,7 @@ use crate::Exit;
 use crate::client_cmds::{
     HomeArg, NotifyArgs, background_client, exit, notifier, open_client, open_existing,
 };
-use crate::terminal::printable;
+use crate::terminal::{counted, printable};
 
 #[derive(Args)]
 pub(crate) struct PushArgs {
@@ -269,13 +269,13 @@ async fn receive(
         }
     }
     eprintln!(
-        "push{}: {} messages received, {} notifications in {:.1}s",
+        "push{}: {} received, {} in {:.1}s",
         r.registration_id
             .as_deref()
             .map(|id| format!(" for {id}"))
             .unwrap_or_default(),
-        r.report.received,
-        r.show.len(),
+        counted(r.report.received as u64, "message"),
+        counted(r.show.len() as u64, "notification"),
         r.report.elapsed.as_secs_f64()
     );
     match r.report.outcome {

@@ -279,7 +279,7 @@ fn a_killed_app_catches_up_by_periodic_sync_with_one_coalesced_notification() {
     let cmd = format!("cat >> {}", hook.display());
     let out = kw_ok(&alice, &["sync", "--notify-command", &cmd]);
     assert!(
-        out.contains("20 messages received") && out.contains("1 notifications"),
+        out.contains("20 messages received") && out.contains("1 notification,"),
         "{out}"
     );
     let shown = notifications(&hook);
@@ -323,7 +323,7 @@ fn quiet_hours_and_mute_suppress_notifications_and_prefs_explain_mistakes() {
     kw_ok(&bob, &["send", &conv, "at night"]);
     let out = kw_ok(&alice, &["sync"]);
     assert!(
-        out.contains("1 messages received") && out.contains("0 notifications"),
+        out.contains("1 message received") && out.contains("0 notifications"),
         "{out}"
     );
     kw_ok(&alice, &["prefs", "quiet-hours", "off"]);
@@ -335,7 +335,7 @@ fn quiet_hours_and_mute_suppress_notifications_and_prefs_explain_mistakes() {
     kw_ok(&alice, &["prefs", "previews", "off"]);
     kw_ok(&bob, &["send", &conv, "private"]);
     let out = kw_ok(&alice, &["sync"]);
-    assert!(out.contains("1 notifications"), "{out}");
+    assert!(out.contains("1 notification,"), "{out}");
     let shown = notifications(&hook);
     assert_eq!(shown.len(), 1);
     assert_eq!(shown[0]["body"], "New message", "no text with previews off");

@@ -175,7 +175,7 @@ async fn background_messages_become_one_replaced_desktop_notification() {
     }
     let out = kw_bus(&alice, &bus.address, &["sync", "--desktop"]);
     assert!(
-        out.contains("3 messages received") && out.contains("1 notifications"),
+        out.contains("3 messages received") && out.contains("1 notification,"),
         "{out}"
     );
     {
