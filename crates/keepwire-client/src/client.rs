@@ -1788,10 +1788,10 @@ impl Driver {
     /// handshake for at most `grace`, then forgets it: a process that exits
     /// right after `stop` must not drop frames it already queued (a signal).
     async fn finish_transport(&mut self, grace: Duration) {
-        if let Some(mut task) = self.transport_task.take() {
-            if tokio::time::timeout(grace, &mut task).await.is_err() {
-                task.abort();
-            }
+        if let Some(mut task) = self.transport_task.take()
+            && tokio::time::timeout(grace, &mut task).await.is_err()
+        {
+            task.abort();
         }
         self.outgoing = None;
     }

@@ -8,7 +8,8 @@
 //! The system bus is the one `DBUS_SYSTEM_BUS_ADDRESS` names (zbus's
 //! default otherwise): tests point it at a private bus with mock services.
 //! No system bus, no logind or no NetworkManager is logged once at info
-//! level and the agent runs on without it.
+//! level and the agent runs on without it; without NetworkManager, network
+//! changes come from the routing table (`route_watch`).
 
 use std::time::Duration;
 
@@ -38,8 +39,14 @@ type Signals = std::pin::Pin<Box<dyn Stream<Item = zbus::Message> + Send>>;
 pub(crate) async fn run(client: Client) {
     let conn = match tokio::time::timeout(CALL_TIMEOUT, zbus::Connection::system()).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return absent(&format!("no system bus ({e})")),
-        Err(_) => return absent("the system bus did not answer"),
+        Ok(Err(e)) => {
+            absent(&format!("no system bus ({e})"));
+            return crate::route_watch::run(client).await;
+        }
+        Err(_) => {
+            absent("the system bus did not answer");
+            return crate::route_watch::run(client).await;
+        }
     };
     let mut sleep = match signals(
         &conn,
@@ -59,10 +66,13 @@ pub(crate) async fn run(client: Client) {
     let mut nm = match nm_signals(&conn).await {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::info!(target: "keepwire::background", reason = %e, "no NetworkManager on the system bus: network changes are not watched");
+            tracing::info!(target: "keepwire::background", reason = %e, "no NetworkManager on the system bus");
             None
         }
     };
+    if nm.is_none() {
+        tokio::spawn(crate::route_watch::run(client.clone()));
+    }
     let mut last = None;
     if nm.is_some() {
         report_network(&conn, &client, &mut last).await;
@@ -78,7 +88,7 @@ pub(crate) async fn run(client: Client) {
 }
 
 fn absent(why: &str) {
-    tracing::info!(target: "keepwire::background", reason = %why, "suspend/resume and network changes are not watched");
+    tracing::info!(target: "keepwire::background", reason = %why, "suspend/resume is not watched");
 }
 
 /// The next message of a stream that may be absent (then never).

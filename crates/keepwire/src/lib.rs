@@ -21,6 +21,7 @@ mod desktop_watch;
 mod keyring;
 mod push_cmds;
 mod relay_cmds;
+mod route_watch;
 mod terminal;
 mod tls_init;
 mod token_input;

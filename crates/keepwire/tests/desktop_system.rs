@@ -343,3 +343,91 @@ async fn networkmanager_changes_give_the_client_a_stable_opaque_network_id() {
     }
     assert!(text.contains("no logind on the system bus"), "{text}");
 }
+
+/// The agent in a network namespace of its own (`unshare -n`) with no
+/// system bus: a veth pair is the "network" whose default route comes and
+/// goes. Waits on conditions with deadlines (the status the agent reports).
+const ROUTES_SCRIPT: &str = r#"
+set -euo pipefail
+KW=$1; D=$2
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+until_ok() { # WHAT SECONDS COMMAND...
+    local what=$1 end=$((SECONDS + $2)); shift 2
+    until "$@"; do
+        if [ "$SECONDS" -ge "$end" ]; then
+            echo "timed out waiting for $what (status: $(net))"; cat "$D/agent.log"; exit 1
+        fi
+        sleep 0.1
+    done
+}
+net() { "$KW" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["state"], s["network"])'; }
+is_net() { [ "$(net)" = "$1" ]; }
+on_route() { local n; n=$(net); [[ "$n" == "Connected route-"* ]] && [ "$n" != "${1:-}" ]; }
+
+ip link set lo up
+export KEEPWIRE_TOKEN_STORE=file KEEPWIRE_HOME="$D/alice"
+export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/nonexistent DBUS_SESSION_BUS_ADDRESS=unix:path=/nonexistent
+"$KW" admin --db "$D/relay.db" init >/dev/null
+"$KW" admin --db "$D/relay.db" user add alice >"$D/token"
+"$KW" serve --db "$D/relay.db" --listen 127.0.0.1:0 >"$D/url" 2>"$D/serve.log" & pids+=($!)
+until_ok "the relay" 10 test -s "$D/url"
+"$KW" login --server "$(head -1 "$D/url")" --token - <"$D/token" >/dev/null
+KEEPWIRE_LOG=info "$KW" agent --no-desktop >/dev/null 2>"$D/agent.log" & pids+=($!)
+# No default route: the network has no name, and the relay on loopback is reachable.
+until_ok "connected on 'default'" 15 is_net "Connected default"
+grep -q "watching the routing table" "$D/agent.log"
+
+ip link add v0 type veth peer name v1
+ip addr add 10.9.0.2/24 dev v0
+ip link set v0 up
+ip link set v1 up
+ip route add default via 10.9.0.1
+until_ok "a network named after the default route" 10 on_route
+first=$(net)
+
+ip route replace default via 10.9.0.254
+until_ok "another gateway, another network" 10 on_route "$first"
+ip route replace default via 10.9.0.1
+until_ok "the first gateway's network again (a stable id)" 10 is_net "$first"
+ip route del default
+until_ok "'default' again" 10 is_net "Connected default"
+echo ROUTES-OK
+"#;
+
+/// Without NetworkManager (here, without any system bus) the agent follows
+/// the kernel's routing table over rtnetlink: a default route names the
+/// network (`route-` and an opaque hash of interface and gateway), another
+/// gateway is another network, the same one the same id, no default route is
+/// `default` (never offline: the relay here is on loopback). Needs root for its network namespace
+/// (CI runs as root).
+#[test]
+fn without_networkmanager_the_routing_table_names_the_network() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    let netns = root
+        && Command::new("unshare")
+            .args(["-n", "ip", "link", "set", "lo", "up"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !netns {
+        eprintln!("SKIPPED: needs root, unshare and ip for a network namespace (CI has them)");
+        return;
+    }
+    let dir = TempDir::new("routes");
+    let out = Command::new("unshare")
+        .args(["-n", "bash", "-c", ROUTES_SCRIPT, "routes"])
+        .arg(bin())
+        .arg(dir.path())
+        .output()
+        .expect("run unshare");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("ROUTES-OK"), "{text}");
+}
