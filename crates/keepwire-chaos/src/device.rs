@@ -5,7 +5,9 @@
 //!
 //! Commands (one per line), each answered with one line on stdout:
 //! `send CONV` → `accepted N`; `app fg|bg`, `net up|down`, `dns fail|ok` →
-//! `ok`; `settle SECS` → `settled` or `unsettled REASON`; `quit` → `bye`.
+//! `ok`; `push` (a push arrived: `on_push`) → `pushed N` (messages
+//! received) or `push-failed REASON`; `settle SECS` → `settled` or
+//! `unsettled REASON`; `quit` → `bye`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use keepwire_client::notify::{CallbackNotifier, NotifierCall};
-use keepwire_client::{AppState, Client, Network, SyncOutcome};
+use keepwire_client::{AppState, Client, Network, PushRegistration, SyncOutcome};
 use keepwire_client::{BoxFuture, Resolver};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
@@ -45,6 +47,10 @@ pub struct DeviceSpec {
     /// sending it (an acknowledgement that lies).
     #[serde(default)]
     pub lose: Option<u64>,
+    /// The FCM token this device registers at every start (as an app hands
+    /// over the token the OS gives it at launch).
+    #[serde(default)]
+    pub push_token: Option<String>,
 }
 
 /// Resolves [`RELAY_HOST`] to the device's proxy, or fails like a phone
@@ -111,6 +117,16 @@ pub async fn run(spec: DeviceSpec) -> anyhow::Result<()> {
         .await
         .context("cannot open the client")?;
 
+    if let Some(token) = spec.push_token.clone() {
+        // Sent now if connected, else at the next connection; never waited for.
+        let c = client.clone();
+        tokio::spawn(async move {
+            let _ = c
+                .set_push_registration(PushRegistration::Fcm { token })
+                .await;
+        });
+    }
+
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut out = tokio::io::stdout();
     while let Some(line) = lines.next_line().await? {
@@ -153,6 +169,16 @@ pub async fn run(spec: DeviceSpec) -> anyhow::Result<()> {
                 resolver.failing.store(*s == "fail", Ordering::SeqCst);
                 "ok".into()
             }
+            ["push"] => match client.on_push(b"{}", Duration::from_secs(5)).await {
+                Ok(r) => {
+                    // Shown from the push path: the checker counts these too.
+                    for n in r.show {
+                        append(&journal, &Record::Shown { ids: n.message_ids })?;
+                    }
+                    format!("pushed {}", r.report.received)
+                }
+                Err(e) => format!("push-failed {e}"),
+            },
             ["settle", secs] => {
                 let secs: u64 = secs.parse().context("bad settle time")?;
                 settle(&client, Duration::from_secs(secs)).await

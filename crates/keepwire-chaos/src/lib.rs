@@ -8,11 +8,14 @@
 //! - [`check`]: the exactly-once checker. Its ground truth is the senders'
 //!   fsynced [`journal`], never the stores it checks.
 //! - [`device`]: the device process a run starts (`keepwire chaos device`).
+//! - [`push_mock`]: a mock FCM whose faults switch during a run; the pushes
+//!   it delivers wake the devices (`on_push`), as the OS would.
 
 pub mod check;
 pub mod device;
 pub mod journal;
 pub mod proxy;
+pub mod push_mock;
 pub mod run;
 
 pub use proxy::{Fault, FaultProxy};

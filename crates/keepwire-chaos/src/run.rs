@@ -2,8 +2,10 @@
 //! [`FaultProxy`]) under a seeded schedule of sends and faults — proxy
 //! resets, blackholes, latency, byte-budget closes and idle cuts, SIGKILL of
 //! the relay (restarted on the same database and address) and of devices
-//! (restarted on the same home), app-state flips, DNS failures and network
-//! changes. Then every fault is healed, every device syncs until caught up
+//! (restarted on the same home), app-state flips, DNS failures, network
+//! changes, and push provider faults (a [`PushMock`] FCM that is down,
+//! throttles, loses pushes or unregisters a token; the pushes it delivers
+//! wake their device with `on_push`). Then every fault is healed, every device syncs until caught up
 //! (twice, so each sees the others' last sends), the processes stop and
 //! [`check`] judges the stores against the journals.
 //!
@@ -32,6 +34,7 @@ use tokio::time::Instant;
 use crate::check::{self, DeviceFiles, Report, Subject};
 use crate::device::DeviceSpec;
 use crate::proxy::{Fault, FaultProxy};
+use crate::push_mock::{PushCounts, PushFault, PushMock};
 
 /// A deliberate defect, to prove the checker catches what it must.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,11 +92,19 @@ pub enum FaultKind {
     DnsFailure,
     /// Tell a device the network went away, then came back.
     NetworkFlip,
+    /// The push provider answers 503 for a while.
+    PushDown,
+    /// The push provider answers 429 with `Retry-After: 1` for a while.
+    PushThrottled,
+    /// The push provider accepts pushes and loses them for a while.
+    PushLost,
+    /// The push provider declares a device's token unregistered (once).
+    PushUnregistered,
 }
 
 impl FaultKind {
     /// Every kind, in schedule order.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 14] = [
         FaultKind::ProxyReset,
         FaultKind::ProxyBlackhole,
         FaultKind::ProxyLatency,
@@ -104,6 +115,10 @@ impl FaultKind {
         FaultKind::AppFlip,
         FaultKind::DnsFailure,
         FaultKind::NetworkFlip,
+        FaultKind::PushDown,
+        FaultKind::PushThrottled,
+        FaultKind::PushLost,
+        FaultKind::PushUnregistered,
     ];
 
     /// A short name for reports.
@@ -119,6 +134,10 @@ impl FaultKind {
             FaultKind::AppFlip => "app-flip",
             FaultKind::DnsFailure => "dns-failure",
             FaultKind::NetworkFlip => "network-flip",
+            FaultKind::PushDown => "push-down",
+            FaultKind::PushThrottled => "push-429",
+            FaultKind::PushLost => "push-lost",
+            FaultKind::PushUnregistered => "push-unregistered",
         }
     }
 }
@@ -132,6 +151,10 @@ pub struct Outcome {
     pub faults: BTreeMap<FaultKind, u32>,
     /// Send commands given to devices.
     pub sends: u64,
+    /// What the push provider answered.
+    pub pushes: PushCounts,
+    /// Pushes handed to a running device (`on_push`).
+    pub woken: u64,
     /// Devices that did not catch up after healing (each with its last answer).
     pub unsettled: Vec<String>,
     /// The checker's report.
@@ -167,6 +190,12 @@ impl std::fmt::Display for Outcome {
         )?;
         writeln!(f, "  faults: {}", faults.join(" "))?;
         writeln!(f, "  sends: {}; {}", self.sends, self.report)?;
+        let p = &self.pushes;
+        writeln!(
+            f,
+            "  pushes: {} delivered ({} woke a running device), {} answered 503, {} answered 429, {} lost, {} unregistered",
+            p.delivered, self.woken, p.down, p.throttled, p.lost, p.unregistered
+        )?;
         for u in &self.unsettled {
             writeln!(f, "  did not catch up: {u}")?;
         }
@@ -183,15 +212,23 @@ struct Relay {
     addr: SocketAddr,
     db: PathBuf,
     log: PathBuf,
+    push_config: PathBuf,
 }
 
 impl Relay {
-    async fn start(exe: &Path, db: &Path, listen: SocketAddr, log: &Path) -> anyhow::Result<Relay> {
+    async fn start(
+        exe: &Path,
+        db: &Path,
+        listen: SocketAddr,
+        log: &Path,
+        push_config: &Path,
+    ) -> anyhow::Result<Relay> {
         let mut relay = Relay {
             child: None,
             addr: listen,
             db: db.to_owned(),
             log: log.to_owned(),
+            push_config: push_config.to_owned(),
         };
         relay.spawn(exe).await?;
         Ok(relay)
@@ -213,6 +250,9 @@ impl Relay {
                 .arg(&self.db)
                 .args(["--min-heartbeat", "1s", "--heartbeat-grace", "2s"])
                 .args(["--max-connections-per-user", "64"])
+                .arg("--push-config")
+                .arg(&self.push_config)
+                .args(["--push-frozen-after", "1s", "--push-rearm", "2s"])
                 .env("KEEPWIRE_LOG", "warn")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -373,6 +413,7 @@ enum Heal {
     Device(usize),
     Dns(usize),
     Network(usize),
+    Push,
 }
 
 /// Runs one seed.
@@ -443,11 +484,14 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
         store.close().await;
     }
 
+    let (push, mut pushes) = PushMock::start().await?;
+    let push_config = push.write_config(&dir)?;
     let mut relay = Relay::start(
         &cfg.exe,
         &db,
         "127.0.0.1:0".parse().expect("address"),
         &dir.join("relay.log"),
+        &push_config,
     )
     .await?;
     say(format!("relay at {}", relay.addr));
@@ -469,6 +513,7 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
                 token: tokens[u].clone(),
                 background: background.into(),
                 lose,
+                push_token: Some(format!("chaos-{name}")),
             };
             let spec_path = dir.join(format!("{name}.json"));
             std::fs::write(&spec_path, serde_json::to_vec_pretty(&spec)?)?;
@@ -516,13 +561,25 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
     let mut sends = 0u64;
     let until = Instant::now() + cfg.duration;
     let mut topping_up = false;
+    let mut woken = 0u64;
     loop {
+        // Pushes the provider delivered: the OS hands them to the app.
+        while let Ok((token, _data)) = pushes.try_recv() {
+            if let Some(dev) = devices
+                .iter_mut()
+                .find(|d| d.spec.push_token.as_deref() == Some(token.as_str()))
+                && dev.up()
+                && dev.tell("push").await
+            {
+                woken += 1;
+            }
+        }
         let now = Instant::now();
         let mut i = 0;
         while i < heals.len() {
             if heals[i].0 <= now {
                 let (_, h) = heals.swap_remove(i);
-                heal(&mut relay, &mut devices, h, &cfg.exe).await?;
+                heal(&mut relay, &mut devices, &push, h, &cfg.exe).await?;
             } else {
                 i += 1;
             }
@@ -555,7 +612,8 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
                 }
             }
             Some(k) => {
-                let injected = inject(k, d, &mut rng, &mut relay, &mut devices, &mut heals).await?;
+                let injected =
+                    inject(k, d, &mut rng, &mut relay, &mut devices, &push, &mut heals).await?;
                 if injected {
                     *faults.get_mut(&k).expect("every kind") += 1;
                     say(format!("{} on {}", k.name(), devices[d].spec.name));
@@ -570,8 +628,9 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
     // flushes every outbox, the second fetches what the others flushed.
     say("healing".into());
     for (_, h) in std::mem::take(&mut heals) {
-        heal(&mut relay, &mut devices, h, &cfg.exe).await?;
+        heal(&mut relay, &mut devices, &push, h, &cfg.exe).await?;
     }
+    push.set(PushFault::Pass);
     if !relay.up() {
         relay.spawn(&cfg.exe).await?;
     }
@@ -634,6 +693,8 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
         seed: cfg.seed,
         faults,
         sends,
+        pushes: push.counts(),
+        woken,
         unsettled,
         report,
         short,
@@ -654,6 +715,7 @@ async fn inject(
     rng: &mut StdRng,
     relay: &mut Relay,
     devices: &mut [Device],
+    push: &PushMock,
     heals: &mut Vec<(Instant, Heal)>,
 ) -> anyhow::Result<bool> {
     let now = Instant::now();
@@ -714,6 +776,20 @@ async fn inject(
             }
             heals.push((now + ms(rng, 200, 2000), Heal::Network(d)));
         }
+        FaultKind::PushDown | FaultKind::PushThrottled | FaultKind::PushLost => {
+            push.set(match k {
+                FaultKind::PushDown => PushFault::Down,
+                FaultKind::PushThrottled => PushFault::Throttled,
+                _ => PushFault::Lose,
+            });
+            heals.push((now + ms(rng, 1000, 3000), Heal::Push));
+        }
+        FaultKind::PushUnregistered => {
+            let Some(token) = &dev.spec.push_token else {
+                return Ok(false);
+            };
+            push.unregister_once(token);
+        }
     }
     Ok(true)
 }
@@ -721,10 +797,12 @@ async fn inject(
 async fn heal(
     relay: &mut Relay,
     devices: &mut [Device],
+    push: &PushMock,
     h: Heal,
     exe: &Path,
 ) -> anyhow::Result<()> {
     match h {
+        Heal::Push => push.set(PushFault::Pass),
         Heal::Proxy(d) => devices[d].proxy.set(Fault::Pass),
         Heal::IdleCut(d) => devices[d].proxy.set_idle_cut(None),
         Heal::Relay => {
