@@ -79,6 +79,8 @@ def main():
     ap.add_argument("--messages", type=int, default=10000)
     ap.add_argument("--rtt-ms", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--max-window", type=int, default=None,
+                    help="the relay's largest credit window (512 = before hello.window)")
     a = ap.parse_args()
     bin_ = os.path.abspath(a.bin)
     tmp = tempfile.mkdtemp(prefix="kw-wake-")
@@ -89,7 +91,8 @@ def main():
         ta = run(bin_, "admin", "--db", db, "user", "add", "alice")
         tb = run(bin_, "admin", "--db", db, "user", "add", "bob")
         key = run(bin_, "admin", "--db", db, "api-key", "create", "wake-bench")
-        relay = subprocess.Popen([bin_, "serve", "--listen", "127.0.0.1:0", "--db", db, *FAST],
+        window = ["--max-window", str(a.max_window)] if a.max_window else []
+        relay = subprocess.Popen([bin_, "serve", "--listen", "127.0.0.1:0", "--db", db, *FAST, *window],
                                  env=dict(os.environ, KEEPWIRE_LOG="warn"),
                                  stdout=subprocess.PIPE, text=True)
         procs.append(relay)
