@@ -1184,6 +1184,12 @@ impl Client {
             Ok(Some(mut r)) => {
                 r.joined = joined;
                 r.registration_id = read.registration_id;
+                if let Some(p) = read.preview
+                    && r.report.outcome != SyncOutcome::CaughtUp
+                    && let Some(n) = self.show_preview(&p)?
+                {
+                    r.show.push(n);
+                }
                 Ok(r)
             }
             Ok(None) => Err(ClientError::Closed),
@@ -1204,6 +1210,35 @@ impl Client {
                 registration_id: read.registration_id,
             }),
         }
+    }
+
+    /// A wake-up whose sync could not fetch the message: the notification
+    /// comes from the push's preview instead, claimed like any other (never
+    /// shown again when the message arrives later, not shown at all if the
+    /// message is muted, read elsewhere, our own or in quiet hours).
+    fn show_preview(&self, p: &crate::push::Preview) -> Result<Option<Notification>, ClientError> {
+        let mut store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+        let prefs = store.prefs()?;
+        let me = self.status().user;
+        let quiet = prefs.quiet_hours.is_some_and(|q| q.now());
+        let read = store.read_mark(p.conv)?;
+        let m = p.message();
+        let claimed = store.claim_notifications(std::slice::from_ref(&m), |m| {
+            prefs.may_show(m, me.as_deref(), quiet, read)
+        })?;
+        let Some(c) = claimed.into_iter().next() else {
+            return Ok(None);
+        };
+        let name = store.conv_name(c.conv)?;
+        let n = coalesce(&c, name.as_deref(), prefs.previews);
+        store.log_notification(n.conv, n.unread)?;
+        drop(store);
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .notified += 1;
+        Ok(Some(n))
     }
 
     /// The user opened a notification of `conv` (or the conversation): the
@@ -1246,14 +1281,24 @@ impl Client {
     /// [`Client::set_muted`] does, without waiting for its answer), so the
     /// relay stops pushing for them and the user's other devices follow.
     pub fn set_prefs(&self, p: &crate::notify::Prefs) -> Result<(), ClientError> {
-        let changed = self
-            .inner
-            .store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .save_prefs(p)?;
+        let (changed, previews_changed) = {
+            let mut store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+            let before = store.prefs()?.previews;
+            let changed = store.save_prefs(p)?;
+            // Previews in pushes follow the preference: the registration
+            // goes to the relay again with the new choice.
+            let push = store.push_state()?;
+            let previews_changed = before != p.previews && push.registration.is_some();
+            if previews_changed {
+                store.change_push(push.registration, push.own_keys)?;
+            }
+            (changed, previews_changed)
+        };
         if !changed.is_empty() {
             let _ = self.inner.cmd.send(Cmd::Mutes(None));
+        }
+        if previews_changed {
+            let _ = self.inner.cmd.send(Cmd::Push(None));
         }
         Ok(())
     }
@@ -1320,9 +1365,15 @@ impl Client {
             registration,
             crate::PushRegistration::WebPush { keys: None, .. }
         );
+        // FCM and APNs registrations carry this device's keys too: the relay
+        // encrypts previews to them (when the user and the operator allow).
+        let with_keys = !matches!(
+            registration,
+            crate::PushRegistration::WebPush { keys: Some(_), .. }
+        );
         {
             let mut store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
-            let keys = if own {
+            let keys = if with_keys {
                 Some(store.ensure_push_keys()?)
             } else {
                 None
@@ -2026,7 +2077,10 @@ impl Driver {
         let frame = ClientFrame::PushRegister(PushRegister {
             rid: rid.clone(),
             registration: state.registration.clone().unwrap_or_default(),
-            previews: false,
+            // The user's preference: the relay sends previews only if its
+            // operator allows them too, and only encrypted to this device.
+            previews: state.registration.is_some()
+                && self.store.prefs().map(|p| p.previews).unwrap_or(false),
         });
         match self.core.send_request(&frame, now) {
             Ok(()) => {

@@ -195,13 +195,19 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Validates `reg` and turns it into the wire form. `own_keys` are this
-/// device's keys when the registration asks keepwire to make them.
+/// device's keys: a Web Push registration without keys of its own uses
+/// them, and FCM and APNs registrations carry them so the relay can
+/// encrypt previews to this device.
 pub(crate) fn wire_form(
     reg: &PushRegistration,
     own_keys: Option<&ReceiverKeys>,
 ) -> Result<serde_json::Value, String> {
+    let with_own = |r: Registration| match own_keys {
+        Some(k) => r.with_keys(k.push_keys().clone()),
+        None => r,
+    };
     let r = match reg {
-        PushRegistration::Fcm { token } => Registration::fcm(token),
+        PushRegistration::Fcm { token } => Registration::fcm(token).map(with_own),
         PushRegistration::Apns {
             token,
             topic,
@@ -212,7 +218,7 @@ pub(crate) fn wire_form(
             } else {
                 ApnsEnvironment::Production
             };
-            Registration::apns(token, env, topic)
+            Registration::apns(token, env, topic).map(with_own)
         }
         PushRegistration::WebPush {
             endpoint,
@@ -249,6 +255,47 @@ pub(crate) struct PushPayload {
     pub registration_id: Option<String>,
     /// The payload was a Web Push body this device's keys opened.
     pub decrypted: bool,
+    /// The message preview the relay encrypted to this device's keys, when
+    /// it sent one (`kw_preview` of FCM and APNs, `preview` inside a Web
+    /// Push body).
+    pub preview: Option<Preview>,
+}
+
+/// A message as a push preview carries it (see keepwire-server's push
+/// module): enough to show a notification when the sync cannot fetch it in
+/// time. The text may be cut short.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub(crate) struct Preview {
+    pub id: u64,
+    pub conv: u64,
+    pub conv_seq: u64,
+    pub from: String,
+    pub kind: String,
+    pub body: String,
+    pub ts: i64,
+}
+
+impl Preview {
+    /// The message, for the notification claims (no client id: it is not ours).
+    pub(crate) fn message(&self) -> keepwire_proto::Message {
+        keepwire_proto::Message {
+            id: self.id,
+            conv: self.conv,
+            conv_seq: self.conv_seq,
+            from: self.from.clone(),
+            cid: String::new(),
+            kind: self.kind.clone(),
+            body: self.body.clone(),
+            ts: self.ts,
+        }
+    }
+}
+
+/// Opens a preview sealed to `keys` (RFC 8188 `aes128gcm`, base64url).
+fn open_preview(sealed: &str, keys: &ReceiverKeys) -> Option<Preview> {
+    let body = URL_SAFE_NO_PAD.decode(sealed.trim_end_matches('=')).ok()?;
+    let plain = ece::decrypt(&body, keys).ok()?;
+    serde_json::from_slice(&plain).ok()
 }
 
 /// Reads a push payload: the bare registration id, the JSON an FCM data
@@ -258,18 +305,32 @@ pub(crate) struct PushPayload {
 /// Only the registration id is taken from it: the sync fetches the rest.
 pub(crate) fn read_payload(payload: &[u8], keys: Option<&ReceiverKeys>) -> PushPayload {
     if let Some(id) = registration_id(payload) {
+        // FCM's data or an APNs payload: a sealed preview may ride along.
+        let preview = keys.and_then(|k| {
+            let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+            let sealed = v
+                .get("kw_preview")
+                .or_else(|| v.get("data")?.get("kw_preview"))?
+                .as_str()?;
+            open_preview(sealed, k)
+        });
         return PushPayload {
             registration_id: Some(id),
             decrypted: false,
+            preview,
         };
     }
     if let Some(keys) = keys
         && payload.len() >= ece::HEADER_LEN + ece::TAG_LEN
         && let Ok(plain) = ece::decrypt(payload, keys)
     {
+        let preview = serde_json::from_slice::<serde_json::Value>(&plain)
+            .ok()
+            .and_then(|v| serde_json::from_str(v.get("preview")?.as_str()?).ok());
         return PushPayload {
             registration_id: registration_id(&plain),
             decrypted: true,
+            preview,
         };
     }
     PushPayload::default()

@@ -83,6 +83,11 @@ impl Mock {
 
     /// The push configuration file: FCM and Web Push, both at this mock.
     fn config(&self, dir: &TempDir) -> Config {
+        self.config_with(dir, false)
+    }
+
+    /// The same, with previews allowed (`previews = true`) or not.
+    fn config_with(&self, dir: &TempDir, previews: bool) -> Config {
         let key = include_str!("../../keepwire-push/tests/fixtures/fcm-test-key.pem");
         let sa = json!({
             "type": "service_account", "project_id": "kw-test", "private_key_id": "k1",
@@ -91,7 +96,7 @@ impl Mock {
         });
         std::fs::write(dir.join("sa.json"), sa.to_string()).unwrap();
         let toml = format!(
-            "[fcm]\nservice_account = \"sa.json\"\nendpoint = \"{}\"\n\
+            "previews = {previews}\n[fcm]\nservice_account = \"sa.json\"\nendpoint = \"{}\"\n\
              [webpush]\nsubject = \"mailto:ops@example.com\"\nallow_private = [\"127.0.0.1/32\"]\n\
              [limits]\ndevice_burst = 100\ndevice_interval = \"10ms\"\nbackoff_base = \"50ms\"\n",
             self.url
@@ -444,4 +449,99 @@ async fn a_registration_made_offline_goes_out_at_the_next_connection_and_web_pus
     assert_eq!(result.report.received, 5);
     assert_eq!(result.show.len(), 1);
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_shows_the_message_when_the_sync_cannot_and_never_twice() {
+    let mock = Mock::start().await;
+    let dir = TempDir::new("push-preview");
+    let relay = TestRelay::start_with(mock.config_with(&dir, true), Default::default()).await;
+    let (ta, tb) = (relay.user("alice").await, relay.user("bob").await);
+    let mut a = relay.connect(&ta, "a-phone").await;
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await;
+    let hb = TempDir::new("bob-phone");
+    let b = phone(hb.path(), &relay.url, &tb, AppState::Foreground).await;
+    b.wait_connected(T).await.unwrap();
+    b.set_push_registration(PushRegistration::Fcm {
+        token: "bob-preview".into(),
+    })
+    .await
+    .unwrap();
+    b.stop().await;
+    drop(b);
+
+    // The push carries the message sealed to bob's keys: the provider sees
+    // ciphertext only.
+    burst(&mut a, conv.id, 1, "the plan is at noon").await;
+    wait_until(T, "a push to bob", || async {
+        !mock.fcm_to("bob-preview").is_empty()
+    })
+    .await;
+    let data = mock.fcm_to("bob-preview").remove(0);
+    assert!(data["kw_preview"].is_string(), "{data}");
+    assert!(!data.to_string().contains("plan"), "no plaintext: {data}");
+
+    // The relay cannot be reached for this wake-up (a black hole): the
+    // notification comes from the preview.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("ws://{}", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let b = phone(hb.path(), &hole_url, &tb, AppState::Background).await;
+    let r = b
+        .on_push(data.to_string().as_bytes(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_ne!(r.report.outcome, SyncOutcome::CaughtUp, "{r:?}");
+    assert_eq!(r.show.len(), 1, "{r:?}");
+    assert_eq!(r.show[0].body, "the plan is at noon 0");
+    assert_eq!(r.show[0].conv, conv.id);
+    // The same push again (a duplicate wake-up): nothing more to show.
+    let again = b
+        .on_push(data.to_string().as_bytes(), Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(again.show.is_empty(), "{again:?}");
+    b.stop().await;
+    drop(b);
+
+    // The message arrives over the socket later: stored, never shown again.
+    let (n, shown) = recorder();
+    let b = Client::builder(hb.path())
+        .servers(vec![relay.url.clone()])
+        .token(&tb)
+        .notifier(n)
+        .background_policy(BackgroundPolicy::KeepAlive)
+        .app_state(AppState::Background)
+        .build()
+        .await
+        .unwrap();
+    b.wait_for(T, |s| s.caught_up() && s.received >= 1)
+        .await
+        .unwrap();
+    assert_eq!(b.messages(Some(conv.id), 10).unwrap().len(), 1);
+    assert!(shown.lock().unwrap().is_empty(), "never shown twice");
+
+    // Previews off: the registration goes to the relay again without them,
+    // and the next push carries no preview.
+    let mut p = b.prefs().unwrap();
+    p.previews = false;
+    b.set_prefs(&p).unwrap();
+    wait_until(T, "the registration re-sent", || async {
+        !b.push_status().unwrap().pending
+    })
+    .await;
+    b.stop().await;
+    drop(b);
+    burst(&mut a, conv.id, 1, "no preview").await;
+    wait_until(T, "a second push", || async {
+        mock.fcm_to("bob-preview").len() == 2
+    })
+    .await;
+    let data = mock.fcm_to("bob-preview").remove(1);
+    assert!(data.get("kw_preview").is_none(), "{data}");
 }

@@ -21,13 +21,22 @@
 //! recorded is sent, and one recorded whose delivery is unknown is sent
 //! again (at most one duplicate; the client's notification claims make it
 //! harmless).
+//!
+//! Previews: a wake-up carries nothing but the registration id, unless the
+//! operator allows previews (`previews = true` in the push configuration),
+//! the device asked for them (`push_register.previews`, the user's
+//! preference) and its registration has RFC 8291 keys. Then it also carries
+//! the waking message (id, conversation, sender, kind, the text cut to
+//! [`PREVIEW_CHARS`] characters) as JSON, encrypted to those keys by
+//! `keepwire-push`: the provider sees ciphertext only. A device that cannot
+//! sync in time shows it instead of a bare "new message".
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use keepwire_proto::{PushInfo, Seq};
+use keepwire_proto::{EntryItem, PushInfo, Seq};
 use keepwire_push::{
     Dispatcher, Message, Outcome, PushConfig, PushJob, Registration, RegistrationId, Report,
     VapidKey,
@@ -43,6 +52,11 @@ use crate::store::{
 };
 
 const TARGET: &str = "keepwire::push";
+
+/// The most characters of a message's text a preview carries (the
+/// providers' 4 KB payload limits leave room for this after encryption and
+/// base64, with the registration id and the padding).
+pub const PREVIEW_CHARS: usize = 512;
 
 /// When to push.
 #[derive(Debug, Clone, Copy)]
@@ -432,7 +446,39 @@ impl Engine {
                 }
             }
         }
-        self.send(user, t, wake, Message::wake).await;
+        let preview = if t.previews && self.push.config.previews {
+            self.preview(user, wake).await
+        } else {
+            None
+        };
+        self.send(user, t, wake, move |id| match preview {
+            Some(p) => Message::wake(id).with_preview(p),
+            None => Message::wake(id),
+        })
+        .await;
+    }
+
+    /// The preview of inbox entry `seq` of `user` (a message: see the module
+    /// docs), as JSON; `None` for anything else or when it cannot be read
+    /// (the push goes without it).
+    async fn preview(&self, user: UserId, seq: Seq) -> Option<String> {
+        let entries = match self.store.read_inbox(user, seq, 1).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(target: TARGET, error = %e, "reading a preview failed; the push goes without it");
+                return None;
+            }
+        };
+        let entry = entries.into_iter().next().filter(|e| e.seq == seq)?;
+        let EntryItem::Message(m) = entry.item else {
+            return None;
+        };
+        let body: String = m.body.chars().take(PREVIEW_CHARS).collect();
+        let v = serde_json::json!({
+            "id": m.id, "conv": m.conv, "conv_seq": m.conv_seq, "from": m.from,
+            "kind": m.kind, "body": body, "ts": m.ts,
+        });
+        Some(v.to_string())
     }
 
     /// A read marker: devices that may show a notification are told to
@@ -466,7 +512,7 @@ impl Engine {
         user: UserId,
         t: &PushTarget,
         seq: Seq,
-        make: fn(RegistrationId) -> Message,
+        make: impl FnOnce(RegistrationId) -> Message,
     ) {
         let Some((registration, id)) = parse(t) else {
             return;
