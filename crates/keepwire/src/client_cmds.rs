@@ -1155,7 +1155,18 @@ pub(crate) async fn signal(args: SignalArgs) -> anyhow::Result<()> {
         }
         return Err(err);
     }
-    let result = signal_member(&client, args.conv, data).await;
+    let mut result = signal_member(&client, args.conv, data).await;
+    if result.is_ok() {
+        // A barrier before this process goes away: the relay answers
+        // requests in order, so once a later request is answered the signal
+        // has been handled (a relay drops what a closing connection left
+        // half done, and a signal has no answer of its own to wait for).
+        result = client
+            .list_conversations()
+            .await
+            .map(drop)
+            .map_err(Into::into);
+    }
     client.stop().await;
     result?;
     println!("signalled");
