@@ -38,6 +38,7 @@ pub mod metrics;
 mod openapi;
 pub mod push;
 pub mod ratelimit;
+pub mod revocations;
 pub mod session;
 pub mod store;
 mod upgrade;
@@ -439,10 +440,12 @@ async fn echo_handler(ws: WebSocketUpgrade) -> Response {
     })
 }
 
+/// Follows the revocation log (see [`revocations`]: ids may commit out of
+/// order, so it reads with a lookback window).
 async fn revocation_poller(shared: Arc<Shared>) {
-    let mut last = match shared.store.revocations_after(i64::MAX - 1).await {
-        Ok(_) => latest_revocation(&shared).await,
-        Err(_) => 0,
+    let mut cursor = match shared.store.revocations_after(i64::MAX - 1).await {
+        Ok(_) => revocations::Cursor::starting_at(latest_revocation(&shared).await),
+        Err(_) => revocations::Cursor::default(),
     };
     let mut tick = tokio::time::interval(shared.config.revocation_poll);
     loop {
@@ -450,24 +453,33 @@ async fn revocation_poller(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match shared.store.revocations_after(last).await {
-            Ok(revs) => {
-                for r in revs {
-                    last = last.max(r.id);
-                    let n = shared
-                        .hub
-                        .revoke(r.user_id, r.token_id, r.device.as_deref());
-                    if n > 0 {
-                        tracing::info!(target: "keepwire::server", user_id = r.user_id, closed = n, "revoked token: closing connections");
-                    }
+        // Pages of at most REVOCATION_PAGE rows; a full page means more.
+        loop {
+            let revs = match shared.store.revocations_after(cursor.read_after()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(target: "keepwire::server", error = %e, "polling revocations failed");
+                    break;
+                }
+            };
+            let full = revs.len() >= REVOCATION_PAGE;
+            for r in cursor.take(revs) {
+                let n = shared
+                    .hub
+                    .revoke(r.user_id, r.token_id, r.device.as_deref());
+                if n > 0 {
+                    tracing::info!(target: "keepwire::server", user_id = r.user_id, closed = n, "revoked token: closing connections");
                 }
             }
-            Err(e) => {
-                tracing::warn!(target: "keepwire::server", error = %e, "polling revocations failed")
+            if !full {
+                break;
             }
         }
     }
 }
+
+/// The most rows one `revocations_after` read returns (the stores' limit).
+const REVOCATION_PAGE: usize = 1000;
 
 async fn latest_revocation(shared: &Shared) -> i64 {
     let mut last = 0;

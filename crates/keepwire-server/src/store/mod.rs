@@ -556,7 +556,8 @@ pub trait RelayStore: Send + Sync + 'static {
     /// conversation's last message) and, if that moved the marker, appends a
     /// `read` entry to the user's inbox for their other devices.
     async fn mark_read(&self, user: UserId, conv: ConvId, up_to: u64) -> Result<bool, StoreError>;
-    /// The revocation log after `after`.
+    /// The revocation log after `after`, in id order, at most 1000 entries
+    /// (ids may commit out of order across writers: readers look back).
     async fn revocations_after(&self, after: i64) -> Result<Vec<Revocation>, StoreError>;
     /// Sets, refreshes or (with `None`) removes a device's push registration.
     /// A registration another device holds (same provider key) moves here.
