@@ -579,4 +579,73 @@ mod postgres_nodes {
             Ok(_) => panic!("opened someone else's database"),
         }
     }
+
+    /// Revocation ids commit out of order across writers: a revocation whose
+    /// transaction commits after a later id's is still applied by the
+    /// relay's poller (it used to read only ids above the highest seen, and
+    /// skipped it for good).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_committed_after_a_later_one_still_closes_the_connection() {
+        use keepwire_proto::CloseCode;
+        use keepwire_server::{AdminStore as _, Metrics, RelayServer};
+        use keepwire_testkit::WsClient;
+        use std::time::Duration;
+
+        if skipped() {
+            return;
+        }
+        let db = TestDb::create();
+        let store = db.open(PostgresOptions::default()).expect("open");
+        let relay = RelayServer::start(
+            crate::support::test_config(),
+            store.clone(),
+            Arc::new(Metrics::default()),
+        )
+        .await
+        .expect("start the relay");
+        let alice = store.create_user("alice").await.unwrap();
+        let bob = store.create_user("bob").await.unwrap();
+        let day = Duration::from_secs(86_400);
+        let ta = store.issue_token("alice", day).await.unwrap();
+        let tb = store.issue_token("bob", day).await.unwrap();
+        let mut a = WsClient::connect(&relay.url(), &ta.token, "a", None)
+            .await
+            .expect("welcome");
+        let mut b = WsClient::connect(&relay.url(), &tb.token, "b", None)
+            .await
+            .expect("welcome");
+        let writer = || async {
+            let (c, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            c
+        };
+        // Writer 1 takes the next id for alice's revocation and keeps its
+        // transaction open; writer 2 takes the id after it for bob's and
+        // commits first.
+        let w1 = writer().await;
+        w1.batch_execute(&format!(
+            "BEGIN; INSERT INTO revocations (user_id, token_id, at) VALUES ({alice}, {}, 0)",
+            ta.id
+        ))
+        .await
+        .unwrap();
+        let w2 = writer().await;
+        w2.batch_execute(&format!(
+            "INSERT INTO revocations (user_id, token_id, at) VALUES ({bob}, {}, 0)",
+            tb.id
+        ))
+        .await
+        .unwrap();
+        // The poller has read past alice's id: bob's connection is closed.
+        assert_eq!(b.expect_close().await, Some(CloseCode::TokenRevoked.code()));
+        w1.batch_execute("COMMIT").await.unwrap();
+        assert_eq!(
+            a.expect_close().await,
+            Some(CloseCode::TokenRevoked.code()),
+            "the late revocation was applied"
+        );
+        relay.shutdown();
+    }
 }
