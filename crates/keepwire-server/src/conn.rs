@@ -139,12 +139,20 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
         close_socket(&mut tx, &mut rx, code).await;
         tracing::debug!(target: "keepwire::ws", code = code.code(), "closed");
     }
-    // The final ack position (and anything else the session still asked for).
-    while let Some((id, req)) = s.poll_store_request() {
-        in_flight.push(Box::pin(shared.exec.run(req).map(move |a| (id, a))));
-    }
-    while !in_flight.is_empty() {
-        in_flight.next().await;
+    // The final ack position (and anything else the session still asked
+    // for), and the requests in flight when it closed: their answers still
+    // reach the session, so their hub work is carried out (a client that
+    // signals and closes at once: the membership lookup finishes and the
+    // signal reaches the members).
+    loop {
+        while let Some((id, req)) = s.poll_store_request() {
+            in_flight.push(Box::pin(shared.exec.run(req).map(move |a| (id, a))));
+        }
+        let Some((id, answer)) = in_flight.next().await else {
+            break;
+        };
+        s.handle_store_answer(id, answer, clock.now());
+        carry_out_events(&mut s, &shared, &control, &mut reg, &mut opened);
     }
     if opened {
         shared.metrics.connections_open.dec();

@@ -256,3 +256,34 @@ async fn signals_reach_other_members_and_are_not_stored() {
         "signals take no inbox sequence"
     );
 }
+
+/// A client that signals and closes at once (a command-line tool, an app
+/// going away): the relay finishes the signal's membership lookup after the
+/// close, so the signal still reaches the members, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_sent_just_before_closing_still_reaches_the_members() {
+    let relay = TestRelay::start().await;
+    let ta = relay.user("alice").await;
+    let tb = relay.user("bob").await;
+    let mut a = relay.connect(&ta, "a").await;
+    let mut b = relay.connect(&tb, "b").await;
+    let conv = crate::support::create_conv(&mut a, ConvKind::Direct, &["bob"]).await;
+    b.entry().await;
+    a.close().await;
+    for i in 0..30 {
+        let mut a = relay.connect(&ta, "a").await;
+        a.send(&ClientFrame::Signal {
+            conv: conv.id,
+            data: serde_json::json!(i),
+        })
+        .await;
+        a.close().await;
+        let got = b
+            .recv_where(|f| match f {
+                ServerFrame::Signal { data, .. } => Some(data.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(got, serde_json::json!(i), "signal {i}");
+    }
+}

@@ -187,11 +187,21 @@ impl Session {
         self.transmits.push_back(Transmit::Close(code));
     }
 
-    /// The peer went away.
+    /// The peer went away. Signals it sent before still go to the members
+    /// (a client that signals and closes at once): their membership lookups
+    /// are issued even if earlier requests held them back. Everything else
+    /// not yet issued is dropped.
     pub(super) fn gone(&mut self) {
-        if !matches!(self.phase, Phase::Closed) {
-            self.end();
+        if matches!(self.phase, Phase::Closed) {
+            return;
         }
+        let waiting = std::mem::take(&mut self.waiting);
+        self.end();
+        self.requests.extend(
+            waiting
+                .into_iter()
+                .filter(|(_, r)| matches!(r, StoreRequest::ConvMembers { .. })),
+        );
     }
 
     fn end(&mut self) {
