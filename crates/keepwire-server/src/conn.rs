@@ -148,6 +148,10 @@ async fn drive(mut tx: Tx, mut rx: Rx, shared: Arc<Shared>) {
         while let Some((id, req)) = s.poll_store_request() {
             in_flight.push(Box::pin(shared.exec.run(req).map(move |a| (id, a))));
         }
+        // (`next` on an empty set waits forever: it is the select's arm.)
+        if in_flight.is_empty() {
+            break;
+        }
         let Some((id, answer)) = in_flight.next().await else {
             break;
         };
