@@ -545,14 +545,7 @@ async fn sync_once_honours_its_deadline_when_the_relay_is_a_black_hole_and_the_n
     let tb = r.user("bob").await;
     let relay_addr = r.server.as_ref().unwrap().local_addr();
     // A "relay" that accepts TCP and never answers: packets vanish.
-    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hole_addr = hole.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hole.accept().await {
-            held.push(s);
-        }
-    });
+    let hole_addr = keepwire_testkit::black_hole().await;
     let ha = TempDir::new("alice");
     let build = |target: SocketAddr, resolver_mode: u8| {
         let resolver = Arc::new(FlakyResolver {

@@ -151,6 +151,22 @@ fn recorder() -> (Arc<CallbackNotifier>, Shown) {
     (n, shown)
 }
 
+/// A client that keeps its connection in the background (a desktop, an
+/// Android foreground service), recording what it shows.
+async fn kept_in_background(home: &std::path::Path, url: &str, token: &str) -> (Client, Shown) {
+    let (n, shown) = recorder();
+    let c = Client::builder(home)
+        .servers(vec![url.to_owned()])
+        .token(token)
+        .notifier(n)
+        .background_policy(BackgroundPolicy::KeepAlive)
+        .app_state(AppState::Background)
+        .build()
+        .await
+        .unwrap();
+    (c, shown)
+}
+
 async fn phone(home: &std::path::Path, url: &str, token: &str, state: AppState) -> Client {
     let (n, _) = recorder();
     Client::builder(home)
@@ -346,16 +362,7 @@ async fn a_registered_device_is_woken_once_and_on_push_shows_one_notification_on
         db.execute_batch("DELETE FROM messages; UPDATE meta SET value = '0' WHERE key = 'cursor';")
             .unwrap();
     }
-    let (n, shown) = recorder();
-    let b = Client::builder(hb.path())
-        .servers(vec![relay.url.clone()])
-        .token(&tb)
-        .notifier(n)
-        .background_policy(BackgroundPolicy::KeepAlive)
-        .app_state(AppState::Background)
-        .build()
-        .await
-        .unwrap();
+    let (b, shown) = kept_in_background(hb.path(), &relay.url, &tb).await;
     let s = b
         .wait_for(T, |s| s.caught_up() && s.received >= 50)
         .await
@@ -483,14 +490,7 @@ async fn a_preview_shows_the_message_when_the_sync_cannot_and_never_twice() {
 
     // The relay cannot be reached for this wake-up (a black hole): the
     // notification comes from the preview.
-    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hole_url = format!("ws://{}", hole.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hole.accept().await {
-            held.push(s);
-        }
-    });
+    let hole_url = format!("ws://{}", keepwire_testkit::black_hole().await);
     let b = phone(hb.path(), &hole_url, &tb, AppState::Background).await;
     let r = b
         .on_push(data.to_string().as_bytes(), Duration::from_secs(2))
@@ -510,16 +510,7 @@ async fn a_preview_shows_the_message_when_the_sync_cannot_and_never_twice() {
     drop(b);
 
     // The message arrives over the socket later: stored, never shown again.
-    let (n, shown) = recorder();
-    let b = Client::builder(hb.path())
-        .servers(vec![relay.url.clone()])
-        .token(&tb)
-        .notifier(n)
-        .background_policy(BackgroundPolicy::KeepAlive)
-        .app_state(AppState::Background)
-        .build()
-        .await
-        .unwrap();
+    let (b, shown) = kept_in_background(hb.path(), &relay.url, &tb).await;
     b.wait_for(T, |s| s.caught_up() && s.received >= 1)
         .await
         .unwrap();

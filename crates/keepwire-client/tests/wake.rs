@@ -255,14 +255,7 @@ async fn a_second_push_joins_the_first_and_a_black_hole_still_returns_by_the_dea
     drop(a);
 
     // The relay's address is a black hole: the wake-up returns by its deadline.
-    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}", hole.local_addr().unwrap());
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hole.accept().await {
-            held.push(s);
-        }
-    });
+    let url = format!("ws://{}", keepwire_testkit::black_hole().await);
     let (n, _) = recorder();
     let a = wake_only(ha.path(), &url, &ta, n, AppState::Background).await;
     let started = std::time::Instant::now();

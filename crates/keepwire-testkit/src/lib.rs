@@ -323,6 +323,23 @@ impl WsClient {
     }
 }
 
+/// A "relay" that accepts TCP connections and never answers (packets
+/// vanish, nothing is closed): its address. The connections are held until
+/// the test's runtime ends.
+pub async fn black_hole() -> std::net::SocketAddr {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a black hole");
+    let addr = hole.local_addr().expect("its address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
 /// Polls `cond` every 20 ms until it holds or `within` passes.
 pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut cond: F)
 where
