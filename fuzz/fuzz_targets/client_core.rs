@@ -122,12 +122,15 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Stale(f) => c.handle_transport(u64::MAX, TransportEvent::Frame(encode(&f)), now),
             Op::Request(conv) => {
+                let conv = u64::from(conv);
+                // A request, a backfill (answered by `Frame`s with any rid)
+                // and a frame without a rid.
                 let _ = c.send_request(
-                    &keepwire_proto::ClientFrame::ConvList {
-                        rid: format!("r{conv}"),
-                    },
+                    keepwire_proto::ClientFrame::ConvList { rid: String::new() },
                     now,
                 );
+                c.backfill(conv, conv.saturating_add(300), conv / 2, now);
+                let _ = c.send_read(conv, conv, now);
             }
         }
         while let Some(t) = c.poll_transmit() {

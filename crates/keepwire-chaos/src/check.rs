@@ -265,7 +265,7 @@ pub fn check(s: &Subject) -> anyhow::Result<Report> {
     // Every device: each relayed message of its conversations exactly once,
     // nothing else, in order, cursor at its user's head, notified at most once.
     for d in &s.devices {
-        let db = open_ro(&keepwire_client::store::db_path(&d.home))?;
+        let db = open_ro(&keepwire_client::Home::new(&d.home).database())?;
         let stored = read_stored(
             &db,
             "SELECT id, conv, conv_seq, sender, body FROM messages ORDER BY conv, conv_seq",

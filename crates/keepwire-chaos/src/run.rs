@@ -830,7 +830,7 @@ fn delete_one_stored(devices: &[Device], rng: &mut StdRng) -> anyhow::Result<()>
     let start = rng.random_range(0..devices.len());
     for i in 0..devices.len() {
         let d = &devices[(start + i) % devices.len()];
-        let db = rusqlite::Connection::open(keepwire_client::store::db_path(&d.spec.home))?;
+        let db = rusqlite::Connection::open(keepwire_client::Home::new(&d.spec.home).database())?;
         let n = db.execute(
             "DELETE FROM messages WHERE id = (SELECT id FROM messages ORDER BY id LIMIT 1 OFFSET \
              (SELECT COUNT(*) / 2 FROM messages))",

@@ -7,18 +7,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keepwire_core::{
-    AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event, Instant, Network,
-    State, Transmit, TransportEvent,
+    AppState, BackfillDue, BackgroundPolicy, Config, Connection, ConnectionError, Event, Instant,
+    Network, RequestId, State, Transmit, TransportEvent,
 };
 use keepwire_proto::{
     ClientFrame, Confirm, ConvCreate, ConvInfo, ConvKind, ConvMember, ErrorCode, GapReason,
-    HistoryRequest, MemberEvent, Message, PushInfo, PushRegister, Resume, ResumeStatus,
-    ServerFrame, Welcome,
+    MemberEvent, Message, PushInfo, PushRegister, Resume, ResumeStatus, ServerFrame, Welcome,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::home::Home;
 use crate::notify::{Notification, Notifier, coalesce};
-use crate::store::{Store, StoreError};
+use crate::store::{OutboxState, Store, StoreError};
 use crate::transport::{self, BoxFuture, CachingResolver, Outgoing, Resolver, SystemResolver};
 
 /// Errors of the client API.
@@ -633,11 +633,8 @@ impl SendHandle {
                     let status = self.inner.store.lock().unwrap_or_else(|p| p.into_inner()).outbox_status(&self.cid);
                     match status {
                         Ok(None) => return Ok(()),
-                        Ok(Some((s, err))) if s == "failed" => {
-                            let err = err.unwrap_or_default();
-                            let (code, message) = err.split_once(": ").unwrap_or(("internal", err.as_str()));
-                            let code = serde_json::from_value(serde_json::Value::String(code.into())).unwrap_or(ErrorCode::Internal);
-                            return Err(SendError { code, message: message.to_owned() });
+                        Ok(Some(OutboxState::Failed { code, message })) => {
+                            return Err(SendError { code, message });
                         }
                         _ => {}
                     }
@@ -845,7 +842,7 @@ impl Client {
             ConvKind::Direct
         };
         let frame = ClientFrame::ConvCreate(ConvCreate {
-            rid: new_rid(),
+            rid: String::new(), // the connection names its requests
             key: format!("{:032x}", rand::random::<u128>()),
             kind,
             members,
@@ -875,7 +872,7 @@ impl Client {
         add: bool,
     ) -> Result<ConvInfo, ClientError> {
         let m = ConvMember {
-            rid: new_rid(),
+            rid: String::new(),
             conv,
             user: user.into(),
         };
@@ -896,7 +893,7 @@ impl Client {
     /// The user's conversations, from the relay (and saved locally).
     pub async fn list_conversations(&self) -> Result<Vec<ConvInfo>, ClientError> {
         match self
-            .request(ClientFrame::ConvList { rid: new_rid() })
+            .request(ClientFrame::ConvList { rid: String::new() })
             .await?
         {
             ServerFrame::Convs { convs, .. } => {
@@ -1468,10 +1465,6 @@ impl Client {
     }
 }
 
-fn new_rid() -> String {
-    format!("r{:016x}", rand::random::<u64>())
-}
-
 // ---------------------------------------------------------------------------
 // Supervisor: holds the home's lock while it runs the connection.
 
@@ -1486,16 +1479,6 @@ struct Supervisor {
     network: Network,
     started: bool,
     notifier: Option<Arc<dyn Notifier>>,
-}
-
-fn try_lock(home: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(home.join("lock"))
-        .ok()?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
 }
 
 impl Supervisor {
@@ -1514,7 +1497,7 @@ impl Supervisor {
             // answered.
             let lock = loop {
                 let wanted = sync.is_some() || !self.parked();
-                if wanted && let Some(l) = try_lock(&self.inner.home) {
+                if wanted && let Some(l) = Home::new(&self.inner.home).try_lock() {
                     break Some(l);
                 }
                 // A push wake-up beside a frozen holder: connect anyway, as a
@@ -1654,12 +1637,10 @@ struct Driver {
     outgoing: Option<(u64, mpsc::Sender<Outgoing>)>,
     token_tx: mpsc::Sender<Option<String>>,
     token_rx: mpsc::Receiver<Option<String>>,
-    requests: HashMap<String, oneshot::Sender<Result<ServerFrame, ClientError>>>,
-    /// History fetches after a gap: rid -> (conversation, highest conv_seq we hold).
-    fetches: HashMap<String, (u64, u64)>,
+    /// The app's requests in flight, by the connection's id for them.
+    requests: HashMap<RequestId, oneshot::Sender<Result<ServerFrame, ClientError>>>,
     outbox_seen: i64,
     data_version: i64,
-    epoch: Option<String>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     app_state: AppState,
     notifier: Option<Arc<dyn Notifier>>,
@@ -1690,10 +1671,10 @@ struct Driver {
     /// What the relay offers for push (from this session's `welcome`);
     /// `None` outside a session.
     push_offer: Option<Option<PushInfo>>,
-    /// `push_register` requests in flight: rid -> (state version, waiters).
-    push_inflight: HashMap<String, (u64, Vec<Reply>)>,
-    /// `mute` requests in flight: rid -> (conversation, muted, waiters).
-    mute_inflight: HashMap<String, (u64, bool, Vec<Reply>)>,
+    /// `push_register` requests in flight: request -> (state version, waiters).
+    push_inflight: HashMap<RequestId, (u64, Vec<Reply>)>,
+    /// `mute` requests in flight: request -> (conversation, muted, waiters).
+    mute_inflight: HashMap<RequestId, (u64, bool, Vec<Reply>)>,
 }
 
 /// A sync asked by another process on this home (`keepwire sync` beside a
@@ -1725,6 +1706,22 @@ const REMOTE_SYNC_MAX: Duration = Duration::from_secs(60);
 /// Where the answer to a push registration or a mute goes.
 type Reply = oneshot::Sender<Result<(), ClientError>>;
 
+/// What the waiters of a registration or a mute hear: the refusal, success
+/// when answered, or "not connected" when the session ended first.
+fn answer_of(
+    answered: bool,
+    refused: &Option<(bool, ErrorCode, String)>,
+) -> Result<(), ClientError> {
+    match refused {
+        Some((_, code, message)) => Err(ClientError::Refused {
+            code: *code,
+            message: message.clone(),
+        }),
+        None if answered => Ok(()),
+        None => Err(ClientError::NotConnected),
+    }
+}
+
 impl Driver {
     fn new(sup: &Supervisor) -> Result<Driver, StoreError> {
         let store = Store::open(&sup.inner.home)?;
@@ -1736,6 +1733,10 @@ impl Driver {
         let mut core = Connection::new(config, sup.token.clone(), cursor.clone(), seed, now);
         for (net, (interval, settled)) in store.learned_heartbeats()? {
             core.set_learned_heartbeat(&net, interval, settled);
+        }
+        // History fills a previous process did not finish go on.
+        for due in store.backfills_due()? {
+            core.backfill(due, now);
         }
         core.handle_network(sup.network.clone(), now);
         core.handle_app_state(sup.app_state, now);
@@ -1756,10 +1757,8 @@ impl Driver {
             token_tx,
             token_rx,
             requests: HashMap::new(),
-            fetches: HashMap::new(),
             outbox_seen: 0,
             data_version,
-            epoch: cursor.map(|c| c.epoch),
             stop_waiters: Vec::new(),
             app_state: sup.app_state,
             notifier: sup.notifier.clone(),
@@ -1957,9 +1956,7 @@ impl Driver {
             Cmd::MarkRead(conv, up_to, reply) => {
                 let local = self.store.set_read_mark(conv, up_to);
                 self.read_elsewhere(conv, up_to);
-                let sent = self
-                    .core
-                    .send_request(&ClientFrame::Read { conv, up_to }, now);
+                let sent = self.core.send_read(conv, up_to, now);
                 let _ = reply.send(match (local, sent) {
                     (Err(e), _) => Err(e.into()),
                     (Ok(()), Err(_)) => Err(ClientError::NotConnected),
@@ -2007,22 +2004,17 @@ impl Driver {
                 }
             }
             Cmd::Signal(conv, data, reply) => {
-                let sent = self
-                    .core
-                    .send_request(&ClientFrame::Signal { conv, data }, now);
+                let sent = self.core.send_signal(conv, data, now);
                 let _ = reply.send(sent.map_err(|_| ClientError::NotConnected));
             }
-            Cmd::Request(frame, reply) => {
-                let rid = frame.rid().unwrap_or_default().to_owned();
-                match self.core.send_request(&frame, now) {
-                    Ok(()) => {
-                        self.requests.insert(rid, reply);
-                    }
-                    Err(_) => {
-                        let _ = reply.send(Err(ClientError::NotConnected));
-                    }
+            Cmd::Request(frame, reply) => match self.core.send_request(frame, now) {
+                Ok(id) => {
+                    self.requests.insert(id, reply);
                 }
-            }
+                Err(_) => {
+                    let _ = reply.send(Err(ClientError::NotConnected));
+                }
+            },
             Cmd::Stop(done) => {
                 self.core.close(now);
                 self.stop_waiters.push(done);
@@ -2055,7 +2047,7 @@ impl Driver {
             waiters.extend(reply);
             return;
         }
-        if !state.due(self.epoch.as_deref(), crate::push::now_ms()) {
+        if !state.due(self.core.epoch(), crate::push::now_ms()) {
             return answer(reply, Ok(()));
         }
         if let Some(p) = state.provider()
@@ -2073,19 +2065,18 @@ impl Driver {
                 }),
             );
         }
-        let rid = new_rid();
         let frame = ClientFrame::PushRegister(PushRegister {
-            rid: rid.clone(),
+            rid: String::new(),
             registration: state.registration.clone().unwrap_or_default(),
             // The user's preference: the relay sends previews only if its
             // operator allows them too, and only encrypted to this device.
             previews: state.registration.is_some()
                 && self.store.prefs().map(|p| p.previews).unwrap_or(false),
         });
-        match self.core.send_request(&frame, now) {
-            Ok(()) => {
+        match self.core.send_request(frame, now) {
+            Ok(id) => {
                 self.push_inflight
-                    .insert(rid, (state.version, reply.into_iter().collect()));
+                    .insert(id, (state.version, reply.into_iter().collect()));
             }
             Err(_) => answer(reply, Err(ClientError::NotConnected)),
         }
@@ -2120,20 +2111,19 @@ impl Driver {
                 waiters.extend(mine);
                 continue;
             }
-            let rid = new_rid();
             let frame = ClientFrame::Mute {
-                rid: rid.clone(),
+                rid: String::new(),
                 conv,
                 muted,
             };
-            if self.core.send_request(&frame, now).is_err() {
+            let Ok(id) = self.core.send_request(frame, now) else {
                 if let Some(tx) = mine {
                     let _ = tx.send(Err(ClientError::NotConnected));
                 }
                 break;
-            }
+            };
             self.mute_inflight
-                .insert(rid, (conv, muted, mine.into_iter().collect()));
+                .insert(id, (conv, muted, mine.into_iter().collect()));
         }
         // Not pending any more: the relay already has it.
         if let Some((_, tx)) = reply {
@@ -2141,70 +2131,55 @@ impl Driver {
         }
     }
 
-    /// The answer to a `push_register` or `mute` of this driver, if `frame` is one.
-    fn push_or_mute_reply(&mut self, frame: &ServerFrame) -> bool {
-        let finish = |waiters: Vec<Reply>, r: &Result<(), (ErrorCode, String)>| {
+    /// The connection's answer to request `request` (or `None`: the session
+    /// ended first), to whoever waits for it.
+    fn on_answer(&mut self, request: RequestId, frame: Option<ServerFrame>) {
+        if let Some(reply) = self.requests.remove(&request) {
+            let _ = reply.send(frame.ok_or(ClientError::NotConnected));
+            return;
+        }
+        let finish = |waiters: Vec<Reply>, refused: &Option<(bool, ErrorCode, String)>| {
             for w in waiters {
-                let _ = w.send(
-                    r.clone()
-                        .map_err(|(code, message)| ClientError::Refused { code, message }),
-                );
+                let _ = w.send(answer_of(frame.is_some(), refused));
             }
         };
-        match frame {
-            ServerFrame::Push { rid, id } => {
-                let Some((version, waiters)) = self.push_inflight.remove(rid) else {
-                    return false;
-                };
-                if let Err(e) =
-                    self.store
-                        .push_answered(version, self.epoch.as_deref(), Ok(id.clone()))
-                {
-                    tracing::warn!(target: "keepwire::push", error = %e, "recording the push registration failed");
+        // A refusal; `transient`: worth another try at the next handshake,
+        // anything else is the relay's final word on this request.
+        let refused = match &frame {
+            Some(ServerFrame::Error(e)) => Some((
+                matches!(e.code, ErrorCode::RateLimited | ErrorCode::Internal),
+                e.code,
+                e.message.clone(),
+            )),
+            _ => None,
+        };
+        if let Some((version, waiters)) = self.push_inflight.remove(&request) {
+            let recorded = match (&frame, &refused) {
+                (Some(ServerFrame::Push { id, .. }), _) => {
+                    tracing::info!(target: "keepwire::push", registered = id.is_some(), "push registration accepted");
+                    Some(Ok(id.clone()))
                 }
-                tracing::info!(target: "keepwire::push", registered = id.is_some(), "push registration accepted");
-                finish(waiters, &Ok(()));
-                true
-            }
-            ServerFrame::Muted {
-                rid, conv, muted, ..
-            } => {
-                let Some((_, _, waiters)) = self.mute_inflight.remove(rid) else {
-                    return false;
-                };
-                let _ = self.store.mute_answered(*conv, *muted);
-                finish(waiters, &Ok(()));
-                true
-            }
-            ServerFrame::Error(e) => {
-                let Some(rid) = e.rid.as_deref() else {
-                    return false;
-                };
-                // Worth another try at the next handshake; anything else is
-                // the relay's final word on this request.
-                let transient = matches!(e.code, ErrorCode::RateLimited | ErrorCode::Internal);
-                let r = Err((e.code, e.message.clone()));
-                if let Some((version, waiters)) = self.push_inflight.remove(rid) {
-                    if !transient {
-                        let why = format!("{}: {}", e.code, e.message);
-                        tracing::warn!(target: "keepwire::push", code = %e.code, "push registration refused");
-                        let _ = self
-                            .store
-                            .push_answered(version, self.epoch.as_deref(), Err(why));
-                    }
-                    finish(waiters, &r);
-                    return true;
+                (_, Some((false, code, message))) => {
+                    tracing::warn!(target: "keepwire::push", %code, "push registration refused");
+                    Some(Err(format!("{code}: {message}")))
                 }
-                if let Some((conv, muted, waiters)) = self.mute_inflight.remove(rid) {
-                    if !transient {
-                        let _ = self.store.mute_answered(conv, muted);
-                    }
-                    finish(waiters, &r);
-                    return true;
-                }
-                false
+                // Unanswered or transient: it stays due.
+                _ => None,
+            };
+            if let Some(r) = recorded
+                && let Err(e) = self.store.push_answered(version, self.core.epoch(), r)
+            {
+                tracing::warn!(target: "keepwire::push", error = %e, "recording the push registration failed");
             }
-            _ => false,
+            finish(waiters, &refused);
+            return;
+        }
+        if let Some((conv, muted, waiters)) = self.mute_inflight.remove(&request) {
+            let final_word = frame.is_some() && !refused.as_ref().is_some_and(|(t, _, _)| *t);
+            if final_word {
+                let _ = self.store.mute_answered(conv, muted);
+            }
+            finish(waiters, &refused);
         }
     }
 
@@ -2282,28 +2257,16 @@ impl Driver {
                 let err = self.core.last_error().map(|e| format!("{e:?}"));
                 let _ = self.store.save_status(&format!("{s:?}"), err.as_deref());
                 if !matches!(s, State::Connected | State::Handshaking) {
-                    for (_, r) in self.requests.drain() {
-                        let _ = r.send(Err(ClientError::NotConnected));
-                    }
-                    // Unanswered registrations and mutes stay due in the
-                    // store: the next session sends them again.
+                    // Requests in flight come back as `Unanswered`;
+                    // registrations and mutes stay due in the store: the
+                    // next session sends them again.
                     self.push_offer = None;
-                    let waiters = self
-                        .push_inflight
-                        .drain()
-                        .flat_map(|(_, (_, w))| w)
-                        .chain(self.mute_inflight.drain().flat_map(|(_, (_, _, w))| w));
-                    for w in waiters {
-                        let _ = w.send(Err(ClientError::NotConnected));
-                    }
-                    // The next welcome brings fresh fetch hints.
-                    self.fetches.clear();
                 }
                 self.emit(ClientEvent::State(s));
             }
             Event::Welcome(w) => self.on_welcome(*w, now),
             Event::Entries(entries) => {
-                let Some(epoch) = self.epoch.clone() else {
+                let Some(epoch) = self.core.epoch().map(str::to_owned) else {
                     return;
                 };
                 match self.store.persist_entries(&epoch, &entries) {
@@ -2360,12 +2323,33 @@ impl Driver {
                 self.emit(ClientEvent::SendConfirmed(c));
             }
             Event::SendFailed { cid, code, message } => {
-                let _ = self.store.fail(&cid, &format!("{code}: {message}"));
+                let _ = self.store.fail(&cid, code, &message);
                 let error = SendError { code, message };
                 self.finish_waiters(&cid, Err(error.clone()));
                 self.emit(ClientEvent::SendFailed { cid, error });
             }
-            Event::Reply(frame) => self.on_reply(*frame, now),
+            Event::Reply(frame) => self.on_reply(*frame),
+            Event::Answer { request, frame } => self.on_answer(request, Some(*frame)),
+            Event::Unanswered(request) => self.on_answer(request, None),
+            Event::History {
+                conv,
+                messages,
+                due,
+            } => {
+                if let Err(e) = self.store.store_backfill(conv, &messages, due) {
+                    tracing::error!(target: "keepwire::client", error = %e, "storing history failed");
+                }
+            }
+            Event::EpochReset { epoch, reason } => self.on_epoch_reset(&epoch, reason),
+            Event::CursorReset(c) => {
+                let r = self
+                    .store
+                    .set_meta("cursor", &c.seq.to_string())
+                    .and_then(|()| self.store.set_meta("epoch", &c.epoch));
+                if let Err(e) = r {
+                    tracing::error!(target: "keepwire::client", error = %e, "recording the resume failed");
+                }
+            }
             Event::TokenNeeded => {
                 let provider = self.provider.clone();
                 let tx = self.token_tx.clone();
@@ -2593,48 +2577,6 @@ impl Driver {
         }
         let _ = self.store.set_meta("user", &w.user);
         let gap = w.resume.status == ResumeStatus::Gap;
-        let result = match w.resume.reason {
-            Some(reason @ (GapReason::Epoch | GapReason::CursorAhead)) => {
-                self.store.reset_epoch(&w.epoch).and_then(|dropped| {
-                    // Said loudly and kept for `status`: the user's history on
-                    // this device shrank without them doing anything.
-                    tracing::warn!(
-                        target: "keepwire::client",
-                        dropped,
-                        ?reason,
-                        "the relay's message log was replaced (restored from a backup, or reset): \
-                         {dropped} messages stored on this device were forgotten, since their ids \
-                         now mean other messages; history is fetched again from the relay"
-                    );
-                    let gap = serde_json::json!({
-                        "reason": match reason { GapReason::Epoch => "epoch", _ => "cursor_ahead" },
-                        "at_ms": crate::push::now_ms(),
-                        "dropped_messages": dropped,
-                    });
-                    self.store.set_meta("last_gap", &gap.to_string())
-                })
-            }
-            Some(GapReason::Retention) => self
-                .store
-                .set_meta("cursor", &w.resume.from.saturating_sub(1).to_string())
-                .and_then(|()| self.store.set_meta("epoch", &w.epoch)),
-            _ => Ok(()),
-        };
-        // A device without a cursor (new, or its epoch reset) starts where
-        // the relay starts it, even if nothing arrives in this session: the
-        // next session then resumes from there, and what arrives meanwhile
-        // comes through the inbox (and notifies) instead of as old history.
-        let result = result.and_then(|()| match self.store.cursor()? {
-            Some(_) => Ok(()),
-            None => self
-                .store
-                .set_meta("cursor", &w.resume.from.saturating_sub(1).to_string())
-                .and_then(|()| self.store.set_meta("epoch", &w.epoch)),
-        });
-        if let Err(e) = result {
-            tracing::error!(target: "keepwire::client", error = %e, "recording the resume failed");
-        }
-        self.epoch = Some(w.epoch.clone());
         {
             let mut s = self.inner.status.lock().unwrap_or_else(|p| p.into_inner());
             s.head = Some(w.head);
@@ -2642,9 +2584,15 @@ impl Driver {
         }
         // Fill what the replay will not bring.
         for hint in &w.resume.fetch {
-            let known = self.store.max_conv_seq(hint.conv).unwrap_or(0);
-            if hint.before > known + 1 {
-                self.fetch_history(hint.conv, hint.before, known, now);
+            let due = BackfillDue {
+                conv: hint.conv,
+                before: hint.before,
+                known: self.store.max_conv_seq(hint.conv).unwrap_or(0),
+            };
+            if self.core.backfill(due, now)
+                && let Err(e) = self.store.store_backfill(due.conv, &[], Some(due))
+            {
+                tracing::warn!(target: "keepwire::client", error = %e, "recording a history fill failed");
             }
         }
         if gap {
@@ -2656,67 +2604,46 @@ impl Driver {
         self.send_mutes(None, now);
     }
 
-    fn fetch_history(&mut self, conv: u64, before: u64, known: u64, now: Instant) {
-        let rid = new_rid();
-        let frame = ClientFrame::History(HistoryRequest {
-            rid: rid.clone(),
-            conv,
-            before: Some(before),
-            limit: Some(200),
+    /// The relay's message log was replaced: what this device stored of the
+    /// old one is forgotten (its ids mean other messages now).
+    fn on_epoch_reset(&mut self, epoch: &str, reason: GapReason) {
+        let r = self.store.reset_epoch(epoch).and_then(|dropped| {
+            // Said loudly and kept for `status`: the user's history on this
+            // device shrank without them doing anything.
+            tracing::warn!(
+                target: "keepwire::client",
+                dropped,
+                ?reason,
+                "the relay's message log was replaced (restored from a backup, or reset): \
+                 {dropped} messages stored on this device were forgotten, since their ids \
+                 now mean other messages; history is fetched again from the relay"
+            );
+            let gap = serde_json::json!({
+                "reason": match reason { GapReason::Epoch => "epoch", _ => "cursor_ahead" },
+                "at_ms": crate::push::now_ms(),
+                "dropped_messages": dropped,
+            });
+            self.store.set_meta("last_gap", &gap.to_string())
         });
-        if self.core.send_request(&frame, now).is_ok() {
-            self.fetches.insert(rid, (conv, known));
+        if let Err(e) = r {
+            tracing::error!(target: "keepwire::client", error = %e, "forgetting the old epoch failed");
         }
     }
 
-    fn on_reply(&mut self, frame: ServerFrame, now: Instant) {
-        if let ServerFrame::History(page) = &frame
-            && let Some((conv, known)) = self.fetches.remove(&page.rid)
-        {
-            let fresh: Vec<Message> = page
-                .messages
-                .iter()
-                .filter(|m| m.conv_seq > known)
-                .cloned()
-                .collect();
-            if let Err(e) = self.store.store_history(&fresh) {
-                tracing::error!(target: "keepwire::client", error = %e, "storing history failed");
-            }
-            if page.more
-                && let Some(first) = page.messages.first()
-                && first.conv_seq > known + 1
-            {
-                self.fetch_history(conv, first.conv_seq, known, now);
-            }
-            return;
-        }
-        if self.push_or_mute_reply(&frame) {
-            return;
-        }
+    /// A frame that answers no request: a signal, or the refusal of one.
+    fn on_reply(&mut self, frame: ServerFrame) {
         if let ServerFrame::Signal { conv, from, data } = frame {
             self.emit(ClientEvent::Signal { conv, from, data });
             return;
         }
-        if let ServerFrame::Error(e) = &frame
-            && e.frame.as_deref() == Some("signal")
-        {
-            // A signal has no answer to wait for: its refusal is only logged.
-            tracing::warn!(target: "keepwire::client", conv = ?e.conv, code = %e.code, message = %e.message, "the relay refused a signal");
+        if let ServerFrame::Error(e) = &frame {
+            // A read or a signal has no answer to wait for: its refusal is
+            // only logged.
+            tracing::warn!(target: "keepwire::client", frame = ?e.frame, conv = ?e.conv, code = %e.code, message = %e.message, "the relay refused a frame");
             return;
         }
-        let rid = match &frame {
-            ServerFrame::History(p) => Some(p.rid.clone()),
-            ServerFrame::Conv { rid, .. } | ServerFrame::Convs { rid, .. } => Some(rid.clone()),
-            ServerFrame::Error(e) => e.rid.clone(),
-            _ => None,
-        };
-        match rid.and_then(|r| self.requests.remove(&r)) {
-            Some(reply) => {
-                let _ = reply.send(Ok(frame));
-            }
-            // Not the frame itself: a history page holds message bodies.
-            None => tracing::debug!(target: "keepwire::client", "unsolicited reply frame"),
-        }
+        // Not the frame itself: it may hold message bodies.
+        tracing::debug!(target: "keepwire::client", "unsolicited reply frame");
     }
 
     /// Starts a sync another process on this home asked for, if there is a
@@ -2800,7 +2727,7 @@ impl Driver {
             s.cursor = cursor;
             s.outbox = pending;
             s.holder = true;
-            s.backfilling = self.fetches.len();
+            s.backfilling = self.core.backfilling();
             s.requests = self.push_inflight.len() + self.mute_inflight.len();
         }
         self.inner.status_changed.send_replace(());

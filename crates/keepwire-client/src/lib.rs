@@ -28,6 +28,7 @@
 
 pub mod analytics;
 mod client;
+mod home;
 pub mod notify;
 mod push;
 pub mod store;
@@ -38,6 +39,7 @@ pub use client::{
     MAX_PUSH_PAYLOAD, PushResult, SendError, SendHandle, Status, SyncOutcome, SyncReport,
     TokenProvider, UNREACHABLE_ROUNDS, boot_clock, parse_pem_certificates,
 };
+pub use home::{Home, HomeLock};
 pub use keepwire_core::{
     AppState, BackgroundPolicy, Backoff, Config, ConnectionError, Jitter, Network, State,
     StopReason,

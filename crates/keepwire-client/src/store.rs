@@ -9,10 +9,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use keepwire_core::OutboxItem;
+use keepwire_core::{BackfillDue, OutboxItem};
+
+use crate::home::Home;
 use keepwire_proto::{
-    ConvInfo, ConvKind, Cursor, EntryItem, InboxEntry, MemberChange, MemberEvent, Message,
-    MuteMark, ReadMark,
+    ConvInfo, ConvKind, Cursor, EntryItem, ErrorCode, InboxEntry, MemberChange, MemberEvent,
+    Message, MuteMark, ReadMark,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -29,6 +31,14 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0004_analytics",
         include_str!("migrations/0004_analytics.sql"),
+    ),
+    (
+        "0005_backfill",
+        include_str!("migrations/0005_backfill.sql"),
+    ),
+    (
+        "0006_outbox_error_code",
+        include_str!("migrations/0006_outbox_error_code.sql"),
     ),
 ];
 
@@ -74,12 +84,45 @@ pub struct OutboxRow {
     pub seq: i64,
     /// The send.
     pub item: OutboxItem,
-    /// `pending` or `failed`.
-    pub status: String,
-    /// Why it failed.
-    pub error: Option<String>,
+    /// Pending or failed.
+    pub state: OutboxState,
     /// When it was queued, ms since the Unix epoch.
     pub created_at_ms: i64,
+}
+
+/// Where a send in the outbox stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxState {
+    /// Waiting to be sent, or sent and not confirmed yet.
+    Pending,
+    /// The relay refused it for good (it stays until retried or dropped).
+    Failed {
+        /// The relay's code.
+        code: ErrorCode,
+        /// The relay's message.
+        message: String,
+    },
+}
+
+impl OutboxState {
+    /// `pending` or `failed` (as `keepwire outbox` shows it).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OutboxState::Pending => "pending",
+            OutboxState::Failed { .. } => "failed",
+        }
+    }
+
+    /// From the row's `status`, `error_code` and `error` columns.
+    fn from_row(status: &str, code: Option<String>, message: Option<String>) -> OutboxState {
+        match status {
+            "failed" => OutboxState::Failed {
+                code: code.map_or(ErrorCode::Internal, |c| ErrorCode::from_wire(&c)),
+                message: message.unwrap_or_default(),
+            },
+            _ => OutboxState::Pending,
+        }
+    }
 }
 
 /// Why [`Store::outbox_retry`] or [`Store::outbox_drop`] did nothing.
@@ -106,16 +149,11 @@ pub struct Store {
     home: PathBuf,
 }
 
-/// The database file inside a home.
-pub fn db_path(home: &Path) -> PathBuf {
-    home.join("client.db")
-}
-
 /// Sets the database and its WAL and shared-memory files (those that exist)
 /// to 0600.
 fn tighten_modes(home: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
-    let db = db_path(home);
+    let db = Home::new(home).database();
     for suffix in ["", "-wal", "-shm"] {
         let mut name = db.clone().into_os_string();
         name.push(suffix);
@@ -141,7 +179,7 @@ impl Store {
         };
         std::fs::create_dir_all(home).map_err(home_err)?;
         std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)).map_err(home_err)?;
-        let path = db_path(home);
+        let path = Home::new(home).database();
         // Created owner-only before SQLite opens it (never readable by others,
         // not even for a moment); SQLite gives its WAL and -shm files the
         // database file's mode. `create_new`: an existing database is never
@@ -333,6 +371,7 @@ impl Store {
         let tx = self.conn.transaction()?;
         let dropped = tx.execute("DELETE FROM messages", [])? as u64;
         tx.execute("DELETE FROM convs", [])?;
+        tx.execute("DELETE FROM backfill", [])?;
         tx.execute("DELETE FROM meta WHERE key IN ('cursor')", [])?;
         tx.execute(
             "INSERT INTO meta (key, value) VALUES ('epoch', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -357,8 +396,7 @@ impl Store {
                 kind: kind.into(),
                 body: body.into(),
             },
-            status: "pending".into(),
-            error: None,
+            state: OutboxState::Pending,
             created_at_ms: now,
         })
     }
@@ -375,7 +413,7 @@ impl Store {
 
     fn outbox_rows(&self, filter: &str, after: i64) -> Result<Vec<OutboxRow>, StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT seq, cid, conv, kind, body, status, error, created_at FROM outbox
+            "SELECT seq, cid, conv, kind, body, status, error_code, error, created_at FROM outbox
              {filter} ORDER BY seq"
         ))?;
         let rows = stmt
@@ -388,9 +426,8 @@ impl Store {
                         kind: r.get(3)?,
                         body: r.get(4)?,
                     },
-                    status: r.get(5)?,
-                    error: r.get(6)?,
-                    created_at_ms: r.get(7)?,
+                    state: OutboxState::from_row(&r.get::<_, String>(5)?, r.get(6)?, r.get(7)?),
+                    created_at_ms: r.get(8)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -443,11 +480,17 @@ impl Store {
     }
 
     /// The status of a send: `None` once confirmed (it left the outbox).
-    pub fn outbox_status(&self, cid: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+    pub fn outbox_status(&self, cid: &str) -> Result<Option<OutboxState>, StoreError> {
         Ok(self
             .conn
-            .prepare_cached("SELECT status, error FROM outbox WHERE cid = ?1")?
-            .query_row([cid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached("SELECT status, error_code, error FROM outbox WHERE cid = ?1")?
+            .query_row([cid], |r| {
+                Ok(OutboxState::from_row(
+                    &r.get::<_, String>(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                ))
+            })
             .optional()?)
     }
 
@@ -469,10 +512,12 @@ impl Store {
     }
 
     /// A send failed for good: it stays visible as failed.
-    pub fn fail(&self, cid: &str, error: &str) -> Result<(), StoreError> {
+    pub fn fail(&self, cid: &str, code: ErrorCode, message: &str) -> Result<(), StoreError> {
         self.conn
-            .prepare_cached("UPDATE outbox SET status = 'failed', error = ?2 WHERE cid = ?1")?
-            .execute(params![cid, error])?;
+            .prepare_cached(
+                "UPDATE outbox SET status = 'failed', error_code = ?2, error = ?3 WHERE cid = ?1",
+            )?
+            .execute(params![cid, code.as_str(), message])?;
         Ok(())
     }
 
@@ -569,17 +614,51 @@ impl Store {
     /// Stores messages from history paging (no cursor change). Returns how many were new.
     pub fn store_history(&mut self, messages: &[Message]) -> Result<usize, StoreError> {
         let tx = self.conn.transaction()?;
-        let mut n = 0;
-        for m in messages {
-            n += tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO messages (id, conv, conv_seq, sender, cid, kind, body, ts, inbox_seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
+        let n = insert_history(&tx, messages)?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Stores a backfill page of `conv` and what is left of its fill
+    /// (`due`: `None` when it is done), in one transaction.
+    pub fn store_backfill(
+        &mut self,
+        conv: u64,
+        messages: &[Message],
+        due: Option<BackfillDue>,
+    ) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let n = insert_history(&tx, messages)?;
+        match due {
+            Some(d) => {
+                tx.prepare_cached(
+                    "INSERT INTO backfill (conv, before, known) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(conv) DO UPDATE SET before = excluded.before, known = excluded.known",
                 )?
-                .execute(params![m.id as i64, m.conv as i64, m.conv_seq as i64, m.from, m.cid, m.kind, m.body, m.ts])?;
+                .execute(params![d.conv as i64, d.before as i64, d.known as i64])?;
+            }
+            None => {
+                tx.prepare_cached("DELETE FROM backfill WHERE conv = ?1")?
+                    .execute([conv as i64])?;
+            }
         }
         tx.commit()?;
         Ok(n)
+    }
+
+    /// The gap fills not done yet (given back to the connection at start).
+    pub fn backfills_due(&self) -> Result<Vec<BackfillDue>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT conv, before, known FROM backfill ORDER BY conv")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(BackfillDue {
+                conv: r.get::<_, i64>(0)? as u64,
+                before: r.get::<_, i64>(1)? as u64,
+                known: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Records conversations (from a list answer or a create).
@@ -899,6 +978,23 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Inserts history messages (no inbox position; already held ones are kept).
+fn insert_history(
+    tx: &rusqlite::Transaction<'_>,
+    messages: &[Message],
+) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for m in messages {
+        n += tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO messages (id, conv, conv_seq, sender, cid, kind, body, ts, inbox_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
+            )?
+            .execute(params![m.id as i64, m.conv as i64, m.conv_seq as i64, m.from, m.cid, m.kind, m.body, m.ts])?;
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -944,7 +1040,7 @@ mod tests {
     fn the_home_and_database_files_are_owner_only_on_every_open() {
         use std::os::unix::fs::PermissionsExt as _;
         let h = home();
-        let db = db_path(&h);
+        let db = Home::new(&h).database();
         let (wal, shm) = (with_suffix(&db, "-wal"), with_suffix(&db, "-shm"));
         let first = Store::open(&h).unwrap();
         first.save_login(&["ws://x".into()], "kw_secret").unwrap();
@@ -1027,10 +1123,22 @@ mod tests {
             vec!["one", "two"]
         );
         s.confirm(&a.item.cid).unwrap();
-        s.fail(&b.item.cid, "not_member").unwrap();
+        s.fail(&b.item.cid, ErrorCode::NotMember, "you are not a member")
+            .unwrap();
         assert_eq!(s.outbox_status(&a.item.cid).unwrap(), None);
+        assert_eq!(
+            s.outbox_status(&b.item.cid).unwrap(),
+            Some(OutboxState::Failed {
+                code: ErrorCode::NotMember,
+                message: "you are not a member".into()
+            })
+        );
         assert_eq!(s.outbox_counts().unwrap(), (0, 1));
-        let mode = std::fs::metadata(db_path(&h)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(Home::new(&h).database())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let _ = std::fs::remove_dir_all(h);
     }

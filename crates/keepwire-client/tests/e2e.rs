@@ -129,6 +129,76 @@ async fn an_offline_device_catches_up_on_10k_messages_in_order() {
     );
 }
 
+/// A new device replays only its `history` window; the rest of the
+/// conversation comes by backfill, page after page, and a fill an earlier
+/// process left unfinished (its row in the store) completes at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_device_backfills_the_whole_conversation_and_an_unfinished_fill_completes() {
+    let r = relay().await;
+    let ta = r.user("alice").await;
+    let tb = r.user("bob").await;
+    let ha = TempDir::new("alice");
+    let a = client(ha.path(), &r.url, &ta).await;
+    a.wait_connected(T).await.unwrap();
+    let conv = a
+        .create_conversation(vec!["bob".into()], None, false)
+        .await
+        .unwrap();
+    a.stop().await;
+    let alice = r.user_id(&ta).await;
+    r.seed(alice, conv.id, 450, "").await;
+    let hb = TempDir::new("bob");
+    let new_device = |page: u32| {
+        Client::builder(hb.path())
+            .servers(vec![r.url.clone()])
+            .token(&tb)
+            .configure(move |c| {
+                c.history = 20;
+                c.backfill_page = page;
+            })
+            .build()
+    };
+    let b = new_device(60).await.unwrap();
+    b.wait_for(T, |s| {
+        s.caught_up() && s.backfilling == 0 && s.cursor >= Some(451)
+    })
+    .await
+    .unwrap();
+    let seqs = |b: &Client| -> Vec<u64> {
+        b.messages(Some(conv.id), 1000)
+            .unwrap()
+            .iter()
+            .map(|m| m.conv_seq)
+            .collect()
+    };
+    assert_eq!(seqs(&b), (1..=450).collect::<Vec<_>>(), "replay + 8 pages");
+    b.stop().await;
+    drop(b);
+    // As if a process was killed after the first page: most is missing and
+    // the store says where the fill goes on.
+    {
+        let db =
+            rusqlite::Connection::open(keepwire_client::Home::new(hb.path()).database()).unwrap();
+        db.execute("DELETE FROM messages WHERE conv_seq <= 370", [])
+            .unwrap();
+        db.execute(
+            "INSERT INTO backfill (conv, before, known) VALUES (?1, 371, 0)",
+            [conv.id as i64],
+        )
+        .unwrap();
+    }
+    let b = new_device(100).await.unwrap();
+    b.wait_for(T, |s| s.caught_up() && s.backfilling == 0)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&b), (1..=450).collect::<Vec<_>>(), "the fill went on");
+    let db = rusqlite::Connection::open(keepwire_client::Home::new(hb.path()).database()).unwrap();
+    let left: i64 = db
+        .query_row("SELECT COUNT(*) FROM backfill", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "a finished fill leaves no row");
+}
+
 /// A resolver tests can break: 0 = works, 1 = fails, 2 = hangs.
 struct FlakyResolver {
     mode: AtomicU8,

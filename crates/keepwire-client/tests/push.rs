@@ -358,7 +358,8 @@ async fn a_registered_device_is_woken_once_and_on_push_shows_one_notification_on
     // The same messages arrive later over the socket (stored again after a
     // reset of the messages and the cursor): nothing more is shown.
     {
-        let db = rusqlite::Connection::open(keepwire_client::store::db_path(hb.path())).unwrap();
+        let db =
+            rusqlite::Connection::open(keepwire_client::Home::new(hb.path()).database()).unwrap();
         db.execute_batch("DELETE FROM messages; UPDATE meta SET value = '0' WHERE key = 'cursor';")
             .unwrap();
     }

@@ -196,7 +196,8 @@ async fn on_push_returns_what_to_show_once_and_the_socket_shows_nothing_more() {
     // Forget the messages and the cursor: the relay replays all 50 over the
     // socket and they are stored as new, but their claims remain.
     {
-        let db = rusqlite::Connection::open(keepwire_client::store::db_path(ha.path())).unwrap();
+        let db =
+            rusqlite::Connection::open(keepwire_client::Home::new(ha.path()).database()).unwrap();
         db.execute_batch("DELETE FROM messages; UPDATE meta SET value = '0' WHERE key = 'cursor';")
             .unwrap();
     }

@@ -4,11 +4,12 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use keepwire_proto::{
-    ClientAction, ClientFrame, CloseCode, Confirm, Cursor, ErrorCode, GapReason, Hello, InboxEntry,
-    Send, Seq, ServerFrame, Welcome, decode_server, encode,
+    ClientAction, ClientFrame, CloseCode, Confirm, ConvId, Cursor, ErrorCode, GapReason, Hello,
+    HistoryRequest, InboxEntry, Message, Send, Seq, ServerFrame, Welcome, decode_server, encode,
 };
 
 use crate::backoff::{Backoff, Jitter};
+use crate::requests::{Answered, BACKFILL_PAGE, BackfillDue, RequestId, Requests};
 use crate::rng::SeededRng;
 use keepwire_proto::Instant;
 
@@ -42,6 +43,9 @@ pub struct Config {
     pub going_away_jitter: Duration,
     /// Entries to replay for a device without a cursor.
     pub history: u64,
+    /// Messages per history page of a backfill (the relay caps it at its
+    /// `max_history_page`, 200 by default).
+    pub backfill_page: u32,
     /// The credit window asked for in `hello` (the relay clamps it to its
     /// maximum, 2048 by default). Large enough that a backlog of thousands
     /// catches up in a few round trips on a slow path (a push wake-up).
@@ -151,6 +155,7 @@ impl Config {
             send_probe_after: Duration::from_secs(3),
             going_away_jitter: Duration::from_secs(5),
             history: 100,
+            backfill_page: BACKFILL_PAGE,
             window: WINDOW,
             agent: concat!("keepwire-core/", env!("CARGO_PKG_VERSION")).to_owned(),
             background_policy: BackgroundPolicy::Linger(Duration::from_secs(60)),
@@ -348,8 +353,8 @@ struct Pending {
 pub enum Event {
     /// The state changed.
     StateChanged(State),
-    /// A session opened. On a gap the driver pages history per `resume.fetch`;
-    /// on `epoch`/`cursor_ahead` it first drops data of the old epoch.
+    /// A session opened. On a gap the driver calls [`Connection::backfill`]
+    /// for each of `resume.fetch` with what it holds of the conversation.
     Welcome(Box<Welcome>),
     /// Inbox entries, contiguous and in order. Persist them (with the cursor,
     /// in one transaction), then call [`Connection::handle_persisted`].
@@ -365,8 +370,46 @@ pub enum Event {
         /// Detail.
         message: String,
     },
-    /// An answer to an app request (history, conversations), a signal, or an
-    /// error frame.
+    /// The answer to [`Connection::send_request`]'s request `request`: its
+    /// answer frame or the `error` frame that refused it.
+    Answer {
+        /// The request.
+        request: RequestId,
+        /// The answer.
+        frame: Box<ServerFrame>,
+    },
+    /// The session ended before request `request` was answered: it may or
+    /// may not have been carried out (ask again on the next session).
+    Unanswered(RequestId),
+    /// A page of [`Connection::backfill`]: older messages of `conv` the
+    /// device missed (only those above what it holds). Store them as
+    /// history (they do not notify), together with `due`.
+    History {
+        /// The conversation.
+        conv: ConvId,
+        /// In ascending `conv_seq`; may be empty.
+        messages: Vec<Message>,
+        /// What is left of the fill (`None`: done). Persist it with the
+        /// messages, and give it back to [`Connection::backfill`] after a
+        /// restart.
+        due: Option<BackfillDue>,
+    },
+    /// The relay's message log was replaced (`epoch`: restored from a
+    /// backup; `cursor_ahead`: reset): forget every inbox entry and message
+    /// stored under the old epoch; they mean other messages now. Comes
+    /// before the [`Event::CursorReset`] and [`Event::Welcome`] of `epoch`.
+    EpochReset {
+        /// The new epoch.
+        epoch: String,
+        /// Why.
+        reason: GapReason,
+    },
+    /// Store this as the resume cursor (no entries come with it): a device
+    /// without one starts where the relay starts it, and after a retention
+    /// gap it resumes past what is gone.
+    CursorReset(Cursor),
+    /// A frame that answers no request: a signal, or an `error` about a
+    /// frame without a `rid` (`read`, `signal`).
     Reply(Box<ServerFrame>),
     /// The token was rejected or expired: call [`Connection::handle_token`] with
     /// a fresh one from the app (once), or `None`.
@@ -401,6 +444,22 @@ pub enum Event {
 /// The request could not be sent: not connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotConnected;
+
+/// Why [`Connection::send_request`] did not send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestError {
+    /// No session is open.
+    NotConnected,
+    /// The frame has no `rid`, so nothing can answer it (use
+    /// [`Connection::send_read`] or [`Connection::send_signal`]).
+    NotARequest,
+}
+
+impl From<NotConnected> for RequestError {
+    fn from(_: NotConnected) -> Self {
+        RequestError::NotConnected
+    }
+}
 
 #[derive(Debug)]
 struct Transport {
@@ -476,6 +535,8 @@ pub struct Connection {
     /// Learnt background heartbeats per network id.
     learned: std::collections::HashMap<String, Learner>,
     outbox: VecDeque<Pending>,
+    /// Requests in flight on the session (the app's and the backfill's).
+    requests: Requests,
     entries: Vec<InboxEntry>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -514,6 +575,7 @@ impl Connection {
             dormant: false,
             learned: std::collections::HashMap::new(),
             outbox: VecDeque::new(),
+            requests: Requests::default(),
             entries: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -536,6 +598,16 @@ impl Connection {
     /// The resume cursor (moves when the driver reports entries persisted).
     pub fn cursor(&self) -> Option<&Cursor> {
         self.cursor.as_ref()
+    }
+
+    /// The relay epoch the device's data belongs to: the open session's, or
+    /// the stored cursor's.
+    pub fn epoch(&self) -> Option<&str> {
+        self.transport
+            .as_ref()
+            .and_then(|t| t.session.as_ref())
+            .map(|s| s.epoch.as_str())
+            .or(self.cursor.as_ref().map(|c| c.epoch.as_str()))
     }
 
     /// Sends not yet confirmed.
@@ -765,8 +837,86 @@ impl Connection {
         self.pump_outbox(now);
     }
 
-    /// Sends an app request (history, conversation operations, signals).
-    pub fn send_request(&mut self, frame: &ClientFrame, _now: Instant) -> Result<(), NotConnected> {
+    /// Sends an app request (a frame with a `rid`: history, conversation
+    /// operations, push registration, mute). The connection names it (any
+    /// `rid` given is replaced); its answer comes back as [`Event::Answer`]
+    /// with the returned id, or [`Event::Unanswered`] if the session ends
+    /// first. A frame without a `rid` is refused as [`NotARequest`].
+    pub fn send_request(
+        &mut self,
+        mut frame: ClientFrame,
+        _now: Instant,
+    ) -> Result<RequestId, RequestError> {
+        let (id, rid) = self.requests.name();
+        *frame.rid_mut().ok_or(RequestError::NotARequest)? = rid.clone();
+        self.send_in_session(&frame)?;
+        self.requests.sent(rid, id);
+        Ok(id)
+    }
+
+    /// Marks a conversation read up to `up_to` on the relay (PROTOCOL.md §7;
+    /// no answer, a refusal comes as an [`Event::Reply`] error).
+    pub fn send_read(
+        &mut self,
+        conv: ConvId,
+        up_to: Seq,
+        _now: Instant,
+    ) -> Result<(), NotConnected> {
+        self.send_in_session(&ClientFrame::Read { conv, up_to })
+    }
+
+    /// Relays a signal to the conversation's connected members (PROTOCOL.md
+    /// §8; no answer, a refusal comes as an [`Event::Reply`] error).
+    pub fn send_signal(
+        &mut self,
+        conv: ConvId,
+        data: serde_json::Value,
+        _now: Instant,
+    ) -> Result<(), NotConnected> {
+        self.send_in_session(&ClientFrame::Signal { conv, data })
+    }
+
+    /// Fills what a `gap` or `new` resume's replay will not bring
+    /// (PROTOCOL.md §3): pages the conversation's history below `before`
+    /// down to `known` (the highest `conv_seq` the device holds), reporting
+    /// each page as [`Event::History`]. Nothing to do when the device misses
+    /// nothing or the conversation's fill is under way. A fill outlives the
+    /// session (it goes on after the next welcome); after a restart, give the
+    /// last [`BackfillDue`] reported back here. Returns whether the fill was
+    /// taken up (persist it then).
+    pub fn backfill(&mut self, due: BackfillDue, _now: Instant) -> bool {
+        let added = self.requests.add_backfill(due);
+        if added {
+            self.send_backfill_pages();
+        }
+        added
+    }
+
+    /// Conversations whose backfill is not done.
+    pub fn backfilling(&self) -> usize {
+        self.requests.backfilling()
+    }
+
+    /// Sends the due backfill pages that have none in flight (in a session).
+    fn send_backfill_pages(&mut self) {
+        if self.transport.as_ref().is_none_or(|t| t.session.is_none()) {
+            return;
+        }
+        for (rid, due) in self.requests.backfill_pages() {
+            let frame = ClientFrame::History(HistoryRequest {
+                rid: rid.clone(),
+                conv: due.conv,
+                before: Some(due.before),
+                limit: Some(self.cfg.backfill_page),
+            });
+            if self.send_in_session(&frame).is_err() {
+                self.requests.unsent(&rid);
+            }
+        }
+    }
+
+    /// Sends a frame on the open session.
+    fn send_in_session(&mut self, frame: &ClientFrame) -> Result<(), NotConnected> {
         match &self.transport {
             Some(Transport {
                 id,
@@ -780,6 +930,30 @@ impl Connection {
                 Ok(())
             }
             _ => Err(NotConnected),
+        }
+    }
+
+    /// The answer to a request of this session, if `frame` is one: the app's
+    /// is reported, a backfill page is handed over and the next one asked.
+    fn handle_answer(&mut self, frame: ServerFrame) {
+        match self.requests.answer(&frame) {
+            Some(Answered::App(request)) => self.events.push_back(Event::Answer {
+                request,
+                frame: Box::new(frame),
+            }),
+            Some(Answered::Backfill {
+                conv,
+                messages,
+                due,
+            }) => {
+                self.events.push_back(Event::History {
+                    conv,
+                    messages,
+                    due,
+                });
+                self.send_backfill_pages();
+            }
+            None => self.events.push_back(Event::Reply(Box::new(frame))),
         }
     }
 
@@ -997,15 +1171,20 @@ impl Connection {
         self.send_ack();
         if let Some(t) = self.transport.take() {
             self.transmits.push_back(Transmit::Close { id: t.id, code });
-            self.end_session_timers();
-            self.requeue_in_flight();
+            self.end_session();
         }
     }
 
-    /// The session's timers end with its transport.
-    fn end_session_timers(&mut self) {
+    /// The transport is gone: its session's timers end, sends in flight
+    /// go again on the next session, and requests in flight are reported
+    /// unanswered (they may or may not have been carried out).
+    fn end_session(&mut self) {
         for t in Timer::SESSION {
             self.timers.stop(t);
+        }
+        self.requeue_in_flight();
+        for id in self.requests.end_session() {
+            self.events.push_back(Event::Unanswered(id));
         }
     }
 
@@ -1021,8 +1200,7 @@ impl Connection {
         let Some(t) = self.transport.take() else {
             return;
         };
-        self.end_session_timers();
-        self.requeue_in_flight();
+        self.end_session();
         self.last_error = Some(error.clone());
         self.events.push_back(Event::Error(error));
         let n = self.cfg.urls.len().max(1);
@@ -1139,17 +1317,35 @@ impl Connection {
                 self.timers.set(Timer::Ping, now + heartbeat);
                 self.timers.stop(Timer::Pong);
                 self.timers.stop(Timer::Ack);
-                if matches!(
-                    w.resume.reason,
-                    Some(GapReason::Epoch | GapReason::CursorAhead)
-                ) {
+                if let Some(reason @ (GapReason::Epoch | GapReason::CursorAhead)) = w.resume.reason
+                {
+                    // The relay's log was replaced: what the device stored
+                    // of the old one means other messages now.
                     self.cursor = None;
+                    self.requests.clear_backfills();
+                    self.events.push_back(Event::EpochReset {
+                        epoch: w.epoch.clone(),
+                        reason,
+                    });
+                }
+                // A device without a cursor (new, or just reset) starts where
+                // the relay starts it, even if nothing arrives in this
+                // session; after a retention gap it resumes past what is gone.
+                if self.cursor.is_none() || w.resume.reason == Some(GapReason::Retention) {
+                    let cursor = Cursor {
+                        epoch: w.epoch.clone(),
+                        seq: from.saturating_sub(1),
+                    };
+                    self.cursor = Some(cursor.clone());
+                    self.events.push_back(Event::CursorReset(cursor));
                 }
                 self.refreshed = false;
                 self.last_error = None;
                 self.set_state(State::Connected);
                 self.events.push_back(Event::Welcome(Box::new(w)));
                 self.pump_outbox(now);
+                // Fills cut short by the previous session's end go on.
+                self.send_backfill_pages();
             }
             ServerFrame::Entry(e) => {
                 let Some(s) = &mut t.session else {
@@ -1217,7 +1413,7 @@ impl Connection {
                     self.timers.set(Timer::Ping, now + s.heartbeat);
                 }
             }
-            other => self.events.push_back(Event::Reply(Box::new(other))),
+            other => self.handle_answer(other),
         }
     }
 

@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use keepwire_core::{
-    AppState, BackgroundPolicy, Config, Connection, ConnectionError, Event, FailureKind, Instant,
-    Network, OutboxItem, State, StopReason, Transmit, TransportEvent,
+    AppState, BackfillDue, BackgroundPolicy, Config, Connection, ConnectionError, Event,
+    FailureKind, Instant, Network, OutboxItem, RequestError, RequestId, State, StopReason,
+    Transmit, TransportEvent,
 };
 use keepwire_proto::{
-    ClientFrame, CloseCode, Confirm, EntryItem, InboxEntry, Limits, Message, Rejected, Resume,
-    ResumeStatus, ServerFrame, Welcome, decode_client, encode,
+    ClientFrame, CloseCode, Confirm, EntryItem, ErrorCode, ErrorFrame, FetchHint, GapReason,
+    HistoryPage, InboxEntry, Limits, Message, Rejected, Resume, ResumeStatus, ServerFrame, Welcome,
+    decode_client, encode,
 };
 
 fn t(ms: u64) -> Instant {
@@ -369,7 +371,11 @@ fn the_cursor_moves_only_when_entries_are_persisted() {
         })
         .sum();
     assert_eq!(handed, 2, "entries are handed to the driver to persist");
-    assert_eq!(h.c.cursor(), None);
+    assert_eq!(
+        h.c.cursor().map(|c| c.seq),
+        Some(0),
+        "where the relay started this new device"
+    );
     assert!(
         !h.sent.iter().any(|f| matches!(f, ClientFrame::Ack { .. })),
         "no ack before persisting"
@@ -687,4 +693,281 @@ fn resume_does_not_connect_offline_dormant_or_stopped() {
     h.drain();
     assert_eq!(h.c.state(), State::Stopped(StopReason::ClosedByApp));
     assert!(h.open.is_none());
+}
+
+/// A welcome of epoch `epoch` resuming from `from` with `status`/`reason`
+/// and history hints.
+fn resume_welcome(
+    epoch: &str,
+    from: u64,
+    status: ResumeStatus,
+    reason: Option<GapReason>,
+    fetch: Vec<FetchHint>,
+) -> ServerFrame {
+    let ServerFrame::Welcome(mut w) = welcome(from - 1) else {
+        unreachable!()
+    };
+    w.epoch = epoch.into();
+    w.resume = Resume {
+        status,
+        from,
+        reason,
+        missed: None,
+        fetch,
+    };
+    ServerFrame::Welcome(w)
+}
+
+fn page(rid: &str, conv: u64, seqs: std::ops::RangeInclusive<u64>, more: bool) -> ServerFrame {
+    ServerFrame::History(HistoryPage {
+        rid: rid.into(),
+        conv,
+        messages: seqs
+            .map(|s| Message {
+                id: 1000 + s,
+                conv,
+                conv_seq: s,
+                from: "bob".into(),
+                cid: format!("c{s}"),
+                kind: "text".into(),
+                body: format!("m{s}"),
+                ts: 0,
+            })
+            .collect(),
+        more,
+    })
+}
+
+/// The last history request sent: (rid, conv, before, limit).
+fn last_history(h: &Harness) -> (String, u64, Option<u64>, Option<u32>) {
+    match h.sent.last() {
+        Some(ClientFrame::History(r)) => (r.rid.clone(), r.conv, r.before, r.limit),
+        other => panic!("expected a history request, got {other:?}"),
+    }
+}
+
+#[test]
+fn requests_are_named_by_the_connection_and_answered_by_id_or_reported_unanswered() {
+    let mut h = Harness::new();
+    assert_eq!(
+        h.c.send_request(ClientFrame::ConvList { rid: "x".into() }, t(0)),
+        Err(RequestError::NotConnected)
+    );
+    h.connect(t(0));
+    assert_eq!(
+        h.c.send_request(ClientFrame::Ping {}, t(1)),
+        Err(RequestError::NotARequest)
+    );
+    let list =
+        h.c.send_request(ClientFrame::ConvList { rid: "mine".into() }, t(1))
+            .unwrap();
+    let create =
+        h.c.send_request(ClientFrame::ConvList { rid: "mine".into() }, t(1))
+            .unwrap();
+    h.drain();
+    let rids: Vec<String> = h.sent[h.sent.len() - 2..]
+        .iter()
+        .map(|f| f.rid().unwrap().to_owned())
+        .collect();
+    assert_ne!(rids[0], rids[1], "each request gets a name of its own");
+    assert_ne!(rids[0], "mine");
+    // The second is refused, the first answered; a stranger's rid is a plain reply.
+    h.frame(
+        ServerFrame::Error(ErrorFrame {
+            rid: Some(rids[1].clone()),
+            code: ErrorCode::RateLimited,
+            message: "slow down".into(),
+            frame: Some("conv_list".into()),
+            conv: None,
+        }),
+        t(2),
+    );
+    h.frame(
+        ServerFrame::Convs {
+            rid: rids[0].clone(),
+            convs: vec![],
+        },
+        t(2),
+    );
+    h.frame(
+        ServerFrame::Convs {
+            rid: "stranger".into(),
+            convs: vec![],
+        },
+        t(2),
+    );
+    let answers: Vec<(RequestId, bool)> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Answer { request, frame } => {
+                Some((*request, matches!(**frame, ServerFrame::Error(_))))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(answers, vec![(create, true), (list, false)]);
+    assert!(matches!(h.events.last(), Some(Event::Reply(_))));
+    // A request still open when the session ends is reported unanswered.
+    let open =
+        h.c.send_request(ClientFrame::ConvList { rid: String::new() }, t(3))
+            .unwrap();
+    h.drain();
+    h.transport(TransportEvent::Closed(None), t(4));
+    assert!(h.events.contains(&Event::Unanswered(open)));
+    assert!(!h.events.contains(&Event::Unanswered(list)));
+}
+
+#[test]
+fn a_backfill_pages_down_to_what_the_device_holds_and_goes_on_after_a_reconnect() {
+    let mut cfg = Config::new("phone", vec!["ws://relay".into()]);
+    cfg.backfill_page = 10;
+    let mut h = harness(cfg);
+    h.transport(TransportEvent::Opened, t(0));
+    let hint = FetchHint {
+        conv: 7,
+        before: 41,
+    };
+    h.frame(
+        resume_welcome("e", 5, ResumeStatus::New, None, vec![hint]),
+        t(0),
+    );
+    let due = BackfillDue {
+        conv: 7,
+        before: 41,
+        known: 12,
+    };
+    assert!(h.c.backfill(due, t(0)));
+    assert!(!h.c.backfill(due, t(0)), "already under way");
+    h.drain();
+    let (rid, conv, before, limit) = last_history(&h);
+    assert_eq!((conv, before, limit), (7, Some(41), Some(10)));
+    h.frame(page(&rid, 7, 31..=40, true), t(1));
+    let next = BackfillDue { before: 31, ..due };
+    assert!(matches!(
+        h.events.last(),
+        Some(Event::History { conv: 7, messages, due: Some(d) })
+            if messages.len() == 10 && *d == next
+    ));
+    let (rid, _, before, _) = last_history(&h);
+    assert_eq!(before, Some(31));
+    // The connection drops with that page in flight: it goes again after
+    // the next welcome, and its late answer on the old rid counts for nothing.
+    h.transport(TransportEvent::Closed(None), t(2));
+    assert_eq!(h.c.backfilling(), 1);
+    h.timeout(h.c.poll_timeout().unwrap());
+    h.transport(TransportEvent::Opened, t(3000));
+    h.frame(
+        resume_welcome("e", 45, ResumeStatus::Complete, None, vec![]),
+        t(3000),
+    );
+    let (rid2, _, before, _) = last_history(&h);
+    assert_eq!(before, Some(31));
+    assert_ne!(rid, rid2);
+    h.frame(page(&rid, 7, 21..=30, true), t(3001));
+    assert!(matches!(h.events.last(), Some(Event::Reply(_))));
+    // The last page reaches what the device holds: only 13.. is new.
+    h.frame(page(&rid2, 7, 21..=30, true), t(3002));
+    let (rid3, _, before, _) = last_history(&h);
+    assert_eq!(before, Some(21));
+    h.frame(page(&rid3, 7, 11..=20, true), t(3003));
+    match h.events.last() {
+        Some(Event::History {
+            messages,
+            due: None,
+            ..
+        }) => assert_eq!(messages.first().map(|m| m.conv_seq), Some(13)),
+        other => panic!("expected the last page, got {other:?}"),
+    }
+    assert_eq!(h.c.backfilling(), 0);
+}
+
+#[test]
+fn an_epoch_change_resets_the_cursor_and_the_backfills_and_retention_moves_the_cursor() {
+    let mut h = Harness::new();
+    h.connect(t(0));
+    // The device holds entries 1..=3 of epoch "e".
+    for seq in 1..=3 {
+        h.frame(
+            ServerFrame::Entry(InboxEntry {
+                seq,
+                item: EntryItem::Read(keepwire_proto::ReadMark {
+                    conv: 1,
+                    up_to: 1,
+                    ts: 0,
+                }),
+            }),
+            t(1),
+        );
+    }
+    h.c.handle_persisted(3, t(1));
+    assert!(h.c.backfill(
+        BackfillDue {
+            conv: 1,
+            before: 100,
+            known: 0
+        },
+        t(1)
+    ));
+    h.transport(TransportEvent::Closed(None), t(2));
+    h.timeout(h.c.poll_timeout().unwrap());
+    h.transport(TransportEvent::Opened, t(3000));
+    match h.sent.last() {
+        Some(ClientFrame::Hello(hello)) => {
+            assert_eq!(hello.cursor.as_ref().map(|c| c.seq), Some(3))
+        }
+        other => panic!("expected hello, got {other:?}"),
+    }
+    // The relay's log was restored from a backup: epoch "f".
+    h.events.clear();
+    let sent_before = h.sent.len();
+    h.frame(
+        resume_welcome("f", 8, ResumeStatus::Gap, Some(GapReason::Epoch), vec![]),
+        t(3001),
+    );
+    let order: Vec<&str> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::EpochReset { epoch, .. } if epoch == "f" => Some("reset"),
+            Event::CursorReset(c) if c.epoch == "f" && c.seq == 7 => Some("cursor"),
+            Event::Welcome(_) => Some("welcome"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, ["reset", "cursor", "welcome"], "{:?}", h.events);
+    assert_eq!(h.c.backfilling(), 0, "old-epoch fills are forgotten");
+    assert_eq!(h.c.epoch(), Some("f"));
+    assert!(
+        !h.sent[sent_before..]
+            .iter()
+            .any(|f| matches!(f, ClientFrame::History(_))),
+        "nothing of the old epoch is asked for"
+    );
+    // Retention: the cursor moves past what is gone, without a reset.
+    h.transport(TransportEvent::Closed(None), t(3002));
+    h.timeout(h.c.poll_timeout().unwrap());
+    h.transport(TransportEvent::Opened, t(6000));
+    h.events.clear();
+    h.frame(
+        resume_welcome(
+            "f",
+            20,
+            ResumeStatus::Gap,
+            Some(GapReason::Retention),
+            vec![],
+        ),
+        t(6001),
+    );
+    assert!(
+        !h.events
+            .iter()
+            .any(|e| matches!(e, Event::EpochReset { .. }))
+    );
+    assert!(
+        h.events
+            .iter()
+            .any(|e| matches!(e, Event::CursorReset(c) if c.epoch == "f" && c.seq == 19))
+    );
+    assert_eq!(h.c.cursor().map(|c| c.seq), Some(19));
 }

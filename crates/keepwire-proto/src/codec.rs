@@ -186,6 +186,22 @@ pub fn encode_entry(seq: crate::Seq, item_json: &str) -> String {
     s
 }
 
+impl ServerFrame {
+    /// The request id this frame answers, if it answers one (PROTOCOL.md §10:
+    /// every answer and every error about a request carries its `rid`).
+    pub fn rid(&self) -> Option<&str> {
+        match self {
+            ServerFrame::History(p) => Some(&p.rid),
+            ServerFrame::Conv { rid, .. }
+            | ServerFrame::Convs { rid, .. }
+            | ServerFrame::Push { rid, .. }
+            | ServerFrame::Muted { rid, .. } => Some(rid),
+            ServerFrame::Error(e) => e.rid.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 impl ClientFrame {
     /// The frame's request id, if it has one.
     pub fn rid(&self) -> Option<&str> {
@@ -195,6 +211,19 @@ impl ClientFrame {
             ClientFrame::ConvAdd(m) | ClientFrame::ConvRemove(m) => Some(&m.rid),
             ClientFrame::ConvList { rid } => Some(rid),
             ClientFrame::PushRegister(p) => Some(&p.rid),
+            ClientFrame::Mute { rid, .. } => Some(rid),
+            _ => None,
+        }
+    }
+
+    /// The frame's request id, to set it (a client names its requests).
+    pub fn rid_mut(&mut self) -> Option<&mut String> {
+        match self {
+            ClientFrame::History(h) => Some(&mut h.rid),
+            ClientFrame::ConvCreate(c) => Some(&mut c.rid),
+            ClientFrame::ConvAdd(m) | ClientFrame::ConvRemove(m) => Some(&mut m.rid),
+            ClientFrame::ConvList { rid } => Some(rid),
+            ClientFrame::PushRegister(p) => Some(&mut p.rid),
             ClientFrame::Mute { rid, .. } => Some(rid),
             _ => None,
         }

@@ -67,6 +67,13 @@ impl ErrorCode {
         }
     }
 
+    /// The code of a wire spelling; an unknown one reads as `internal`
+    /// (a newer relay's code: treat it like `internal`).
+    pub fn from_wire(code: &str) -> ErrorCode {
+        serde_json::from_value(serde_json::Value::String(code.to_owned()))
+            .unwrap_or(ErrorCode::Internal)
+    }
+
     /// True for codes after which the same request may succeed later.
     pub fn is_temporary(self) -> bool {
         matches!(self, ErrorCode::RateLimited | ErrorCode::Internal)

@@ -51,7 +51,7 @@ fn peer_is(stream: &UnixStream, uid: u32) -> Result<(), String> {
 
 /// The agent's socket in a home.
 pub(crate) fn socket_path(home: &Path) -> PathBuf {
-    home.join("agent.sock")
+    keepwire_client::Home::new(home).agent_socket()
 }
 
 /// Runs the agent until SIGTERM or SIGINT.

@@ -203,7 +203,7 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) fn open_existing(home: &std::path::Path) -> anyhow::Result<Store> {
-    if !keepwire_client::store::db_path(home).exists() {
+    if !keepwire_client::Home::new(home).database().exists() {
         bail!(
             "{} is not a keepwire home yet; run `keepwire login --server URL --token-file FILE` first",
             home.display()
@@ -791,22 +791,10 @@ pub(crate) async fn tail(args: TailArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn lock_held(home: &std::path::Path) -> bool {
-    let Ok(file) = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(home.join("lock"))
-    else {
-        return false;
-    };
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
-}
-
 pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let home = args.home.path()?;
     let store = open_existing(&home)?;
-    let running = lock_held(&home);
+    let running = keepwire_client::Home::new(&home).is_held();
     let agent = crate::agent::ask(
         &home,
         &serde_json::json!({"op": "status"}),
@@ -1375,6 +1363,16 @@ enum OutboxCommand {
 }
 
 /// "45s", "12m", "3h", "2d": an age in one unit.
+/// A failed send's reason as `keepwire outbox` shows it: "code: message".
+fn failure(state: &keepwire_client::store::OutboxState) -> Option<String> {
+    match state {
+        keepwire_client::store::OutboxState::Failed { code, message } => {
+            Some(format!("{code}: {message}"))
+        }
+        keepwire_client::store::OutboxState::Pending => None,
+    }
+}
+
 fn age_words(ms: i64) -> String {
     let s = (ms / 1000).max(0);
     match s {
@@ -1387,7 +1385,7 @@ fn age_words(ms: i64) -> String {
 
 /// `keepwire outbox`: list, retry or drop unconfirmed sends.
 pub(crate) fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
-    use keepwire_client::store::OutboxRefusal;
+    use keepwire_client::store::{OutboxRefusal, OutboxState};
     let home = args.home.path()?;
     let mut store = open_existing(&home)?;
     let said = |what: &str, cid: &str| {
@@ -1408,8 +1406,8 @@ pub(crate) fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
                     .iter()
                     .map(|r| {
                         serde_json::json!({
-                            "cid": r.item.cid, "conv": r.item.conv, "state": r.status,
-                            "error": r.error, "created_at_ms": r.created_at_ms,
+                            "cid": r.item.cid, "conv": r.item.conv, "state": r.state.name(),
+                            "error": failure(&r.state), "created_at_ms": r.created_at_ms,
                             "age_secs": (now - r.created_at_ms).max(0) / 1000,
                             "body": r.item.body,
                         })
@@ -1429,8 +1427,8 @@ pub(crate) fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
                         r.item.cid,
                         r.item.conv,
                         age_words(now - r.created_at_ms),
-                        r.status,
-                        printable(r.error.as_deref().unwrap_or("-"))
+                        r.state.name(),
+                        printable(failure(&r.state).as_deref().unwrap_or("-"))
                     );
                 }
             }
@@ -1448,7 +1446,7 @@ pub(crate) fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
             let failed: Vec<String> = store
                 .outbox()?
                 .into_iter()
-                .filter(|r| r.status == "failed")
+                .filter(|r| matches!(r.state, OutboxState::Failed { .. }))
                 .map(|r| r.item.cid)
                 .collect();
             for cid in &failed {
@@ -1465,8 +1463,8 @@ pub(crate) fn outbox(args: OutboxArgs) -> anyhow::Result<()> {
             let pending = store
                 .outbox()?
                 .iter()
-                .any(|r| r.item.cid == cid && r.status == "pending");
-            if pending && lock_held(&home) {
+                .any(|r| r.item.cid == cid && r.state == OutboxState::Pending);
+            if pending && keepwire_client::Home::new(&home).is_held() {
                 bail!(
                     "send {cid} is pending and a keepwire process holds this home's connection, so it may be on its way to the relay; stop that process first"
                 );

@@ -57,7 +57,7 @@ impl Location {
 pub(crate) fn location(store: &Store, home: &Path) -> anyhow::Result<Location> {
     Ok(match store.meta(WHERE_META)?.as_deref() {
         Some("keyring") => Location::Keyring,
-        _ => Location::File(keepwire_client::store::db_path(home)),
+        _ => Location::File(keepwire_client::Home::new(home).database()),
     })
 }
 

@@ -23,11 +23,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keepwire_core::{
-    AppState, BackgroundPolicy, Config as CoreConfig, Connection, ConnectionError, Event,
-    FailureKind, Network, OutboxItem, SeededRng, State, StopReason, Transmit, TransportEvent,
+    AppState, BackfillDue, BackgroundPolicy, Config as CoreConfig, Connection, ConnectionError,
+    Event, FailureKind, Network, OutboxItem, SeededRng, State, StopReason, Transmit,
+    TransportEvent,
 };
 use keepwire_proto::{
-    ConvCreate, ConvKind, Cursor, EntryItem, GapReason, InboxEntry, Instant, MemberChange,
+    ConvCreate, ConvKind, Cursor, EntryItem, GapReason, InboxEntry, Instant, MemberChange, Message,
     ResumeStatus, Seq,
 };
 use keepwire_server::session::TransportEvent as ServerEvent;
@@ -122,7 +123,15 @@ struct ClientProc {
     device: &'static str,
     core: Option<Connection>,
     outbox: Vec<OutboxItem>,
+    /// The inbox entries stored, from sequence `base` on.
     persisted: Vec<InboxEntry>,
+    base: Seq,
+    /// Messages stored from history paging (the backfill), by `conv_seq`.
+    history: BTreeMap<u64, Message>,
+    /// The backfills not done yet, as the store keeps them.
+    backfill_due: BTreeMap<u64, BackfillDue>,
+    /// Entries the relay replays to this device when it has no cursor.
+    replay: u64,
     cursor: Option<Cursor>,
     token: String,
     open_tid: Option<u64>,
@@ -171,7 +180,8 @@ impl Drop for Sim {
 
 fn client_config(device: &str, policy: u64, urls: Vec<String>) -> CoreConfig {
     let mut c = CoreConfig::new(device, urls);
-    c.history = 1_000_000;
+    // Small pages, so a backfill takes several.
+    c.backfill_page = 5;
     c.background_policy = match policy % 3 {
         0 => BackgroundPolicy::KeepAlive,
         1 => BackgroundPolicy::Linger(Duration::from_secs(5)),
@@ -288,6 +298,10 @@ impl Sim {
                 core: None,
                 outbox: vec![],
                 persisted: vec![],
+                base: 1,
+                history: BTreeMap::new(),
+                backfill_due: BTreeMap::new(),
+                replay: 1_000_000,
                 cursor: None,
                 token: sim.token_for(user).unwrap_or_default(),
                 open_tid: None,
@@ -367,7 +381,11 @@ impl Sim {
         let mut config = client_config(c.device, self.seed.wrapping_add(i as u64), urls);
         // The boot number the driver persists: one more for each process.
         config.boot = c.generation + 1;
+        config.history = c.replay;
         let mut core = Connection::new(config, c.token.clone(), c.cursor.clone(), seed, self.now);
+        for due in c.backfill_due.values() {
+            core.backfill(*due, self.now);
+        }
         core.handle_network(self.network.clone(), self.now);
         core.handle_app_state(self.app, self.now);
         for item in c.outbox.clone() {
@@ -489,9 +507,14 @@ impl Sim {
                 let c = &mut self.clients[i];
                 let mut last = None;
                 for e in entries {
-                    let expected = c.persisted.len() as u64 + 1;
+                    let expected = c.base + c.persisted.len() as u64;
+                    assert!(
+                        e.seq >= c.base,
+                        "seed {}: entry below the replay",
+                        self.seed
+                    );
                     if e.seq < expected {
-                        let stored = &c.persisted[(e.seq - 1) as usize];
+                        let stored = &c.persisted[(e.seq - c.base) as usize];
                         assert_eq!(
                             stored, &e,
                             "seed {}: entry {} changed content",
@@ -539,8 +562,61 @@ impl Sim {
                 }
                 c.core.as_mut().unwrap().handle_token(give, now);
             }
+            Event::CursorReset(cursor) => {
+                let c = &mut self.clients[i];
+                assert!(
+                    c.persisted.is_empty() && c.cursor.is_none(),
+                    "seed {}: the cursor was reset under stored entries",
+                    self.seed
+                );
+                c.base = cursor.seq + 1;
+                c.cursor = Some(cursor);
+            }
+            Event::History {
+                conv,
+                messages,
+                due,
+            } => {
+                let c = &mut self.clients[i];
+                assert_eq!(conv, self.conv);
+                for m in messages {
+                    assert!(
+                        m.conv == conv && c.history.get(&m.conv_seq).is_none_or(|h| *h == m),
+                        "seed {}: a history page changed a message",
+                        self.seed
+                    );
+                    c.history.insert(m.conv_seq, m);
+                }
+                match due {
+                    Some(d) => c.backfill_due.insert(conv, d),
+                    None => c.backfill_due.remove(&conv),
+                };
+            }
             Event::Welcome(w) => {
                 self.clients[i].refreshes_since_welcome = 0;
+                // The driver's part of a backfill: what the device holds.
+                for hint in &w.resume.fetch {
+                    let c = &mut self.clients[i];
+                    let known = c
+                        .history
+                        .keys()
+                        .copied()
+                        .chain(c.persisted.iter().filter_map(|e| match &e.item {
+                            EntryItem::Message(m) if m.conv == hint.conv => Some(m.conv_seq),
+                            _ => None,
+                        }))
+                        .max()
+                        .unwrap_or(0);
+                    let due = BackfillDue {
+                        conv: hint.conv,
+                        before: hint.before,
+                        known,
+                    };
+                    if c.core.as_mut().unwrap().backfill(due, now) {
+                        c.backfill_due.insert(hint.conv, due);
+                        self.fault("backfill");
+                    }
+                }
                 assert!(
                     w.resume.status != ResumeStatus::Gap
                         || w.resume.reason == Some(GapReason::Retention),
@@ -973,7 +1049,7 @@ impl Sim {
 
     fn random_fault(&mut self) {
         let now = self.now;
-        match self.rng.below(13) {
+        match self.rng.below(14) {
             0 => {
                 self.fault("network_toggle");
                 let next = if self.network == Network::Offline {
@@ -1095,6 +1171,7 @@ impl Sim {
                 self.fault("dns_toggle");
                 self.dns_broken = !self.dns_broken;
             }
+            10 => self.wipe_device(),
             9 => {
                 self.fault("sync_request");
                 let i = self.rng.below(self.clients.len() as u64) as usize;
@@ -1131,6 +1208,30 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// The app is reinstalled on a device (its store is gone; nothing waits
+    /// in its outbox): it comes back without a cursor, the relay replays a
+    /// few recent entries (`new`) and the rest comes by backfill.
+    fn wipe_device(&mut self) {
+        let i = self.rng.below(self.clients.len() as u64) as usize;
+        if self.clients[i].user == VISITOR || !self.clients[i].outbox.is_empty() {
+            return;
+        }
+        self.fault("device_wipe");
+        if let Some(tid) = self.clients[i].open_tid.take() {
+            self.client_gone(i, tid);
+        }
+        let replay = 1 + self.rng.below(20);
+        let c = &mut self.clients[i];
+        c.core = None;
+        c.persisted.clear();
+        c.base = 1;
+        c.history.clear();
+        c.backfill_due.clear();
+        c.cursor = None;
+        c.replay = replay;
+        self.boot(i);
     }
 
     fn wake_all(&mut self, node: usize) {
@@ -1194,10 +1295,10 @@ impl Sim {
                 let mut f = Box::pin(self.nodes[0].store.inbox_head(self.user_ids[c.user]));
                 let head = poll_once(&mut f).unwrap().unwrap();
                 c.outbox.is_empty()
-                    && c.persisted.len() as Seq == head
+                    && c.base - 1 + c.persisted.len() as Seq == head
                     && c.core
                         .as_ref()
-                        .is_some_and(|k| k.state() == State::Connected)
+                        .is_some_and(|k| k.state() == State::Connected && k.backfilling() == 0)
             })
     }
 
@@ -1214,18 +1315,21 @@ impl Sim {
                 );
             }
             assert_eq!(
-                c.persisted, relay,
+                c.persisted,
+                relay[(c.base - 1) as usize..],
                 "seed {}: client {i} differs from the relay inbox",
                 self.seed
             );
-            let cids: Vec<&str> = c
-                .persisted
-                .iter()
-                .filter_map(|e| match &e.item {
-                    EntryItem::Message(m) => Some(m.cid.as_str()),
+            // The device's messages: the backfilled history, then the inbox.
+            let messages: Vec<&Message> = c
+                .history
+                .values()
+                .chain(c.persisted.iter().filter_map(|e| match &e.item {
+                    EntryItem::Message(m) => Some(m),
                     _ => None,
-                })
+                }))
                 .collect();
+            let cids: Vec<&str> = messages.iter().map(|m| m.cid.as_str()).collect();
             let unique: HashSet<&str> = cids.iter().copied().collect();
             assert_eq!(
                 unique.len(),
@@ -1237,6 +1341,21 @@ impl Sim {
                 self.check_visitor(i);
                 continue;
             }
+            // A member since the start holds every message of the
+            // conversation exactly as the relay has it, in `conv_seq` order
+            // (a wiped device through its replay plus the backfill).
+            let mut f = Box::pin(self.nodes[0].store.history(
+                Actor::System,
+                self.conv,
+                None,
+                1_000_000,
+            ));
+            let all = poll_once(&mut f).unwrap().unwrap().messages;
+            assert!(
+                messages.iter().copied().eq(all.iter()),
+                "seed {}: client {i}'s messages differ from the conversation's",
+                self.seed
+            );
             for (sender, sent) in &self.accepted {
                 let order: Vec<&str> = cids
                     .iter()
@@ -1256,7 +1375,7 @@ impl Sim {
             let devices = poll_once(&mut f).unwrap().unwrap();
             if let Some(d) = devices.iter().find(|d| d.device == c.device) {
                 assert!(
-                    d.acked_seq <= c.persisted.len() as u64,
+                    d.acked_seq <= c.base - 1 + c.persisted.len() as u64,
                     "seed {}: ack position ahead",
                     self.seed
                 );
@@ -1386,6 +1505,8 @@ const FAULT_KINDS: &[&str] = &[
     "crash_after_commit",
     "crash_after_heads",
     "crash_with_acks_unflushed",
+    "device_wipe",
+    "backfill",
 ];
 
 fn assert_every_fault(totals: &BTreeMap<&'static str, u64>) {
