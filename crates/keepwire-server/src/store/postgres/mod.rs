@@ -17,7 +17,9 @@
 //! `duplicate`. A commit whose outcome is unknown (the connection died
 //! during it) is answered as a retryable [`InfraError::Commit`] and
 //! announced to nobody; the client's retry with the same cid finds the
-//! original if it did commit.
+//! original if it did commit. After a send of a device fails on the database,
+//! the device's other sends fail too for a moment (`SEND_HOLD`), so the
+//! client's resend keeps its messages in order.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -210,16 +212,38 @@ fn io_failure(e: &tokio_postgres::Error) -> bool {
     false
 }
 
-/// The senders with a send in progress, each with its FIFO gate.
-type SendGates = std::sync::Mutex<HashMap<(UserId, String), Arc<tokio::sync::Mutex<()>>>>;
+/// How long, after a device's send failed on the database, the device's
+/// other sends are refused too (unless one is that send again): the
+/// `retry_after_ms` an `internal` rejection announces.
+const SEND_HOLD: Duration = Duration::from_secs(1);
+
+/// The senders with a send in progress, each with its FIFO gate, and those
+/// whose send failed within [`SEND_HOLD`].
+type SendGates = std::sync::Mutex<HashMap<(UserId, String), Arc<tokio::sync::Mutex<Gate>>>>;
+
+/// What a device's gate remembers between its sends.
+#[derive(Default)]
+pub(super) struct Gate {
+    /// The cid of the device's last send that failed on the database, and
+    /// when.
+    failed: Option<(String, std::time::Instant)>,
+}
+
+impl Gate {
+    fn holding(&self) -> bool {
+        self.failed
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < SEND_HOLD)
+    }
+}
 
 /// A device's turn to send; the next send of the device waits until it is
 /// dropped (FIFO: tokio's mutex wakes waiters in the order they came).
 pub(super) struct SendTurn {
     gates: Arc<SendGates>,
     key: (UserId, String),
-    gate: Option<Arc<tokio::sync::Mutex<()>>>,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    gate: Option<Arc<tokio::sync::Mutex<Gate>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<Gate>>,
 }
 
 impl SendTurn {
@@ -241,15 +265,49 @@ impl SendTurn {
         turn.guard = Some(gate.lock_owned().await);
         turn
     }
+
+    /// The cid of an earlier send of the device that failed on the database
+    /// less than [`SEND_HOLD`] ago, unless it is `cid`: this send must fail
+    /// too. Sends pipelined behind a failed one would otherwise commit
+    /// before it, and the client's resend (from the first rejected send, as
+    /// PROTOCOL.md §5 asks) would store the device's messages out of order.
+    pub(super) fn held_by(&self, cid: &str) -> Option<String> {
+        let gate = self.guard.as_ref()?;
+        match &gate.failed {
+            Some((first, _)) if gate.holding() && first != cid => Some(first.clone()),
+            _ => None,
+        }
+    }
+
+    /// This turn's send (`cid`) failed on the database, or was stored.
+    pub(super) fn outcome(&mut self, cid: &str, failed: bool) {
+        let Some(gate) = self.guard.as_mut() else {
+            return;
+        };
+        if !failed {
+            gate.failed = None;
+            return;
+        }
+        gate.failed = Some((cid.to_owned(), std::time::Instant::now()));
+        // Failures are rare: forget the devices whose hold ran out and
+        // that nobody uses (this one is in use).
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, g| Arc::strong_count(g) > 1 || g.try_lock().map_or(true, |g| g.holding()));
+    }
 }
 
 impl Drop for SendTurn {
     fn drop(&mut self) {
+        let holding = self.guard.as_ref().is_some_and(|g| g.holding());
         self.guard.take();
         let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-        // The map's and this one: nobody else waits, the entry can go.
+        // The map's and this one: nobody else waits, the entry can go
+        // (unless it holds the device's sends after a failure).
         if let Some(gate) = self.gate.take()
             && Arc::strong_count(&gate) == 2
+            && !holding
         {
             gates.remove(&self.key);
         }
