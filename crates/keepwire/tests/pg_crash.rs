@@ -18,7 +18,7 @@ use keepwire_proto::{
     ClientFrame, Confirm, ConvKind, Cursor, EntryItem, ErrorCode, InboxEntry, ResumeStatus,
     ServerFrame,
 };
-use keepwire_testkit::engines::{OwnNats, OwnPostgres};
+use keepwire_testkit::engines::{CommitCutter, OwnNats, OwnPostgres};
 use keepwire_testkit::relay::create_conv;
 use keepwire_testkit::{Incoming, RelayProcess, WsClient, new_cid, wait_until};
 use tokio::time::Instant;
@@ -413,4 +413,60 @@ async fn a_postgres_crash_costs_retries_never_a_message() {
         "the crashes cost the sender nothing: were they during the traffic?"
     );
     check(&relay.url, &outbox, &live, &ta, &tb).await;
+}
+
+/// Sends `bodies` through `c` one after the other, each confirmed.
+async fn send_all(c: &mut WsClient, conv: u64, bodies: &[&str]) {
+    for body in bodies {
+        let cid = c.send_message(conv, body).await;
+        assert!(!c.confirm(&cid).await.duplicate);
+    }
+}
+
+/// A send whose commit went through while its answer was lost (the
+/// connection to PostgreSQL broke after the COMMIT left): the relay answers
+/// `internal` (it cannot know), the resend is a duplicate, and the receiver
+/// on the same relay, with no bus and no other traffic, still gets the
+/// message once: the relay re-reads the heads that transaction touched once
+/// the database answers again (nothing else would announce it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_still_reaches_the_receiver() {
+    if cannot_run(true, false) {
+        return;
+    }
+    let pg = OwnPostgres::start();
+    let url = pg.url("postgres");
+    let (ta, tb) = (add_user(&url, "alice"), add_user(&url, "bob"));
+    let cutter = CommitCutter::start(pg.port()).await;
+    let relay = RelayProcess::start_store(
+        &bin(),
+        &format!("postgres://postgres@127.0.0.1:{}/postgres", cutter.port()),
+        FAST,
+    );
+    let mut a = WsClient::connect(&relay.url, &ta, "a", None).await.unwrap();
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
+    let mut b = WsClient::connect(&relay.url, &tb, "b", None).await.unwrap();
+    b.entries(1, true).await;
+
+    let cid = new_cid();
+    cutter.arm(&cid);
+    a.send_with_cid(conv, "lost answer", &cid).await;
+    let r = a.answer(&cid).await.expect_err("the answer was lost");
+    assert_eq!(r.code, ErrorCode::Internal, "{r:?}");
+    assert_eq!(cutter.cuts(), 1);
+    // Nobody sends anything else: the receiver gets it all the same.
+    let e = b.entry().await;
+    let EntryItem::Message(m) = &e.item else {
+        panic!("not a message: {e:?}")
+    };
+    assert_eq!((e.seq, m.cid.as_str()), (2, cid.as_str()));
+    // The outbox's resend: stored once.
+    a.send_with_cid(conv, "lost answer", &cid).await;
+    let c = a.confirm(&cid).await;
+    assert!(c.duplicate);
+    assert_eq!(c.id, m.id);
+    send_all(&mut a, conv, &["next"]).await;
+    let e = b.entry().await;
+    assert_eq!(e.seq, 3, "no second copy: {e:?}");
+    assert_eq!(messages(&[e])[0].3, "next");
 }

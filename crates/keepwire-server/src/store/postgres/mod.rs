@@ -15,9 +15,10 @@
 //! 40001) are retried and counted. A send claims its dedupe key first, so a
 //! concurrent duplicate waits for the original's commit and then answers
 //! `duplicate`. A commit whose outcome is unknown (the connection died
-//! during it) is answered as a retryable [`InfraError::Commit`] and
-//! announced to nobody; the client's retry with the same cid finds the
-//! original if it did commit. After a send of a device fails on the database,
+//! during it) is answered as a retryable [`InfraError::Commit`]; the
+//! client's retry with the same cid finds the original if it did commit,
+//! and the users' heads are re-read once the database answers, to announce
+//! its entries if it did. After a send of a device fails on the database,
 //! the device's other sends fail too for a moment (`SEND_HOLD`), so the
 //! client's resend keeps its messages in order.
 
@@ -34,6 +35,8 @@ use deadpool_postgres::{
 use sha2::{Digest as _, Sha256};
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::error::SqlState;
+
+use keepwire_proto::Seq;
 
 use super::{
     HeadAdvance, HeadListener, InfraError, Retention, StoreError, SystemClock, UserId, WallClock,
@@ -54,6 +57,9 @@ const DEFAULT_POOL_SIZE: usize = 16;
 const POOL_WAIT: Duration = Duration::from_secs(30);
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the heads of a commit whose outcome is unknown are re-read
+/// while the database does not answer.
+const RECHECK_FOR: Duration = Duration::from_secs(600);
 /// Attempts of one operation (deadlocks, serialization failures, lost
 /// connections before the commit) before it fails.
 const MAX_ATTEMPTS: u32 = 8;
@@ -524,12 +530,81 @@ impl PostgresStore {
                 // cid) finds the original if it committed.
                 Err(e) => {
                     tracing::error!(target: "keepwire::store", error = %e, "the outcome of a PostgreSQL commit is unknown");
+                    self.announce_if_committed(std::mem::take(heads));
                     Err(Failed::Final(StoreError::commit(format!(
                         "the outcome of the commit is unknown ({e}); retry"
                     ))))
                 }
             },
         }
+    }
+
+    /// After a commit whose outcome is unknown: once the database answers
+    /// again, re-reads the heads of the users that transaction would have
+    /// advanced, and announces (without items: readers use the store) those
+    /// that reached its entries. If it did commit, nothing else would tell
+    /// this node's connections: the client's resend is only a duplicate, and
+    /// a relay without a bus has no timer that re-reads heads, so a device
+    /// connected here would not get the message until the user's next entry.
+    fn announce_if_committed(&self, heads: Heads) {
+        let Some(listener) = self.listener.get().cloned() else {
+            return;
+        };
+        if heads.is_empty() {
+            return;
+        }
+        let (pool, stale) = (self.pool.clone(), self.stale.clone());
+        tokio::spawn(async move {
+            let users: Vec<UserId> = heads.iter().map(|h| h.user).collect();
+            let deadline = tokio::time::Instant::now() + RECHECK_FOR;
+            let mut wait = Duration::from_millis(50);
+            loop {
+                let read = async {
+                    let client = pool.get().await.map_err(|e| e.to_string())?;
+                    client
+                        .query(
+                            "SELECT id, inbox_head FROM users WHERE id = ANY($1)",
+                            &[&users],
+                        )
+                        .await
+                        .map_err(|e| describe(&e))
+                };
+                match read.await {
+                    Ok(rows) => {
+                        let now: HashMap<UserId, Seq> = rows
+                            .iter()
+                            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as Seq))
+                            .collect();
+                        let reached: Heads = heads
+                            .into_iter()
+                            .filter_map(|h| {
+                                let head = *now.get(&h.user)?;
+                                (head >= h.seq).then_some(HeadAdvance {
+                                    seq: head,
+                                    item: None,
+                                    ..h
+                                })
+                            })
+                            .collect();
+                        if !reached.is_empty() {
+                            listener.heads_advanced(&reached);
+                        }
+                        return;
+                    }
+                    Err(why) => {
+                        if pool.is_closed()
+                            || stale.get().is_some()
+                            || tokio::time::Instant::now() >= deadline
+                        {
+                            tracing::warn!(target: "keepwire::store", error = %why, "gave up re-reading the heads after an unknown commit outcome");
+                            return;
+                        }
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
     }
 
     /// Runs `f` in a read-only REPEATABLE READ transaction (one snapshot
