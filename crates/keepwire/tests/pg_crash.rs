@@ -23,7 +23,7 @@ use keepwire_testkit::relay::create_conv;
 use keepwire_testkit::{Incoming, RelayProcess, WsClient, new_cid, wait_until};
 use tokio::time::Instant;
 
-use crate::postgres::{add_user, skipped};
+use crate::postgres::{TestDb, add_user, skipped};
 use crate::{FAST, bin};
 
 /// Sends a client keeps unconfirmed at most (the relay allows 64).
@@ -469,4 +469,143 @@ async fn a_commit_whose_answer_was_lost_still_reaches_the_receiver() {
     let e = b.entry().await;
     assert_eq!(e.seq, 3, "no second copy: {e:?}");
     assert_eq!(messages(&[e])[0].3, "next");
+}
+
+/// `keepwire serve` flags for a node of a cluster on the bus at `nats`.
+fn node_args(nats: &str, prefix: &str) -> Vec<String> {
+    let mut args: Vec<String> = FAST.iter().map(|s| s.to_string()).collect();
+    args.extend(["--bus", nats, "--bus-prefix", prefix].map(str::to_owned));
+    args
+}
+
+/// Starts a relay node on `store` with `args`.
+fn node(store: &str, args: &[String]) -> RelayProcess {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    RelayProcess::start_store(&bin(), store, &args)
+}
+
+/// Two relay nodes on one PostgreSQL with a NATS bus; a receiver on node B
+/// stays connected while PostgreSQL crashes and restarts under the
+/// sender's traffic on node A: the messages committed through A after the
+/// restart reach B (node B's store reconnects, and what no hint announced,
+/// such as a commit whose answer was lost, it finds by re-reading its
+/// users' heads), each once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_postgres_restart_the_relay_rereads_heads() {
+    if cannot_run(true, true) {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let mut pg = OwnPostgres::start();
+    let nats = OwnNats::start();
+    let url = pg.url("postgres");
+    let (ta, tb) = (add_user(&url, "alice"), add_user(&url, "bob"));
+    let args = node_args(&nats.url(), "kwpgcrash");
+    let (node_a, node_b) = (node(&url, &args), node(&url, &args));
+    let mut a = WsClient::connect(&node_a.url, &ta, "setup", None)
+        .await
+        .unwrap();
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
+    a.close().await;
+
+    const N: usize = 120;
+    let received = Arc::new(AtomicUsize::new(0));
+    let receiver = tokio::spawn(receive(
+        node_b.url.clone(),
+        tb.clone(),
+        "b",
+        N,
+        received.clone(),
+        Duration::from_secs(60),
+    ));
+    let outbox = Outbox::new(&node_a.url, &ta, "a", conv, N, Duration::from_millis(25));
+    let progress = outbox.progress.clone();
+    let sender = tokio::spawn(outbox.run(Duration::from_secs(60)));
+    reached(&progress, 40, "sends confirmed before the crash").await;
+    tokio::task::block_in_place(|| pg.crash());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::block_in_place(|| pg.start_again());
+    let confirmed_at_restart = progress.load(Ordering::SeqCst);
+    assert!(
+        confirmed_at_restart < N,
+        "nothing left to send after the restart"
+    );
+    let outbox = sender.await.expect("the sender");
+    let (live, connections) = receiver.await.expect("the receiver");
+    eprintln!(
+        "{} sends confirmed after the restart; sender: {} rejections, {} connections; \
+         receiver on node B: {connections} connections; {:?}",
+        N - confirmed_at_restart,
+        outbox.rejections,
+        outbox.connections,
+        t0.elapsed()
+    );
+    check(&node_b.url, &outbox, &live, &ta, &tb).await;
+}
+
+/// Two relay nodes on the shared PostgreSQL (a database of the test's own)
+/// with a NATS server of the test's own: NATS is killed (`kill -9`) under
+/// the traffic from node A to a receiver on node B. Messages keep arriving
+/// while it is down (node B re-reads its users' heads on a timer), NATS
+/// comes back on its port, the traffic goes on, and nothing is lost,
+/// duplicated or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_costs_latency_never_a_message() {
+    if cannot_run(false, true) {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let db = TestDb::create();
+    let mut nats = OwnNats::start();
+    let (ta, tb) = (add_user(&db.url, "alice"), add_user(&db.url, "bob"));
+    let args = node_args(&nats.url(), "kwnatscrash");
+    let (node_a, node_b) = (node(&db.url, &args), node(&db.url, &args));
+    let mut a = WsClient::connect(&node_a.url, &ta, "setup", None)
+        .await
+        .unwrap();
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
+    a.close().await;
+
+    const N: usize = 240;
+    let received = Arc::new(AtomicUsize::new(0));
+    let receiver = tokio::spawn(receive(
+        node_b.url.clone(),
+        tb.clone(),
+        "b",
+        N,
+        received.clone(),
+        Duration::from_secs(60),
+    ));
+    let outbox = Outbox::new(&node_a.url, &ta, "a", conv, N, Duration::from_millis(25));
+    let progress = outbox.progress.clone();
+    let sender = tokio::spawn(outbox.run(Duration::from_secs(60)));
+    reached(&progress, 60, "sends confirmed before NATS dies").await;
+    nats.kill();
+    let killed_at = std::time::Instant::now();
+    // More than a window of sends after the kill: messages committed while
+    // no hint can travel reach node B all the same.
+    let at_kill = progress.load(Ordering::SeqCst);
+    reached(
+        &received,
+        at_kill + WINDOW + 40,
+        "messages delivered on node B while NATS is down",
+    )
+    .await;
+    let down = killed_at.elapsed();
+    tokio::task::block_in_place(|| nats.start_again());
+    assert!(
+        progress.load(Ordering::SeqCst) < N,
+        "nothing left to send after NATS came back"
+    );
+    let outbox = sender.await.expect("the sender");
+    let (live, connections) = receiver.await.expect("the receiver");
+    eprintln!(
+        "NATS down for {down:?}; sender: {} rejections, {} connections; \
+         receiver on node B: {connections} connections; {:?}",
+        outbox.rejections,
+        outbox.connections,
+        t0.elapsed()
+    );
+    assert_eq!(outbox.rejections, 0, "NATS down costs no rejection");
+    check(&node_b.url, &outbox, &live, &ta, &tb).await;
 }
