@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use keepwire_proto::{
-    ClientFrame, Confirm, ConvKind, Cursor, EntryItem, ErrorCode, InboxEntry, ResumeStatus,
-    ServerFrame,
+    ClientFrame, Confirm, ConvKind, Cursor, EntryItem, ErrorCode, GapReason, InboxEntry,
+    ResumeStatus, ServerFrame,
 };
 use keepwire_testkit::engines::{CommitCutter, OwnNats, OwnPostgres};
 use keepwire_testkit::relay::create_conv;
@@ -608,4 +608,137 @@ async fn a_nats_restart_costs_latency_never_a_message() {
     );
     assert_eq!(outbox.rejections, 0, "NATS down costs no rejection");
     check(&node_b.url, &outbox, &live, &ta, &tb).await;
+}
+
+/// An asynchronous failover: the standby did not get the primary's last
+/// commits, so after its promotion the same inbox sequences get other
+/// messages. The epoch carries PostgreSQL's timeline: the relay still
+/// running on the old primary's address refuses to go on, a new relay
+/// there has a new epoch, and a device resuming with its old cursor gets a
+/// `gap` (`epoch`) instead of silently missing the reused sequences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asynchronous_failover_changes_the_epoch() {
+    if cannot_run(true, false) {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let mut primary = OwnPostgres::start();
+    let url = primary.url("postgres");
+    let (ta, tb) = (add_user(&url, "alice"), add_user(&url, "bob"));
+    let mut standby = tokio::task::block_in_place(|| primary.standby());
+    let old = RelayProcess::start_store(&bin(), &url, FAST);
+    let mut a = WsClient::connect(&old.url, &ta, "a", None).await.unwrap();
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
+    let mut b = WsClient::connect(&old.url, &tb, "b", None).await.unwrap();
+    let old_epoch = b.welcome().epoch.clone();
+    let (db_id, timeline) = old_epoch.split_once('-').expect("id-timeline");
+    assert_eq!(
+        timeline, "1",
+        "the epoch ends with the timeline: {old_epoch}"
+    );
+
+    send_all(&mut a, conv, &["m0", "m1", "m2", "m3", "m4"]).await;
+    let lsn = primary
+        .psql("postgres", "SELECT pg_current_wal_lsn()")
+        .unwrap();
+    tokio::task::block_in_place(|| {
+        standby.wait_for(
+            "postgres",
+            &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"),
+            "t",
+            Duration::from_secs(30),
+        )
+    });
+    // The standby falls behind: what follows is committed on the primary
+    // only (asynchronous replication loses it in a failover).
+    tokio::task::block_in_place(|| standby.stop());
+    send_all(&mut a, conv, &["m5", "m6", "m7", "m8", "m9"]).await;
+    let before = b.entries(11, true).await;
+    assert_eq!(messages(&before).len(), 10);
+    let cursor = b.cursor(11);
+
+    // The primary dies; the standby is promoted and takes its address.
+    tokio::task::block_in_place(|| {
+        primary.crash();
+        standby.start_again();
+        standby.promote();
+        standby.wait_for(
+            "postgres",
+            "SELECT pg_is_in_recovery()",
+            "f",
+            Duration::from_secs(30),
+        );
+        standby.stop();
+        standby.set_port(primary.port());
+        standby.start_again();
+    });
+
+    // The relay that ran on the old primary stores nothing more: it sees
+    // the new timeline on its first new connection.
+    let cid = new_cid();
+    let mut refusals = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refusals < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the old relay neither stored nor refused"
+        );
+        match WsClient::connect(&old.url, &ta, "a", None).await {
+            Err(code) => {
+                assert_eq!(code, Some(1011), "the old relay's close");
+                refusals += 1;
+            }
+            Ok(mut c) => {
+                c.send_with_cid(conv, "after the failover", &cid).await;
+                loop {
+                    match c.recv_wire(Duration::from_secs(20)).await {
+                        Some(Incoming::Frame(ServerFrame::Confirm(cf))) => {
+                            panic!("the old relay stored a message after the failover: {cf:?}")
+                        }
+                        Some(Incoming::Frame(ServerFrame::Rejected(r))) => {
+                            assert_eq!(r.code, ErrorCode::Internal, "{r:?}");
+                            refusals += 1;
+                            break;
+                        }
+                        Some(Incoming::Frame(_)) => {}
+                        Some(Incoming::Closed(_)) => {
+                            refusals += 1;
+                            break;
+                        }
+                        None => panic!("the old relay did not answer"),
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A relay started on the promoted server: same database, new timeline.
+    let new = RelayProcess::start_store(&bin(), &url, FAST);
+    let mut b2 = WsClient::connect(&new.url, &tb, "b", Some(cursor))
+        .await
+        .expect("welcome");
+    let w = b2.welcome().clone();
+    assert_eq!(w.epoch, format!("{db_id}-2"), "the new timeline's epoch");
+    assert_eq!(w.resume.status, ResumeStatus::Gap, "{:?}", w.resume);
+    assert_eq!(w.resume.reason, Some(GapReason::Epoch), "{:?}", w.resume);
+    assert_eq!(
+        w.head, 6,
+        "the last five commits were lost with the primary"
+    );
+    let mut a2 = WsClient::connect(&new.url, &ta, "a", None).await.unwrap();
+    send_all(&mut a2, conv, &["n0"]).await;
+    let now = b2.entries(7, true).await;
+    // Sequence 7 named m5 in the old epoch and names n0 in the new one:
+    // only the epoch tells the device apart.
+    let old7 = messages(&before)
+        .into_iter()
+        .find(|m| m.0 == 7)
+        .expect("seq 7 before");
+    let new7 = messages(&now)
+        .into_iter()
+        .find(|m| m.0 == 7)
+        .expect("seq 7 after");
+    assert_eq!((old7.3.as_str(), new7.3.as_str()), ("m5", "n0"));
+    eprintln!("failover checked in {:?}", t0.elapsed());
 }
