@@ -7,6 +7,8 @@
 //! - [`RelayProcess`]: a `keepwire serve` child process, killed on drop.
 //! - [`wait_until`]: poll a condition with a deadline instead of sleeping.
 //! - [`relay`]: an in-process relay on a temp database, and seeding helpers.
+//! - [`engines`]: a PostgreSQL and a NATS server of the test's own, to crash
+//!   and restart.
 #![allow(missing_docs, reason = "test support")]
 
 use std::collections::VecDeque;
@@ -545,5 +547,6 @@ pub fn assert_contiguous(entries: &[InboxEntry], first: u64) {
 
 pub use serde_json;
 
+pub mod engines;
 pub mod relay;
 pub mod tls;

@@ -44,13 +44,13 @@ fn admin(sql: String) -> Result<(), String> {
 }
 
 /// A database of the test's own, dropped on drop.
-struct TestDb {
+pub(crate) struct TestDb {
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl TestDb {
-    fn create() -> TestDb {
+    pub(crate) fn create() -> TestDb {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let name = format!(
             "kw_test_{}_cli{}",
@@ -85,7 +85,7 @@ impl Drop for TestDb {
     }
 }
 
-fn skipped() -> bool {
+pub(crate) fn skipped() -> bool {
     let skip = std::env::var("KEEPWIRE_SKIP_POSTGRES").is_ok_and(|v| v == "1");
     if skip {
         eprintln!(
@@ -96,7 +96,7 @@ fn skipped() -> bool {
 }
 
 /// `keepwire admin --store URL user add NAME`: its token.
-fn add_user(store: &str, name: &str) -> String {
+pub(crate) fn add_user(store: &str, name: &str) -> String {
     let out = keepwire(&["admin", "--store", store, "user", "add", name]);
     assert!(
         out.status.success(),

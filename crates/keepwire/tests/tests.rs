@@ -7,6 +7,7 @@ mod client_process;
 mod desktop;
 mod desktop_keyring;
 mod desktop_system;
+mod pg_crash;
 mod postgres;
 mod push_cli;
 mod push_faults;

@@ -15,9 +15,12 @@
 //! 40001) are retried and counted. A send claims its dedupe key first, so a
 //! concurrent duplicate waits for the original's commit and then answers
 //! `duplicate`. A commit whose outcome is unknown (the connection died
-//! during it) is answered as a retryable [`InfraError::Commit`] and
-//! announced to nobody; the client's retry with the same cid finds the
-//! original if it did commit.
+//! during it) is answered as a retryable [`InfraError::Commit`]; the
+//! client's retry with the same cid finds the original if it did commit,
+//! and the users' heads are re-read once the database answers, to announce
+//! its entries if it did. After a send of a device fails on the database,
+//! the device's other sends fail too for a moment (`SEND_HOLD`), so the
+//! client's resend keeps its messages in order.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,6 +35,8 @@ use deadpool_postgres::{
 use sha2::{Digest as _, Sha256};
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::error::SqlState;
+
+use keepwire_proto::Seq;
 
 use super::{
     HeadAdvance, HeadListener, InfraError, Retention, StoreError, SystemClock, UserId, WallClock,
@@ -52,6 +57,9 @@ const DEFAULT_POOL_SIZE: usize = 16;
 const POOL_WAIT: Duration = Duration::from_secs(30);
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the heads of a commit whose outcome is unknown are re-read
+/// while the database does not answer.
+const RECHECK_FOR: Duration = Duration::from_secs(600);
 /// Attempts of one operation (deadlocks, serialization failures, lost
 /// connections before the commit) before it fails.
 const MAX_ATTEMPTS: u32 = 8;
@@ -210,16 +218,38 @@ fn io_failure(e: &tokio_postgres::Error) -> bool {
     false
 }
 
-/// The senders with a send in progress, each with its FIFO gate.
-type SendGates = std::sync::Mutex<HashMap<(UserId, String), Arc<tokio::sync::Mutex<()>>>>;
+/// How long, after a device's send failed on the database, the device's
+/// other sends are refused too (unless one is that send again): the
+/// `retry_after_ms` an `internal` rejection announces.
+const SEND_HOLD: Duration = Duration::from_secs(1);
+
+/// The senders with a send in progress, each with its FIFO gate, and those
+/// whose send failed within [`SEND_HOLD`].
+type SendGates = std::sync::Mutex<HashMap<(UserId, String), Arc<tokio::sync::Mutex<Gate>>>>;
+
+/// What a device's gate remembers between its sends.
+#[derive(Default)]
+pub(super) struct Gate {
+    /// The cid of the device's last send that failed on the database, and
+    /// when.
+    failed: Option<(String, std::time::Instant)>,
+}
+
+impl Gate {
+    fn holding(&self) -> bool {
+        self.failed
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < SEND_HOLD)
+    }
+}
 
 /// A device's turn to send; the next send of the device waits until it is
 /// dropped (FIFO: tokio's mutex wakes waiters in the order they came).
 pub(super) struct SendTurn {
     gates: Arc<SendGates>,
     key: (UserId, String),
-    gate: Option<Arc<tokio::sync::Mutex<()>>>,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    gate: Option<Arc<tokio::sync::Mutex<Gate>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<Gate>>,
 }
 
 impl SendTurn {
@@ -241,15 +271,49 @@ impl SendTurn {
         turn.guard = Some(gate.lock_owned().await);
         turn
     }
+
+    /// The cid of an earlier send of the device that failed on the database
+    /// less than [`SEND_HOLD`] ago, unless it is `cid`: this send must fail
+    /// too. Sends pipelined behind a failed one would otherwise commit
+    /// before it, and the client's resend (from the first rejected send, as
+    /// PROTOCOL.md §5 asks) would store the device's messages out of order.
+    pub(super) fn held_by(&self, cid: &str) -> Option<String> {
+        let gate = self.guard.as_ref()?;
+        match &gate.failed {
+            Some((first, _)) if gate.holding() && first != cid => Some(first.clone()),
+            _ => None,
+        }
+    }
+
+    /// This turn's send (`cid`) failed on the database, or was stored.
+    pub(super) fn outcome(&mut self, cid: &str, failed: bool) {
+        let Some(gate) = self.guard.as_mut() else {
+            return;
+        };
+        if !failed {
+            gate.failed = None;
+            return;
+        }
+        gate.failed = Some((cid.to_owned(), std::time::Instant::now()));
+        // Failures are rare: forget the devices whose hold ran out and
+        // that nobody uses (this one is in use).
+        self.gates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, g| Arc::strong_count(g) > 1 || g.try_lock().map_or(true, |g| g.holding()));
+    }
 }
 
 impl Drop for SendTurn {
     fn drop(&mut self) {
+        let holding = self.guard.as_ref().is_some_and(|g| g.holding());
         self.guard.take();
         let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
-        // The map's and this one: nobody else waits, the entry can go.
+        // The map's and this one: nobody else waits, the entry can go
+        // (unless it holds the device's sends after a failure).
         if let Some(gate) = self.gate.take()
             && Arc::strong_count(&gate) == 2
+            && !holding
         {
             gates.remove(&self.key);
         }
@@ -466,12 +530,81 @@ impl PostgresStore {
                 // cid) finds the original if it committed.
                 Err(e) => {
                     tracing::error!(target: "keepwire::store", error = %e, "the outcome of a PostgreSQL commit is unknown");
+                    self.announce_if_committed(std::mem::take(heads));
                     Err(Failed::Final(StoreError::commit(format!(
                         "the outcome of the commit is unknown ({e}); retry"
                     ))))
                 }
             },
         }
+    }
+
+    /// After a commit whose outcome is unknown: once the database answers
+    /// again, re-reads the heads of the users that transaction would have
+    /// advanced, and announces (without items: readers use the store) those
+    /// that reached its entries. If it did commit, nothing else would tell
+    /// this node's connections: the client's resend is only a duplicate, and
+    /// a relay without a bus has no timer that re-reads heads, so a device
+    /// connected here would not get the message until the user's next entry.
+    fn announce_if_committed(&self, heads: Heads) {
+        let Some(listener) = self.listener.get().cloned() else {
+            return;
+        };
+        if heads.is_empty() {
+            return;
+        }
+        let (pool, stale) = (self.pool.clone(), self.stale.clone());
+        tokio::spawn(async move {
+            let users: Vec<UserId> = heads.iter().map(|h| h.user).collect();
+            let deadline = tokio::time::Instant::now() + RECHECK_FOR;
+            let mut wait = Duration::from_millis(50);
+            loop {
+                let read = async {
+                    let client = pool.get().await.map_err(|e| e.to_string())?;
+                    client
+                        .query(
+                            "SELECT id, inbox_head FROM users WHERE id = ANY($1)",
+                            &[&users],
+                        )
+                        .await
+                        .map_err(|e| describe(&e))
+                };
+                match read.await {
+                    Ok(rows) => {
+                        let now: HashMap<UserId, Seq> = rows
+                            .iter()
+                            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as Seq))
+                            .collect();
+                        let reached: Heads = heads
+                            .into_iter()
+                            .filter_map(|h| {
+                                let head = *now.get(&h.user)?;
+                                (head >= h.seq).then_some(HeadAdvance {
+                                    seq: head,
+                                    item: None,
+                                    ..h
+                                })
+                            })
+                            .collect();
+                        if !reached.is_empty() {
+                            listener.heads_advanced(&reached);
+                        }
+                        return;
+                    }
+                    Err(why) => {
+                        if pool.is_closed()
+                            || stale.get().is_some()
+                            || tokio::time::Instant::now() >= deadline
+                        {
+                            tracing::warn!(target: "keepwire::store", error = %why, "gave up re-reading the heads after an unknown commit outcome");
+                            return;
+                        }
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
     }
 
     /// Runs `f` in a read-only REPEATABLE READ transaction (one snapshot

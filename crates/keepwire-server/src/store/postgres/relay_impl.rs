@@ -13,8 +13,8 @@ use keepwire_proto::{
 use super::queries::{exec, member_ids, one, opt, require_member};
 use super::{PostgresStore, SendTurn, conversations, hash_token, inbox, push};
 use crate::store::{
-    Actor, AuthFailure, AuthedUser, HeadListener, NewPush, PushOutcome, PushTarget, RelayStore,
-    ResumePlan, Revocation, StoreError, UserId,
+    Actor, AuthFailure, AuthedUser, HeadListener, InfraError, NewPush, PushOutcome, PushTarget,
+    RelayStore, ResumePlan, Revocation, StoreError, UserId,
 };
 
 #[async_trait::async_trait]
@@ -228,12 +228,29 @@ impl RelayStore for PostgresStore {
             // The backend's sends (no user id before the transaction).
             Actor::System => -1,
         };
-        let _turn = SendTurn::take(&self.send_gates, (sender, device.clone())).await;
-        self.write(move |tx, heads| {
-            let (device, send, ctx) = (device.clone(), send.clone(), ctx.clone());
-            Box::pin(async move { inbox::send(tx, heads, &ctx, actor, &device, send).await })
-        })
-        .await
+        let mut turn = SendTurn::take(&self.send_gates, (sender, device.clone())).await;
+        let by_user = matches!(actor, Actor::User(_));
+        let cid = send.cid.clone();
+        if by_user && let Some(first) = turn.held_by(&cid) {
+            return Err(StoreError::Infra(InfraError::Database(format!(
+                "an earlier send of this device ({first}) failed: resend from it"
+            ))));
+        }
+        let r = self
+            .write(move |tx, heads| {
+                let (device, send, ctx) = (device.clone(), send.clone(), ctx.clone());
+                Box::pin(async move { inbox::send(tx, heads, &ctx, actor, &device, send).await })
+            })
+            .await;
+        if by_user {
+            match &r {
+                Ok(_) => turn.outcome(&cid, false),
+                Err(StoreError::Infra(_)) => turn.outcome(&cid, true),
+                // Refused for good (PROTOCOL.md §5): it holds nothing back.
+                Err(_) => {}
+            }
+        }
+        r
     }
 
     async fn record_ack(&self, user: UserId, device: &str, seq: Seq) -> Result<(), StoreError> {
