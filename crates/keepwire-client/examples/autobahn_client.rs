@@ -21,7 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for case in 1..=count {
         let url = format!("{base}/runCase?case={case}&agent={AGENT}");
         // Failures are the point of many cases; the report judges them.
-        let _ = keepwire_client::conformance_echo(&url).await;
+        let _ = keepwire_client::testing::conformance_echo(&url).await;
     }
     let (mut ws, _) =
         tokio_tungstenite::connect_async(format!("{base}/updateReports?agent={AGENT}")).await?;

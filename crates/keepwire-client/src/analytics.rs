@@ -8,6 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::params;
 use serde::Serialize;
 
+use keepwire_core::{AppState, State};
+
 use crate::store::{Store, StoreError};
 
 pub(crate) fn now_ms() -> i64 {
@@ -112,8 +114,11 @@ pub struct Stats {
     pub segments: Vec<Segment>,
 }
 
+/// Whether the client wanted a connection in this recorded state (an
+/// unknown name, e.g. an older version's "stopped", counts as not wanted).
 fn wanted(state: &str) -> bool {
-    !matches!(state, "Idle" | "Dormant" | "stopped") && !state.starts_with("Stopped")
+    State::from_name(state)
+        .is_some_and(|s| !matches!(s, State::Idle | State::Dormant | State::Stopped(_)))
 }
 
 /// Computes statistics for `[from, to]` from the logs.
@@ -156,9 +161,9 @@ pub fn stats(store: &Store, from: i64, to: i64) -> Result<Stats, StoreError> {
         if wanted(&s.state) {
             wanted_ms += len;
         }
-        if s.state == "Connected" {
+        if s.state == State::Connected.name() {
             connected_ms += len;
-            if s.app == "Background" {
+            if s.app == AppState::Background.name() {
                 bg_connected_ms += len;
             }
             if let Some(l) = lost_at.take() {

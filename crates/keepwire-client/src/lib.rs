@@ -37,7 +37,7 @@ mod transport;
 pub use client::{
     CA_META, Client, ClientBuilder, ClientError, ClientEvent, DEFAULT_NETWORK, LOCK_WAIT,
     MAX_PUSH_PAYLOAD, PushResult, SendError, SendHandle, Status, SyncOutcome, SyncReport,
-    TokenProvider, UNREACHABLE_ROUNDS, boot_clock, parse_pem_certificates,
+    TokenProvider, UNREACHABLE_ROUNDS, parse_pem_certificates,
 };
 pub use home::{Home, HomeLock};
 pub use keepwire_core::{
@@ -45,4 +45,9 @@ pub use keepwire_core::{
     StopReason,
 };
 pub use push::{PushRegistration, PushStatus, WebPushKeys};
-pub use transport::{BoxFuture, Resolver, SystemResolver, conformance_echo};
+pub use transport::{BoxFuture, Resolver, SystemResolver};
+
+/// Helpers for conformance tooling, not for apps.
+pub mod testing {
+    pub use crate::transport::conformance_echo;
+}

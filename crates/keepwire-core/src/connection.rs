@@ -175,6 +175,24 @@ pub enum AppState {
     Background,
 }
 
+impl AppState {
+    /// The stable name stores and logs record (`Foreground`, `Background`);
+    /// [`AppState::from_name`] reads it back.
+    pub fn name(self) -> &'static str {
+        match self {
+            AppState::Foreground => "Foreground",
+            AppState::Background => "Background",
+        }
+    }
+
+    /// The app state a [`name`](AppState::name) stands for.
+    pub fn from_name(name: &str) -> Option<AppState> {
+        [AppState::Foreground, AppState::Background]
+            .into_iter()
+            .find(|a| a.name() == name)
+    }
+}
+
 /// What the OS says about the network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
@@ -296,6 +314,51 @@ pub enum State {
     Dormant,
     /// Stopped until the app acts.
     Stopped(StopReason),
+}
+
+impl State {
+    /// Every state, for [`State::from_name`].
+    const ALL: [State; 13] = [
+        State::Idle,
+        State::WaitingForNetwork,
+        State::Connecting,
+        State::Handshaking,
+        State::Connected,
+        State::BackingOff,
+        State::RefreshingToken,
+        State::Dormant,
+        State::Stopped(StopReason::ClosedByApp),
+        State::Stopped(StopReason::AuthRejected),
+        State::Stopped(StopReason::TokenRevoked),
+        State::Stopped(StopReason::DeviceRevoked),
+        State::Stopped(StopReason::Replaced),
+    ];
+
+    /// The stable name stores, logs and the agent record (`Connected`,
+    /// `Stopped(TokenRevoked)`, ...); [`State::from_name`] reads it back.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Idle => "Idle",
+            State::WaitingForNetwork => "WaitingForNetwork",
+            State::Connecting => "Connecting",
+            State::Handshaking => "Handshaking",
+            State::Connected => "Connected",
+            State::BackingOff => "BackingOff",
+            State::RefreshingToken => "RefreshingToken",
+            State::Dormant => "Dormant",
+            State::Stopped(StopReason::ClosedByApp) => "Stopped(ClosedByApp)",
+            State::Stopped(StopReason::AuthRejected) => "Stopped(AuthRejected)",
+            State::Stopped(StopReason::TokenRevoked) => "Stopped(TokenRevoked)",
+            State::Stopped(StopReason::DeviceRevoked) => "Stopped(DeviceRevoked)",
+            State::Stopped(StopReason::Replaced) => "Stopped(Replaced)",
+        }
+    }
+
+    /// The state a [`name`](State::name) stands for (`None` for anything
+    /// else, e.g. a name written by an older version).
+    pub fn from_name(name: &str) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.name() == name)
+    }
 }
 
 /// The last connection problem, classified for the app.

@@ -971,3 +971,33 @@ fn an_epoch_change_resets_the_cursor_and_the_backfills_and_retention_moves_the_c
     );
     assert_eq!(h.c.cursor().map(|c| c.seq), Some(19));
 }
+
+#[test]
+fn state_names_read_back_and_match_what_older_versions_stored() {
+    use keepwire_core::StopReason::*;
+    let states = [
+        State::Idle,
+        State::WaitingForNetwork,
+        State::Connecting,
+        State::Handshaking,
+        State::Connected,
+        State::BackingOff,
+        State::RefreshingToken,
+        State::Dormant,
+        State::Stopped(ClosedByApp),
+        State::Stopped(AuthRejected),
+        State::Stopped(TokenRevoked),
+        State::Stopped(DeviceRevoked),
+        State::Stopped(Replaced),
+    ];
+    for s in states {
+        assert_eq!(State::from_name(s.name()), Some(s));
+        // Earlier versions stored `Debug`: those rows still read.
+        assert_eq!(State::from_name(&format!("{s:?}")), Some(s));
+    }
+    for a in [AppState::Foreground, AppState::Background] {
+        assert_eq!(AppState::from_name(a.name()), Some(a));
+        assert_eq!(a.name(), format!("{a:?}"));
+    }
+    assert_eq!(State::from_name("stopped"), None);
+}

@@ -171,14 +171,16 @@ async fn handle(client: &Client, req: &Value) -> Value {
     match req["op"].as_str() {
         Some("status") => {
             let s = client.status();
-            json!({"state": format!("{:?}", s.state), "cursor": s.cursor, "outbox": s.outbox, "user": s.user,
+            json!({"state": s.state.name(), "cursor": s.cursor, "outbox": s.outbox, "user": s.user,
                    "last_error": s.last_error.map(|e| format!("{e:?}")), "network": s.network})
         }
         Some("sync") => {
             // The agent's connection is usually up: a sync just waits until caught up.
             let r = client.sync_once(ms("deadline_ms", 30_000)).await;
             let state = match &r.outcome {
-                SyncOutcome::Stopped(reason) => Some(format!("Stopped({reason:?})")),
+                SyncOutcome::Stopped(reason) => {
+                    Some(keepwire_client::State::Stopped(*reason).name().to_owned())
+                }
                 _ => None,
             };
             json!({"outcome": outcome_name(&r.outcome), "received": r.received, "confirmed": r.confirmed,

@@ -322,25 +322,21 @@ fn error_words(raw: &str) -> (String, Option<u16>) {
     (describe(&e), code)
 }
 
-/// A connection state as the store or the agent records it (`Debug` of
-/// [`State`], e.g. `Stopped(TokenRevoked)`), in words.
+/// A connection state as the store or the agent records it
+/// ([`State::name`], e.g. `Stopped(TokenRevoked)`), in words.
 fn state_words(raw: &str) -> String {
-    let stopped = |r: StopReason| format!("stopped: {}", stopped_message(r));
-    match raw {
-        "Idle" => "idle".into(),
-        "WaitingForNetwork" => "waiting for a network".into(),
-        "Connecting" => "connecting".into(),
-        "Handshaking" => "connecting (handshake)".into(),
-        "Connected" => "connected".into(),
-        "BackingOff" => "waiting to reconnect".into(),
-        "RefreshingToken" => "asking for a new token".into(),
-        "Dormant" => "dormant (connects for a sync or a push)".into(),
-        "Stopped(ClosedByApp)" => "stopped".into(),
-        "Stopped(AuthRejected)" => stopped(StopReason::AuthRejected),
-        "Stopped(TokenRevoked)" => stopped(StopReason::TokenRevoked),
-        "Stopped(DeviceRevoked)" => stopped(StopReason::DeviceRevoked),
-        "Stopped(Replaced)" => stopped(StopReason::Replaced),
-        other => other.to_owned(),
+    match State::from_name(raw) {
+        Some(State::Idle) => "idle".into(),
+        Some(State::WaitingForNetwork) => "waiting for a network".into(),
+        Some(State::Connecting) => "connecting".into(),
+        Some(State::Handshaking) => "connecting (handshake)".into(),
+        Some(State::Connected) => "connected".into(),
+        Some(State::BackingOff) => "waiting to reconnect".into(),
+        Some(State::RefreshingToken) => "asking for a new token".into(),
+        Some(State::Dormant) => "dormant (connects for a sync or a push)".into(),
+        Some(State::Stopped(StopReason::ClosedByApp)) => "stopped".into(),
+        Some(State::Stopped(r)) => format!("stopped: {}", stopped_message(r)),
+        None => raw.to_owned(),
     }
 }
 

@@ -4,7 +4,7 @@
 use super::*;
 
 /// The clock the core runs on: keeps counting while the device is suspended.
-pub fn boot_clock() -> Instant {
+pub(crate) fn boot_clock() -> Instant {
     use nix::time::{ClockId, clock_gettime};
     match clock_gettime(ClockId::CLOCK_BOOTTIME) {
         Ok(ts) => Instant::from_duration(Duration::new(ts.tv_sec() as u64, ts.tv_nsec() as u32)),
@@ -223,7 +223,7 @@ impl Driver {
         self.flush();
         // Short: a wake-up must hand its result back inside the OS's window.
         self.finish_transport(Duration::from_millis(300)).await;
-        let _ = self.store.save_status("Dormant", None);
+        let _ = self.store.save_status(State::Dormant.name(), None);
         Exit::Released(std::mem::take(&mut self.acks))
     }
 
@@ -317,7 +317,9 @@ impl Driver {
             }
         }
         self.finish_transport(Duration::from_secs(1)).await;
-        let _ = self.store.save_status("stopped", None);
+        let _ = self
+            .store
+            .save_status(State::Stopped(StopReason::ClosedByApp).name(), None);
         self.answer_acks();
         for w in self.stop_waiters.drain(..) {
             let _ = w.send(());
@@ -648,7 +650,7 @@ impl Driver {
                 tracing::debug!(target: "keepwire::client", state = ?s, retry_in_ms, "state");
                 self.log_state();
                 let err = self.core.last_error().map(|e| format!("{e:?}"));
-                let _ = self.store.save_status(&format!("{s:?}"), err.as_deref());
+                let _ = self.store.save_status(s.name(), err.as_deref());
                 if !matches!(s, State::Connected | State::Handshaking) {
                     // Requests in flight come back as `Unanswered`;
                     // registrations and mutes stay due in the store: the
@@ -678,8 +680,8 @@ impl Driver {
                             } else {
                                 "socket"
                             };
-                            let app = format!("{:?}", self.app_state);
-                            let _ = self.store.log_received(&app, via, p.messages.len() as u64);
+                            let app = self.app_state.name();
+                            let _ = self.store.log_received(app, via, p.messages.len() as u64);
                         }
                         self.notify(&p.messages);
                         for mark in &p.reads {
@@ -808,12 +810,12 @@ impl Driver {
 
     /// Records the current connection and app state (analytics).
     fn log_state(&self) {
-        let state = format!("{:?}", self.core.state());
-        let app = format!("{:?}", self.app_state);
+        let state = self.core.state().name();
+        let app = self.app_state.name();
         let err = self.core.last_error().map(|e| format!("{e:?}"));
         if let Err(e) = self
             .store
-            .log_state(&state, &app, self.network.as_deref(), err.as_deref())
+            .log_state(state, app, self.network.as_deref(), err.as_deref())
         {
             tracing::warn!(target: "keepwire::client", error = %e, "recording analytics failed");
         }

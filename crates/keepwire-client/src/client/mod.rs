@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use keepwire_core::{
     AppState, BackfillDue, BackgroundPolicy, Config, Connection, ConnectionError, Event, Instant,
-    Network, RequestId, State, Transmit, TransportEvent,
+    Network, RequestId, State, StopReason, Transmit, TransportEvent,
 };
 use keepwire_proto::{
     ClientFrame, Confirm, ConvCreate, ConvInfo, ConvKind, ConvMember, ErrorCode, GapReason,
@@ -39,7 +39,6 @@ use supervisor::*;
 
 pub use api::{CA_META, Client, SendHandle, parse_pem_certificates};
 pub use builder::{ClientBuilder, DEFAULT_NETWORK, TokenProvider};
-pub use driver::boot_clock;
 pub use events::{
     ClientError, ClientEvent, LOCK_WAIT, MAX_PUSH_PAYLOAD, PushResult, SendError, Status,
     SyncOutcome, SyncReport, UNREACHABLE_ROUNDS,
