@@ -84,12 +84,18 @@ impl Client {
     /// Queues a text message. Returns once it is durably in the outbox; the
     /// handle tells when the relay confirmed it.
     pub async fn send(&self, conv: u64, body: &str) -> Result<SendHandle, ClientError> {
-        let row = self
-            .inner
-            .store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .enqueue(conv, "text", body)?;
+        // The durable insert (an fsync) runs off the caller's async thread.
+        let inner = self.inner.clone();
+        let body = body.to_owned();
+        let row = tokio::task::spawn_blocking(move || {
+            inner
+                .store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .enqueue(conv, "text", &body)
+        })
+        .await
+        .map_err(|_| ClientError::Closed)??;
         let (tx, rx) = oneshot::channel();
         self.inner
             .waiters
