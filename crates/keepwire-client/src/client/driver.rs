@@ -36,9 +36,8 @@ pub(super) struct Driver {
     pub(super) data_version: i64,
     pub(super) stop_waiters: Vec<oneshot::Sender<()>>,
     pub(super) app_state: AppState,
-    pub(super) notifier: Option<Arc<dyn Notifier>>,
-    /// Notifications claimed during a sync, shown (coalesced) when it ends.
-    pub(super) deferred: Vec<crate::store::Claimed>,
+    /// What new messages show, and when.
+    pub(super) notes: Notifications,
     /// The network the OS reports (for analytics).
     pub(super) network: Option<String>,
     /// The network as the OS reports it (handed back when parking).
@@ -49,10 +48,6 @@ pub(super) struct Driver {
     pub(super) policy: BackgroundPolicy,
     /// A sync is open (from `Cmd::Sync` to `Cmd::EndSync`).
     pub(super) sync_open: bool,
-    /// The open sync hands its notifications back instead of showing them.
-    pub(super) collect: bool,
-    /// Conversations read elsewhere during the open sync.
-    pub(super) deferred_clears: Vec<u64>,
     /// Waiters to answer after the command at hand (or after parking).
     pub(super) acks: Vec<Ack>,
     /// The task running the current transport.
@@ -154,8 +149,7 @@ impl Driver {
             data_version,
             stop_waiters: Vec::new(),
             app_state: sup.app_state,
-            notifier: sup.notifier.clone(),
-            deferred: Vec::new(),
+            notes: Notifications::new(sup.notifier.clone()),
             network: match &sup.network {
                 Network::Online(id) => Some(id.clone()),
                 Network::Offline => None,
@@ -164,8 +158,6 @@ impl Driver {
             started: sup.started,
             policy: sup.config.background_policy,
             sync_open: false,
-            collect: false,
-            deferred_clears: Vec::new(),
             acks: Vec::new(),
             transport_task: None,
             remote_seen,
@@ -196,7 +188,7 @@ impl Driver {
             .until
             .saturating_duration_since(tokio::time::Instant::now());
         self.sync_open = true;
-        self.collect = r.collect;
+        self.notes.hold(r.collect);
         // The unreachable rule counts from the start of the sync.
         self.inner
             .status
@@ -350,7 +342,7 @@ impl Driver {
             Cmd::Sync(r) => self.begin_sync(r),
             Cmd::MarkRead(conv, up_to, reply) => {
                 let local = self.store.set_read_mark(conv, up_to);
-                self.read_elsewhere(conv, up_to);
+                self.notes.read_elsewhere(conv, up_to);
                 let sent = self.core.send_read(conv, up_to, now);
                 let _ = reply.send(match (local, sent) {
                     (Err(e), _) => Err(e.into()),
@@ -361,19 +353,8 @@ impl Driver {
             Cmd::EndSync(end) => {
                 self.core.end_sync(now);
                 self.sync_open = false;
-                let deferred = std::mem::take(&mut self.deferred);
-                let clears = std::mem::take(&mut self.deferred_clears);
-                let mut collected = Collected::default();
-                if self.collect {
-                    collected.show = self.render(deferred);
-                    collected.clear = clears;
-                } else {
-                    self.show(deferred);
-                    for conv in clears {
-                        self.clear_shown(conv);
-                    }
-                }
-                self.collect = false;
+                let (collected, shown) = self.notes.release(&self.store);
+                self.count_shown(shown);
                 self.acks.push(Ack::EndSync(end.done, collected));
             }
             Cmd::Network(n) => {
@@ -683,9 +664,16 @@ impl Driver {
                             let app = self.app_state.name();
                             let _ = self.store.log_received(app, via, p.messages.len() as u64);
                         }
-                        self.notify(&p.messages);
+                        let me = self.status_snapshot().user;
+                        let shown = self.notes.on_messages(
+                            &mut self.store,
+                            &p.messages,
+                            self.app_state,
+                            me.as_deref(),
+                        );
+                        self.count_shown(shown);
                         for mark in &p.reads {
-                            self.read_elsewhere(mark.conv, mark.up_to);
+                            self.notes.read_elsewhere(mark.conv, mark.up_to);
                         }
                         for m in p.messages {
                             self.emit(ClientEvent::Message(m));
@@ -835,132 +823,14 @@ impl Driver {
         }
     }
 
-    /// Raises notifications for new messages while the app is not in the foreground.
-    fn notify(&mut self, messages: &[Message]) {
-        let collecting = self.sync_open && self.collect;
-        if (self.notifier.is_none() && !collecting)
-            || self.app_state == AppState::Foreground
-            || messages.is_empty()
-        {
-            return;
-        }
-        let prefs = self.store.prefs().unwrap_or_default();
-        let me = self
-            .inner
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .user
-            .clone();
-        let quiet = prefs.quiet_hours.is_some_and(|q| q.now());
-        // Read on another device: never shown here.
-        let mut read: HashMap<u64, u64> = HashMap::new();
-        for m in messages {
-            if let std::collections::hash_map::Entry::Vacant(e) = read.entry(m.conv) {
-                e.insert(self.store.read_mark(m.conv).unwrap_or(0));
-            }
-        }
-        let claimed = match self.store.claim_notifications(messages, |m| {
-            prefs.may_show(
-                m,
-                me.as_deref(),
-                quiet,
-                read.get(&m.conv).copied().unwrap_or(0),
-            )
-        }) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(target: "keepwire::notify", error = %e, "claiming notifications failed");
-                return;
-            }
-        };
-        if self.sync_open {
-            // One coalesced notification per conversation for the whole sync.
-            for c in claimed {
-                match self.deferred.iter_mut().find(|d| d.conv == c.conv) {
-                    Some(d) => {
-                        d.shown.extend(c.shown);
-                        d.unread = c.unread;
-                        d.last_sender = c.last_sender;
-                    }
-                    None => self.deferred.push(c),
-                }
-            }
-        } else {
-            self.show(claimed);
-        }
-    }
-
-    /// The user read `conv` up to `up_to` (here or on another device): drop
-    /// what a sync was holding back and clear the shown notification.
-    fn read_elsewhere(&mut self, conv: u64, up_to: u64) {
-        for d in &mut self.deferred {
-            if d.conv == conv {
-                d.shown.retain(|m| m.conv_seq > up_to);
-                d.unread = d.shown.len() as u64;
-            }
-        }
-        self.deferred.retain(|d| !d.shown.is_empty());
-        if self.sync_open {
-            // Cleared (or handed back) when the sync ends.
-            if !self.deferred_clears.contains(&conv) {
-                self.deferred_clears.push(conv);
-            }
-        } else {
-            self.clear_shown(conv);
-        }
-    }
-
-    fn clear_shown(&self, conv: u64) {
-        if let Some(n) = &self.notifier
-            && let Err(e) = n.clear(conv)
-        {
-            tracing::warn!(target: "keepwire::notify", error = %e, "clearing a notification failed");
-        }
-    }
-
-    /// The coalesced notifications for what was claimed.
-    fn coalesced(&self, claimed: Vec<crate::store::Claimed>) -> Vec<Notification> {
-        let previews = self.store.prefs().map(|p| p.previews).unwrap_or(true);
-        claimed
-            .iter()
-            .map(|c| {
-                let name = self.store.conv_name(c.conv).ok().flatten();
-                coalesce(c, name.as_deref(), previews)
-            })
-            .collect()
-    }
-
-    /// What was claimed, for the app to show (counted as shown).
-    fn render(&mut self, claimed: Vec<crate::store::Claimed>) -> Vec<Notification> {
-        let out = self.coalesced(claimed);
-        for n in &out {
-            self.shown(n);
-        }
-        out
-    }
-
-    /// Counts and logs a notification shown (or handed to the app to show).
-    fn shown(&self, n: &Notification) {
-        let _ = self.store.log_notification(n.conv, n.unread);
-        self.inner
-            .status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .notified += 1;
-    }
-
-    fn show(&mut self, claimed: Vec<crate::store::Claimed>) {
-        let Some(notifier) = self.notifier.clone() else {
-            return;
-        };
-        for n in self.coalesced(claimed) {
-            match notifier.notify(&n) {
-                Ok(()) => self.shown(&n),
-                Err(e) => {
-                    tracing::warn!(target: "keepwire::notify", error = %e, "showing a notification failed")
-                }
-            }
+    /// Counts notifications shown (or handed to the app to show).
+    fn count_shown(&self, n: u64) {
+        if n > 0 {
+            self.inner
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .notified += n;
         }
     }
 

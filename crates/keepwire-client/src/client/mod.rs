@@ -31,10 +31,12 @@ mod api;
 mod builder;
 mod driver;
 mod events;
+mod notifications;
 mod supervisor;
 
 // What the roles share among themselves (besides the public items).
 use driver::*;
+use notifications::Notifications;
 use supervisor::*;
 
 pub use api::{CA_META, Client, SendHandle, parse_pem_certificates};
