@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use keepwire_proto::{
-    ClientFrame, Confirm, ConvKind, Cursor, EntryItem, ErrorCode, GapReason, InboxEntry,
+    ClientFrame, Confirm, ConvKind, Cursor, EntryItem, ErrorCode, GapReason, Hello, InboxEntry,
     ResumeStatus, ServerFrame,
 };
 use keepwire_testkit::engines::{CommitCutter, OwnNats, OwnPostgres};
@@ -741,4 +741,159 @@ async fn an_asynchronous_failover_changes_the_epoch() {
         .expect("seq 7 after");
     assert_eq!((old7.3.as_str(), new7.3.as_str()), ("m5", "n0"));
     eprintln!("failover checked in {:?}", t0.elapsed());
+}
+
+/// Opens a connection to `url` (no hello yet).
+async fn open(url: &str) -> WsClient {
+    WsClient::open(url)
+        .await
+        .unwrap_or_else(|e| panic!("open {url}: {e}"))
+}
+
+/// Says hello on `c` as `device` with `generation`, resuming from `cursor`.
+async fn hello(
+    c: &mut WsClient,
+    token: &str,
+    device: &str,
+    generation: u64,
+    cursor: Option<Cursor>,
+) {
+    c.send(&ClientFrame::Hello(Hello {
+        token: token.into(),
+        device: device.into(),
+        cursor,
+        heartbeat_ms: None,
+        history: Some(1_000_000),
+        agent: Some("keepwire-testkit".into()),
+        generation: Some(generation),
+        transient: false,
+        window: None,
+    }))
+    .await;
+}
+
+/// The answer to a hello on `c`: its welcome (kept in `c`), or the close
+/// code it was refused with.
+async fn welcomed(c: &mut WsClient) -> Result<(), Option<u16>> {
+    match c.recv_wire(Duration::from_secs(10)).await {
+        None => panic!("no answer to a hello within 10 s"),
+        Some(Incoming::Frame(ServerFrame::Welcome(w))) => {
+            c.welcome = Some(w);
+            Ok(())
+        }
+        Some(Incoming::Frame(f)) => panic!("a frame before the welcome: {f:?}"),
+        Some(Incoming::Closed(code)) => Err(code),
+    }
+}
+
+/// Waits (at most `within`) for `c` to be closed; its close code.
+async fn closed_within(c: &mut WsClient, within: Duration) -> Option<Option<u16>> {
+    let deadline = Instant::now() + within;
+    loop {
+        match c
+            .recv_wire(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            None => return None,
+            Some(Incoming::Closed(code)) => return Some(code),
+            Some(Incoming::Frame(_)) => {}
+        }
+    }
+}
+
+/// Two relay nodes on the shared PostgreSQL with a NATS of the test's own:
+/// a hundred times, one device of bob's says hello to node A and to node B
+/// at the same moment, with two generations (the newer one on either node,
+/// in turn). Every time exactly the newer connection survives: the older
+/// one is refused or closed with 4005 (replaced) within 5 s, and the newer
+/// one gets the message alice sends afterwards; never both, never neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_device_connecting_to_two_nodes_at_once_keeps_the_newer_connection() {
+    if cannot_run(false, true) {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let db = TestDb::create();
+    let nats = OwnNats::start();
+    let (ta, tb) = (add_user(&db.url, "alice"), add_user(&db.url, "bob"));
+    let args = node_args(&nats.url(), "kwtwonodes");
+    let (node_a, node_b) = (node(&db.url, &args), node(&db.url, &args));
+    let mut a = WsClient::connect(&node_a.url, &ta, "a", None)
+        .await
+        .unwrap();
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
+
+    const ROUNDS: u64 = 100;
+    // The device's cursor: the last entry it got.
+    let mut cursor: Option<Cursor> = None;
+    let (mut refused, mut closed_after_welcome) = (0, 0);
+    for round in 0..ROUNDS {
+        // Generations grow from round to round, like a client's attempts.
+        let (older, newer) = (2 * round + 1, 2 * round + 2);
+        let newer_on_b = round % 2 == 0;
+        let (gen_a, gen_b) = if newer_on_b {
+            (older, newer)
+        } else {
+            (newer, older)
+        };
+        let (mut ca, mut cb) = tokio::join!(open(&node_a.url), open(&node_b.url));
+        tokio::join!(
+            hello(&mut ca, &tb, "phone", gen_a, cursor.clone()),
+            hello(&mut cb, &tb, "phone", gen_b, cursor.clone()),
+        );
+        let (ra, rb) = tokio::join!(welcomed(&mut ca), welcomed(&mut cb));
+        let ((mut new, new_r), (mut old, old_r)) = if newer_on_b {
+            ((cb, rb), (ca, ra))
+        } else {
+            ((ca, ra), (cb, rb))
+        };
+        assert_eq!(
+            new_r,
+            Ok(()),
+            "round {round}: the newer hello (generation {newer}) was refused"
+        );
+        match old_r {
+            Err(code) => {
+                assert_eq!(code, Some(4005), "round {round}: the older hello's refusal");
+                refused += 1;
+            }
+            Ok(()) => {
+                let code = closed_within(&mut old, Duration::from_secs(5)).await;
+                assert_eq!(
+                    code,
+                    Some(Some(4005)),
+                    "round {round}: the older connection (generation {older}) was not \
+                     closed with 4005 within 5 s"
+                );
+                closed_after_welcome += 1;
+            }
+        }
+        // The newer one is still there: it gets the next message.
+        let body = format!("round {round}");
+        send_all(&mut a, conv, &[body.as_str()]).await;
+        let seen = new
+            .recv_where(|f| match f {
+                ServerFrame::Entry(e) => match &e.item {
+                    EntryItem::Message(m) if m.body == body => Some(e.seq),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .await;
+        cursor = Some(new.cursor(seen));
+        new.send(&ClientFrame::Ack { seq: seen }).await;
+        new.barrier().await;
+        assert!(
+            closed_within(&mut new, Duration::from_millis(50))
+                .await
+                .is_none(),
+            "round {round}: the newer connection was closed too"
+        );
+        new.close().await;
+    }
+    eprintln!(
+        "{ROUNDS} rounds: the older hello refused {refused} times, closed after its \
+         welcome {closed_after_welcome} times; {:?}",
+        t0.elapsed()
+    );
 }
