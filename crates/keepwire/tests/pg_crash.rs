@@ -897,3 +897,82 @@ async fn one_device_connecting_to_two_nodes_at_once_keeps_the_newer_connection()
         t0.elapsed()
     );
 }
+
+/// Two relay nodes on the shared PostgreSQL whose bus is down for the whole
+/// run: node A is started while its NATS runs, the NATS is killed before
+/// any traffic, and node B is started on that address with nothing
+/// listening (the relay starts all the same: it keeps trying to connect in
+/// the background). A receiver on node B gets the 30 messages sent through
+/// node A one after the other, each once, in order, within about 2 s of its
+/// confirm: without hints it finds them by re-reading its users' heads
+/// every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nats_down_for_a_whole_run_delivery_still_takes_about_a_second() {
+    if cannot_run(false, true) {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let db = TestDb::create();
+    let mut nats = OwnNats::start();
+    let (ta, tb) = (add_user(&db.url, "alice"), add_user(&db.url, "bob"));
+    let args = node_args(&nats.url(), "kwnatsdown");
+    let node_a = node(&db.url, &args);
+    nats.kill();
+    let node_b = node(&db.url, &args);
+    let mut a = WsClient::connect(&node_a.url, &ta, "a", None)
+        .await
+        .unwrap();
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
+    let mut b = WsClient::connect(&node_b.url, &tb, "b", None)
+        .await
+        .unwrap();
+    // The conversation's creation, in the welcome's replay.
+    let first = b.entry().await;
+    assert_eq!(first.seq, 1, "{first:?}");
+
+    const N: usize = 30;
+    let receiver = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while got.len() < N {
+            let e = b.entry().await;
+            let at = std::time::Instant::now();
+            b.send(&ClientFrame::Ack { seq: e.seq }).await;
+            got.push((e, at));
+        }
+        b.close().await;
+        got
+    });
+    let mut confirmed = Vec::new();
+    for i in 0..N {
+        let cid = a.send_message(conv, &format!("m{i}")).await;
+        let c = a.confirm(&cid).await;
+        confirmed.push((c, std::time::Instant::now()));
+        // Not a multiple of the re-read period: the confirms fall at every
+        // point of it.
+        tokio::time::sleep(Duration::from_millis(170)).await;
+    }
+    let got = receiver.await.expect("the receiver");
+    let mut delays = Vec::new();
+    for (i, ((e, at), (c, confirmed_at))) in got.iter().zip(&confirmed).enumerate() {
+        let EntryItem::Message(m) = &e.item else {
+            panic!("not a message: {e:?}")
+        };
+        assert_eq!(e.seq, i as u64 + 2, "in order, gap-free, once each");
+        assert_eq!((m.id, m.body.as_str()), (c.id, format!("m{i}").as_str()));
+        delays.push(at.saturating_duration_since(*confirmed_at));
+    }
+    let mut sorted = delays.clone();
+    sorted.sort();
+    let (p50, max) = (sorted[N / 2], sorted[N - 1]);
+    eprintln!(
+        "NATS down: delivery delay after the confirm p50 {p50:?}, max {max:?}; all: {delays:?}; {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        max < Duration::from_secs(2),
+        "a message took {max:?} to reach node B"
+    );
+    // Nothing came twice or later.
+    let after = replay(&node_b.url, &tb).await;
+    assert_eq!(after.len(), N + 1, "the receiver's inbox: {after:?}");
+}
