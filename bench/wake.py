@@ -6,8 +6,8 @@ shown; and its peak resident memory.
     python3 bench/wake.py [--bin target/release/keepwire] [--messages 10000]
                           [--rtt-ms 200] [--runs 3]
 
-The relay and the proxy run locally (`keepwire serve`, `keepwire chaos
-proxy`); the woken process is `keepwire push receive --json` on a copy of a
+The relay and the proxy run locally (`keepwire serve`, `keepwire-chaos
+proxy`, the binary beside `--bin`); the woken process is `keepwire push receive --json` on a copy of a
 home that had synced before the messages arrived (what an app killed by the
 OS keeps). Reported: medians over the runs of "push received -> first
 notification line" and of the process's peak RSS (wait4's ru_maxrss).
@@ -98,7 +98,8 @@ def main():
         procs.append(relay)
         url = relay.stdout.readline().strip()
         host_port = url.split("://", 1)[1]
-        proxy = subprocess.Popen([bin_, "chaos", "proxy", "--upstream", host_port],
+        chaos_bin = os.path.join(os.path.dirname(bin_), "keepwire-chaos")
+        proxy = subprocess.Popen([chaos_bin, "proxy", "--upstream", host_port],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(proxy)
         proxy_addr = proxy.stdout.readline().strip()

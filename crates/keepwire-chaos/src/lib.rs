@@ -7,7 +7,7 @@
 //!   seeded fault schedule, then healed and checked.
 //! - [`check`]: the exactly-once checker. Its ground truth is the senders'
 //!   fsynced [`journal`], never the stores it checks.
-//! - [`device`]: the device process a run starts (`keepwire chaos device`).
+//! - [`device`]: the device process a run starts (`keepwire-chaos device`).
 //! - [`push_mock`]: a mock FCM whose faults switch during a run; the pushes
 //!   it delivers wake the devices (`on_push`), as the OS would.
 

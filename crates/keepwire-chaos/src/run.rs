@@ -49,8 +49,10 @@ pub enum Sabotage {
 /// What a run does.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// The `keepwire` binary (`serve` and `chaos device` are run from it).
+    /// The `keepwire` binary (the relay: `serve`).
     pub exe: PathBuf,
+    /// The binary whose `device --spec FILE` runs one device (`keepwire-chaos`).
+    pub device_exe: PathBuf,
     /// Seed of the schedule.
     pub seed: u64,
     /// How long faults and sends go on before healing.
@@ -333,7 +335,7 @@ impl Device {
             .append(true)
             .open(&self.log)?;
         let mut child = Command::new(exe)
-            .args(["chaos", "device", "--spec"])
+            .args(["device", "--spec"])
             .arg(&self.spec_path)
             .env("KEEPWIRE_LOG", "warn")
             .stdin(Stdio::piped())
@@ -534,7 +536,7 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
                 answers,
                 foreground: false,
             };
-            d.spawn(&cfg.exe).await?;
+            d.spawn(&cfg.device_exe).await?;
             say(format!("{name} ({background}) through {}", d.proxy.addr()));
             devices.push(d);
         }
@@ -579,7 +581,7 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
         while i < heals.len() {
             if heals[i].0 <= now {
                 let (_, h) = heals.swap_remove(i);
-                heal(&mut relay, &mut devices, &push, h, &cfg.exe).await?;
+                heal(&mut relay, &mut devices, &push, h, cfg).await?;
             } else {
                 i += 1;
             }
@@ -628,7 +630,7 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
     // flushes every outbox, the second fetches what the others flushed.
     say("healing".into());
     for (_, h) in std::mem::take(&mut heals) {
-        heal(&mut relay, &mut devices, &push, h, &cfg.exe).await?;
+        heal(&mut relay, &mut devices, &push, h, cfg).await?;
     }
     push.set(PushFault::Pass);
     if !relay.up() {
@@ -638,7 +640,7 @@ pub async fn run(cfg: &RunConfig) -> anyhow::Result<Outcome> {
         d.proxy.set(Fault::Pass);
         d.proxy.set_idle_cut(None);
         if !d.up() {
-            d.spawn(&cfg.exe).await?;
+            d.spawn(&cfg.device_exe).await?;
         }
         for c in ["dns ok", "net up", "app fg"] {
             d.tell(c).await;
@@ -799,7 +801,7 @@ async fn heal(
     devices: &mut [Device],
     push: &PushMock,
     h: Heal,
-    exe: &Path,
+    cfg: &RunConfig,
 ) -> anyhow::Result<()> {
     match h {
         Heal::Push => push.set(PushFault::Pass),
@@ -807,12 +809,12 @@ async fn heal(
         Heal::IdleCut(d) => devices[d].proxy.set_idle_cut(None),
         Heal::Relay => {
             if !relay.up() {
-                relay.spawn(exe).await?;
+                relay.spawn(&cfg.exe).await?;
             }
         }
         Heal::Device(d) => {
             if !devices[d].up() {
-                devices[d].spawn(exe).await?;
+                devices[d].spawn(&cfg.device_exe).await?;
             }
         }
         Heal::Dns(d) => {

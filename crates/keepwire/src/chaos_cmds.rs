@@ -1,6 +1,7 @@
-//! `keepwire chaos`: fault injection. `run` drives a chaos run across real
-//! processes and checks exactly-once delivery; `proxy` is a standalone fault
-//! proxy switched from standard input; `device` is the process a run starts.
+//! `keepwire-chaos`: fault injection. `run` drives a chaos run across real
+//! processes (the relay is the `keepwire` binary beside this one) and checks
+//! exactly-once delivery; `proxy` is a standalone fault proxy switched from
+//! standard input; `device` is the process a run starts.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -107,12 +108,21 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     if a.users < 2 {
         bail!("--users must be at least 2");
     }
-    let exe = std::env::current_exe().context("cannot find the keepwire binary")?;
+    let chaos_exe = std::env::current_exe().context("cannot find the keepwire-chaos binary")?;
+    // The relay is the shipping binary, installed beside this one.
+    let exe = chaos_exe.with_file_name("keepwire");
+    if !exe.is_file() {
+        bail!(
+            "a chaos run starts the relay from the keepwire binary beside keepwire-chaos, and {} does not exist",
+            exe.display()
+        );
+    }
     let (mut passed, mut failed) = (0u64, Vec::new());
     let (mut messages, mut copies, mut faults) = (0u64, 0u64, 0u64);
     for seed in a.seed..a.seed + a.seeds {
         let cfg = RunConfig {
             exe: exe.clone(),
+            device_exe: chaos_exe.clone(),
             seed,
             duration: a.duration,
             users: a.users,
@@ -137,7 +147,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         } else {
             println!("  files kept in {}", outcome.dir.display());
             println!(
-                "  replay: keepwire chaos run --seed {seed} --duration {} --users {} --devices {} -v",
+                "  replay: keepwire-chaos run --seed {seed} --duration {} --users {} --devices {} -v",
                 humantime::format_duration(a.duration),
                 a.users,
                 a.devices

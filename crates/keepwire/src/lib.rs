@@ -71,8 +71,6 @@ enum Command {
     Agent(client_cmds::AgentArgs),
     /// Play keepwire's scenarios on an embedded relay and print a timeline and a verdict.
     Demo,
-    /// Fault injection: chaos runs with an exactly-once checker, a fault proxy.
-    Chaos(chaos_cmds::ChaosArgs),
 }
 
 /// An error that ends the command with a specific exit code.
@@ -126,6 +124,25 @@ struct AgentCli {
 pub fn main_agent() -> ExitCode {
     let cli = AgentCli::parse();
     run_to_exit(client_cmds::agent(cli.args))
+}
+
+/// `keepwire-chaos`: fault injection, a binary of its own so that the
+/// shipping `keepwire` links none of it.
+#[derive(Parser)]
+#[command(
+    name = "keepwire-chaos",
+    version,
+    about = "keepwire's fault injection: chaos runs with an exactly-once checker, a fault proxy"
+)]
+struct ChaosCli {
+    #[command(flatten)]
+    args: chaos_cmds::ChaosArgs,
+}
+
+/// The `keepwire-chaos` command's entry point.
+pub fn main_chaos() -> ExitCode {
+    let cli = ChaosCli::parse();
+    run_to_exit(chaos_cmds::chaos(cli.args))
 }
 
 /// Runs a command on a runtime and maps its result to a message and an exit code.
@@ -303,7 +320,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stats(args) => client_cmds::stats(args),
         Command::Agent(args) => client_cmds::agent(args).await,
         Command::Demo => demo::run().await,
-        Command::Chaos(args) => chaos_cmds::chaos(args).await,
     }
 }
 

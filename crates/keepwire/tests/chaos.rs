@@ -1,10 +1,20 @@
-//! `keepwire chaos run`: real relay and device processes under seeded faults,
+//! `keepwire-chaos run`: real relay and device processes under seeded faults,
 //! checked for exactly-once delivery against the senders' journals. The CI
 //! variant runs two seeds of 25 s; the long variant is `#[ignore]`d
 //! (`cargo test -p keepwire --test tests chaos_long -- --ignored`; seeds
 //! and duration from `KEEPWIRE_CHAOS_SEEDS` / `KEEPWIRE_CHAOS_DURATION`).
 
-use super::keepwire;
+use std::process::Command;
+
+/// Runs `keepwire-chaos ARGS...` (the relay it starts is the `keepwire`
+/// binary beside it).
+fn keepwire_chaos(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keepwire-chaos"))
+        .args(args)
+        .env("KEEPWIRE_LOG", "warn")
+        .output()
+        .expect("run keepwire-chaos")
+}
 
 /// A base seed: `KEEPWIRE_CHAOS_SEED` replays one; otherwise a fresh one per
 /// run (printed with the result, so a failure replays).
@@ -21,7 +31,7 @@ fn base_seed() -> u64 {
 }
 
 fn chaos(args: &[&str]) -> (bool, String) {
-    let out = keepwire(&[&["chaos", "run"], args].concat());
+    let out = keepwire_chaos(&[&["run"], args].concat());
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -103,4 +113,16 @@ fn remove_kept_files(text: &str) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Fault injection is a binary of its own: the shipping `keepwire` has no
+/// `chaos` command (and links none of it).
+#[test]
+fn chaos_tools_are_not_in_the_shipping_binary() {
+    let out = super::keepwire(&["chaos", "run"]);
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let help = keepwire_chaos(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("run") && text.contains("proxy"), "{text}");
 }
