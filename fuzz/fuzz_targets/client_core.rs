@@ -129,7 +129,14 @@ fuzz_target!(|ops: Vec<Op>| {
                     keepwire_proto::ClientFrame::ConvList { rid: String::new() },
                     now,
                 );
-                c.backfill(conv, conv.saturating_add(300), conv / 2, now);
+                c.backfill(
+                    keepwire_core::BackfillDue {
+                        conv,
+                        before: conv.saturating_add(300),
+                        known: conv / 2,
+                    },
+                    now,
+                );
                 let _ = c.send_read(conv, conv, now);
             }
         }
