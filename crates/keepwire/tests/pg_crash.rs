@@ -347,6 +347,56 @@ async fn check(url: &str, outbox: &Outbox, live: &[InboxEntry], sender_token: &s
 }
 
 /// Waits until `counter` reaches `at`.
+/// A direct conversation of alice (`ta`) with bob, created through `url`.
+async fn direct_conv(url: &str, ta: &str) -> u64 {
+    let mut a = WsClient::connect(url, ta, "setup", None).await.unwrap();
+    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
+    a.close().await;
+    conv
+}
+
+/// Traffic of `n` messages: alice's outbox sends through `send_url`, bob's
+/// device "b" receives through `recv_url`, each within `within`.
+struct Traffic {
+    sender: tokio::task::JoinHandle<Outbox>,
+    receiver: tokio::task::JoinHandle<(Vec<InboxEntry>, usize)>,
+    /// Sends confirmed so far.
+    progress: Arc<AtomicUsize>,
+    /// Messages received so far.
+    received: Arc<AtomicUsize>,
+}
+
+impl Traffic {
+    fn start(
+        send_url: &str,
+        ta: &str,
+        recv_url: &str,
+        tb: &str,
+        conv: u64,
+        n: usize,
+        within: Duration,
+    ) -> Traffic {
+        let received = Arc::new(AtomicUsize::new(0));
+        let receiver = tokio::spawn(receive(
+            recv_url.to_owned(),
+            tb.to_owned(),
+            "b",
+            n,
+            received.clone(),
+            within,
+        ));
+        let outbox = Outbox::new(send_url, ta, "a", conv, n, Duration::from_millis(25));
+        let progress = outbox.progress.clone();
+        let sender = tokio::spawn(outbox.run(within));
+        Traffic {
+            sender,
+            receiver,
+            progress,
+            received,
+        }
+    }
+}
+
 async fn reached(counter: &Arc<AtomicUsize>, at: usize, what: &str) {
     let c = counter.clone();
     wait_until(Duration::from_secs(60), what, move || {
@@ -372,25 +422,22 @@ async fn a_postgres_crash_costs_retries_never_a_message() {
     let url = pg.url("postgres");
     let (ta, tb) = (add_user(&url, "alice"), add_user(&url, "bob"));
     let relay = RelayProcess::start_store(&bin(), &url, FAST);
-    let mut a = WsClient::connect(&relay.url, &ta, "setup", None)
-        .await
-        .unwrap();
-    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
-    a.close().await;
-
+    let conv = direct_conv(&relay.url, &ta).await;
     const N: usize = 300;
-    let received = Arc::new(AtomicUsize::new(0));
-    let receiver = tokio::spawn(receive(
-        relay.url.clone(),
-        tb.clone(),
-        "b",
+    let Traffic {
+        sender,
+        receiver,
+        progress,
+        ..
+    } = Traffic::start(
+        &relay.url,
+        &ta,
+        &relay.url,
+        &tb,
+        conv,
         N,
-        received.clone(),
         Duration::from_secs(90),
-    ));
-    let outbox = Outbox::new(&relay.url, &ta, "a", conv, N, Duration::from_millis(25));
-    let progress = outbox.progress.clone();
-    let sender = tokio::spawn(outbox.run(Duration::from_secs(90)));
+    );
     for at in [60, 140, 220] {
         reached(&progress, at, "sends confirmed before a crash").await;
         tokio::task::block_in_place(|| pg.crash());
@@ -502,25 +549,22 @@ async fn after_a_postgres_restart_the_relay_rereads_heads() {
     let (ta, tb) = (add_user(&url, "alice"), add_user(&url, "bob"));
     let args = node_args(&nats.url(), "kwpgcrash");
     let (node_a, node_b) = (node(&url, &args), node(&url, &args));
-    let mut a = WsClient::connect(&node_a.url, &ta, "setup", None)
-        .await
-        .unwrap();
-    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
-    a.close().await;
-
+    let conv = direct_conv(&node_a.url, &ta).await;
     const N: usize = 120;
-    let received = Arc::new(AtomicUsize::new(0));
-    let receiver = tokio::spawn(receive(
-        node_b.url.clone(),
-        tb.clone(),
-        "b",
+    let Traffic {
+        sender,
+        receiver,
+        progress,
+        ..
+    } = Traffic::start(
+        &node_a.url,
+        &ta,
+        &node_b.url,
+        &tb,
+        conv,
         N,
-        received.clone(),
         Duration::from_secs(60),
-    ));
-    let outbox = Outbox::new(&node_a.url, &ta, "a", conv, N, Duration::from_millis(25));
-    let progress = outbox.progress.clone();
-    let sender = tokio::spawn(outbox.run(Duration::from_secs(60)));
+    );
     reached(&progress, 40, "sends confirmed before the crash").await;
     tokio::task::block_in_place(|| pg.crash());
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -560,25 +604,22 @@ async fn a_nats_restart_costs_latency_never_a_message() {
     let (ta, tb) = (add_user(&db.url, "alice"), add_user(&db.url, "bob"));
     let args = node_args(&nats.url(), "kwnatscrash");
     let (node_a, node_b) = (node(&db.url, &args), node(&db.url, &args));
-    let mut a = WsClient::connect(&node_a.url, &ta, "setup", None)
-        .await
-        .unwrap();
-    let conv = create_conv(&mut a, ConvKind::Direct, &["bob"]).await.id;
-    a.close().await;
-
+    let conv = direct_conv(&node_a.url, &ta).await;
     const N: usize = 240;
-    let received = Arc::new(AtomicUsize::new(0));
-    let receiver = tokio::spawn(receive(
-        node_b.url.clone(),
-        tb.clone(),
-        "b",
+    let Traffic {
+        sender,
+        receiver,
+        progress,
+        received,
+    } = Traffic::start(
+        &node_a.url,
+        &ta,
+        &node_b.url,
+        &tb,
+        conv,
         N,
-        received.clone(),
         Duration::from_secs(60),
-    ));
-    let outbox = Outbox::new(&node_a.url, &ta, "a", conv, N, Duration::from_millis(25));
-    let progress = outbox.progress.clone();
-    let sender = tokio::spawn(outbox.run(Duration::from_secs(60)));
+    );
     reached(&progress, 60, "sends confirmed before NATS dies").await;
     nats.kill();
     let killed_at = std::time::Instant::now();

@@ -1344,13 +1344,7 @@ impl Sim {
             // A member since the start holds every message of the
             // conversation exactly as the relay has it, in `conv_seq` order
             // (a wiped device through its replay plus the backfill).
-            let mut f = Box::pin(self.nodes[0].store.history(
-                Actor::System,
-                self.conv,
-                None,
-                1_000_000,
-            ));
-            let all = poll_once(&mut f).unwrap().unwrap().messages;
+            let all = self.conversation();
             assert!(
                 messages.iter().copied().eq(all.iter()),
                 "seed {}: client {i}'s messages differ from the conversation's",
@@ -1383,19 +1377,24 @@ impl Sim {
         }
     }
 
-    /// The visitor has exactly the conversation's messages committed while
-    /// it was a member (from its membership entries' `last_seq`).
-    fn check_visitor(&self, i: usize) {
-        let c = &self.clients[i];
-        let mut member_since: Option<u64> = None;
-        let mut expected: Vec<u64> = Vec::new();
+    /// Every message of the conversation, as the relay has it.
+    fn conversation(&self) -> Vec<Message> {
         let mut f = Box::pin(self.nodes[0].store.history(
             Actor::System,
             self.conv,
             None,
             1_000_000,
         ));
-        let all = poll_once(&mut f).unwrap().unwrap().messages;
+        poll_once(&mut f).unwrap().unwrap().messages
+    }
+
+    /// The visitor has exactly the conversation's messages committed while
+    /// it was a member (from its membership entries' `last_seq`).
+    fn check_visitor(&self, i: usize) {
+        let c = &self.clients[i];
+        let mut member_since: Option<u64> = None;
+        let mut expected: Vec<u64> = Vec::new();
+        let all = self.conversation();
         let last = all.last().map_or(0, |m| m.conv_seq);
         let mut got = Vec::new();
         for e in &c.persisted {
